@@ -1,0 +1,3 @@
+from vlm_vpr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""`vlm-vpr` command line: each subcommand calls one library function.
+
+Errors from the library (VprError) print one line naming the fix and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, from_flat_dict, to_flat_dict
+from vlm_vpr.core.errors import ConfigError, VprError
+
+log = logging.getLogger('vlm_vpr')
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+    if not hasattr(args, 'run'):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except VprError as exc:
+        print(f'vlm-vpr: error: {exc}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='vlm-vpr', description=__doc__.splitlines()[0])
+    parser.add_argument('-v', '--verbose', action='store_true')
+    sub = parser.add_subparsers(metavar='COMMAND')
+
+    map_parser = sub.add_parser('map', help='build and inspect maps')
+    map_sub = map_parser.add_subparsers(metavar='ACTION')
+    build = map_sub.add_parser('build', help='build a map from posed images or a ROS 2 bag')
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument('--images', type=Path, help='image folder (with --poses)')
+    source.add_argument('--bag', type=Path, help='ROS 2 bag (.mcap, .db3 or bag folder)')
+    build.add_argument('--poses', type=Path, help='CSV with header image,x,y[,yaw]')
+    build.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
+    build.add_argument('--pose-topic', help='Odometry / PoseStamped / PoseWithCovarianceStamped '
+                       'topic, or /tf (with --bag)')
+    build.add_argument('--base-frame', default='base_link', help='robot frame for TF poses')
+    build.add_argument('--min-distance-m', type=float, default=1.0,
+                       help='keyframe spacing (with --bag)')
+    build.add_argument('--min-rotation-deg', type=float, default=15.0,
+                       help='keyframe rotation (with --bag)')
+    build.add_argument('--out', type=Path, required=True, help='map folder to write')
+    build.add_argument('--overwrite', action='store_true', help='replace an existing map')
+    _add_config_args(build, backbone=True)
+    build.set_defaults(run=_cmd_map_build)
+
+    info = map_sub.add_parser('info', help='print a map manifest and sizes')
+    info.add_argument('map', type=Path)
+    info.set_defaults(run=_cmd_map_info)
+
+    localize = sub.add_parser('localize', help='localise images; one JSON line per image')
+    localize.add_argument('--map', type=Path, required=True)
+    localize.add_argument('images', type=Path, nargs='+')
+    _add_config_args(localize, backbone=True, rerank=True)
+    localize.set_defaults(run=_cmd_localize)
+
+    evaluate = sub.add_parser('eval', help='Recall@K and latency on a data set protocol')
+    evaluate.add_argument('--dataset', type=Path, required=True, help='data set folder')
+    evaluate.add_argument('--protocol', required=True, help='protocol name in dataset.yaml')
+    evaluate.add_argument('--map', type=Path, help='reuse this map, or build it here')
+    evaluate.add_argument('--max-queries', type=int, help='evaluate an evenly spread subset')
+    evaluate.add_argument('--json', type=Path, help='write the report here')
+    evaluate.add_argument('--plot', type=Path, help='write the Recall@K plot (PNG) here')
+    evaluate.add_argument('--failures', type=Path, help='write failed queries strip (PNG) here')
+    _add_config_args(evaluate, backbone=True, rerank=True)
+    evaluate.set_defaults(run=_cmd_eval)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser, backbone: bool = False,
+                     rerank: bool = False) -> None:
+    if backbone:
+        parser.add_argument('--backbone', choices=['dense-rootsift', 'dinov2'],
+                            help='feature backbone (default: the map\'s, or dense-rootsift)')
+    if rerank:
+        parser.add_argument('--rerank', default='',
+                            help='re-ranker chain, e.g. geometric,consensus (default: none)')
+    parser.add_argument('--config', type=Path, help='YAML of dotted config keys (a ROS params '
+                        'file works: its ros__parameters are read)')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='override one config key, e.g. --set vlad.num_clusters=32')
+
+
+def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config keys from --config, then --set, then the shortcut flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, 'config', None):
+        values.update(read_config_yaml(args.config))
+    for item in args.set:
+        key, sep, text = item.partition('=')
+        if not sep:
+            raise ConfigError(f'--set {item!r}: write KEY=VALUE, e.g. --set top_k=5')
+        values[key.strip()] = yaml.safe_load(text)
+    if getattr(args, 'backbone', None):
+        values['features.backbone'] = args.backbone
+    if getattr(args, 'rerank', ''):
+        values['rerank.chain'] = [r.strip() for r in args.rerank.split(',') if r.strip()]
+    return values
+
+
+def read_config_yaml(path: Path) -> dict[str, Any]:
+    """Flat dotted keys from a YAML file (plain, nested, or a ROS 2 parameters file)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f'cannot read config {path}: {exc}') from exc
+    if isinstance(data, dict) and len(data) == 1:
+        only = next(iter(data.values()))
+        if isinstance(only, dict) and 'ros__parameters' in only:
+            data = only['ros__parameters']
+    return _flatten(data)
+
+
+def split_config(values: dict[str, Any]) -> tuple[MapBuildConfig, LocalizerConfig]:
+    """Route dotted keys to the map-build and/or localizer config (``runtime.*`` goes to both)."""
+    build_keys = set(to_flat_dict(MapBuildConfig()))
+    query_keys = set(to_flat_dict(LocalizerConfig()))
+    unknown = sorted(k for k in values if k not in build_keys | query_keys)
+    if unknown:
+        raise ConfigError(f'unknown config key(s) {unknown}; see config/vpr_node.yaml for names')
+    build = from_flat_dict(MapBuildConfig, {k: v for k, v in values.items() if k in build_keys})
+    query = from_flat_dict(LocalizerConfig, {k: v for k, v in values.items() if k in query_keys})
+    return build, query
+
+
+def _flatten(data: Any, prefix: str = '') -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def _cmd_map_build(args: argparse.Namespace) -> int:
+    build_config, _ = split_config(load_overrides(args))
+    if args.images is not None:
+        from vlm_vpr.core.map_build import build_map_from_folder
+
+        if args.poses is None:
+            raise ConfigError('--images needs --poses CSV (header image,x,y[,yaw])')
+        out = build_map_from_folder(args.images, args.poses, args.out, build_config,
+                                    overwrite=args.overwrite, progress=sys.stderr.isatty())
+    else:
+        from vlm_vpr.core.map_build import build_map_from_bag
+
+        if not args.image_topic or not args.pose_topic:
+            raise ConfigError('--bag needs --image-topic and --pose-topic')
+        out = build_map_from_bag(args.bag, args.image_topic, args.pose_topic, args.out,
+                                 build_config, base_frame=args.base_frame,
+                                 min_distance_m=args.min_distance_m,
+                                 min_rotation_deg=args.min_rotation_deg,
+                                 overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(json.dumps(_map_summary(out)))
+    return 0
+
+
+def _map_summary(map_dir: Path) -> dict[str, Any]:
+    from vlm_vpr.core.map_format import read_map
+
+    vpr_map = read_map(map_dir, load_index=False)
+    sizes = {'retrieval_mb': 0.0, 'thumbnails_mb': 0.0, 'extras_mb': 0.0}
+    for file in map_dir.rglob('*'):
+        if file.is_file():
+            part = file.relative_to(map_dir).parts[0]
+            key = {'thumbnails': 'thumbnails_mb', 'extras': 'extras_mb'}.get(part, 'retrieval_mb')
+            sizes[key] += file.stat().st_size / 1e6
+    manifest = dict(vpr_map.manifest)
+    manifest.update({k: round(v, 3) for k, v in sizes.items()})
+    manifest['path'] = str(map_dir)
+    return manifest
+
+
+def _cmd_map_info(args: argparse.Namespace) -> int:
+    print(json.dumps(_map_summary(args.map), indent=2))
+    return 0
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.images import read_image
+    from vlm_vpr.core.localizer import Localizer
+    from vlm_vpr.core.map_format import check_compatible, read_map
+
+    values = load_overrides(args)
+    _, query_config = split_config({k: v for k, v in values.items()
+                                    if not k.startswith('features.')})
+    vpr_map = read_map(args.map)
+    if 'features.backbone' in values:
+        check_compatible(vpr_map, values['features.backbone'])
+    localizer = Localizer(vpr_map, query_config)
+    failures = 0
+    for path in args.images:
+        try:
+            result = localizer.localize(read_image(path))
+        except VprError as exc:
+            failures += 1
+            print(json.dumps({'image': str(path), 'error': str(exc)}))
+            continue
+        print(json.dumps(result_to_json(str(path), result)))
+    return 1 if failures else 0
+
+
+def result_to_json(image: str, result: Any) -> dict[str, Any]:
+    return {
+        'image': image,
+        'pose': {'x': result.pose.x, 'y': result.pose.y, 'z': result.pose.z,
+                 'yaw_rad': result.pose.yaw_rad if result.pose.yaw_known else None},
+        'confidence': round(result.confidence, 4),
+        'covariance_diag': [round(float(v), 6) for v in result.covariance.diagonal()],
+        'candidates': [{'id': c.map_index, 'image': c.image_name, 'score': round(c.score, 6),
+                        'x': c.pose.x, 'y': c.pose.y} for c in result.candidates],
+        'timing_ms': {k: round(v, 2) for k, v in result.timing_ms.items()},
+        'notes': result.notes,
+    }
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.evaluation import evaluate, write_report
+
+    build_config, query_config = split_config(load_overrides(args))
+    report = evaluate(args.dataset, args.protocol, build_config, query_config, map_dir=args.map,
+                      max_queries=args.max_queries, progress=sys.stderr.isatty())
+    write_report(report, args.json, args.plot, args.failures)
+    print(format_report_line(report))
+    return 0
+
+
+def format_report_line(report: dict[str, Any]) -> str:
+    r, t = report['recall'], report['timing_ms']
+    return (f"{report['dataset']}/{report['protocol']}: {report['num_queries']} queries  "
+            f"R@1 {r['1']:.3f}  R@5 {r['5']:.3f}  R@10 {r['10']:.3f}  "
+            f"latency median {t['total_median']:.1f} ms, p95 {t['total_p95']:.1f} ms")
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Evaluation on a data set protocol: Recall@K, per-query results, per-stage latency, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig
+from vlm_vpr.core.datasets import Dataset, Traversal, read_dataset
+from vlm_vpr.core.images import read_image
+from vlm_vpr.core.localizer import Localizer
+from vlm_vpr.core.map_build import build_map_from_folder
+from vlm_vpr.core.map_format import check_compatible, read_map
+
+log = logging.getLogger(__name__)
+RECALL_KS = (1, 5, 10)
+
+
+def evaluate(dataset_dir: str | Path, protocol: str, build_config: MapBuildConfig | None = None,
+             localizer_config: LocalizerConfig | None = None, *, map_dir: str | Path | None = None,
+             max_queries: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build (or reuse) the protocol's map, localise every query, and report.
+
+    ``map_dir``: an existing map there is reused (its backbone must match ``build_config``);
+    otherwise the map is built there (or in a temporary folder when None).
+    Returns the report dict described in the README (``recall``, ``timing_ms``, ``per_query``).
+    """
+    dataset = read_dataset(dataset_dir)
+    proto = dataset.protocol(protocol)
+    build_config = build_config or MapBuildConfig()
+    with tempfile.TemporaryDirectory(prefix='vlm_vpr_eval_') as tmp:
+        path = Path(map_dir) if map_dir is not None else Path(tmp) / 'map'
+        if not (path / 'manifest.json').is_file():
+            map_folder = dataset.root / proto.map
+            build_map_from_folder(map_folder / 'images', map_folder / 'poses.csv', path,
+                                  build_config, progress=progress)
+        vpr_map = read_map(path)
+        check_compatible(vpr_map, build_config.features.backbone)
+        localizer = Localizer(vpr_map, localizer_config)
+        queries = dataset.traversal(proto.query)
+        return run_queries(localizer, dataset, protocol, queries, max_queries, progress)
+
+
+def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: Traversal,
+                max_queries: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Localise each query image and score it against the protocol's tolerance."""
+    proto = dataset.protocol(protocol)
+    map_xy = localizer.map.positions_xyz[:, :2]
+    count = len(queries) if max_queries is None else min(max_queries, len(queries))
+    ids = np.unique(np.linspace(0, len(queries) - 1, count).astype(int)) if count else []
+    per_query = []
+    iterator = ids
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(ids, desc=f'{dataset.name}/{protocol}', leave=False)
+    for i in iterator:
+        result = localizer.localize(read_image(queries.image_paths[i]))
+        top = [c.map_index for c in result.candidates]
+        truth = queries.xy[i]
+        in_map = bool(np.isfinite(truth).all())
+        hits = within_tolerance(map_xy[top], truth, proto.tolerance, dataset.units) if in_map \
+            else np.zeros(len(top), bool)
+        per_query.append({
+            'query': queries.image_paths[i].name,
+            'truth_xy': truth.tolist() if in_map else None,
+            'top_ids': top,
+            'top_names': [c.image_name for c in result.candidates],
+            'top_scores': [round(c.score, 6) for c in result.candidates],
+            'first_correct_rank': int(np.argmax(hits)) + 1 if hits.any() else None,
+            'pose_xy': [result.pose.x, result.pose.y],
+            'confidence': result.confidence,
+            'evidence': result.evidence,
+            'timing_ms': result.timing_ms,
+            'notes': result.notes,
+        })
+    return summarize(per_query, dataset, protocol)
+
+
+def within_tolerance(map_xy: np.ndarray, truth_xy: np.ndarray, tolerance: float,
+                     units: str) -> np.ndarray:
+    """[K] bool: which of the map positions [K x 2] count as the same place as ``truth_xy``."""
+    if units == 'frames':
+        return np.abs(map_xy[:, 0] - truth_xy[0]) <= tolerance
+    return np.hypot(*(map_xy - truth_xy).T) <= tolerance
+
+
+def summarize(per_query: list[dict], dataset: Dataset, protocol: str) -> dict[str, Any]:
+    in_map = [q for q in per_query if q['truth_xy'] is not None]
+    ranks = [q['first_correct_rank'] for q in in_map]
+    recall = {str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
+              for k in RECALL_KS}
+    stages = sorted({s for q in per_query for s in q['timing_ms']})
+    timing = {s: _stat(per_query, s, 50) for s in stages if s != 'total'}
+    timing['total_median'] = _stat(per_query, 'total', 50)
+    timing['total_p95'] = _stat(per_query, 'total', 95)
+    proto = dataset.protocol(protocol)
+    return {
+        'dataset': dataset.name, 'dataset_dir': str(dataset.root), 'protocol': protocol, 'map': proto.map, 'query': proto.query,
+        'tolerance': proto.tolerance, 'units': dataset.units,
+        'num_queries': len(per_query), 'num_in_map': len(in_map),
+        'recall': recall,
+        'recall_curve': [_fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
+                         for k in range(1, 1 + max((len(q['top_ids']) for q in per_query),
+                                                   default=0))],
+        'timing_ms': timing,
+        'timing_p95_ms': {s: _stat(per_query, s, 95) for s in stages},
+        'per_query': per_query,
+    }
+
+
+def write_report(report: dict[str, Any], json_path: str | Path | None = None,
+                 plot_path: str | Path | None = None,
+                 failures_path: str | Path | None = None) -> None:
+    """Write the JSON report, the Recall@K plot and the failed-queries strip (each optional)."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=1) + '\n')
+    if plot_path:
+        plot_recall([report], plot_path)
+    if failures_path:
+        write_failure_strip(report, failures_path)
+
+
+def plot_recall(reports: list[dict[str, Any]], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for report in reports:
+        curve = report['recall_curve']
+        ax.plot(range(1, len(curve) + 1), curve, marker='o',
+                label=f"{report['dataset']}/{report['protocol']}")
+    ax.set_xlabel('K')
+    ax.set_ylabel('Recall@K')
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_failure_strip(report: dict[str, Any], path: str | Path, max_rows: int = 8,
+                        height_px: int = 120) -> int:
+    """PNG with one row per failed query: query | top-1 | true match. Returns rows written."""
+    import cv2
+
+    dataset = read_dataset(report['dataset_dir'])
+    queries = dataset.traversal(report['query'])
+    db = dataset.traversal(report['map'])
+    by_name = {p.name: p for p in queries.image_paths}
+    rows = []
+    for q in report['per_query']:
+        if q['truth_xy'] is None or q['first_correct_rank'] == 1 or not q['top_names']:
+            continue
+        truth = np.asarray(q['truth_xy'])
+        finite = np.isfinite(db.xy).all(axis=1)
+        dist = np.where(finite, np.hypot(*(db.xy - truth).T), np.inf)
+        if dataset.units == 'frames':
+            dist = np.where(finite, np.abs(db.xy[:, 0] - truth[0]), np.inf)
+        true_path = db.image_paths[int(np.argmin(dist))]
+        top1_path = next(p for p in db.image_paths if p.name == q['top_names'][0])
+        tiles = [read_image(p) for p in (by_name[q['query']], top1_path, true_path)]
+        tiles = [cv2.resize(t, (int(t.shape[1] * height_px / t.shape[0]), height_px))
+                 for t in tiles]
+        rows.append(np.hstack(tiles))
+        if len(rows) == max_rows:
+            break
+    if rows:
+        width = max(r.shape[1] for r in rows)
+        strip = np.vstack([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), strip)
+    return len(rows)
+
+
+def _stat(per_query: list[dict], stage: str, percentile: float) -> float:
+    values = [q['timing_ms'][stage] for q in per_query if stage in q['timing_ms']]
+    return round(float(np.percentile(values, percentile)), 3) if values else 0.0
+
+
+def _fraction(num: int, den: int) -> float:
+    return round(num / den, 4) if den else 0.0

@@ -1,0 +1,74 @@
+"""Image decoding and checks shared by every entry point (CLI, node, bag reader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlm_vpr.core.errors import ImageError
+
+MAX_IMAGE_PIXELS = 40_000_000  # larger frames are rejected (a 10000 x 10000 image is 100 MP)
+
+
+def as_bgr(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A checked [H x W x 3] uint8 BGR copy-free view of a grey, BGR or BGRA uint8 image."""
+    import cv2
+
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        dtype = getattr(image, 'dtype', type(image).__name__)
+        raise ImageError(f'expected a uint8 image, got {dtype}; convert to 8-bit first')
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError(f'image of shape {image.shape} is empty or not 2-D')
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageError(f'image of {image.shape[1]}x{image.shape[0]} exceeds {max_pixels} pixels; '
+                         'downscale it before sending it for localisation')
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    if channels == 3:
+        return image
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    raise ImageError(f'image with {channels} channels is not grey, BGR or BGRA')
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode JPEG/PNG/... bytes to [H x W x 3] uint8 BGR; ImageError if corrupt or too large."""
+    import cv2
+
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if buffer.size == 0:
+        raise ImageError('empty image data')
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageError(f'could not decode {buffer.size} bytes as an image (corrupt or truncated)')
+    return as_bgr(image, max_pixels)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as [H x W x 3] uint8 BGR; ImageError names the file on failure."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageError(f'cannot read image {path}: {exc.strerror}') from exc
+    try:
+        return decode_image(data)
+    except ImageError as exc:
+        raise ImageError(f'{path}: {exc}') from exc
+
+
+def resize_shorter_side(image: np.ndarray, size_px: int, multiple: int = 1) -> np.ndarray:
+    """Resize so the shorter side is ``size_px``; both sides rounded down to ``multiple``."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = size_px / min(h, w)
+    new_h = max(multiple, int(round(h * scale)) // multiple * multiple)
+    new_w = max(multiple, int(round(w * scale)) // multiple * multiple)
+    if (new_h, new_w) == (h, w):
+        return image
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interp)

@@ -1,0 +1,116 @@
+"""The Localizer: one image in, a pose prior out. Every entry point (CLI, node, eval) uses it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.confidence import Calibration, collect_evidence
+from vlm_vpr.core.images import as_bgr
+from vlm_vpr.core.map_format import VprMap, project_descriptor, read_map
+from vlm_vpr.core.pose_fusion import fuse_poses
+from vlm_vpr.core.retrieval import search
+from vlm_vpr.core.types import Candidate, LocalizationResult
+from vlm_vpr.core.vlad import aggregate_vlad
+
+log = logging.getLogger(__name__)
+
+
+class Localizer:
+    """Extract -> aggregate -> search -> re-rank -> fuse, against one map."""
+
+    def __init__(self, vpr_map: VprMap, config: LocalizerConfig | None = None) -> None:
+        from vlm_vpr.backends.features import create_extractor
+
+        self.map = vpr_map
+        self.config = config or LocalizerConfig()
+        self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
+        self.rerankers = self._create_rerankers()
+        self.calibration = Calibration.from_map(vpr_map)
+
+    @classmethod
+    def from_map_path(cls, map_dir: str | Path, config: LocalizerConfig | None = None) -> Localizer:
+        return cls(read_map(map_dir), config)
+
+    def describe(self, image_bgr: np.ndarray) -> np.ndarray:
+        """Global descriptor [D] float32 (L2-normalised) of one image, in the map's space."""
+        return self._describe(as_bgr(image_bgr), {})
+
+    def localize(self, image_bgr: np.ndarray, submap: np.ndarray | None = None,
+                 time_budget_s: float | None = None) -> LocalizationResult:
+        """Localise one [H x W x 3] uint8 BGR image (grey and BGRA accepted).
+
+        ``submap`` (map ids) restricts the search, e.g. to a radius around a prior position.
+        Raises ImageError for unusable images; re-ranker failures only add notes.
+        """
+        from vlm_vpr.backends.rerank import Query
+
+        start = time.perf_counter()
+        timing: dict[str, float] = {}
+        image = as_bgr(image_bgr)
+        descriptor = self._describe(image, timing)
+        budget = self.config.rerank.time_budget_s if time_budget_s is None else time_budget_s
+        query = Query(image, descriptor, time.monotonic() + budget)
+
+        t = time.perf_counter()
+        for reranker in self.rerankers:
+            select = getattr(reranker, 'select_submap', None)
+            chosen = select(query, self.map) if select is not None else None
+            if chosen is not None:
+                submap = chosen if submap is None else np.intersect1d(submap, chosen)
+        depth = max(self.config.top_k, self.config.rerank.shortlist_k if self.rerankers else 0)
+        scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth,
+                             submap)
+        if len(ids) == 0:  # an empty submap: fall back to the whole map
+            scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth)
+        candidates = [self._candidate(int(i), float(s)) for s, i in zip(scores, ids)]
+        timing['search'] = _ms(t)
+
+        coarse = list(candidates)
+        notes: list[str] = []
+        if self.rerankers:
+            t = time.perf_counter()
+            for reranker in self.rerankers:
+                candidates = reranker.rerank(query, candidates, self.map)
+                notes.extend(getattr(reranker, 'last_notes', ()))
+            timing['rerank'] = _ms(t)
+
+        t = time.perf_counter()
+        candidates = candidates[: self.config.top_k]
+        pose, covariance = fuse_poses(candidates, self.config.fusion)
+        evidence = collect_evidence(coarse, candidates, self.config.fusion)
+        confidence = self.calibration.confidence(evidence)
+        timing['fuse'] = _ms(t)
+        timing['total'] = _ms(start)
+        return LocalizationResult(candidates, pose, covariance, confidence, timing, notes,
+                                  evidence)
+
+    def _describe(self, image: np.ndarray, timing: dict[str, float]) -> np.ndarray:
+        t = time.perf_counter()
+        local = self.extractor.extract([image])[0].flat
+        timing['extract'] = _ms(t)
+        t = time.perf_counter()
+        vlad = aggregate_vlad(local, self.map.content.codebook, self.map.build_config.vlad)
+        descriptor = project_descriptor(vlad, self.map).reshape(-1)
+        timing['aggregate'] = _ms(t)
+        return descriptor
+
+    def _candidate(self, map_index: int, score: float) -> Candidate:
+        content = self.map.content
+        return Candidate(map_index, content.image_names[map_index], content.poses[map_index],
+                         score, score)
+
+    def _create_rerankers(self) -> list:
+        if not self.config.rerank.chain:
+            return []
+        from vlm_vpr.backends.rerank import create_rerankers
+
+        return create_rerankers(self.config, self.map)
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0

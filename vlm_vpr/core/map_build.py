@@ -1,0 +1,103 @@
+"""Building a map from posed images: codebook, VLAD descriptors, PCA, thumbnails, index."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vlm_vpr.core.config import MapBuildConfig
+from vlm_vpr.core.datasets import read_posed_images
+from vlm_vpr.core.errors import DatasetError, ImageError, MapError
+from vlm_vpr.core.images import read_image, resize_shorter_side
+from vlm_vpr.core.map_format import MapContent, write_map
+from vlm_vpr.core.types import Pose
+from vlm_vpr.core.vlad import aggregate_vlad, apply_pca, fit_codebook, fit_pca
+
+log = logging.getLogger(__name__)
+
+
+def build_map_from_folder(images_dir: str | Path, poses_csv: str | Path, out_dir: str | Path,
+                          config: MapBuildConfig | None = None, *, overwrite: bool = False,
+                          progress: bool = True) -> Path:
+    """Build a map from an image folder and a CSV (header image,x,y[,yaw]) naming its images.
+
+    Rows with empty x, y (images with no known place) are skipped.
+    """
+    traversal = read_posed_images(poses_csv, images_dir)
+    keep = [i for i in range(len(traversal)) if np.isfinite(traversal.xy[i]).all()]
+    if not keep:
+        raise DatasetError(f'{poses_csv} has no row with x, y: nothing to map')
+    paths = [traversal.image_paths[i] for i in keep]
+    return build_map(
+        names=[p.name for p in paths], poses=[traversal.pose(i) for i in keep],
+        load_image=lambda j: read_image(paths[j]), out_dir=out_dir, config=config,
+        source=str(Path(images_dir).resolve()), overwrite=overwrite, progress=progress)
+
+
+def build_map(names: Sequence[str], poses: Sequence[Pose], load_image: Callable[[int], np.ndarray],
+              out_dir: str | Path, config: MapBuildConfig | None = None, *, source: str = '',
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """Build and write a map; ``load_image(i)`` returns image i as [H x W x 3] uint8 BGR.
+
+    Memory stays bounded: the codebook is fitted on at most ``vlad.kmeans_max_images`` images
+    (evenly spread), then every image is read once more, aggregated and dropped.
+    """
+    from vlm_vpr.backends.features import create_extractor
+
+    config = config or MapBuildConfig()
+    n = len(names)
+    if n == 0 or len(poses) != n:
+        raise MapError(f'need one pose per image and at least one image (got {n} images, '
+                       f'{len(poses)} poses)')
+    extractor = create_extractor(config.features, config.runtime)
+    sample_ids = np.unique(np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int))
+    sample_features = {}
+    for i in _progress(sample_ids, progress, 'codebook features'):
+        sample_features[int(i)] = extractor.extract([load_image(int(i))])[0].flat
+    codebook = fit_codebook(list(sample_features.values()), config.vlad)
+
+    vlads = np.zeros((n, codebook.size), dtype=np.float32)
+    thumbnails: list[bytes] | None = [] if config.thumbnail_size_px else None
+    batch = config.runtime.batch_size
+    for start in _progress(range(0, n, batch), progress, 'map images', total=math.ceil(n / batch)):
+        ids = range(start, min(n, start + batch))
+        images = {i: load_image(i) for i in ids if i not in sample_features or thumbnails is not None}
+        todo = [i for i in ids if i not in sample_features]
+        for i, feats in zip(todo, extractor.extract([images[i] for i in todo])):
+            vlads[i] = aggregate_vlad(feats.flat, codebook, config.vlad)
+        for i in ids:
+            if i in sample_features:
+                vlads[i] = aggregate_vlad(sample_features.pop(i), codebook, config.vlad)
+            if thumbnails is not None:
+                thumbnails.append(encode_thumbnail(images[i], config.thumbnail_size_px))
+
+    pca = fit_pca(vlads, config.vlad)
+    descriptors = apply_pca(vlads, *pca) if pca else vlads
+    content = MapContent(config, codebook, descriptors.astype(np.float16), list(names),
+                         list(poses), pca[0] if pca else None, pca[1] if pca else None,
+                         thumbnails, source)
+    return write_map(content, out_dir, overwrite=overwrite)
+
+
+def encode_thumbnail(image_bgr: np.ndarray, size_px: int) -> bytes:
+    """JPEG bytes of the image with its shorter side scaled down to ``size_px``."""
+    import cv2
+
+    small = image_bgr if min(image_bgr.shape[:2]) <= size_px else resize_shorter_side(image_bgr,
+                                                                                       size_px)
+    ok, jpeg = cv2.imencode('.jpg', small, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ImageError('could not encode a thumbnail')
+    return jpeg.tobytes()
+
+
+def _progress(items, enabled: bool, desc: str, total: int | None = None):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit='it', leave=False)

@@ -1,0 +1,365 @@
+"""The map on disk: a versioned folder, atomic writes, no pickle.
+
+```
+MAP/
+  manifest.json        format + version, what built it, build config, dims, counts, frame id
+  codebook.npy         [K x D_local] float32, L2-normalised VLAD centres
+  pca_mean.npy         [D_vlad] float32           (only when PCA is on)
+  pca_components.npy   [D x D_vlad] float32       (only when PCA is on)
+  descriptors.npy      [N x D] float16, L2-normalised global descriptors
+  index.faiss          FAISS index                (only for approximate indexes)
+  poses.csv            image,x,y,z,qx,qy,qz,qw    (empty quaternion = yaw unknown)
+  thumbnails/NNNNNN.jpg down-scaled map images    (optional, for re-ranking)
+  extras/<name>.json|.npy  data added by later stages (descriptions, calibration, ...)
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_vpr import __version__
+from vlm_vpr.core.config import MapBuildConfig, from_flat_dict, to_flat_dict
+from vlm_vpr.core.errors import ConfigError, IncompatibleMapError, MapError
+from vlm_vpr.core.types import Pose
+
+log = logging.getLogger(__name__)
+
+MAP_FORMAT = 'vlm_vpr.map'
+MAP_FORMAT_VERSION = 1
+POSE_COLUMNS = ['image', 'x', 'y', 'z', 'qx', 'qy', 'qz', 'qw']
+
+
+@dataclass
+class MapContent:
+    """What a map holds in memory, before or after it is written."""
+
+    build_config: MapBuildConfig
+    codebook: np.ndarray  # [K x D_local] float32, L2-normalised rows
+    descriptors: np.ndarray  # [N x D] float16, L2-normalised rows
+    image_names: list[str]
+    poses: list[Pose]
+    pca_mean: np.ndarray | None = None  # [D_vlad] float32
+    pca_components: np.ndarray | None = None  # [D x D_vlad] float32
+    thumbnails: list[bytes] | None = None  # JPEG-encoded down-scaled map images, one per image
+    source: str = ''  # where the images came from, for `map info`
+
+
+@dataclass
+class VprMap:
+    """A map read from disk, ready to search. ``index`` is built or loaded by ``read_map``."""
+
+    path: Path
+    manifest: dict[str, Any]
+    content: MapContent
+    index: Any = None  # faiss.Index over content.descriptors
+    positions_xyz: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # [N x 3] f64
+
+    @property
+    def build_config(self) -> MapBuildConfig:
+        return self.content.build_config
+
+    @property
+    def frame_id(self) -> str:
+        return str(self.manifest['frame_id'])
+
+    def __len__(self) -> int:
+        return len(self.content.image_names)
+
+    def thumbnail(self, map_index: int) -> np.ndarray | None:
+        """The stored down-scaled image [H x W x 3] uint8 BGR, or None if the map has none."""
+        import cv2
+
+        path = self.path / 'thumbnails' / f'{map_index:06d}.jpg'
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+        return image
+
+    def extra_path(self, name: str) -> Path | None:
+        """Path of a stored extra (``extras/<name>.json`` or ``.npy``), None if absent."""
+        rel = self.manifest.get('extras', {}).get(name)
+        return self.path / rel if rel else None
+
+    def read_extra_json(self, name: str) -> Any | None:
+        path = self.extra_path(name)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MapError(f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it') from exc
+
+    def read_extra_array(self, name: str) -> np.ndarray | None:
+        path = self.extra_path(name)
+        if path is None:
+            return None
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise MapError(f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it') from exc
+
+
+def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``content`` as a map folder atomically (temp folder in the same parent, rename)."""
+    out = Path(out_dir)
+    n = len(content.image_names)
+    _check_content(content)
+    if out.exists() and not overwrite:
+        raise MapError(f'{out} exists; pass overwrite=True (CLI: --overwrite) or choose another path')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        np.save(tmp / 'codebook.npy', content.codebook.astype(np.float32))
+        np.save(tmp / 'descriptors.npy', content.descriptors.astype(np.float16))
+        if content.pca_components is not None:
+            np.save(tmp / 'pca_mean.npy', content.pca_mean.astype(np.float32))
+            np.save(tmp / 'pca_components.npy', content.pca_components.astype(np.float32))
+        _write_poses(tmp / 'poses.csv', content.image_names, content.poses)
+        if content.thumbnails is not None:
+            _write_thumbnails(tmp / 'thumbnails', content.thumbnails)
+        index_type = _index_type(content.build_config, n)
+        if index_type != 'flat':
+            import faiss
+
+            from vlm_vpr.core.retrieval import build_index
+
+            faiss.write_index(build_index(content.descriptors, content.build_config.index),
+                              str(tmp / 'index.faiss'))
+        manifest = {
+            'format': MAP_FORMAT,
+            'format_version': MAP_FORMAT_VERSION,
+            'created_by': f'vlm_vpr {__version__}',
+            'created_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'source': content.source,
+            'frame_id': content.build_config.frame_id,
+            'build_config': to_flat_dict(content.build_config),
+            'num_images': n,
+            'descriptor_dim': int(content.descriptors.shape[1]),
+            'local_dim': int(content.codebook.shape[1]),
+            'num_clusters': int(content.codebook.shape[0]),
+            'pca': content.pca_components is not None,
+            'index_type': index_type,
+            'thumbnails': content.thumbnails is not None,
+            'extras': {},
+        }
+        (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info('wrote map %s (%d images, %d-d)', out, n, content.descriptors.shape[1])
+    return out
+
+
+def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
+    """Read and check a map folder; every failure raises MapError naming the fix."""
+    path = Path(map_dir)
+    manifest_path = path / 'manifest.json'
+    if not path.is_dir():
+        raise MapError(f'map folder {path} does not exist; build one with `vlm-vpr map build`')
+    if not manifest_path.is_file():
+        raise MapError(f'{path} has no manifest.json: not a vlm_vpr map (or an interrupted '
+                       'build); rebuild it with `vlm-vpr map build`')
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MapError(f'{manifest_path} is not valid JSON ({exc}); rebuild the map') from exc
+    if not isinstance(manifest, dict) or manifest.get('format') != MAP_FORMAT:
+        raise MapError(f'{manifest_path} is not a {MAP_FORMAT} manifest; rebuild the map')
+    version = manifest.get('format_version')
+    if version != MAP_FORMAT_VERSION:
+        raise MapError(f'map format version {version!r} is not supported (this vlm_vpr reads '
+                       f'version {MAP_FORMAT_VERSION}); rebuild the map with this version')
+    try:
+        build_config = from_flat_dict(MapBuildConfig, manifest['build_config'])
+        n = int(manifest['num_images'])
+        dim = int(manifest['descriptor_dim'])
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise MapError(f'{manifest_path} is incomplete or invalid ({exc}); rebuild the map') from exc
+
+    codebook = _load_array(path, 'codebook.npy', (int(manifest['num_clusters']),
+                                                  int(manifest['local_dim'])))
+    descriptors = _load_array(path, 'descriptors.npy', (n, dim))
+    pca_mean = pca_components = None
+    if manifest.get('pca'):
+        pca_components = _load_array(path, 'pca_components.npy', (dim, None))
+        pca_mean = _load_array(path, 'pca_mean.npy', (pca_components.shape[1],))
+    image_names, poses = _read_poses(path / 'poses.csv')
+    if len(image_names) != n:
+        raise MapError(f'{path}/poses.csv has {len(image_names)} rows but the manifest says {n} '
+                       'images; the map is inconsistent, rebuild it')
+    content = MapContent(build_config, codebook, descriptors, image_names, poses,
+                         pca_mean, pca_components, None, str(manifest.get('source', '')))
+    vpr_map = VprMap(path, manifest, content,
+                     positions_xyz=np.array([[p.x, p.y, p.z] for p in poses], dtype=np.float64)
+                     .reshape(-1, 3))
+    if load_index:
+        vpr_map.index = _load_index(vpr_map)
+    return vpr_map
+
+
+def check_compatible(vpr_map: VprMap, backbone: str | None = None, **features: Any) -> None:
+    """Raise IncompatibleMapError if the query side would use other features than the map."""
+    map_features = vpr_map.build_config.features
+    if backbone is not None and backbone != map_features.backbone:
+        raise IncompatibleMapError(
+            f'map {vpr_map.path} was built with backbone {map_features.backbone!r} but the query '
+            f'uses {backbone!r}; use --backbone {map_features.backbone} or rebuild the map')
+    for key, value in features.items():
+        if getattr(map_features, key) != value:
+            raise IncompatibleMapError(
+                f'map {vpr_map.path} has features.{key}={getattr(map_features, key)!r} but the '
+                f'query uses {value!r}; drop the override or rebuild the map')
+
+
+def write_extra(map_dir: str | Path, name: str, value: Any) -> Path:
+    """Add or replace ``extras/<name>`` (a numpy array -> .npy, anything else -> .json).
+
+    The file and the manifest are each replaced atomically; the rest of the map is untouched.
+    """
+    path = Path(map_dir)
+    manifest_path = path / 'manifest.json'
+    manifest = read_map(path, load_index=False).manifest
+    (path / 'extras').mkdir(exist_ok=True)
+    is_array = isinstance(value, np.ndarray)
+    rel = f'extras/{name}.npy' if is_array else f'extras/{name}.json'
+    fd, tmp_name = tempfile.mkstemp(dir=path / 'extras', suffix='.npy' if is_array else '.json')
+    with os.fdopen(fd, 'wb') as handle:
+        if is_array:
+            np.save(handle, value, allow_pickle=False)
+        else:
+            handle.write((json.dumps(value, indent=1) + '\n').encode())
+    os.replace(tmp_name, path / rel)
+    manifest.setdefault('extras', {})[name] = rel
+    _write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + '\n')
+    return path / rel
+
+
+def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
+    """Apply the map's PCA (if any) to VLAD vectors [Q x D_vlad] -> [Q x D], L2-normalised."""
+    from vlm_vpr.core.vlad import apply_pca
+
+    content = vpr_map.content
+    if content.pca_components is None:
+        return vlad.astype(np.float32)
+    return apply_pca(vlad, content.pca_mean, content.pca_components)
+
+
+def _index_type(build_config: MapBuildConfig, n: int) -> str:
+    return 'flat' if n < build_config.index.approximate_above else build_config.index.approximate_type
+
+
+def _load_index(vpr_map: VprMap) -> Any:
+    from vlm_vpr.core.retrieval import build_index, configure_index
+
+    index_type = vpr_map.manifest.get('index_type', 'flat')
+    if index_type == 'flat':
+        return build_index(vpr_map.content.descriptors, vpr_map.build_config.index, force_flat=True)
+    import faiss
+
+    index_path = vpr_map.path / 'index.faiss'
+    if not index_path.is_file():
+        raise MapError(f'{index_path} is missing for a {index_type} map; rebuild the map')
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise MapError(f'{index_path} is corrupt ({exc}); rebuild the map') from exc
+    if index.ntotal != len(vpr_map):
+        raise MapError(f'{index_path} holds {index.ntotal} vectors, the map {len(vpr_map)}; '
+                       'rebuild the map')
+    configure_index(index, vpr_map.build_config.index)
+    return index
+
+
+def _check_content(content: MapContent) -> None:
+    n = len(content.image_names)
+    if n == 0:
+        raise MapError('a map needs at least one image')
+    if content.descriptors.ndim != 2 or content.descriptors.shape[0] != n:
+        raise MapError(f'descriptors {content.descriptors.shape} do not match {n} images')
+    if len(content.poses) != n:
+        raise MapError(f'{len(content.poses)} poses for {n} images')
+    if content.thumbnails is not None and len(content.thumbnails) != n:
+        raise MapError(f'{len(content.thumbnails)} thumbnails for {n} images')
+
+
+def _load_array(path: Path, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    file = path / name
+    if not file.is_file():
+        raise MapError(f'{file} is missing; the map is incomplete, rebuild it')
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MapError(f'{file} is corrupt ({exc}); rebuild the map') from exc
+    if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
+        raise MapError(f'{file} has shape {array.shape}, the manifest expects {shape}; '
+                       'the map is inconsistent, rebuild it')
+    return array
+
+
+def _write_poses(file: Path, names: list[str], poses: list[Pose]) -> None:
+    with file.open('w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(POSE_COLUMNS)
+        for name, p in zip(names, poses):
+            quat = [repr(p.qx), repr(p.qy), repr(p.qz), repr(p.qw)] if p.yaw_known else [''] * 4
+            writer.writerow([name, repr(p.x), repr(p.y), repr(p.z), *quat])
+
+
+def _read_poses(file: Path) -> tuple[list[str], list[Pose]]:
+    if not file.is_file():
+        raise MapError(f'{file} is missing; the map is incomplete, rebuild it')
+    names: list[str] = []
+    poses: list[Pose] = []
+    with file.open(newline='') as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != POSE_COLUMNS:
+            raise MapError(f'{file} header is {reader.fieldnames}, expected {POSE_COLUMNS}; '
+                           'rebuild the map')
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                x, y, z = float(row['x']), float(row['y']), float(row['z'])
+                if row['qw']:
+                    pose = Pose(x, y, z, float(row['qx']), float(row['qy']), float(row['qz']),
+                                float(row['qw']))
+                else:
+                    pose = Pose(x, y, z, yaw_known=False)
+            except (TypeError, ValueError) as exc:
+                raise MapError(f'{file} line {row_no} is not a valid pose ({exc}); '
+                               'rebuild the map') from exc
+            names.append(row['image'])
+            poses.append(pose)
+    return names, poses
+
+
+def _write_thumbnails(folder: Path, thumbnails: list[bytes]) -> None:
+    folder.mkdir()
+    for i, jpeg in enumerate(thumbnails):
+        (folder / f'{i:06d}.jpg').write_bytes(jpeg)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f'.{out.name}.old-{os.getpid()}')
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.')
+    with os.fdopen(fd, 'w') as handle:
+        handle.write(text)
+    os.replace(tmp_name, file)

@@ -1,0 +1,77 @@
+"""Plain data passed between stages. Arrays document their shape, dtype and normalisation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """Dense local descriptors of one image.
+
+    descriptors: [H x W x D] float32, each D-vector L2-normalised (a grid of patches).
+    """
+
+    descriptors: np.ndarray
+
+    @property
+    def flat(self) -> np.ndarray:
+        """[H*W x D] float32 view of the grid."""
+        return self.descriptors.reshape(-1, self.descriptors.shape[-1])
+
+
+@dataclass(frozen=True)
+class Pose:
+    """A pose in the map frame (REP-103: metres, radians; quaternion x, y, z, w)."""
+
+    x: float
+    y: float
+    z: float = 0.0
+    qx: float = 0.0
+    qy: float = 0.0
+    qz: float = 0.0
+    qw: float = 1.0
+    yaw_known: bool = True
+
+    @property
+    def yaw_rad(self) -> float:
+        return math.atan2(2.0 * (self.qw * self.qz + self.qx * self.qy),
+                          1.0 - 2.0 * (self.qy * self.qy + self.qz * self.qz))
+
+    @staticmethod
+    def from_yaw(x: float, y: float, yaw_rad: float | None, z: float = 0.0) -> Pose:
+        if yaw_rad is None or not math.isfinite(yaw_rad):
+            return Pose(x, y, z, yaw_known=False)
+        return Pose(x, y, z, 0.0, 0.0, math.sin(yaw_rad / 2), math.cos(yaw_rad / 2))
+
+
+@dataclass
+class Candidate:
+    """One map image proposed for a query; ``score`` is the current ranking score."""
+
+    map_index: int
+    image_name: str
+    pose: Pose
+    coarse_score: float  # inner product of global descriptors
+    score: float  # score after the last re-ranker (equals coarse_score before re-ranking)
+    evidence: dict[str, float] = field(default_factory=dict)  # per re-ranker raw scores
+
+
+@dataclass
+class LocalizationResult:
+    """The pose prior for one query image.
+
+    covariance: [6 x 6] float64 over (x, y, z, roll, pitch, yaw), row-major, as in
+    geometry_msgs/PoseWithCovariance; never zero on the diagonal, never NaN.
+    """
+
+    candidates: list[Candidate]
+    pose: Pose
+    covariance: np.ndarray
+    confidence: float  # in [0, 1]
+    timing_ms: dict[str, float] = field(default_factory=dict)  # per stage
+    notes: list[str] = field(default_factory=list)  # diagnosed fallbacks (VLM timeout, ...)
+    evidence: dict[str, float] = field(default_factory=dict)  # inputs to the confidence

@@ -1,0 +1,93 @@
+"""VLAD aggregation as in the InternVL-VPR paper, eqs. (1)-(4), plus codebook and PCA fits.
+
+(1) a_is = softmax_s(x_i . c_s / T)  (or one-hot on the nearest centre: hard assignment)
+(2) v_s  = sum_i a_is (x_i - c_s)
+(3) v_s <- v_s / ||v_s||              (intra-normalisation)
+(4) v   <- v / ||v||                  (global L2 normalisation)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from vlm_vpr.core.config import VladConfig
+
+log = logging.getLogger(__name__)
+_EPS = 1e-12
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """x / ||x|| along ``axis`` (zero vectors stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), _EPS)
+
+
+def assign(local: np.ndarray, codebook: np.ndarray, config: VladConfig) -> np.ndarray:
+    """Assignment weights [M x K] float32 of local descriptors [M x D] to centres [K x D]."""
+    sims = local @ codebook.T
+    if not config.soft_assignment:
+        weights = np.zeros_like(sims)
+        weights[np.arange(len(sims)), sims.argmax(axis=1)] = 1.0
+        return weights
+    logits = sims / config.temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def aggregate_vlad(local: np.ndarray, codebook: np.ndarray, config: VladConfig) -> np.ndarray:
+    """VLAD vector [K*D] float32 (L2-normalised) of local descriptors [M x D] (L2-normalised)."""
+    local = np.asarray(local, dtype=np.float32)
+    weights = assign(local, codebook, config)  # [M x K]
+    residuals = weights.T @ local - weights.sum(axis=0)[:, None] * codebook  # [K x D]
+    residuals = l2_normalize(residuals, axis=1)
+    return l2_normalize(residuals.reshape(-1)).astype(np.float32)
+
+
+def fit_codebook(local_sets: list[np.ndarray], config: VladConfig) -> np.ndarray:
+    """Spherical k-means centres [K x D] float32 on at most ``kmeans_max_descriptors`` rows.
+
+    ``local_sets`` holds one [M_i x D] array per image; each image contributes equally to the
+    subsample, so memory stays bounded whatever the map size.
+    """
+    import faiss
+
+    rng = np.random.default_rng(config.seed)
+    per_image = max(1, config.kmeans_max_descriptors // max(1, len(local_sets)))
+    sample = np.concatenate([
+        s[rng.choice(len(s), size=min(per_image, len(s)), replace=False)] for s in local_sets
+    ]).astype(np.float32)
+    k = config.num_clusters
+    if len(sample) < k:
+        raise ValueError(f'{len(sample)} local descriptors cannot fit {k} clusters')
+    kmeans = faiss.Kmeans(sample.shape[1], k, niter=config.kmeans_iterations, seed=config.seed,
+                          spherical=True, max_points_per_centroid=max(256, len(sample) // k + 1))
+    kmeans.train(np.ascontiguousarray(sample))
+    log.info('codebook: %d centres from %d local descriptors', k, len(sample))
+    return l2_normalize(kmeans.centroids.astype(np.float32), axis=1)
+
+
+def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean [D_vlad], components [D x D_vlad]) or None when PCA is off or would not reduce.
+
+    PCA is fitted only when the map has more images than ``pca_dim`` (enough samples for a
+    ``pca_dim``-dimensional basis); smaller maps keep the full VLAD vector.
+    """
+    n, d_vlad = vlads.shape
+    dim = config.pca_dim
+    if dim == 0 or dim >= d_vlad or n <= dim:
+        return None
+    mean = vlads.mean(axis=0).astype(np.float32)
+    centred = (vlads - mean).astype(np.float32)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    components = vt[:dim]
+    if config.pca_whiten:
+        eig = (singular[:dim] ** 2) / max(1, n - 1)
+        components = components / np.sqrt(eig + 1e-6)[:, None]
+    return mean, components.astype(np.float32)
+
+
+def apply_pca(vlads: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Project VLAD vectors [Q x D_vlad] to [Q x D] float32 and L2-normalise."""
+    return l2_normalize((np.atleast_2d(vlads) - mean) @ components.T).astype(np.float32)
