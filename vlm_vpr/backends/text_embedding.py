@@ -31,7 +31,7 @@ class TextEmbedder:
             raise ConfigError(f'cannot load text embedder {model!r} ({exc}); set '
                               f'rerank.text_embedder to {BUNDLED_MODEL!r} or a local '
                               'sentence-transformers folder') from exc
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        self.dim = int(self._model.get_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """[len(texts) x dim] float32, rows L2-normalised ([0 x dim] for no texts)."""

@@ -75,7 +75,8 @@ def iter_bag_messages(
 
     ``stamp_ns`` is the recording time (not the header stamp); ``cdr_bytes`` is the ROS 2 CDR
     serialisation, ready for ``rclpy.serialization.deserialize_message``. ``topics=None`` reads
-    every topic. ROS 1 bags are refused (convert them with ``rosbags-convert`` first).
+    every topic. ROS 1 bags are refused (convert them with ``rosbags-convert`` first). Being a
+    generator, it raises BagError (missing bag or topic) at the first ``next()``.
     """
     with _open_bag(bag_path) as reader:
         if not reader.is2:
@@ -93,7 +94,7 @@ def iter_bag_messages(
 def read_posed_images(bag_path: str | Path, image_topic: str, pose_topic: str, *,
                       map_frame: str = 'map', base_frame: str = 'base_link',
                       min_distance_m: float = 1.0, min_rotation_rad: float = math.radians(15),
-                      max_pose_gap_s: float = 1.0) -> Iterator[PosedImage]:
+                      max_pose_gap_s: float = 1.0, progress: bool = True) -> Iterator[PosedImage]:
     """Keyframe images of ``image_topic`` with their poses from ``pose_topic``.
 
     The pose source is a ``nav_msgs/msg/Odometry``, ``geometry_msgs/msg/PoseStamped`` or
@@ -108,6 +109,7 @@ def read_posed_images(bag_path: str | Path, image_topic: str, pose_topic: str, *
 
     The bag, topics and poses are checked before this returns (BagError); images are then
     decoded lazily, one keyframe at a time. Undecodable images are skipped with a warning.
+    ``progress`` shows a tqdm bar on a terminal.
     """
     if min_distance_m < 0 or min_rotation_rad < 0 or max_pose_gap_s <= 0:
         raise BagError('min_distance_m and min_rotation_rad must be >= 0 and max_pose_gap_s > 0')
@@ -120,7 +122,7 @@ def read_posed_images(bag_path: str | Path, image_topic: str, pose_topic: str, *
             chain = [_read_pose_track(reader, pose_topic, map_frame, base_frame)]
     max_gap_ns = int(max_pose_gap_s * 1e9)
     return _iter_keyframes(bag_path, image_topic, lambda t: _chain_at(chain, t, max_gap_ns),
-                           min_distance_m, min_rotation_rad)
+                           min_distance_m, min_rotation_rad, progress)
 
 
 @contextmanager
@@ -317,7 +319,7 @@ def _slerp(q0: np.ndarray, q1: np.ndarray, w: float) -> np.ndarray:
     dot = float(q0 @ q1)
     if dot < 0.0:
         q1, dot = -q1, -dot
-    if True:
+    if dot > 0.9995:
         q = q0 + w * (q1 - q0)
     else:
         theta = math.acos(dot)
@@ -336,7 +338,8 @@ def _rotation_between(q0: np.ndarray, q1: np.ndarray) -> float:
 
 def _iter_keyframes(bag_path: str | Path, image_topic: str,
                     pose_at: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                    min_distance_m: float, min_rotation_rad: float) -> Iterator[PosedImage]:
+                    min_distance_m: float, min_rotation_rad: float,
+                    progress: bool) -> Iterator[PosedImage]:
     from rosbags.image import ImageError as RosImageError
     from rosbags.image import message_to_cvimage
     from tqdm import tqdm
@@ -348,7 +351,7 @@ def _iter_keyframes(bag_path: str | Path, image_topic: str,
         connections = [c for c in reader.connections if c.topic == image_topic]
         total = sum(c.msgcount for c in connections)
         messages = tqdm(reader.messages(connections=connections), total=total, unit='img',
-                        desc=f'reading {image_topic}', disable=None)
+                        desc=f'reading {image_topic}', disable=None if progress else True)
         for index, (connection, bag_ns, raw) in enumerate(messages):
             msg = reader.deserialize(raw, connection.msgtype)
             stamp_ns = _stamp_ns(msg.header) or bag_ns  # a zero header stamp: use bag time
@@ -367,7 +370,7 @@ def _iter_keyframes(bag_path: str | Path, image_topic: str,
             # TypeError on an Image whose data is shorter than height * step
             except (RosImageError, ImageError, AssertionError, TypeError, ValueError) as exc:
                 log.warning('%s message %d: cannot convert the image (%s); skipped',
-                            image_topic, index, exc or type(exc).__name__)
+                            image_topic, index, str(exc) or 'undecodable data')
                 skipped['undecodable'] += 1
                 continue
             last = (xyz, quat)

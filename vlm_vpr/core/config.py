@@ -29,8 +29,9 @@ class FeatureConfig:
 
     backbone: str = 'dense-rootsift'  # 'dense-rootsift' (weight-free) or 'dinov2'
     image_size_px: int = 240  # shorter image side after resizing (DINOv2: rounded to 14)
-    rootsift_step_px: int = 6  # dense grid stride in pixels (dense-rootsift)
-    rootsift_patch_px: int = 12  # SIFT support size in pixels (dense-rootsift)
+    rootsift_step_px: int = 4  # dense grid stride in pixels (dense-rootsift)
+    rootsift_cell_px: tuple[int, ...] = (4, 6, 8)  # SIFT cell sizes = scales; patch = 4 cells
+    rootsift_min_contrast: float = 0.005  # drop patches whose gradient energy is below this
     dinov2_model: str = 'facebook/dinov2-small'  # hub id or local folder (dinov2)
     dinov2_layer: int = 10  # transformer block whose output is used, 1-based (dinov2)
     dinov2_facet: str = 'value'  # 'token' or attention 'key' / 'query' / 'value' (dinov2)
@@ -39,7 +40,9 @@ class FeatureConfig:
         _check(self.backbone in BACKBONES, f'features.backbone must be one of {BACKBONES}')
         _check(32 <= self.image_size_px <= 2048, 'features.image_size_px must be in [32, 2048]')
         _check(2 <= self.rootsift_step_px <= 64, 'features.rootsift_step_px must be in [2, 64]')
-        _check(4 <= self.rootsift_patch_px <= 128, 'features.rootsift_patch_px must be in [4, 128]')
+        _check(len(self.rootsift_cell_px) >= 1 and all(2 <= c <= 32 for c in self.rootsift_cell_px),
+               'features.rootsift_cell_px: one or more cell sizes in [2, 32] pixels')
+        _check(self.rootsift_min_contrast >= 0, 'features.rootsift_min_contrast must be >= 0')
         _check(self.dinov2_layer >= 1, 'features.dinov2_layer is 1-based: use 1 or more')
         _check(self.dinov2_facet in DINOV2_FACETS, f'features.dinov2_facet: one of {DINOV2_FACETS}')
 

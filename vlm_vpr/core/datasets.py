@@ -84,10 +84,10 @@ def read_dataset(root: str | Path) -> Dataset:
 def read_traversal(folder: str | Path) -> Traversal:
     """Read a traversal folder in the shared layout (``poses.csv`` + ``images/``)."""
     folder = Path(folder)
-    return read_posed_images(folder / 'poses.csv', folder / 'images', name=folder.name)
+    return read_poses_csv(folder / 'poses.csv', folder / 'images', name=folder.name)
 
 
-def read_posed_images(poses_csv: str | Path, images_dir: str | Path,
+def read_poses_csv(poses_csv: str | Path, images_dir: str | Path,
                       name: str = '') -> Traversal:
     """Read ``poses_csv`` (header image,x,y[,yaw]) naming images inside ``images_dir``."""
     poses_csv, images_dir = Path(poses_csv), Path(images_dir)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vlm_vpr.core.config import MapBuildConfig
-from vlm_vpr.core.datasets import read_posed_images
+from vlm_vpr.core.datasets import read_poses_csv
 from vlm_vpr.core.errors import DatasetError, ImageError, MapError
 from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.map_format import MapContent, write_map
@@ -27,7 +28,7 @@ def build_map_from_folder(images_dir: str | Path, poses_csv: str | Path, out_dir
 
     Rows with empty x, y (images with no known place) are skipped.
     """
-    traversal = read_posed_images(poses_csv, images_dir)
+    traversal = read_poses_csv(poses_csv, images_dir)
     keep = [i for i in range(len(traversal)) if np.isfinite(traversal.xy[i]).all()]
     if not keep:
         raise DatasetError(f'{poses_csv} has no row with x, y: nothing to map')
@@ -36,6 +37,35 @@ def build_map_from_folder(images_dir: str | Path, poses_csv: str | Path, out_dir
         names=[p.name for p in paths], poses=[traversal.pose(i) for i in keep],
         load_image=lambda j: read_image(paths[j]), out_dir=out_dir, config=config,
         source=str(Path(images_dir).resolve()), overwrite=overwrite, progress=progress)
+
+
+def build_map_from_bag(bag: str | Path, image_topic: str, pose_topic: str, out_dir: str | Path,
+                       config: MapBuildConfig | None = None, *, base_frame: str = 'base_link',
+                       min_distance_m: float = 1.0, min_rotation_deg: float = 15.0,
+                       max_pose_gap_s: float = 1.0, overwrite: bool = False,
+                       progress: bool = True) -> Path:
+    """Build a map from a ROS 2 bag: keyframes of ``image_topic`` posed from ``pose_topic``.
+
+    Keyframes are staged as PNG files in a temporary folder, so memory stays bounded.
+    """
+    import cv2
+
+    from vlm_vpr.core.bags import read_posed_images
+
+    config = config or MapBuildConfig()
+    frames = read_posed_images(bag, image_topic, pose_topic, map_frame=config.frame_id,
+                               base_frame=base_frame, min_distance_m=min_distance_m,
+                               min_rotation_rad=math.radians(min_rotation_deg),
+                               max_pose_gap_s=max_pose_gap_s, progress=progress)
+    with tempfile.TemporaryDirectory(prefix='vlm_vpr_bag_') as tmp:
+        names, poses, paths = [], [], []
+        for frame in frames:
+            paths.append(Path(tmp) / f'{frame.name}.png')
+            cv2.imwrite(str(paths[-1]), frame.image_bgr)
+            names.append(frame.name)
+            poses.append(frame.pose)
+        return build_map(names, poses, lambda i: read_image(paths[i]), out_dir, config,
+                         source=str(Path(bag).resolve()), overwrite=overwrite, progress=progress)
 
 
 def build_map(names: Sequence[str], poses: Sequence[Pose], load_image: Callable[[int], np.ndarray],

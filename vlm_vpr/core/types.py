@@ -13,14 +13,17 @@ class LocalFeatures:
     """Dense local descriptors of one image.
 
     descriptors: [H x W x D] float32, each D-vector L2-normalised (a grid of patches).
+    valid: [H x W] bool or None; False marks descriptors to leave out (e.g. textureless patches).
     """
 
     descriptors: np.ndarray
+    valid: np.ndarray | None = None
 
     @property
     def flat(self) -> np.ndarray:
-        """[H*W x D] float32 view of the grid."""
-        return self.descriptors.reshape(-1, self.descriptors.shape[-1])
+        """[M x D] float32: the valid descriptors (all of them when ``valid`` is None)."""
+        flat = self.descriptors.reshape(-1, self.descriptors.shape[-1])
+        return flat if self.valid is None else flat[self.valid.reshape(-1)]
 
 
 @dataclass(frozen=True)

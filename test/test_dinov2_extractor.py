@@ -1,0 +1,205 @@
+"""DINOv2 extractor on tiny random-initialised models saved to disk and loaded by folder name."""
+
+from __future__ import annotations
+
+import os
+
+os.environ['HF_HUB_OFFLINE'] = '1'  # tests never download
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer  # noqa: E402
+
+from vlm_vpr.backends.features import create_extractor  # noqa: E402
+from vlm_vpr.backends.features.dinov2 import Dinov2Extractor  # noqa: E402
+from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig  # noqa: E402
+from vlm_vpr.core.errors import ConfigError  # noqa: E402
+from vlm_vpr.core.images import resize_shorter_side  # noqa: E402
+from vlm_vpr.core.vlad import aggregate_vlad, l2_normalize  # noqa: E402
+
+SIZE_PX = 56  # shorter side: 4 patches of 14 px
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_size=14,
+            image_size=SIZE_PX, initializer_range=0.3)  # large init: each block changes tokens
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp('dinov2-tiny')
+    Dinov2Model(Dinov2Config(**TINY)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def full_model(tiny_dir: Path) -> Dinov2Model:
+    """The whole saved model, run the usual transformers way as the reference."""
+    return Dinov2Model.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope='module')
+def images() -> list[np.ndarray]:
+    """Smoothed noise (neighbouring pixels correlate, as in photos) of several sizes."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    return [cv2.GaussianBlur(rng.integers(0, 256, size, dtype=np.uint8), (0, 0), 2)
+            for size in [(100, 150, 3), (80, 80, 3), (100, 150, 3), (120, 90, 3)]]
+
+
+def make(folder: Path, layer: int = 3, facet: str = 'token', dtype: str = 'float32',
+         batch_size: int = 2, device: str = 'cpu') -> Dinov2Extractor:
+    features = FeatureConfig(backbone='dinov2', dinov2_model=str(folder), dinov2_layer=layer,
+                             dinov2_facet=facet, image_size_px=SIZE_PX)
+    runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_threads=1)
+    return Dinov2Extractor(features, runtime)
+
+
+def hand_pixels(image_bgr: np.ndarray) -> torch.Tensor:
+    """[1 x 3 x H x W] RGB input normalised with the ImageNet mean and std, written out here."""
+    rgb = resize_shorter_side(image_bgr, SIZE_PX, multiple=14)[:, :, ::-1] / 255.0
+    normalised = (rgb - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(normalised.transpose(2, 0, 1).copy()).float()[None]
+
+
+def unit_patch_grid(tokens: torch.Tensor, rows: int, cols: int) -> np.ndarray:
+    """[rows x cols x D] unit rows from [1 x T x D] tokens whose last rows*cols are patches."""
+    patches = tokens[0, -rows * cols:].detach().numpy()
+    return l2_normalize(patches).reshape(rows, cols, -1)
+
+
+def test_extract_returns_a_unit_norm_patch_grid_per_image_in_input_order(tiny_dir, images):
+    features = FeatureConfig(backbone='dinov2', dinov2_model=str(tiny_dir), dinov2_layer=2,
+                             image_size_px=SIZE_PX)
+    extractor = create_extractor(features, RuntimeConfig(batch_size=2, num_threads=1))
+    out = extractor.extract(images)
+    # shorter side 56 px, longer side scaled and rounded down to 14 px: 150 -> 84, 120 -> 70
+    assert [f.descriptors.shape for f in out] == [(4, 6, 32), (4, 4, 32), (4, 6, 32), (5, 4, 32)]
+    for f in out:
+        assert f.descriptors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=-1), 1.0, atol=1e-5)
+    alone = extractor.extract([images[2]])[0].descriptors
+    np.testing.assert_allclose(out[2].descriptors, alone, atol=1e-5)
+    assert not np.allclose(out[0].descriptors, out[2].descriptors, atol=1e-2)
+    assert extractor.extract([]) == []
+
+
+@pytest.mark.parametrize('layer', [1, 3])
+def test_token_facet_equals_the_full_model_hidden_state_of_the_chosen_layer(
+        tiny_dir, full_model, images, layer):
+    got = make(tiny_dir, layer=layer).extract([images[0]])[0].descriptors
+    with torch.no_grad():
+        hidden = full_model(hand_pixels(images[0]), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(got, unit_patch_grid(hidden[layer], 4, 6), atol=1e-4)
+    for other in (layer - 1, layer + 1):  # neighbouring layers differ: the check can fail
+        assert not np.allclose(got, unit_patch_grid(hidden[other], 4, 6), atol=1e-2)
+
+
+def test_extract_feeds_the_model_rgb_normalised_with_imagenet_mean_and_std(
+        tiny_dir, full_model, images):
+    got = make(tiny_dir, layer=4).extract([images[1]])[0].descriptors
+    pixels = hand_pixels(images[1])
+    with torch.no_grad():
+        expected = full_model(pixels, output_hidden_states=True).hidden_states[4]
+        as_bgr = full_model(pixels.flip(1), output_hidden_states=True).hidden_states[4]
+        unnormalised = full_model(pixels * 0.229 + 0.485, output_hidden_states=True)
+    np.testing.assert_allclose(got, unit_patch_grid(expected, 4, 4), atol=1e-4)
+    assert not np.allclose(got, unit_patch_grid(as_bgr, 4, 4), atol=1e-2)
+    assert not np.allclose(got, unit_patch_grid(unnormalised.hidden_states[4], 4, 4), atol=1e-2)
+
+
+@pytest.mark.parametrize('facet', ['key', 'query', 'value'])
+def test_attention_facets_equal_the_projection_captured_in_the_full_model(
+        tiny_dir, full_model, images, facet):
+    layer = 3
+    projection = getattr(full_model.encoder.layer[layer - 1].attention, f'{facet[0]}_proj')
+    captured = []
+    handle = projection.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        full_model(hand_pixels(images[3]))
+    handle.remove()
+    got = make(tiny_dir, layer=layer, facet=facet).extract([images[3]])[0].descriptors
+    np.testing.assert_allclose(got, unit_patch_grid(captured[0], 5, 4), atol=1e-4)
+
+
+@pytest.mark.parametrize(('facet', 'blocks_run'), [('token', 3), ('value', 2)])
+def test_forward_pass_stops_at_the_chosen_layer(tiny_dir, images, monkeypatch, facet,
+                                                 blocks_run):
+    extractor = make(tiny_dir, layer=3, facet=facet)
+    calls = []
+    block_forward = Dinov2Layer.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(self)
+        return block_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dinov2Layer, 'forward', counting_forward)
+    extractor.extract([images[0]])
+    assert len(calls) == blocks_run  # of 4; a value facet runs only LayerNorm + v_proj of block 3
+
+
+def test_register_tokens_are_dropped_from_the_patch_grid(tmp_path, images):
+    torch.manual_seed(1)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY, num_register_tokens=4))
+    model.save_pretrained(tmp_path)
+    got = make(tmp_path, layer=2).extract([images[0]])[0].descriptors
+    with torch.no_grad():
+        hidden = model.eval()(hand_pixels(images[0]), output_hidden_states=True).hidden_states
+    assert hidden[2].shape[1] == 1 + 4 + 4 * 6  # CLS, 4 registers, patches
+    np.testing.assert_allclose(got, unit_patch_grid(hidden[2], 4, 6), atol=1e-4)
+
+
+@pytest.mark.parametrize(('dtype', 'min_patch_cosine'), [('bfloat16', 0.99), ('int8', 0.99)])
+def test_fast_dtypes_keep_descriptors_close_to_float32(tiny_dir, images, dtype,
+                                                       min_patch_cosine):
+    reference = make(tiny_dir, facet='value', dtype='float32').extract(images)
+    fast = make(tiny_dir, facet='value', dtype=dtype).extract(images)
+    rng = np.random.default_rng(0)
+    codebook = l2_normalize(rng.standard_normal((8, 32)).astype(np.float32))
+    vlad = VladConfig(num_clusters=8, soft_assignment=False)
+    for ref, got in zip(reference, fast):
+        patch_cosine = (ref.flat * got.flat).sum(axis=1)
+        assert patch_cosine.min() >= min_patch_cosine
+        vlad_cosine = aggregate_vlad(ref.flat, codebook, vlad) @ aggregate_vlad(got.flat,
+                                                                                codebook, vlad)
+        assert vlad_cosine >= 0.995
+    assert not np.array_equal(reference[0].descriptors, fast[0].descriptors)
+
+
+def test_layer_beyond_the_model_depth_is_rejected(tiny_dir):
+    with pytest.raises(ConfigError, match=r'dinov2_layer is 5 but .* has only 4 layers'):
+        make(tiny_dir, layer=5)
+
+
+def test_missing_model_folder_is_rejected_with_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match='cannot load the DINOv2 config .*local folder'):
+        make(tmp_path / 'no-such-model')
+
+
+def test_model_folder_without_weights_is_rejected(tiny_dir, tmp_path):
+    (tmp_path / 'config.json').write_text((tiny_dir / 'config.json').read_text())
+    with pytest.raises(ConfigError, match='cannot load the DINOv2 weights'):
+        make(tmp_path)
+
+
+def test_a_model_that_is_not_dinov2_is_rejected(tmp_path):
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, image_size=28, patch_size=14)
+    ViTModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="is a 'vit' model, not DINOv2"):
+        make(tmp_path)
+
+
+def test_int8_on_cuda_is_rejected(tiny_dir):
+    with pytest.raises(ConfigError, match="'int8' runs on the CPU only"):
+        make(tiny_dir, dtype='int8', device='cuda')

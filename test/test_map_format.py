@@ -1,0 +1,183 @@
+"""Map folder round trip and every way a map can be rejected."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlm_vpr.core.config import IndexConfig, MapBuildConfig
+from vlm_vpr.core.errors import IncompatibleMapError, MapError
+from vlm_vpr.core.map_format import (MapContent, check_compatible, read_map, write_extra,
+                                     write_map)
+from vlm_vpr.core.types import Pose
+from vlm_vpr.core.vlad import l2_normalize
+
+
+def make_content(n: int = 12, dim: int = 32, config: MapBuildConfig | None = None) -> MapContent:
+    rng = np.random.default_rng(0)
+    poses = [Pose.from_yaw(float(i), 2.0 * i, 0.1 * i if i % 3 else None) for i in range(n)]
+    return MapContent(
+        build_config=config or MapBuildConfig(),
+        codebook=l2_normalize(rng.normal(size=(4, 8))).astype(np.float32),
+        descriptors=l2_normalize(rng.normal(size=(n, dim))).astype(np.float16),
+        image_names=[f'img_{i}.png' for i in range(n)],
+        poses=poses,
+        thumbnails=[b'\xff\xd8fakejpeg'] * n,
+        source='synthetic',
+    )
+
+
+@pytest.fixture
+def map_dir(tmp_path: Path) -> Path:
+    return write_map(make_content(), tmp_path / 'm')
+
+
+def test_map_round_trip_keeps_descriptors_poses_and_config(map_dir: Path) -> None:
+    content = make_content()
+    loaded = read_map(map_dir)
+    np.testing.assert_array_equal(loaded.content.descriptors, content.descriptors)
+    np.testing.assert_array_equal(loaded.content.codebook, content.codebook)
+    assert loaded.content.image_names == content.image_names
+    assert loaded.content.build_config == content.build_config
+    for a, b in zip(loaded.content.poses, content.poses):
+        assert a.yaw_known == b.yaw_known
+        assert (a.x, a.y) == (b.x, b.y)
+        if a.yaw_known:
+            assert math.isclose(a.yaw_rad, b.yaw_rad, abs_tol=1e-12)
+    assert loaded.index.ntotal == 12
+    assert loaded.frame_id == 'map'
+    assert (map_dir / 'thumbnails' / '000011.jpg').read_bytes() == b'\xff\xd8fakejpeg'
+
+
+def test_approximate_index_is_stored_and_reloaded(tmp_path: Path) -> None:
+    config = MapBuildConfig(index=IndexConfig(approximate_above=10, approximate_type='hnsw'))
+    path = write_map(make_content(n=40, config=config), tmp_path / 'm')
+    loaded = read_map(path)
+    assert loaded.manifest['index_type'] == 'hnsw'
+    assert (path / 'index.faiss').is_file()
+    scores, ids = loaded.index.search(loaded.content.descriptors[5:6].astype(np.float32), 1)
+    assert ids[0, 0] == 5
+
+
+def test_write_map_refuses_to_overwrite_without_permission(map_dir: Path) -> None:
+    with pytest.raises(MapError, match='exists; pass overwrite=True'):
+        write_map(make_content(), map_dir)
+    write_map(make_content(n=5), map_dir, overwrite=True)
+    assert len(read_map(map_dir)) == 5
+    assert not list(map_dir.parent.glob('.m.*')), 'temporary folders were left behind'
+
+
+def test_failed_write_leaves_the_existing_map_untouched(map_dir: Path) -> None:
+    bad = make_content()
+    bad.poses = bad.poses[:3]
+    with pytest.raises(MapError, match='3 poses for 12 images'):
+        write_map(bad, map_dir, overwrite=True)
+    assert len(read_map(map_dir)) == 12
+
+
+def test_read_map_rejects_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(MapError, match='does not exist; build one'):
+        read_map(tmp_path / 'nope')
+
+
+def test_read_map_rejects_folder_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(MapError, match='no manifest.json'):
+        read_map(tmp_path)
+
+
+def test_read_map_rejects_unknown_format_version(map_dir: Path) -> None:
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    manifest['format_version'] = 99
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match='version 99 is not supported'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_corrupt_manifest(map_dir: Path) -> None:
+    (map_dir / 'manifest.json').write_text('{not json')
+    with pytest.raises(MapError, match='not valid JSON'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_unknown_config_key(map_dir: Path) -> None:
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    manifest['build_config']['vlad.bogus'] = 1
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match='incomplete or invalid'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_missing_descriptor_file(map_dir: Path) -> None:
+    (map_dir / 'descriptors.npy').unlink()
+    with pytest.raises(MapError, match='descriptors.npy is missing'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_corrupt_descriptor_file(map_dir: Path) -> None:
+    (map_dir / 'descriptors.npy').write_bytes(b'garbage')
+    with pytest.raises(MapError, match='descriptors.npy is corrupt'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_descriptors_of_the_wrong_shape(map_dir: Path) -> None:
+    np.save(map_dir / 'descriptors.npy', np.zeros((12, 5), np.float16))
+    with pytest.raises(MapError, match='inconsistent'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_pose_count_mismatch(map_dir: Path) -> None:
+    lines = (map_dir / 'poses.csv').read_text().splitlines()
+    (map_dir / 'poses.csv').write_text('\n'.join(lines[:-2]) + '\n')
+    with pytest.raises(MapError, match='has 10 rows but the manifest says 12'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_invalid_pose_row(map_dir: Path) -> None:
+    text = (map_dir / 'poses.csv').read_text().replace('img_3.png,3.0', 'img_3.png,abc', 1)
+    (map_dir / 'poses.csv').write_text(text)
+    with pytest.raises(MapError, match='line 5 is not a valid pose'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_pickled_arrays(map_dir: Path) -> None:
+    np.save(map_dir / 'codebook.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(MapError, match='codebook.npy is corrupt'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_missing_approximate_index(tmp_path: Path) -> None:
+    config = MapBuildConfig(index=IndexConfig(approximate_above=10))
+    path = write_map(make_content(n=20, config=config), tmp_path / 'm')
+    (path / 'index.faiss').unlink()
+    with pytest.raises(MapError, match='index.faiss is missing'):
+        read_map(path)
+
+
+def test_query_backbone_must_match_the_map(map_dir: Path) -> None:
+    vpr_map = read_map(map_dir)
+    check_compatible(vpr_map, 'dense-rootsift')
+    with pytest.raises(IncompatibleMapError, match="built with backbone 'dense-rootsift'.*"
+                                                   '--backbone dense-rootsift or rebuild'):
+        check_compatible(vpr_map, 'dinov2')
+    with pytest.raises(IncompatibleMapError, match='features.image_size_px=240'):
+        check_compatible(vpr_map, image_size_px=320)
+
+
+def test_extras_are_added_atomically_and_read_back(map_dir: Path) -> None:
+    write_extra(map_dir, 'calibration', {'weights': {'margin': 1.0}, 'bias': 0.0})
+    write_extra(map_dir, 'embeddings', np.eye(3, dtype=np.float32))
+    vpr_map = read_map(map_dir)
+    assert vpr_map.read_extra_json('calibration')['bias'] == 0.0
+    np.testing.assert_array_equal(vpr_map.read_extra_array('embeddings'), np.eye(3))
+    assert vpr_map.read_extra_json('absent') is None
+
+
+def test_corrupt_extra_is_reported_with_a_fix(map_dir: Path) -> None:
+    path = write_extra(map_dir, 'calibration', {'bias': 0.0})
+    path.write_text('{')
+    with pytest.raises(MapError, match="extra 'calibration'.*unreadable"):
+        read_map(map_dir).read_extra_json('calibration')

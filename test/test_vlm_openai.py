@@ -1,0 +1,128 @@
+"""The OpenAI-compatible HTTP backend against a fake server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import time
+
+import cv2
+import numpy as np
+import pytest
+from vlm_doubles import FakeOpenAIServer, chat_reply, colour_image
+
+from vlm_vpr.backends.vlm import VlmTimeoutError, VlmUnavailableError, create_vlm_client
+from vlm_vpr.backends.vlm.openai_http import OpenAiVlm
+from vlm_vpr.backends.vlm.tasks import describe_image
+from vlm_vpr.core.config import VlmConfig
+from vlm_vpr.core.errors import VlmOutputError
+
+GOOD = '{"descriptions": [{"text": "a glass atrium", "weight": 3}, {"text": "a tall palm", "weight": 1}]}'
+
+
+def client_for(server: FakeOpenAIServer, **overrides: object) -> OpenAiVlm:
+    fields = dict(backend='openai', model='tiny-vlm', base_url=server.base_url, timeout_s=5.0,
+                  retries=0, retry_backoff_s=0.01, image_size_px=64, api_key_env='VLM_VPR_TEST_KEY')
+    fields.update(overrides)
+    client = create_vlm_client(VlmConfig(**fields))
+    assert isinstance(client, OpenAiVlm)
+    return client
+
+
+def test_openai_client_returns_validated_descriptions_and_sends_the_image_as_base64_jpeg(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv('VLM_VPR_TEST_KEY', 'sk-secret-123')
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAIServer([(200, chat_reply(GOOD), 0.0)]) as server:
+        described = describe_image(client_for(server), colour_image(3, (120, 200)), 3, 5.0)
+    assert [d.text for d in described] == ['a glass atrium', 'a tall palm']
+    assert [d.weight for d in described] == pytest.approx([0.75, 0.25])
+    headers, body = server.requests[0]
+    assert headers['authorization'] == 'Bearer sk-secret-123'
+    assert body['model'] == 'tiny-vlm'
+    assert body['response_format'] == {'type': 'json_object'}
+    image_part, text_part = body['messages'][0]['content']
+    assert text_part['type'] == 'text' and '"descriptions"' in text_part['text']
+    prefix = 'data:image/jpeg;base64,'
+    assert image_part['image_url']['url'].startswith(prefix)
+    jpeg = base64.b64decode(image_part['image_url']['url'][len(prefix):])
+    sent = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert max(sent.shape[:2]) == 64  # shrunk to vlm.image_size_px
+    assert 'sk-secret-123' not in caplog.text
+
+
+def test_openai_client_omits_response_format_when_json_mode_is_off() -> None:
+    with FakeOpenAIServer([(200, chat_reply('{"score": 4}'), 0.0)]) as server:
+        answer = client_for(server, json_mode=False).ask_json('rate', [colour_image(0)], 5.0)
+    assert answer == {'score': 4}
+    assert 'response_format' not in server.requests[0][1]
+
+
+def test_openai_client_raises_an_output_error_on_malformed_json() -> None:
+    with FakeOpenAIServer([(200, chat_reply('{"descriptions": [{"text": "a'), 0.0)]) as server:
+        with pytest.raises(VlmOutputError, match='not JSON'):
+            client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+
+
+def test_openai_client_raises_an_output_error_on_a_refusal() -> None:
+    reply = chat_reply(None, refusal='I cannot help with that.')
+    with FakeOpenAIServer([(200, reply, 0.0)]) as server:
+        with pytest.raises(VlmOutputError, match='refused'):
+            client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+
+
+def test_openai_client_raises_an_output_error_on_a_reply_that_is_not_a_chat_completion() -> None:
+    with FakeOpenAIServer([(200, b'<html>gateway</html>', 0.0)]) as server:
+        with pytest.raises(VlmOutputError, match='not an OpenAI chat completion'):
+            client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+
+
+def test_openai_client_times_out_on_a_reply_slower_than_the_timeout() -> None:
+    with FakeOpenAIServer([(200, chat_reply(GOOD), 1.5)]) as server:
+        start = time.monotonic()
+        with pytest.raises(VlmTimeoutError, match='did not answer within 0.3 s'):
+            client_for(server, timeout_s=0.3).ask_json('describe', [colour_image(0)], 5.0)
+        assert time.monotonic() - start < 1.0
+
+
+def test_openai_client_stops_retrying_when_the_callers_budget_is_spent() -> None:
+    replies = [(200, chat_reply(GOOD), 1.0)] * 3
+    with FakeOpenAIServer(replies) as server:
+        start = time.monotonic()
+        with pytest.raises(VlmTimeoutError):
+            client_for(server, timeout_s=5.0, retries=2).ask_json('d', [colour_image(0)], 0.4)
+        assert time.monotonic() - start < 0.9
+        assert len(server.requests) == 1
+
+
+def test_openai_client_retries_an_http_500_and_returns_the_next_answer() -> None:
+    with FakeOpenAIServer([(500, b'overloaded', 0.0), (200, chat_reply('{"score": 9}'), 0.0)]
+                          ) as server:
+        answer = client_for(server, retries=1).ask_json('rate', [colour_image(0)], 5.0)
+    assert answer == {'score': 9}
+    assert len(server.requests) == 2
+
+
+def test_openai_client_reports_http_500_once_retries_are_used_up() -> None:
+    with FakeOpenAIServer([(500, b'boom', 0.0)] * 2) as server:
+        with pytest.raises(VlmUnavailableError, match='HTTP 500'):
+            client_for(server, retries=1).ask_json('rate', [colour_image(0)], 5.0)
+    assert len(server.requests) == 2
+
+
+def test_openai_client_does_not_retry_http_401_and_names_the_key_variable() -> None:
+    with FakeOpenAIServer([(401, b'{"error": "bad key"}', 0.0)] * 2) as server:
+        with pytest.raises(VlmUnavailableError, match='HTTP 401.*vlm.api_key_env'):
+            client_for(server, retries=1).ask_json('rate', [colour_image(0)], 5.0)
+    assert len(server.requests) == 1
+
+
+def test_openai_client_reports_a_refused_connection() -> None:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    config = VlmConfig(backend='openai', model='m', base_url=f'http://127.0.0.1:{port}/v1',
+                       retries=1, retry_backoff_s=0.01)
+    with pytest.raises(VlmUnavailableError, match='cannot reach .*start the server'):
+        OpenAiVlm(config).ask_json('rate', [colour_image(0)], 5.0)

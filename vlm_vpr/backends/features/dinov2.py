@@ -1,0 +1,163 @@
+"""DINOv2 patch descriptors as in AnyLoc: one block's output tokens or attention key/query/value.
+
+The forward pass stops at ``features.dinov2_layer``: only the patch embedding and the first
+blocks run, and for a key/query/value facet the chosen block runs only its first LayerNorm and
+that one projection. ``runtime.dtype`` picks the arithmetic:
+
+- 'float32': the reference.
+- 'bfloat16' / 'float16': weights and activations in that type (float16 is slow on CPUs).
+- 'int8' (CPU): every Linear layer becomes an int8 x int8 -> int32 matrix product
+  (``torch._int_mm``) with one scale per weight row and one per token, the token scales
+  computed afresh for each input (dynamic quantisation); patch embedding, LayerNorm, GELU and
+  attention stay float32.
+
+This module imports torch at load time; ``create_extractor`` imports it only for 'dinov2'.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlm_vpr.core.config import FeatureConfig, RuntimeConfig
+from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.images import as_bgr, resize_shorter_side
+from vlm_vpr.core.types import LocalFeatures
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # DINOv2 was trained on inputs normalised with these
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+MODEL_TYPES = ('dinov2', 'dinov2_with_registers')  # transformers config.model_type accepted
+
+
+class Dinov2Extractor:
+    """Grid of DINOv2 patch descriptors ([H/14 x W/14 x D] float32, unit L2 rows) per image.
+
+    Images are resized so the shorter side is ``features.image_size_px`` (both sides rounded
+    down to the patch size), converted to RGB and normalised with the ImageNet mean and std.
+    Images of equal size after resizing share forward passes of up to ``runtime.batch_size``.
+    """
+
+    def __init__(self, features: FeatureConfig, runtime: RuntimeConfig) -> None:
+        if runtime.dtype == 'int8' and runtime.device != 'cpu':
+            raise ConfigError("runtime.dtype 'int8' runs on the CPU only: on CUDA use "
+                              "'bfloat16' or 'float16'")
+        if runtime.num_threads > 0:
+            torch.set_num_threads(runtime.num_threads)
+        model = _load_model(features.dinov2_model, features.dinov2_layer)
+        self._patch_px = int(model.config.patch_size)
+        self._size_px = features.image_size_px
+        self._batch_size = runtime.batch_size
+        self._device = torch.device(runtime.device)
+        self._dtype = torch.float32 if runtime.dtype == 'int8' else getattr(torch, runtime.dtype)
+        self._net = _truncate(model, features.dinov2_layer, features.dinov2_facet)
+        if runtime.dtype == 'int8':
+            _quantize_linear_layers(self._net)
+        self._net.to(self._device, self._dtype).eval()
+        self._mean = torch.tensor(IMAGENET_MEAN_RGB, device=self._device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD_RGB, device=self._device).view(1, 3, 1, 1)
+        log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s',
+                 features.dinov2_model, features.dinov2_layer, model.config.num_hidden_layers,
+                 features.dinov2_facet, runtime.dtype, runtime.device)
+
+    def extract(self, images_bgr: list[np.ndarray]) -> list[LocalFeatures]:
+        resized = [resize_shorter_side(as_bgr(image), self._size_px, self._patch_px)
+                   for image in images_bgr]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(resized):
+            groups.setdefault(image.shape, []).append(i)
+        features: list[LocalFeatures] = [None] * len(resized)  # type: ignore[list-item]
+        for indices in groups.values():
+            for start in range(0, len(indices), self._batch_size):
+                chunk = indices[start:start + self._batch_size]
+                grids = self._describe(np.stack([resized[i] for i in chunk]))
+                for i, grid in zip(chunk, grids):
+                    features[i] = LocalFeatures(grid)
+        return features
+
+    def _describe(self, batch_bgr: np.ndarray) -> np.ndarray:
+        """[B x h x w x D] float32 unit descriptors of images [B x H x W x 3] uint8 BGR."""
+        with torch.inference_mode():
+            pixels = torch.from_numpy(batch_bgr).to(self._device).permute(0, 3, 1, 2).flip(1)
+            pixels = (pixels.float() / 255.0 - self._mean) / self._std
+            tokens = self._net(pixels.to(self._dtype)).float()  # [B x (prefix + h*w) x D]
+            b, _, height, width = pixels.shape
+            rows, cols = height // self._patch_px, width // self._patch_px
+            patches = tokens[:, tokens.shape[1] - rows * cols:]  # drop CLS and register tokens
+            patches = nn.functional.normalize(patches, dim=-1)
+            return patches.reshape(b, rows, cols, -1).cpu().numpy()
+
+
+def _load_model(name: str, layer: int) -> nn.Module:
+    """DINOv2 model ``name`` (hub id or folder) in float32, once ``layer`` is checked."""
+    from transformers import AutoConfig, AutoModel
+
+    fix = ('set features.dinov2_model to a local folder holding config.json and '
+           'model.safetensors, or to a hub id (facebook/dinov2-small|base|large|giant) that is '
+           'in the Hugging Face cache or can be downloaded (network on, HF_HUB_OFFLINE unset)')
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'cannot load the DINOv2 config of {name!r} '
+                          f'({str(exc).splitlines()[0]}): {fix}') from exc
+    if config.model_type not in MODEL_TYPES:
+        raise ConfigError(f'{name!r} is a {config.model_type!r} model, not DINOv2 '
+                          f'{MODEL_TYPES}: {fix}')
+    if layer > config.num_hidden_layers:
+        raise ConfigError(f'features.dinov2_layer is {layer} but {name!r} has only '
+                          f'{config.num_hidden_layers} layers: use 1..{config.num_hidden_layers}')
+    try:
+        return AutoModel.from_pretrained(name, dtype=torch.float32, attn_implementation='sdpa')
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f'cannot load the DINOv2 weights of {name!r} '
+                          f'({str(exc).splitlines()[0]}): {fix}') from exc
+
+
+def _truncate(model: nn.Module, layer: int, facet: str) -> nn.Sequential:
+    """Embeddings and blocks up to ``layer`` (1-based); tokens [B x T x D] out of pixels in.
+
+    For a 'key' / 'query' / 'value' facet the last block contributes only its first LayerNorm
+    and that attention projection (the input of the attention, as AnyLoc's facets).
+    """
+    blocks = list(model.encoder.layer[:layer])
+    if facet == 'token':
+        return nn.Sequential(model.embeddings, *blocks)
+    last = blocks.pop()
+    projection = getattr(last.attention, f'{facet[0]}_proj')
+    return nn.Sequential(model.embeddings, *blocks, last.norm1, projection)
+
+
+def _quantize_linear_layers(net: nn.Module) -> None:
+    """Replace every float32 ``nn.Linear`` inside ``net`` by an :class:`Int8Linear`."""
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer as int8 x int8 -> int32 products: y ~ (s_x q_x) (s_w q_w)^T + b.
+
+    Weights: symmetric int8 with one scale per output channel (fixed). Inputs: symmetric int8
+    with one scale per token (row), from that row's largest magnitude at every call.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # [N x K]
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer('weight_t', torch.round(weight / scale[:, None]).to(torch.int8).t())
+        self.register_buffer('weight_scale', scale)  # [N] float32
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
+        self.register_buffer('bias', bias)  # [N] float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        quantized = torch.round(rows / row_scale).to(torch.int8)
+        out = torch._int_mm(quantized, self.weight_t).float().mul_(row_scale)
+        return torch.addcmul(self.bias, out, self.weight_scale).reshape(*x.shape[:-1], -1)
