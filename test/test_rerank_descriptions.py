@@ -75,7 +75,8 @@ def test_description_scores_follow_the_weighted_best_match_formula(embedder: Tex
     scores, described = description_scores(weights, query_e, map_e, owners, np.array([2, 0, 1, 7]))
     for c, j in enumerate([2, 0, 1]):
         rows = [map_e[r] for r in range(len(map_texts)) if owners[r] == j]
-        expected = sum(a * max(float(np.dot(q, e)) for e in rows) for a, q in zip(weights, query_e))
+        expected = sum(a * max(float(np.dot(q, e)) for e in rows)
+                       for a, q in zip(weights, query_e))
         assert scores[c] == pytest.approx(expected, abs=1e-5)
     assert described.tolist() == [True, True, True, False]
     assert scores[3] == 0.0
@@ -181,10 +182,10 @@ def test_reranker_without_map_descriptions_describes_candidates_online_with_same
                                  make_candidates(vpr_map, [3, 0, 1, 2], [0.5, 0.49, 0.48, 0.47]),
                                  vpr_map)
         results.append(([c.map_index for c in ranked], [c.score for c in ranked], len(vlm.calls)))
-    (online_order, online_scores, online_calls), (stored_order, stored_scores, stored_calls) = results
-    assert online_order == stored_order
-    assert online_scores == pytest.approx(stored_scores, abs=1e-5)
-    assert (online_calls, stored_calls) == (5, 1)
+    (online_order, online_scores, online_calls), (order, scores, calls) = results
+    assert online_order == order
+    assert online_scores == pytest.approx(scores, abs=1e-5)
+    assert (online_calls, calls) == (5, 1)
 
 
 def test_reranker_skips_the_vlm_when_the_coarse_result_is_clear(described_map,

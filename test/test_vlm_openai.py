@@ -18,12 +18,14 @@ from vlm_vpr.backends.vlm.tasks import describe_image
 from vlm_vpr.core.config import VlmConfig
 from vlm_vpr.core.errors import VlmOutputError
 
-GOOD = '{"descriptions": [{"text": "a glass atrium", "weight": 3}, {"text": "a tall palm", "weight": 1}]}'
+GOOD = ('{"descriptions": [{"text": "a glass atrium", "weight": 3}, '
+        '{"text": "a tall palm", "weight": 1}]}')
 
 
 def client_for(server: FakeOpenAIServer, **overrides: object) -> OpenAiVlm:
     fields = dict(backend='openai', model='tiny-vlm', base_url=server.base_url, timeout_s=5.0,
-                  retries=0, retry_backoff_s=0.01, image_size_px=64, api_key_env='VLM_VPR_TEST_KEY')
+                  retries=0, retry_backoff_s=0.01, image_size_px=64,
+                  api_key_env='VLM_VPR_TEST_KEY')
     fields.update(overrides)
     client = create_vlm_client(VlmConfig(**fields))
     assert isinstance(client, OpenAiVlm)

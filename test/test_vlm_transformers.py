@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vlm_doubles import colour_image
+from vlm_doubles import colour_image, make_candidates, make_map, make_query
 
+from vlm_vpr.backends.rerank import create_rerankers
 from vlm_vpr.backends.vlm import VlmTimeoutError, VlmUnavailableError, create_vlm_client
 from vlm_vpr.backends.vlm.hf_transformers import TransformersVlm
 from vlm_vpr.backends.vlm.tasks import describe_image, describe_prompt
-from vlm_vpr.core.config import VlmConfig
+from vlm_vpr.core.config import LocalizerConfig, RerankConfig, VlmConfig
 from vlm_vpr.core.errors import ConfigError, VlmOutputError
 
 torch = pytest.importorskip('torch')
@@ -53,7 +54,8 @@ def build_tiny_llava(folder: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=['<pad>', '<s>', '</s>', '<image>'],
+    trainer = trainers.BpeTrainer(vocab_size=1000,
+                                  special_tokens=['<pad>', '<s>', '</s>', '<image>'],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([ANSWER, describe_prompt(3)] * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<s>', eos_token='</s>',
@@ -193,3 +195,16 @@ def test_quantization_without_its_package_names_the_package_to_install(
                         lambda name, *a: None if name == package else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match=f"needs the '{package}' package: pip install {package}"):
         TransformersVlm(config_for(tiny_llava, quantization=quantization, device=device))
+
+
+def test_a_reranker_on_the_garbage_model_notes_the_failure_and_keeps_the_coarse_order(
+        tiny_llava: Path, tmp_path: Path) -> None:
+    vpr_map = make_map(tmp_path, [(0, 0), (5, 0), (10, 0)])
+    cfg = LocalizerConfig(rerank=RerankConfig(chain=('pairwise',)), vlm=config_for(tiny_llava))
+    (reranker,) = create_rerankers(cfg, vpr_map)
+    query = make_query(9)
+    ranked = reranker.rerank(query, make_candidates(vpr_map, [2, 0, 1], [0.5, 0.49, 0.48]),
+                             vpr_map)
+    assert [c.map_index for c in ranked] == [2, 0, 1]
+    assert query.notes[0].startswith('pairwise: VlmOutputError: VLM answer')
+    assert reranker.stats['vlm_calls'] == 1 and reranker.stats['failures'] == 1

@@ -44,7 +44,8 @@ def make_map(tmp_path: Path, positions_xy: Sequence[tuple[float, float]],
     codebook = rng.normal(size=(4, 3)).astype(np.float32)
     codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
     content = MapContent(
-        build_config=MapBuildConfig(), codebook=codebook, descriptors=descriptors.astype(np.float16),
+        build_config=MapBuildConfig(), codebook=codebook,
+        descriptors=descriptors.astype(np.float16),
         image_names=[f'{j:03d}.jpg' for j in range(n)],
         poses=[Pose.from_yaw(x, y, 0.0) for x, y in positions_xy],
         thumbnails=[_jpeg(colour_image(j)) for j in range(n)] if thumbnails else None)

@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument('map', type=Path)
     info.set_defaults(run=_cmd_map_info)
 
+    describe = map_sub.add_parser('describe', help='store VLM scene descriptions of every map '
+                                  'image (for --rerank descriptions / region)')
+    describe.add_argument('map', type=Path)
+    _add_config_args(describe)
+    describe.set_defaults(run=_cmd_map_describe)
+
+    regions = map_sub.add_parser('regions', help='cluster map positions into labelled regions '
+                                 '(for --rerank region)')
+    regions.add_argument('map', type=Path)
+    regions.add_argument('--count', type=int, help='number of regions (default rerank.region_count)')
+    regions.add_argument('--names', help='comma-separated region names, in route order')
+    _add_config_args(regions)
+    regions.set_defaults(run=_cmd_map_regions)
+
     localize = sub.add_parser('localize', help='localise images; one JSON line per image')
     localize.add_argument('--map', type=Path, required=True)
     localize.add_argument('images', type=Path, nargs='+')
@@ -81,9 +95,72 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--json', type=Path, help='write the report here')
     evaluate.add_argument('--plot', type=Path, help='write the Recall@K plot (PNG) here')
     evaluate.add_argument('--failures', type=Path, help='write failed queries strip (PNG) here')
+    evaluate.add_argument('--pr-plot', type=Path, help='write the open-set precision-recall '
+                          'plot (PNG) here')
+    evaluate.add_argument('--reliability-plot', type=Path, help='write the reliability plot '
+                          '(PNG) here')
+    _add_open_set_args(evaluate)
     _add_config_args(evaluate, backbone=True, rerank=True)
     evaluate.set_defaults(run=_cmd_eval)
+
+    calibrate = sub.add_parser('calibrate', help='fit the map\'s confidence on posed queries')
+    calibrate.add_argument('--map', type=Path, required=True,
+                           help='map to calibrate (built here from --dataset if missing)')
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument('--dataset', type=Path, help='data set folder (with --protocol)')
+    source.add_argument('--images', type=Path, help='query image folder (with --poses)')
+    calibrate.add_argument('--protocol', help='protocol name in dataset.yaml')
+    calibrate.add_argument('--poses', type=Path, help='CSV image,x,y[,yaw]; empty x,y = a '
+                           'place not in the map')
+    calibrate.add_argument('--tolerance', type=float, help='a top-1 this close to the truth '
+                           'is correct (with --images)')
+    calibrate.add_argument('--units', choices=['m', 'frames'], default='m',
+                           help='units of --poses and --tolerance')
+    calibrate.add_argument('--json', type=Path, help='write the report here')
+    calibrate.add_argument('--reliability-plot', type=Path, help='write the (in-sample) '
+                           'reliability plot (PNG) here')
+    _add_open_set_args(calibrate)
+    _add_config_args(calibrate, backbone=True, rerank=True)
+    calibrate.set_defaults(run=_cmd_calibrate)
+
+    replay = sub.add_parser('replay', help='publish a ROS 2 bag on the live ROS graph with its '
+                            'timing (needs rclpy; for machines without `ros2 bag play`)')
+    replay.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
+    replay.add_argument('--rate', type=float, default=1.0, help='speed factor (default 1.0)')
+    replay.add_argument('--topics', nargs='+', help='topics to publish (default: all whose '
+                        'message types are installed)')
+    replay.add_argument('--start-delay-s', type=float, default=1.0,
+                        help='wait for subscribers to connect before the first message')
+    replay.set_defaults(run=_cmd_replay)
+
+    eval_bag = sub.add_parser('eval-bag', help='Recall@K, pose error, success and false '
+                              'positives of the Localizer on a bag with ground-truth poses')
+    eval_bag.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
+    eval_bag.add_argument('--map', type=Path, required=True)
+    eval_bag.add_argument('--image-topic', required=True, help='Image or CompressedImage topic')
+    eval_bag.add_argument('--truth-topic', required=True, help='ground truth: Odometry, '
+                          'PoseStamped, PoseWithCovarianceStamped topic, or /tf')
+    eval_bag.add_argument('--base-frame', default='base_link', help='robot frame for /tf truth')
+    eval_bag.add_argument('--tolerance-m', type=float, default=5.0,
+                          help='a pose or candidate this close to the truth is correct')
+    eval_bag.add_argument('--confidence-threshold', type=float, help='for the false-positive '
+                          'rate (default confidence.initial_pose_threshold)')
+    eval_bag.add_argument('--max-frames', type=int, help='only the first N images')
+    eval_bag.add_argument('--json', type=Path, help='write the report here')
+    eval_bag.add_argument('--plot', type=Path, help='write the trajectory plot (PNG) here')
+    _add_config_args(eval_bag, rerank=True)
+    eval_bag.set_defaults(run=_cmd_eval_bag)
     return parser
+
+
+def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--holdout-map-range', metavar='A:B', help='leave map images A..B-1 '
+                        '(or fractions, e.g. 0.4:0.6) out of the search: their queries become '
+                        'out-of-map negatives')
+    parser.add_argument('--split', choices=['fit', 'test'], help='use only even (fit) or odd '
+                        '(test) blocks of 10 consecutive queries')
+    parser.add_argument('--sequence', type=int, metavar='L', help='the last L frames vote '
+                        '(shortcut for --set sequence.length=L)')
 
 
 def _add_config_args(parser: argparse.ArgumentParser, backbone: bool = False,
@@ -114,6 +191,8 @@ def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
         values['features.backbone'] = args.backbone
     if getattr(args, 'rerank', ''):
         values['rerank.chain'] = [r.strip() for r in args.rerank.split(',') if r.strip()]
+    if getattr(args, 'sequence', None):
+        values['sequence.length'] = args.sequence
     return values
 
 
@@ -196,6 +275,23 @@ def _cmd_map_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_map_describe(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.map_describe import describe_map
+
+    _, query_config = split_config(load_overrides(args))
+    print(describe_map(args.map, query_config.vlm, query_config.rerank))
+    return 0
+
+
+def _cmd_map_regions(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.map_describe import build_regions
+
+    _, query_config = split_config(load_overrides(args))
+    names = [n.strip() for n in args.names.split(',')] if args.names else None
+    print(build_regions(args.map, args.count or query_config.rerank.region_count, names))
+    return 0
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     from vlm_vpr.core.images import read_image
     from vlm_vpr.core.localizer import Localizer
@@ -239,10 +335,79 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     build_config, query_config = split_config(load_overrides(args))
     report = evaluate(args.dataset, args.protocol, build_config, query_config, map_dir=args.map,
-                      max_queries=args.max_queries, progress=sys.stderr.isatty())
-    write_report(report, args.json, args.plot, args.failures)
+                      max_queries=args.max_queries, progress=sys.stderr.isatty(),
+                      holdout=args.holdout_map_range, split=args.split)
+    write_report(report, args.json, args.plot, args.failures, args.pr_plot,
+                 args.reliability_plot)
     print(format_report_line(report))
+    print(format_open_set_line(report))
     return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.calibration import calibrate
+    from vlm_vpr.core.evaluation import evaluate, posed_queries, run_queries, write_report
+    from vlm_vpr.core.localizer import Localizer
+    from vlm_vpr.core.map_format import read_map
+
+    build_config, query_config = split_config(load_overrides(args))
+    progress = sys.stderr.isatty()
+    if args.dataset is not None:
+        if not args.protocol:
+            raise ConfigError('--dataset needs --protocol (a name in its dataset.yaml)')
+        report = evaluate(args.dataset, args.protocol, build_config, query_config,
+                          map_dir=args.map, progress=progress, holdout=args.holdout_map_range,
+                          split=args.split)
+    else:
+        if args.poses is None or args.tolerance is None:
+            raise ConfigError('--images needs --poses CSV and --tolerance (in --units)')
+        dataset, protocol, queries = posed_queries(args.images, args.poses, args.tolerance,
+                                                   args.units)
+        report = run_queries(Localizer(read_map(args.map), query_config), dataset, protocol,
+                             queries, progress=progress, holdout=args.holdout_map_range,
+                             split=args.split)
+    report = calibrate(report, args.map, query_config)
+    write_report(report, args.json, reliability_plot_path=args.reliability_plot)
+    print(f'calibration stored in {args.map}: {json.dumps(report["calibration"])}')
+    print(format_open_set_line(report) + ' (in-sample: measure with `vlm-vpr eval` on another '
+          'split)')
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from vlm_vpr.ros.replay import replay_bag
+
+    sent = replay_bag(args.bag, rate=args.rate, topics=args.topics,
+                      start_delay_s=args.start_delay_s)
+    print(json.dumps({'bag': str(args.bag), 'published': sent}))
+    return 0
+
+
+def _cmd_eval_bag(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.bag_eval import evaluate_bag, write_bag_report
+
+    _, query_config = split_config(load_overrides(args))
+    report = evaluate_bag(args.map, args.bag, args.image_topic, args.truth_topic, query_config,
+                          tolerance_m=args.tolerance_m,
+                          confidence_threshold=args.confidence_threshold,
+                          base_frame=args.base_frame, max_frames=args.max_frames,
+                          progress=sys.stderr.isatty())
+    write_bag_report(report, args.json, args.plot)
+    r, e, t = report['recall'], report['position_error_m'], report['at_threshold']
+    print(f"{args.bag}: {report['num_frames']} frames  R@1 {r['1']:.3f}  R@5 {r['5']:.3f}  "
+          f"success {report['success_rate']:.3f}  error median {e['median']} m  "
+          f"FP rate {t['false_positive_rate']:.3f} at confidence {t['confidence_threshold']}  "
+          f"latency median {report['timing_ms']['total']['median']} ms")
+    return 0
+
+
+def format_open_set_line(report: dict[str, Any]) -> str:
+    o = report['open_set']
+    return (f"open set @ confidence >= {o['threshold']:.2f}: {o['num_in_map']} in map, "
+            f"{o['num_out_of_map']} out  accepted in map {o['accepted_in_map']:.3f}  "
+            f"false accepts {o['false_accept_rate']:.3f}  precision {o['precision']:.3f}  "
+            f"recall {o['recall']:.3f}  recall@100%P {o['recall_at_full_precision']:.3f}  "
+            f"ECE {o['ece']:.3f}")
 
 
 def format_report_line(report: dict[str, Any]) -> str:

@@ -69,7 +69,7 @@ class VladConfig:
     """VLAD aggregation (InternVL-VPR eqs. 1-4) and optional PCA. Stored in the map."""
 
     num_clusters: int = 64  # codebook size K
-    soft_assignment: bool = True  # softmax assignment; False = hard nearest centre
+    soft_assignment: bool = False  # softmax assignment (eq. 1); False = one-hot nearest centre
     temperature: float = 0.05  # softmax temperature on cosine similarities (soft only)
     pca_dim: int = 1024  # output dimension after PCA; 0 disables PCA
     pca_whiten: bool = False  # divide PCA components by sqrt(eigenvalue)
@@ -208,6 +208,41 @@ class VlmConfig:
 
 
 @dataclass(frozen=True)
+class ConfidenceConfig:
+    """Turning evidence into a calibrated confidence, and acting on it."""
+
+    initial_pose_threshold: float = 0.9  # confidence needed to publish /initialpose
+    calibration_l2: float = 1.0  # ridge penalty of the logistic fit (`vlm-vpr calibrate`)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.initial_pose_threshold <= 1.0,
+               'confidence.initial_pose_threshold must be in (0, 1]')
+        _check(self.calibration_l2 >= 0, 'confidence.calibration_l2 must be >= 0')
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Sequence evidence: the last ``length`` frames vote along the map's route (SeqSLAM-like)."""
+
+    length: int = 1  # frames that vote (L), the current one included; 1 = single frame
+    velocities: tuple[float, ...] = (0.8, 1.0, 1.25)  # route steps per frame in map spacings
+    # (no odometry) or odometry scale factors; a negative value follows the route backwards
+    max_gap_spacings: float = 1.5  # a path point this far from every map image is unmapped
+    consistency_radius_spacings: float = 3.0  # a frame agrees with the path within this
+    column_centring: float = 1.0  # weight of the per-map-image mean similarity of past frames
+    # subtracted from each new frame (damps hub images under a domain shift); 0 = off
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.length <= 100, 'sequence.length must be in [1, 100]')
+        _check(0.0 <= self.column_centring <= 1.0, 'sequence.column_centring must be in [0, 1]')
+        _check(len(self.velocities) >= 1 and all(v != 0 for v in self.velocities),
+               'sequence.velocities: one or more non-zero numbers, e.g. [0.8, 1.0, 1.25]')
+        _check(self.max_gap_spacings > 0, 'sequence.max_gap_spacings must be > 0')
+        _check(self.consistency_radius_spacings > 0,
+               'sequence.consistency_radius_spacings must be > 0')
+
+
+@dataclass(frozen=True)
 class LocalizerConfig:
     """Query-time behaviour; the feature and VLAD settings come from the map."""
 
@@ -216,6 +251,8 @@ class LocalizerConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     vlm: VlmConfig = field(default_factory=VlmConfig)
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 1000, 'top_k must be in [1, 1000]')

@@ -10,25 +10,32 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig
-from vlm_vpr.core.datasets import Dataset, Traversal, read_dataset
+from vlm_vpr.core.calibration import open_set_report, plot_precision_recall, plot_reliability
+from vlm_vpr.core.config import ConfidenceConfig, LocalizerConfig, MapBuildConfig
+from vlm_vpr.core.datasets import Dataset, Protocol, Traversal, read_dataset, read_poses_csv
+from vlm_vpr.core.errors import ConfigError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_build import build_map_from_folder
 from vlm_vpr.core.map_format import check_compatible, read_map
+from vlm_vpr.core.sequence import SequenceMatcher
 
 log = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
+SPLIT_BLOCK = 10  # queries per block of the fit / test split
 
 
 def evaluate(dataset_dir: str | Path, protocol: str, build_config: MapBuildConfig | None = None,
              localizer_config: LocalizerConfig | None = None, *, map_dir: str | Path | None = None,
-             max_queries: int | None = None, progress: bool = True) -> dict[str, Any]:
+             max_queries: int | None = None, progress: bool = True,
+             holdout: str | None = None, split: str | None = None) -> dict[str, Any]:
     """Build (or reuse) the protocol's map, localise every query, and report.
 
     ``map_dir``: an existing map there is reused (its backbone must match ``build_config``);
     otherwise the map is built there (or in a temporary folder when None).
-    Returns the report dict described in the README (``recall``, ``timing_ms``, ``per_query``).
+    ``holdout`` and ``split``: see :func:`run_queries`.
+    Returns the report dict described in the README (``recall``, ``timing_ms``, ``per_query``,
+    ``open_set``).
     """
     dataset = read_dataset(dataset_dir)
     proto = dataset.protocol(protocol)
@@ -43,16 +50,39 @@ def evaluate(dataset_dir: str | Path, protocol: str, build_config: MapBuildConfi
         check_compatible(vpr_map, build_config.features.backbone)
         localizer = Localizer(vpr_map, localizer_config)
         queries = dataset.traversal(proto.query)
-        return run_queries(localizer, dataset, protocol, queries, max_queries, progress)
+        return run_queries(localizer, dataset, protocol, queries, max_queries, progress,
+                           holdout=holdout, split=split)
 
 
 def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: Traversal,
-                max_queries: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Localise each query image and score it against the protocol's tolerance."""
+                max_queries: int | None = None, progress: bool = True, *,
+                holdout: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """Localise each query image and score it against the protocol's tolerance.
+
+    holdout: ``'A:B'``, a stretch of map images left out of the search (see
+      :func:`parse_map_range`); queries with no searchable map image within tolerance of their
+      true place (or with empty x, y) are out of the map: correct is to reject them.
+    split: ``'fit'`` or ``'test'``: report only the queries in even or odd blocks of
+      ``SPLIT_BLOCK`` consecutive queries (calibrate on one, measure on the other).
+    With ``sequence.length`` > 1 every query is localised in order (the sequence needs the
+    past frames) and the :class:`~vlm_vpr.core.sequence.SequenceMatcher` fuses the results.
+    """
     proto = dataset.protocol(protocol)
     map_xy = localizer.map.positions_xyz[:, :2]
+    held_out = parse_map_range(holdout, len(map_xy)) if holdout else np.zeros(0, np.int64)
+    searchable = np.setdiff1d(np.arange(len(map_xy)), held_out) if holdout else None
+    searchable_xy = map_xy if searchable is None else map_xy[searchable]
+    sequence = SequenceMatcher(localizer) if localizer.config.sequence.length > 1 else None
+    if sequence is not None and max_queries is not None:
+        raise ConfigError('--max-queries picks spread-out queries but sequence matching needs '
+                          'consecutive ones: drop --max-queries or use --sequence 1')
+    if split not in (None, 'fit', 'test'):
+        raise ConfigError(f"split must be 'fit' or 'test', got {split!r}")
     count = len(queries) if max_queries is None else min(max_queries, len(queries))
     ids = np.unique(np.linspace(0, len(queries) - 1, count).astype(int)) if count else []
+    wanted = {int(i) for i in ids if split is None or (i // SPLIT_BLOCK) % 2 == (split == 'test')}
+    if sequence is None:
+        ids = sorted(wanted)
     per_query = []
     iterator = ids
     if progress:
@@ -60,10 +90,16 @@ def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: 
 
         iterator = tqdm(ids, desc=f'{dataset.name}/{protocol}', leave=False)
     for i in iterator:
-        result = localizer.localize(read_image(queries.image_paths[i]))
+        image = read_image(queries.image_paths[i])
+        result = localizer.localize(image, submap=searchable)
+        if sequence is not None:  # describe() extracts again: see the SequenceMatcher note
+            result = sequence.update(result, localizer.describe(image), submap=searchable)
+        if i not in wanted:
+            continue
         top = [c.map_index for c in result.candidates]
         truth = queries.xy[i]
-        in_map = bool(np.isfinite(truth).all())
+        in_map = bool(np.isfinite(truth).all()) and bool(
+            within_tolerance(searchable_xy, truth, proto.tolerance, dataset.units).any())
         hits = within_tolerance(map_xy[top], truth, proto.tolerance, dataset.units) if in_map \
             else np.zeros(len(top), bool)
         per_query.append({
@@ -79,7 +115,45 @@ def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: 
             'timing_ms': result.timing_ms,
             'notes': result.notes,
         })
-    return summarize(per_query, dataset, protocol)
+    report = summarize(per_query, dataset, protocol,
+                       localizer.config.confidence.initial_pose_threshold)
+    report.update({'holdout_map_ids': [int(held_out.min()), int(held_out.max()) + 1]
+                   if len(held_out) else None, 'split': split,
+                   'sequence_length': localizer.config.sequence.length})
+    return report
+
+
+def posed_queries(images_dir: str | Path, poses_csv: str | Path, tolerance: float,
+                  units: str) -> tuple[Dataset, str, Traversal]:
+    """(dataset, protocol name, queries) for :func:`run_queries` from any posed image folder."""
+    if units not in ('m', 'frames'):
+        raise ConfigError(f"units must be 'm' or 'frames', got {units!r}")
+    if not tolerance > 0:
+        raise ConfigError(f'tolerance must be > 0 (in {units}), got {tolerance}')
+    queries = read_poses_csv(poses_csv, images_dir, name=Path(poses_csv).resolve().parent.name)
+    protocol = Protocol('posed', '', queries.name, float(tolerance))
+    return (Dataset(Path(images_dir).parent, queries.name, units, {'posed': protocol}), 'posed',
+            queries)
+
+
+def parse_map_range(text: str, num_images: int) -> np.ndarray:
+    """Map ids [M] int64 of ``'A:B'``: indices A <= i < B, or fractions of the map when A or B
+    has a decimal point (``'0.4:0.6'`` = the middle fifth). Raises ConfigError."""
+    first, sep, last = text.partition(':')
+    try:
+        if not sep:
+            raise ValueError('no colon')
+        if '.' in first + last:
+            a, b = (int(round(float(v) * num_images)) for v in (first, last))
+        else:
+            a, b = int(first), int(last)
+    except ValueError as exc:
+        raise ConfigError(f'map range {text!r} is not A:B ({exc}); write e.g. 0.4:0.6 '
+                          '(fractions) or 80:120 (map indices)') from exc
+    if not 0 <= a < b <= num_images or b - a == num_images:
+        raise ConfigError(f'map range {text!r} must select some but not all of the '
+                          f'{num_images} map images')
+    return np.arange(a, b, dtype=np.int64)
 
 
 def within_tolerance(map_xy: np.ndarray, truth_xy: np.ndarray, tolerance: float,
@@ -90,7 +164,8 @@ def within_tolerance(map_xy: np.ndarray, truth_xy: np.ndarray, tolerance: float,
     return np.hypot(*(map_xy - truth_xy).T) <= tolerance
 
 
-def summarize(per_query: list[dict], dataset: Dataset, protocol: str) -> dict[str, Any]:
+def summarize(per_query: list[dict], dataset: Dataset, protocol: str,
+              threshold: float = ConfidenceConfig().initial_pose_threshold) -> dict[str, Any]:
     in_map = [q for q in per_query if q['truth_xy'] is not None]
     ranks = [q['first_correct_rank'] for q in in_map]
     recall = {str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
@@ -110,14 +185,22 @@ def summarize(per_query: list[dict], dataset: Dataset, protocol: str) -> dict[st
                                                    default=0))],
         'timing_ms': timing,
         'timing_p95_ms': {s: _stat(per_query, s, 95) for s in stages},
+        'open_set': open_set_report(per_query, threshold),
         'per_query': per_query,
     }
 
 
 def write_report(report: dict[str, Any], json_path: str | Path | None = None,
                  plot_path: str | Path | None = None,
-                 failures_path: str | Path | None = None) -> None:
-    """Write the JSON report, the Recall@K plot and the failed-queries strip (each optional)."""
+                 failures_path: str | Path | None = None,
+                 pr_plot_path: str | Path | None = None,
+                 reliability_plot_path: str | Path | None = None) -> None:
+    """Write the JSON report, the Recall@K plot, the failed-queries strip, the open-set
+    precision-recall plot and the reliability plot (each optional)."""
+    if pr_plot_path:
+        plot_precision_recall([report], pr_plot_path)
+    if reliability_plot_path:
+        plot_reliability([report], reliability_plot_path)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=1) + '\n')

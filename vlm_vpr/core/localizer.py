@@ -76,8 +76,8 @@ class Localizer:
             t = time.perf_counter()
             for reranker in self.rerankers:
                 candidates = reranker.rerank(query, candidates, self.map)
-                notes.extend(getattr(reranker, 'last_notes', ()))
             timing['rerank'] = _ms(t)
+        notes.extend(query.notes)
 
         t = time.perf_counter()
         candidates = candidates[: self.config.top_k]

@@ -39,8 +39,18 @@ def assign(local: np.ndarray, codebook: np.ndarray, config: VladConfig) -> np.nd
 def aggregate_vlad(local: np.ndarray, codebook: np.ndarray, config: VladConfig) -> np.ndarray:
     """VLAD vector [K*D] float32 (L2-normalised) of local descriptors [M x D] (L2-normalised)."""
     local = np.asarray(local, dtype=np.float32)
-    weights = assign(local, codebook, config)  # [M x K]
-    residuals = weights.T @ local - weights.sum(axis=0)[:, None] * codebook  # [K x D]
+    if config.soft_assignment:
+        weights = assign(local, codebook, config)  # [M x K]
+        residuals = weights.T @ local - weights.sum(axis=0)[:, None] * codebook  # [K x D]
+    else:  # one-hot weights: sum each cluster's members without a [M x K] matrix product
+        nearest = (local @ codebook.T).argmax(axis=1)
+        order = np.argsort(nearest, kind='stable')
+        counts = np.bincount(nearest, minlength=len(codebook))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums = np.zeros_like(codebook)
+        used = counts > 0
+        sums[used] = np.add.reduceat(local[order], starts[used], axis=0)
+        residuals = sums - counts[:, None].astype(np.float32) * codebook
     residuals = l2_normalize(residuals, axis=1)
     return l2_normalize(residuals.reshape(-1)).astype(np.float32)
 

@@ -58,6 +58,7 @@ class Dinov2Extractor:
         if runtime.dtype == 'int8':
             _quantize_linear_layers(self._net)
         self._net.to(self._device, self._dtype).eval()
+        _cache_position_embeddings(model.embeddings)
         self._mean = torch.tensor(IMAGENET_MEAN_RGB, device=self._device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD_RGB, device=self._device).view(1, 3, 1, 1)
         log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s',
@@ -131,12 +132,34 @@ def _truncate(model: nn.Module, layer: int, facet: str) -> nn.Sequential:
     return nn.Sequential(model.embeddings, *blocks, last.norm1, projection)
 
 
+def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> None:
+    """Memoise the bicubic resampling of the position embeddings per input size.
+
+    transformers resamples them at every forward pass (about 3% of a ViT-S/14 pass at 224 px);
+    the result depends only on the token count and the image size, not on the pixels.
+    """
+    resample = embeddings.interpolate_pos_encoding
+    cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def cached(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        key = (tokens.shape[1], height, width)
+        if key not in cache:
+            if len(cache) >= max_sizes:
+                cache.clear()
+            cache[key] = resample(tokens, height, width)
+        return cache[key]
+
+    embeddings.interpolate_pos_encoding = cached
+
+
 def _quantize_linear_layers(net: nn.Module) -> None:
-    """Replace every float32 ``nn.Linear`` inside ``net`` by an :class:`Int8Linear`."""
+    """Make every Linear layer inside ``net`` int8; fuse each attention's q, k, v projections."""
     for module in list(net.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+            elif hasattr(child, 'o_proj'):  # a block's self-attention
+                setattr(module, name, Int8Attention(child))
 
 
 class Int8Linear(nn.Module):
@@ -146,18 +169,38 @@ class Int8Linear(nn.Module):
     with one scale per token (row), from that row's largest magnitude at every call.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()  # [N x K]
+        weight = weight.detach().float()  # [N x K]
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.register_buffer('weight_t', torch.round(weight / scale[:, None]).to(torch.int8).t())
         self.register_buffer('weight_scale', scale)  # [N] float32
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
-        self.register_buffer('bias', bias)  # [N] float32
+        self.register_buffer('bias', torch.zeros_like(scale) if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        quantized = torch.round(rows / row_scale).to(torch.int8)
+        rows = x.reshape(-1, x.shape[-1])
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127.0
+        quantized = (rows / row_scale).round_().to(torch.int8)
         out = torch._int_mm(quantized, self.weight_t).float().mul_(row_scale)
         return torch.addcmul(self.bias, out, self.weight_scale).reshape(*x.shape[:-1], -1)
+
+
+class Int8Attention(nn.Module):
+    """transformers' DINOv2 self-attention with q, k, v fused into one :class:`Int8Linear`."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features)
+                  for p in projections]
+        self.qkv = Int8Linear(torch.cat([p.weight for p in projections]), torch.cat(biases))
+        self.o_proj = Int8Linear(attention.o_proj.weight, attention.o_proj.bias)
+        self.heads = attention.num_attention_heads
+        self.scaling = attention.scaling
+
+    def forward(self, hidden: torch.Tensor, attention_mask: None = None,
+                **kwargs: object) -> tuple[torch.Tensor, None]:
+        b, n, _ = hidden.shape
+        qkv = self.qkv(hidden).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(*qkv.unbind(0), scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None

@@ -65,7 +65,7 @@ class RegionReranker(VlmReranker):
         keys = []
         for i, c in enumerate(candidates):
             region = int(self.regions.region_of_image[c.map_index])
-            distance_m = float(np.min(np.hypot(*(np.array([c.pose.x, c.pose.y]) - centres).T)))
+            distance_m = float(np.linalg.norm(centres - (c.pose.x, c.pose.y), axis=1).min())
             rank = rank_of_region.get(region, len(picks))
             keys.append((rank, distance_m if rank == len(picks) else 0.0, i))
         order = [i for *_, i in sorted(keys)]
@@ -88,8 +88,8 @@ class RegionReranker(VlmReranker):
             else:
                 if picks is None:
                     self.stats['unsure'] += 1
-                    query.notes.append('region: the VLM is not sure of the region; searched the '
-                                       'whole map')
+                    query.notes.append('region: the VLM is not sure of the region; the whole '
+                                       'map is used')
         else:
             self.stats['skipped'] += 1
         query.scratch[self.name] = picks

@@ -1,0 +1,175 @@
+"""How well confidence predicts correctness: reliability curve, ECE, open-set precision/recall.
+
+A query is *correct* when it is in the map and its top-1 lies within the protocol tolerance; it
+is *accepted* when its confidence reaches the operating threshold (the default
+``confidence.initial_pose_threshold``, the gate for ``/initialpose``). Out-of-map queries (no
+map image within tolerance of their true place) are never correct.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_vpr.core.confidence import Calibration, fitted_with
+from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.map_format import write_extra
+
+RELIABILITY_BINS = 10
+
+
+def calibrate(report: dict[str, Any], map_dir: str | Path,
+              config: LocalizerConfig) -> dict[str, Any]:
+    """Fit evidence -> P(top-1 correct) on the report's queries and store it in the map.
+
+    ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) run
+    with ``config`` on the calibration split. The calibration is written as the map extra
+    ``calibration``; the returned report holds it (``calibration``) and is re-scored with it,
+    so its ``open_set`` numbers (ECE included) are in-sample: measure on another split.
+    Raises DatasetError when the split lacks correct or wrong queries.
+    """
+    per_query = report['per_query']
+    calibration = Calibration.fit([q['evidence'] for q in per_query],
+                                  [q['first_correct_rank'] == 1 for q in per_query],
+                                  config.confidence.calibration_l2, fitted_with(config))
+    write_extra(map_dir, 'calibration', calibration.to_json())
+    rescored = [dict(q, confidence=calibration.confidence(q['evidence'])) for q in per_query]
+    return dict(report, per_query=rescored, calibration=calibration.to_json(),
+                open_set=open_set_report(rescored, config.confidence.initial_pose_threshold))
+
+
+def reliability_curve(confidence: np.ndarray, correct: np.ndarray,
+                      bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
+    """One entry per non-empty equal-width confidence bin: its range, count, mean confidence
+    and observed accuracy. confidence [M] float in [0, 1], correct [M] bool."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    curve = []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            curve.append({'low': b / bins, 'high': (b + 1) / bins, 'count': int(inside.sum()),
+                          'confidence': float(confidence[inside].mean()),
+                          'accuracy': float(correct[inside].mean())})
+    return curve
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               bins: int = RELIABILITY_BINS) -> float:
+    """Count-weighted mean |accuracy - mean confidence| over the reliability bins."""
+    curve = reliability_curve(confidence, correct, bins)
+    total = sum(b['count'] for b in curve)
+    return float(sum(b['count'] * abs(b['accuracy'] - b['confidence']) for b in curve)
+                 / total) if total else 0.0
+
+
+def precision_recall_curve(confidence: np.ndarray, correct: np.ndarray,
+                           num_in_map: int) -> np.ndarray:
+    """[T x 3] float64 rows (threshold, precision, recall), thresholds descending.
+
+    At threshold c the queries with confidence >= c are accepted; precision = correct accepted
+    / accepted, recall = correct accepted / ``num_in_map``.
+    """
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
+    order = np.argsort(-confidence, kind='stable')
+    conf, hits = confidence[order], np.cumsum(correct[order])
+    last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])  # end of each tie group
+    accepted = last + 1
+    return np.stack([conf[last], hits[last] / accepted,
+                     hits[last] / max(num_in_map, 1)], axis=1)
+
+
+def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Operating point at ``threshold``, recall at 100% precision, ECE and the PR curve.
+
+    Precision is 1.0 when nothing is accepted (no wrong pose was given out).
+
+    ``per_query`` rows need ``confidence``, ``truth_xy`` (None = out of map) and
+    ``first_correct_rank``, as written by :func:`vlm_vpr.core.evaluation.run_queries`.
+    """
+    confidence = np.array([q['confidence'] for q in per_query], dtype=np.float64)
+    in_map = np.array([q['truth_xy'] is not None for q in per_query], dtype=bool)
+    correct = np.array([q['first_correct_rank'] == 1 for q in per_query], dtype=bool)
+    accepted = confidence >= threshold
+    curve = precision_recall_curve(confidence, correct, int(in_map.sum()))
+    perfect = curve[curve[:, 1] >= 1.0]
+    return {
+        'threshold': threshold,
+        'num_in_map': int(in_map.sum()),
+        'num_out_of_map': int((~in_map).sum()),
+        'accepted_in_map': _ratio((accepted & in_map).sum(), in_map.sum()),
+        'false_accept_rate': _ratio((accepted & ~in_map).sum(), (~in_map).sum()),
+        'wrong_accepts': int((accepted & ~correct).sum()),
+        'precision': _ratio((accepted & correct).sum(), accepted.sum()) if accepted.any()
+        else 1.0,
+        'recall': _ratio((accepted & correct).sum(), in_map.sum()),
+        'recall_at_full_precision': float(perfect[:, 2].max()) if len(perfect) else 0.0,
+        'ece': round(expected_calibration_error(confidence, correct), 4),
+        'reliability': reliability_curve(confidence, correct),
+        'pr_curve': [[round(float(v), 4) for v in row] for row in curve],
+    }
+
+
+def plot_reliability(reports: list[dict[str, Any]], path: str | Path) -> None:
+    """Observed accuracy against predicted confidence, one line per report, plus ECE."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], color='grey', linestyle='--', linewidth=1, label='ideal')
+    for report in reports:
+        bins = report['open_set']['reliability']
+        ax.plot([b['confidence'] for b in bins], [b['accuracy'] for b in bins], marker='o',
+                label=f"{_label(report)} (ECE {report['open_set']['ece']:.3f})")
+    ax.set_xlabel('predicted confidence')
+    ax.set_ylabel('observed accuracy')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_precision_recall(reports: list[dict[str, Any]], path: str | Path) -> None:
+    """Precision against recall over thresholds, the operating point marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for report in reports:
+        open_set = report['open_set']
+        curve = np.array(open_set['pr_curve']).reshape(-1, 3)
+        line, = ax.plot(curve[:, 2], curve[:, 1], label=_label(report))
+        ax.plot(open_set['recall'], open_set['precision'], marker='*', markersize=12,
+                color=line.get_color(), linestyle='none')
+    ax.set_xlabel('recall (correct accepted / in-map queries)')
+    ax.set_ylabel('precision')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title='* = operating threshold', title_fontsize=7)
+    _save(fig, path)
+
+
+def _label(report: dict[str, Any]) -> str:
+    return f"{report['dataset']}/{report['protocol']}"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ratio(num: int, den: int) -> float:
+    return round(float(num) / float(den), 4) if den else 0.0

@@ -1,0 +1,168 @@
+"""Sequence evidence: the last L frames vote for places along the map's route (SeqSLAM-like).
+
+The map images are taken to be in route order (as built from a traversal or a bag), so each
+has a route coordinate: the distance travelled along the map poses up to it. A hypothesis
+"the current frame is at map image j, moving v map spacings per frame" puts frame t-l at route
+coordinate route[j] - v * offset[l], where offset[l] is the distance travelled since frame t-l
+(from odometry when known, else one map spacing per frame). Its score is the mean over the
+frames of their z-scored similarity to the map image nearest that point; a point with no map
+image within ``max_gap_spacings`` (a gap, or a held-out stretch) contributes 0. Each map image
+keeps its best hypothesis over ``sequence.velocities``. Diagonal matching on the similarity
+matrix (SeqSLAM, Milford & Wyeth 2012) is the special case of an evenly spaced map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vlm_vpr.core.confidence import collect_evidence
+from vlm_vpr.core.pose_fusion import fuse_poses
+from vlm_vpr.core.types import Candidate, LocalizationResult
+
+if TYPE_CHECKING:
+    from vlm_vpr.core.localizer import Localizer
+
+_COLUMN_PRIOR_FRAMES = 20.0  # the past-frame mean is shrunk towards 0 as if by this many frames
+
+
+def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
+    """(route [N] float64 cumulative distance along the map poses [N x 2], median step > 0)."""
+    steps = np.hypot(*np.diff(positions_xy, axis=0).T) if len(positions_xy) > 1 else np.zeros(0)
+    route = np.concatenate([[0.0], np.cumsum(steps)])
+    moving = steps[steps > 0]
+    return route, float(np.median(moving)) if len(moving) else 1.0
+
+
+def vote(z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.ndarray,
+         max_gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence scores of every map image as the end of a path.
+
+    z: [n x N] float32 z-scored similarities, row l = the frame l steps back (row 0 = now);
+      NaN = map image not searchable for that frame.
+    route: [N] float64 non-decreasing route coordinates; offsets: [n] float64 route distance
+    travelled from frame l to now (offsets[0] = 0); velocities: [V] float64 scale factors.
+    Returns (scores [N] float64 = best mean contribution over velocities,
+    best [N] int64 = index into ``velocities`` of the best one).
+    """
+    n = len(z)
+    best_scores = np.full(len(route), -np.inf)
+    best_v = np.zeros(len(route), np.int64)
+    for v_index, velocity in enumerate(velocities):
+        points = route[None, :] - velocity * offsets[:, None]  # [n x N]
+        nearest = nearest_on_route(route, points)
+        values = np.take_along_axis(z, nearest, axis=1)
+        mapped = (np.abs(route[nearest] - points) <= max_gap) & np.isfinite(values)
+        scores = np.where(mapped, values, 0.0).sum(axis=0) / n
+        better = scores > best_scores
+        best_scores[better], best_v[better] = scores[better], v_index
+    return best_scores, best_v
+
+
+def nearest_on_route(route: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index (same shape as ``points``, int64) of the map image nearest each route point."""
+    if len(route) == 1:
+        return np.zeros(points.shape, np.int64)
+    right = np.clip(np.searchsorted(route, points), 1, len(route) - 1)
+    left = right - 1
+    return np.where(points - route[left] <= route[right] - points, left, right).astype(np.int64)
+
+
+@dataclass
+class _Frame:
+    z: np.ndarray  # [N] float32 z-scored similarities, NaN where not searchable
+    own_best: int  # the frame's own best map image
+    travelled: float | None  # distance moved since the previous frame (map units), if known
+
+
+class SequenceMatcher:
+    """Fuses each new single-frame result with the last ``sequence.length - 1`` frames.
+
+    Usage (node or eval), one call per frame in time order::
+
+        matcher = SequenceMatcher(localizer)
+        result = localizer.localize(image)
+        result = matcher.update(result, localizer.describe(image), travelled=odom_m)
+
+    Keeps a float32 copy of the map descriptors ([N x D], 4 bytes each) and L score vectors.
+    """
+
+    def __init__(self, localizer: Localizer) -> None:
+        self.localizer = localizer
+        self.config = localizer.config.sequence
+        self.descriptors = localizer.map.content.descriptors.astype(np.float32)
+        self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
+        self.frames: deque[_Frame] = deque(maxlen=self.config.length)
+        self.column_sum = np.zeros(len(self.descriptors))  # [N] sum of past frames' scores
+        self.count = 0  # frames seen since the last reset
+
+    def reset(self) -> None:
+        """Forget the past frames (after a jump: kidnapping, a new session, a long gap)."""
+        self.frames.clear()
+        self.column_sum[:] = 0.0
+        self.count = 0
+
+    def update(self, result: LocalizationResult, query_descriptor: np.ndarray,
+               travelled: float | None = None,
+               submap: np.ndarray | None = None) -> LocalizationResult:
+        """The result with candidates, pose, evidence and confidence from the sequence vote.
+
+        query_descriptor: [D] float32 L2-normalised global descriptor of the frame.
+        travelled: distance (map units) moved since the previous frame, from odometry; None
+          assumes one map spacing. submap: map ids searchable for this frame (None = all).
+        """
+        start = time.perf_counter()
+        scores = self.descriptors @ np.asarray(query_descriptor, np.float32).reshape(-1)
+        centred = scores - self.config.column_centring * self.column_sum / (
+            self.count + _COLUMN_PRIOR_FRAMES)
+        self.column_sum += scores
+        self.count += 1
+        if submap is not None:
+            centred = np.where(np.isin(np.arange(len(scores)), submap), centred, np.nan)
+        z = (centred - np.nanmean(centred)) / max(float(np.nanstd(centred)), 1e-6)
+        own = int(np.nanargmax(z))
+        self.frames.appendleft(_Frame(z.astype(np.float32), own, travelled))
+
+        frames = list(self.frames)
+        steps = [self.spacing if f.travelled is None else abs(f.travelled) for f in frames[:-1]]
+        offsets = np.concatenate([[0.0], np.cumsum(steps)])
+        velocities = np.asarray(self.config.velocities, np.float64)
+        seq, best_v = vote(np.stack([f.z for f in frames]), self.route, offsets, velocities,
+                           self.config.max_gap_spacings * self.spacing)
+        seq[~np.isfinite(z)] = -np.inf
+        order = np.argsort(-seq, kind='stable')[: self.localizer.config.top_k]
+        content = self.localizer.map.content
+        candidates = [Candidate(int(j), content.image_names[j], content.poses[j],
+                                float(scores[j]), float(seq[j])) for j in order]
+        evidence = collect_evidence(result.candidates, candidates, self.localizer.config.fusion)
+        evidence.update(self._evidence(seq, int(order[0]), velocities[best_v[order[0]]],
+                                       offsets, frames))
+        pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
+        timing = dict(result.timing_ms)
+        timing['sequence'] = (time.perf_counter() - start) * 1000.0
+        timing['total'] = timing.get('total', 0.0) + timing['sequence']
+        return replace(result, candidates=candidates, pose=pose, covariance=covariance,
+                       confidence=self.localizer.calibration.confidence(evidence),
+                       timing_ms=timing, evidence=evidence)
+
+    def _evidence(self, seq: np.ndarray, best: int, velocity: float, offsets: np.ndarray,
+                  frames: list[_Frame]) -> dict[str, float]:
+        """seq_score: the best path's mean z-score; seq_margin: its lead over the best path
+        ending elsewhere (beyond the consistency radius); temporal_consistency: fraction of
+        the frames whose own best map image lies within that radius of the path; seq_fill:
+        frames voting / sequence.length."""
+        radius = self.config.consistency_radius_spacings * self.spacing
+        elsewhere = np.abs(self.route - self.route[best]) > radius
+        rivals = seq[elsewhere & np.isfinite(seq)]
+        path = self.route[best] - velocity * offsets
+        own = self.route[[f.own_best for f in frames]]
+        return {
+            'seq_score': float(seq[best]),
+            'seq_margin': float(seq[best] - rivals.max()) if len(rivals) else float(seq[best]),
+            'temporal_consistency': float(np.mean(np.abs(own - path) <= radius)),
+            'seq_fill': len(frames) / self.config.length,
+        }

@@ -1,0 +1,515 @@
+"""`vpr_node`: a lifecycle node that turns camera frames into a pose prior in the map frame.
+
+Inputs: ``image_topics`` (Image, or CompressedImage for names ending in ``/compressed``) with
+sensor-data QoS, and optionally ``odom_topic`` (nav_msgs/Odometry). Outputs (relative names):
+``pose`` (PoseWithCovarianceStamped, stamped with the image's stamp), ``confidence``
+(Float32), ``candidates`` (PoseArray), ``candidate_markers`` (MarkerArray), ``debug_image``
+(when enabled), ``/initialpose`` (when enabled, gated) and ``/diagnostics``. Services:
+``relocalize`` and ``rearm_initial_pose`` (std_srvs/Trigger).
+
+Threads: subscription callbacks only store the newest frame per camera (a replaced frame is
+counted as dropped); one worker thread localises at most ``max_rate_hz`` frames per second and
+publishes. ``relocalize`` blocks its own (reentrant) callback group until the worker answers,
+so the node is spun by a MultiThreadedExecutor (``main`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Float32, Header
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import MarkerArray
+
+from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.errors import ConfigError, VprError
+from vlm_vpr.core.types import LocalizationResult, Pose
+from vlm_vpr.ros import params
+from vlm_vpr.ros.conversions import (
+    FrameSkipped,
+    base_pose_from_camera,
+    check_output,
+    debug_image,
+    image_from_msg,
+    image_msg,
+    markers_msg,
+    pose_array_msg,
+    pose_with_covariance_msg,
+    stamp_ns,
+)
+from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
+from vlm_vpr.ros.params import NodeConfig
+from vlm_vpr.ros.tf_offset import (
+    FixedOffset,
+    OffsetSource,
+    TfOffset,
+    TransformUnavailable,
+    tf_available,
+)
+
+NODE_NAME = 'vpr_node'
+STATS_WINDOW = 200  # frames over which latencies are summarised
+
+
+@dataclass
+class _Frame:
+    msg: Any
+    topic: str
+    received_s: float  # time.monotonic() at the callback
+
+
+@dataclass
+class _Waiter:
+    """A `relocalize` call waiting for ``needed`` processed frames."""
+
+    needed: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class VprNode(LifecycleNode):
+    """The localisation node; ``offset_source`` replaces the camera-mount source (TF or
+    ``camera_offset.*``), e.g. with a test double where tf2 cannot run."""
+
+    def __init__(self, *, offset_source: OffsetSource | None = None, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        params.declare(self)
+        self._cfg, self._query_cfg = params.split_values(params.current_values(self))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._offset_override = offset_source
+        self._lock = threading.Condition()
+        self._slots: dict[str, _Frame] = {}
+        self._waiters: list[_Waiter] = []
+        self._counts: Counter[str] = Counter()
+        self._latency_ms: deque[float] = deque(maxlen=STATS_WINDOW)
+        self._stage_ms: dict[str, deque[float]] = {}
+        self._last: dict[str, Any] = {}
+        self._status = (DiagnosticStatus.WARN, 'unconfigured')
+        self._odometry = OdometryTrack()
+        self._gate = InitialPoseGate()
+        self._reset_sequence = False
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._localizer: Any = None
+        self._matcher: Any = None
+        self._offsets: OffsetSource | None = None
+        self._pubs: dict[str, Any] = {}
+        self._services: list[Any] = []
+        self._subs: list[Any] = []
+        self._previous_stamp_ns: int | None = None
+        self._services_group = ReentrantCallbackGroup()
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._diagnostics_timer = self.create_timer(self._cfg.diagnostics_period_s,
+                                                    self.publish_diagnostics)
+        if self._cfg.autostart and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    # -----------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from vlm_vpr.core.localizer import Localizer
+        from vlm_vpr.core.map_format import read_map
+
+        cfg, query_cfg = self._cfg, self._query_cfg
+        try:
+            if not cfg.map_path:
+                raise ConfigError('map_path is empty: give the map folder built by `vlm-vpr map '
+                                  'build`, e.g. --ros-args -p map_path:=/path/to/map')
+            vpr_map = read_map(cfg.map_path)
+            localizer = Localizer(vpr_map, query_cfg)
+            matcher = None
+            if query_cfg.sequence.length > 1:
+                from vlm_vpr.core.sequence import SequenceMatcher
+
+                matcher = SequenceMatcher(localizer)
+        except (VprError, OSError) as exc:
+            self._status = (DiagnosticStatus.ERROR, f'configure failed: {exc}')
+            self.get_logger().error(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        if vpr_map.frame_id != cfg.map_frame:
+            self.get_logger().warning(f'the map was built in frame {vpr_map.frame_id!r}; poses '
+                                      f'are published in map_frame {cfg.map_frame!r}')
+        self._localizer, self._matcher = localizer, matcher
+        self._offsets = self._offset_override or self._create_offset_source(cfg)
+        self._create_outputs()
+        self.destroy_timer(self._diagnostics_timer)
+        self._diagnostics_timer = self.create_timer(cfg.diagnostics_period_s,
+                                                    self.publish_diagnostics)
+        with self._lock:
+            self._counts.clear()
+            self._latency_ms.clear()
+            self._stage_ms.clear()
+        self._status = (DiagnosticStatus.OK, 'inactive')
+        self.get_logger().info(f'map {cfg.map_path}: {len(vpr_map)} images, backbone '
+                               f'{vpr_map.build_config.features.backbone}; sequence length '
+                               f'{query_cfg.sequence.length}; re-rankers '
+                               f'{list(query_cfg.rerank.chain) or "none"}')
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        cfg = self._cfg
+        for topic in cfg.image_topics:
+            msg_type = CompressedImage if topic.rstrip('/').endswith('/compressed') else Image
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, t=topic: self._on_image(msg, t),
+                qos_profile_sensor_data))
+        if cfg.odom_topic:
+            self._subs.append(self.create_subscription(Odometry, cfg.odom_topic, self._on_odom,
+                                                       qos_profile_sensor_data))
+        self._gate.rearm()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
+        self._worker.start()
+        self._status = (DiagnosticStatus.OK, 'active, waiting for images')
+        self.get_logger().info(f'active: localising {list(cfg.image_topics)} at most '
+                               f'{cfg.max_rate_hz} Hz ({cfg.mode})')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self._status = (DiagnosticStatus.OK, 'inactive')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self._status = (DiagnosticStatus.WARN, 'unconfigured')
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self._release()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_processing()
+        self._release()
+        self._status = (DiagnosticStatus.ERROR, 'recovered from an error: unconfigured')
+        return TransitionCallbackReturn.SUCCESS
+
+    def destroy_node(self) -> None:
+        self._stop_processing()
+        super().destroy_node()
+
+    def _create_offset_source(self, cfg: NodeConfig) -> OffsetSource:
+        if cfg.use_tf and tf_available():
+            return TfOffset(self, cfg.base_frame)
+        if cfg.use_tf:
+            self.get_logger().warning('use_tf is true but tf2_ros is not installed: using the '
+                                      'camera_offset.* parameters')
+        return FixedOffset(cfg.camera_offset)
+
+    def _create_outputs(self) -> None:
+        pub = self.create_lifecycle_publisher
+        self._pubs = {
+            'pose': pub(PoseWithCovarianceStamped, 'pose', 10),
+            'confidence': pub(Float32, 'confidence', 10),
+            'candidates': pub(PoseArray, 'candidates', 10),
+            'markers': pub(MarkerArray, 'candidate_markers', 10),
+            'debug_image': pub(Image, 'debug_image', 2),
+            'initialpose': pub(PoseWithCovarianceStamped, '/initialpose', 10),
+        }
+        self._services = [
+            self.create_service(Trigger, 'relocalize', self._on_relocalize,
+                                callback_group=self._services_group),
+            self.create_service(Trigger, 'rearm_initial_pose', self._on_rearm,
+                                callback_group=self._services_group),
+        ]
+
+    def _stop_processing(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._slots.clear()
+            for waiter in self._waiters:
+                waiter.done.set()
+            self._lock.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join()
+        self._worker = None
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+
+    def _release(self) -> None:
+        for publisher in self._pubs.values():
+            self.destroy_lifecycle_publisher(publisher)
+        for service in self._services:
+            self.destroy_service(service)
+        self._pubs, self._services = {}, []
+        self._localizer = self._matcher = self._offsets = None
+
+    # -----------------------------------------------------------------------------------------
+    # Parameters
+
+    def _on_set_parameters(self, parameters: list[Any]) -> SetParametersResult:
+        names = {spec.name for spec in params.param_specs()}
+        changed = {p.name: p.value for p in parameters if p.name in names}
+        if not changed:
+            return SetParametersResult(successful=True)
+        values = params.current_values(self)
+        values.update(changed)
+        try:
+            cfg, query_cfg = params.split_values(values)
+        except ConfigError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self._cfg, self._query_cfg = cfg, query_cfg
+        if isinstance(self._offsets, FixedOffset):
+            self._offsets.offset = cfg.camera_offset
+        later = sorted(set(changed) - params.LIVE)
+        if later and self._localizer is not None:
+            self.get_logger().info(f'{later} take effect at the next configure')
+        return SetParametersResult(successful=True)
+
+    # -----------------------------------------------------------------------------------------
+    # Callbacks (executor threads: never block)
+
+    def _on_image(self, msg: Any, topic: str) -> None:
+        with self._lock:
+            self._counts['received'] += 1
+            if topic in self._slots:
+                self._counts['dropped'] += 1
+            self._slots[topic] = _Frame(msg, topic, time.monotonic())
+            self._lock.notify_all()
+
+    def _on_odom(self, msg: Odometry) -> None:
+        q = msg.pose.pose.orientation
+        yaw = math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
+        p = msg.pose.pose.position
+        with self._lock:
+            self._odometry.add(stamp_ns(msg.header), p.x, p.y, yaw)
+
+    def _on_rearm(self, request: Any, response: Any) -> Any:
+        with self._lock:
+            self._gate.rearm()
+        response.success = True
+        response.message = 'initial pose gate re-armed'
+        return response
+
+    def _on_relocalize(self, request: Any, response: Any) -> Any:
+        """Forget the past frames, re-arm the /initialpose gate and answer with the result
+        of the next ``relocalize_frames`` frames (or a failure after the timeout)."""
+        cfg = self._cfg
+        if self._worker is None:
+            response.success = False
+            response.message = 'vpr_node is not active: configure and activate it first'
+            return response
+        waiter = _Waiter(cfg.relocalize_frames)
+        with self._lock:
+            self._waiters.append(waiter)
+            self._reset_sequence = True
+            self._gate.rearm()
+            self._lock.notify_all()
+        answered = waiter.done.wait(cfg.relocalize_timeout_s)
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        last = waiter.results[-1] if waiter.results else None
+        threshold = self._query_cfg.confidence.initial_pose_threshold
+        response.success = bool(answered and last and last['confidence'] >= threshold)
+        if last is None:
+            response.message = (f'no frame localised within {cfg.relocalize_timeout_s} s; '
+                                 f'check that images arrive on {list(cfg.image_topics)}')
+        else:
+            response.message = json.dumps({**last, 'frames': len(waiter.results),
+                                           'confidence_threshold': threshold})
+        return response
+
+    # -----------------------------------------------------------------------------------------
+    # Worker thread
+
+    def _run(self) -> None:
+        next_start = 0.0
+        while True:
+            with self._lock:
+                while not self._stopping and (not self._slots
+                                              or time.monotonic() < next_start):
+                    delay = next_start - time.monotonic()
+                    self._lock.wait(delay if self._slots and delay > 0 else None)
+                if self._stopping:
+                    return
+                if self._cfg.mode == 'on_demand' and not self._waiters:
+                    self._counts['ignored_on_demand'] += len(self._slots)
+                    self._slots.clear()
+                    continue
+                frame = self._slots.pop(min(self._slots, key=lambda t: self._slots[t].received_s))
+                reset, self._reset_sequence = self._reset_sequence, False
+            next_start = time.monotonic() + 1.0 / self._cfg.max_rate_hz
+            if reset and self._matcher is not None:
+                self._matcher.reset()
+            self._process(frame)
+
+    def _process(self, frame: _Frame) -> None:
+        cfg, query_cfg = self._cfg, self._query_cfg
+        header = frame.msg.header
+        if stamp_ns(header) == 0:  # a driver without stamps: the receipt time is the best guess
+            header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
+        t_ns = stamp_ns(header)
+        with self._lock:  # robot motion since the last localised frame (None: no odometry)
+            previous = self._previous_stamp_ns
+            motion = self._odometry.motion(previous, t_ns) if previous is not None else None
+        try:
+            image = image_from_msg(frame.msg)
+            base_in_camera = self._offsets.base_in_camera(cfg.camera_frame or header.frame_id)
+            result = self._localize(image, motion)
+            pose, covariance = base_pose_from_camera(result.pose, result.covariance,
+                                                     base_in_camera)
+            check_output(pose, covariance)
+        except FrameSkipped as exc:
+            self._skip(exc.reason, frame, str(exc))
+            return
+        except TransformUnavailable as exc:
+            self._skip('no_transform', frame, str(exc))
+            return
+        except VprError as exc:
+            self._skip('localize_error', frame, str(exc))
+            return
+        self._previous_stamp_ns = t_ns
+        self._publish(frame, header, image, result, pose, covariance, base_in_camera, motion,
+                      cfg, query_cfg)
+
+    def _localize(self, image: np.ndarray, motion: Pose | None) -> LocalizationResult:
+        result = self._localizer.localize(image)
+        if self._matcher is None:
+            return result
+        travelled = math.hypot(motion.x, motion.y) if motion is not None else None
+        # the sequence vote needs the query descriptor, which localize() does not return
+        return self._matcher.update(result, self._localizer.describe(image), travelled)
+
+    def _publish(self, frame: _Frame, header: Any, image: np.ndarray, result: LocalizationResult,
+                 pose: Pose, covariance: np.ndarray, base_in_camera: Pose, motion: Pose | None,
+                 cfg: NodeConfig, query_cfg: LocalizerConfig) -> None:
+        out = Header(stamp=header.stamp, frame_id=cfg.map_frame)
+        pose_out = pose_with_covariance_msg(pose, covariance, out)
+        published = result.confidence >= cfg.min_confidence
+        if published:
+            self._pubs['pose'].publish(pose_out)
+        self._pubs['confidence'].publish(Float32(data=float(result.confidence)))
+        candidates = [base_pose_from_camera(c.pose, result.covariance, base_in_camera)[0]
+                      for c in result.candidates]
+        self._pubs['candidates'].publish(pose_array_msg(candidates, out))
+        self._pubs['markers'].publish(markers_msg(candidates,
+                                                  [c.score for c in result.candidates], out))
+        if cfg.debug_image and result.candidates:
+            match = self._localizer.map.thumbnail(result.candidates[0].map_index)
+            caption = f'{result.candidates[0].image_name}  conf {result.confidence:.2f}'
+            self._pubs['debug_image'].publish(
+                image_msg(debug_image(image, match, caption), Header(stamp=header.stamp,
+                                                                     frame_id=header.frame_id)))
+        latency_ms = (time.monotonic() - frame.received_s) * 1000.0
+        summary = {'stamp_ns': stamp_ns(header), 'x': round(pose.x, 3), 'y': round(pose.y, 3),
+                   'yaw_rad': round(pose.yaw_rad, 4) if pose.yaw_known else None,
+                   'confidence': round(result.confidence, 4),
+                   'best': result.candidates[0].image_name if result.candidates else None}
+        with self._lock:
+            gate_passed = cfg.initial_pose.enabled and self._gate.update(
+                pose, result.confidence, motion, cfg.initial_pose,
+                query_cfg.confidence.initial_pose_threshold)
+            self._counts['localized'] += 1
+            self._counts['published'] += int(published)
+            self._counts['vlm_notes'] += len(result.notes)
+            self._latency_ms.append(latency_ms)
+            for stage, ms in result.timing_ms.items():
+                self._stage_ms.setdefault(stage, deque(maxlen=STATS_WINDOW)).append(ms)
+            self._last = {**summary, 'notes': list(result.notes)}
+            for waiter in self._waiters:
+                waiter.results.append(summary)
+                if len(waiter.results) >= waiter.needed:
+                    waiter.done.set()
+            self._waiters = [w for w in self._waiters if not w.done.is_set()]
+        if gate_passed:
+            self._pubs['initialpose'].publish(pose_out)
+            self.get_logger().info(f'published /initialpose x={pose.x:.2f} y={pose.y:.2f} '
+                                   f'(confidence {result.confidence:.2f}); the gate is shut '
+                                   'until rearm_initial_pose or relocalize is called')
+        self._status = (DiagnosticStatus.OK, 'localising')
+
+    def _skip(self, reason: str, frame: _Frame, message: str) -> None:
+        with self._lock:
+            self._counts[f'skipped_{reason}'] += 1
+        self._status = (DiagnosticStatus.WARN, f'skipped a frame from {frame.topic}: {reason}')
+        self.get_logger().warning(f'{frame.topic}: frame skipped ({reason}): {message}',
+                                  throttle_duration_sec=2.0)
+
+    # -----------------------------------------------------------------------------------------
+    # Diagnostics
+
+    def latency_stats(self) -> dict[str, float]:
+        """Image receipt to pose publish over the last frames: count, median_ms, p95_ms."""
+        with self._lock:
+            values = list(self._latency_ms)
+        if not values:
+            return {'count': 0, 'median_ms': math.nan, 'p95_ms': math.nan}
+        return {'count': len(values), 'median_ms': float(np.median(values)),
+                'p95_ms': float(np.percentile(values, 95))}
+
+    def counts(self) -> dict[str, int]:
+        """Frames received, localised, published, dropped and skipped (by reason)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def publish_diagnostics(self) -> None:
+        level, message = self._status
+        with self._lock:
+            values = {k: str(v) for k, v in sorted(self._counts.items())}
+            stages = {k: float(np.median(v)) for k, v in self._stage_ms.items() if v}
+            notes = self._last.get('notes', [])
+        latency = self.latency_stats()
+        values.update({f'latency_{k}_ms': f'{v:.1f}' for k, v in stages.items()})
+        values['receipt_to_publish_median_ms'] = f'{latency["median_ms"]:.1f}'
+        values['receipt_to_publish_p95_ms'] = f'{latency["p95_ms"]:.1f}'
+        localizer = self._localizer
+        values['map_size'] = str(len(localizer.map) if localizer is not None else 0)
+        values['map_path'] = self._cfg.map_path
+        values['last_notes'] = '; '.join(notes)
+        values['initial_pose_armed'] = str(self._gate.armed)
+        status = DiagnosticStatus(level=level,
+                                  name=f'{self.get_name()}: localization',
+                                  message=message, hardware_id='vlm_vpr',
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diagnostics_pub.publish(array)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console script and `ros2 run vlm_vpr vpr_node`."""
+    from rclpy.exceptions import InvalidParameterTypeException, ParameterException
+
+    rclpy.init(args=args)
+    try:
+        node = VprNode()
+    except (ConfigError, ParameterException, InvalidParameterTypeException) as exc:
+        print(f'vpr_node: error: {exc}', flush=True)
+        rclpy.try_shutdown()
+        return 1
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
