@@ -11,12 +11,28 @@ import pytest
 from vlm_vpr.cli import main
 
 
-def test_map_build_info_and_localize_on_corridor(data_root: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_map_build_info_and_localize_on_corridor(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     ref = data_root / 'corridor' / 'ref'
     out = tmp_path / 'corridor_map'
-    assert main(['map', 'build', '--images', str(ref / 'images'), '--poses',
-                 str(ref / 'poses.csv'), '--out', str(out), '--set', 'vlad.num_clusters=16']) == 0
+    assert (
+        main(
+            [
+                'map',
+                'build',
+                '--images',
+                str(ref / 'images'),
+                '--poses',
+                str(ref / 'poses.csv'),
+                '--out',
+                str(out),
+                '--set',
+                'vlad.num_clusters=16',
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary['num_images'] == 111 and summary['num_clusters'] == 16
 
@@ -33,39 +49,64 @@ def test_map_build_info_and_localize_on_corridor(data_root: Path, tmp_path: Path
         assert abs(line['candidates'][0]['x'] - truth) <= 10, line['candidates'][0]
 
 
-def test_eval_writes_report_plot_and_failure_strip(data_root: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_eval_writes_report_plot_and_failure_strip(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     report_path, plot, failures = tmp_path / 'r.json', tmp_path / 'r.png', tmp_path / 'f.png'
-    assert main(['eval', '--dataset', str(data_root / 'corridor'), '--protocol', 'indoor',
-                 '--max-queries', '30', '--map', str(tmp_path / 'map'), '--json',
-                 str(report_path), '--plot', str(plot), '--failures', str(failures)]) == 0
+    assert (
+        main(
+            [
+                'eval',
+                '--dataset',
+                str(data_root / 'corridor'),
+                '--protocol',
+                'indoor',
+                '--max-queries',
+                '30',
+                '--map',
+                str(tmp_path / 'map'),
+                '--json',
+                str(report_path),
+                '--plot',
+                str(plot),
+                '--failures',
+                str(failures),
+            ]
+        )
+        == 0
+    )
     report = json.loads(report_path.read_text())
     assert report['protocol'] == 'indoor' and report['num_queries'] == 30
     assert set(report['recall']) == {'1', '5', '10'}
     assert report['recall']['1'] >= 0.5, 'a broken pipeline would not reach this floor'
-    assert {'extract', 'aggregate', 'search', 'total_median', 'total_p95'} <= \
-        set(report['timing_ms'])
+    assert {'extract', 'aggregate', 'search', 'total_median', 'total_p95'} <= set(
+        report['timing_ms']
+    )
     assert len(report['per_query']) == 30 and plot.stat().st_size > 0
     assert 'R@1' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(('argv', 'message'), [
-    (['map', 'info', '/nonexistent/map'], 'does not exist; build one'),
-    (['eval', '--dataset', '/nonexistent', '--protocol', 'x'], 'no dataset.yaml'),
-    (['map', 'build', '--images', '/x', '--out', '/tmp/y'], '--images needs --poses'),
-    (['localize', '--map', '/x', '--set', 'nonsense', 'a.png'], 'write KEY=VALUE'),
-    (['localize', '--map', '/x', '--set', 'vlad.k=1', 'a.png'], 'unknown config key'),
-])
-def test_errors_print_one_line_and_exit_1(argv: list[str], message: str,
-                                          capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ('argv', 'message'),
+    [
+        (['map', 'info', '/nonexistent/map'], 'does not exist; build one'),
+        (['eval', '--dataset', '/nonexistent', '--protocol', 'x'], 'no dataset.yaml'),
+        (['map', 'build', '--images', '/x', '--out', '/tmp/y'], '--images needs --poses'),
+        (['localize', '--map', '/x', '--set', 'nonsense', 'a.png'], 'write KEY=VALUE'),
+        (['localize', '--map', '/x', '--set', 'vlad.k=1', 'a.png'], 'unknown config key'),
+    ],
+)
+def test_errors_print_one_line_and_exit_1(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith('vlm-vpr: error:')
 
 
-def test_localize_reports_a_corrupt_image_and_continues(data_root: Path, tmp_path: Path,
-                                                       campus_map: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_localize_reports_a_corrupt_image_and_continues(
+    data_root: Path, tmp_path: Path, campus_map: Path, capsys: pytest.CaptureFixture
+) -> None:
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'\x89PNG\r\n\x1a\nbroken')
     good = data_root / 'campus_loop' / 'query' / 'images' / 'image_9.png'
@@ -75,8 +116,9 @@ def test_localize_reports_a_corrupt_image_and_continues(data_root: Path, tmp_pat
     assert lines[1]['candidates']
 
 
-def test_localize_rejects_a_backbone_other_than_the_maps(campus_map: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_localize_rejects_a_backbone_other_than_the_maps(
+    campus_map: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     copy = tmp_path / 'm'
     shutil.copytree(campus_map, copy)
     assert main(['localize', '--map', str(copy), '--backbone', 'dinov2', 'x.png']) == 1

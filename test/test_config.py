@@ -7,14 +7,21 @@ import sys
 
 import pytest
 
-from vlm_vpr.core.config import (FeatureConfig, LocalizerConfig, MapBuildConfig, VladConfig,
-                                 from_flat_dict, to_flat_dict)
+from vlm_vpr.core.config import (
+    FeatureConfig,
+    LocalizerConfig,
+    MapBuildConfig,
+    VladConfig,
+    from_flat_dict,
+    to_flat_dict,
+)
 from vlm_vpr.core.errors import ConfigError
 
 
 def test_flat_dict_round_trip_restores_nested_config() -> None:
-    config = MapBuildConfig(vlad=VladConfig(num_clusters=32),
-                            features=FeatureConfig(rootsift_cell_px=(4, 8)))
+    config = MapBuildConfig(
+        vlad=VladConfig(num_clusters=32), features=FeatureConfig(rootsift_cell_px=(4, 8))
+    )
     flat = to_flat_dict(config)
     assert flat['vlad.num_clusters'] == 32
     assert flat['features.rootsift_cell_px'] == [4, 8]
@@ -26,14 +33,17 @@ def test_unknown_key_is_rejected_with_the_known_names() -> None:
         from_flat_dict(MapBuildConfig, {'vlad.clusters': 3})
 
 
-@pytest.mark.parametrize(('key', 'value', 'message'), [
-    ('vlad.num_clusters', 1, 'num_clusters must be in'),
-    ('vlad.num_clusters', 'many', 'must be an integer'),
-    ('features.backbone', 'resnet', 'backbone must be one of'),
-    ('features.dinov2_layer', 0, '1-based'),
-    ('vlad.soft_assignment', 'yes', 'true or false'),
-    ('vlad.temperature', 0, 'temperature must be in'),
-])
+@pytest.mark.parametrize(
+    ('key', 'value', 'message'),
+    [
+        ('vlad.num_clusters', 1, 'num_clusters must be in'),
+        ('vlad.num_clusters', 'many', 'must be an integer'),
+        ('features.backbone', 'resnet', 'backbone must be one of'),
+        ('features.dinov2_layer', 0, '1-based'),
+        ('vlad.soft_assignment', 'yes', 'true or false'),
+        ('vlad.temperature', 0, 'temperature must be in'),
+    ],
+)
 def test_invalid_values_raise_config_error(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         from_flat_dict(MapBuildConfig, {key: value})
@@ -50,9 +60,11 @@ def test_list_values_accept_comma_separated_strings() -> None:
 
 
 def test_importing_core_loads_no_ros_and_no_heavy_libraries() -> None:
-    code = ('import sys, vlm_vpr.core.localizer, vlm_vpr.core.evaluation, vlm_vpr.core.bags, '
-            'vlm_vpr.core.map_build, vlm_vpr.core.confidence;'
-            "bad = [m for m in ('rclpy', 'sensor_msgs', 'torch', 'transformers', 'faiss') "
-            'if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)')
+    code = (
+        'import sys, vlm_vpr.core.localizer, vlm_vpr.core.evaluation, vlm_vpr.core.bags, '
+        'vlm_vpr.core.map_build, vlm_vpr.core.confidence;'
+        "bad = [m for m in ('rclpy', 'sensor_msgs', 'torch', 'transformers', 'faiss') "
+        'if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)'
+    )
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,8 +21,9 @@ def localizer(campus_map: Path) -> Localizer:
     return Localizer.from_map_path(campus_map, LocalizerConfig(top_k=5))
 
 
-def test_campus_queries_are_localised_within_five_metres(localizer: Localizer,
-                                                         data_root: Path) -> None:
+def test_campus_queries_are_localised_within_five_metres(
+    localizer: Localizer, data_root: Path
+) -> None:
     queries = read_traversal(data_root / 'campus_loop' / 'query')
     errors = []
     for path, truth in zip(queries.image_paths, queries.xy):
@@ -32,8 +33,9 @@ def test_campus_queries_are_localised_within_five_metres(localizer: Localizer,
     assert within >= 0.85, f'only {within:.0%} of queries within 5 m (errors {errors})'
 
 
-def test_result_has_ranked_candidates_valid_covariance_and_timings(localizer: Localizer,
-                                                                   data_root: Path) -> None:
+def test_result_has_ranked_candidates_valid_covariance_and_timings(
+    localizer: Localizer, data_root: Path
+) -> None:
     image = read_image(data_root / 'campus_loop' / 'query' / 'images' / 'image_11.png')
     result = localizer.localize(image)
     assert len(result.candidates) == 5
@@ -47,14 +49,16 @@ def test_result_has_ranked_candidates_valid_covariance_and_timings(localizer: Lo
 
 
 def test_map_image_finds_itself_first(localizer: Localizer, data_root: Path) -> None:
-    result = localizer.localize(read_image(data_root / 'campus_loop' / 'map' / 'images' /
-                                           'image_20.png'))
+    result = localizer.localize(
+        read_image(data_root / 'campus_loop' / 'map' / 'images' / 'image_20.png')
+    )
     assert result.candidates[0].image_name == 'image_20.png'
     assert result.candidates[0].coarse_score > 0.99
 
 
-def test_submap_restricts_candidates_to_the_given_ids(localizer: Localizer,
-                                                      data_root: Path) -> None:
+def test_submap_restricts_candidates_to_the_given_ids(
+    localizer: Localizer, data_root: Path
+) -> None:
     vpr_map = localizer.map
     submap = ids_within_radius(vpr_map.positions_xyz, (0.0, 0.0), 25.0)
     assert 0 < len(submap) < len(vpr_map)
@@ -63,14 +67,18 @@ def test_submap_restricts_candidates_to_the_given_ids(localizer: Localizer,
     assert {c.map_index for c in result.candidates} <= set(submap.tolist())
 
 
-@pytest.mark.parametrize(('image', 'message'), [
-    (np.zeros((0, 10, 3), np.uint8), 'empty'),
-    (np.zeros((10, 10, 3), np.float32), 'expected a uint8 image'),
-    (np.zeros((10, 10, 2), np.uint8), '2 channels'),
-    (np.zeros((10001, 10001), np.uint8), 'exceeds'),
-])
-def test_bad_images_raise_image_error(localizer: Localizer, image: np.ndarray,
-                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ('image', 'message'),
+    [
+        (np.zeros((0, 10, 3), np.uint8), 'empty'),
+        (np.zeros((10, 10, 3), np.float32), 'expected a uint8 image'),
+        (np.zeros((10, 10, 2), np.uint8), '2 channels'),
+        (np.zeros((10001, 10001), np.uint8), 'exceeds'),
+    ],
+)
+def test_bad_images_raise_image_error(
+    localizer: Localizer, image: np.ndarray, message: str
+) -> None:
     with pytest.raises(ImageError, match=message):
         localizer.localize(image)
 
@@ -82,12 +90,13 @@ def test_grey_and_bgra_images_are_accepted(localizer: Localizer, data_root: Path
     assert len(ids) == 1
 
 
-def test_describe_matches_the_stored_descriptor_of_a_map_image(campus_map: Path,
-                                                               localizer: Localizer,
-                                                               data_root: Path) -> None:
+def test_describe_matches_the_stored_descriptor_of_a_map_image(
+    campus_map: Path, localizer: Localizer, data_root: Path
+) -> None:
     vpr_map = read_map(campus_map)
     i = vpr_map.content.image_names.index('image_30.png')
-    descriptor = localizer.describe(read_image(data_root / 'campus_loop' / 'map' / 'images' /
-                                               'image_30.png'))
+    descriptor = localizer.describe(
+        read_image(data_root / 'campus_loop' / 'map' / 'images' / 'image_30.png')
+    )
     stored = vpr_map.content.descriptors[i].astype(np.float32)
     assert float(descriptor @ stored) > 0.999

@@ -11,8 +11,7 @@ import pytest
 
 from vlm_vpr.core.config import IndexConfig, MapBuildConfig
 from vlm_vpr.core.errors import IncompatibleMapError, MapError
-from vlm_vpr.core.map_format import (MapContent, check_compatible, read_map, write_extra,
-                                     write_map)
+from vlm_vpr.core.map_format import MapContent, check_compatible, read_map, write_extra, write_map
 from vlm_vpr.core.types import Pose
 from vlm_vpr.core.vlad import l2_normalize
 
@@ -160,8 +159,10 @@ def test_read_map_rejects_missing_approximate_index(tmp_path: Path) -> None:
 def test_query_backbone_must_match_the_map(map_dir: Path) -> None:
     vpr_map = read_map(map_dir)
     check_compatible(vpr_map, 'dense-rootsift')
-    with pytest.raises(IncompatibleMapError, match="built with backbone 'dense-rootsift'.*"
-                                                   '--backbone dense-rootsift or rebuild'):
+    with pytest.raises(
+        IncompatibleMapError,
+        match="built with backbone 'dense-rootsift'.*--backbone dense-rootsift or rebuild",
+    ):
         check_compatible(vpr_map, 'dinov2')
     with pytest.raises(IncompatibleMapError, match='features.image_size_px=240'):
         check_compatible(vpr_map, image_size_px=320)

@@ -38,9 +38,10 @@ def local_and_codebook() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize('temperature', [0.05, 0.5, 2.0])
 def test_soft_vlad_matches_direct_equations(local_and_codebook, temperature: float) -> None:
     x, c = local_and_codebook
-    config = VladConfig(num_clusters=6, temperature=temperature)
-    np.testing.assert_allclose(aggregate_vlad(x, c, config), direct_vlad(x, c, temperature),
-                               atol=1e-5)
+    config = VladConfig(num_clusters=6, soft_assignment=True, temperature=temperature)
+    np.testing.assert_allclose(
+        aggregate_vlad(x, c, config), direct_vlad(x, c, temperature), atol=1e-5
+    )
 
 
 def test_hard_vlad_matches_direct_equations(local_and_codebook) -> None:

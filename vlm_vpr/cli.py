@@ -6,7 +6,6 @@ Errors from the library (VprError) print one line naming the fix and exit with s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -24,8 +23,12 @@ log = logging.getLogger('vlm_vpr')
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format='%(levelname)s %(name)s: %(message)s',
+        stream=sys.stderr,
+    )
+    logging.getLogger('faiss.loader').setLevel(logging.WARNING)  # CPU-feature probing noise
     if not hasattr(args, 'run'):
         parser.print_help()
         return 2
@@ -51,13 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument('--bag', type=Path, help='ROS 2 bag (.mcap, .db3 or bag folder)')
     build.add_argument('--poses', type=Path, help='CSV with header image,x,y[,yaw]')
     build.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
-    build.add_argument('--pose-topic', help='Odometry / PoseStamped / PoseWithCovarianceStamped '
-                       'topic, or /tf (with --bag)')
+    build.add_argument(
+        '--pose-topic',
+        help='Odometry / PoseStamped / PoseWithCovarianceStamped topic, or /tf (with --bag)',
+    )
     build.add_argument('--base-frame', default='base_link', help='robot frame for TF poses')
-    build.add_argument('--min-distance-m', type=float, default=1.0,
-                       help='keyframe spacing (with --bag)')
-    build.add_argument('--min-rotation-deg', type=float, default=15.0,
-                       help='keyframe rotation (with --bag)')
+    build.add_argument(
+        '--min-distance-m', type=float, default=1.0, help='keyframe spacing (with --bag)'
+    )
+    build.add_argument(
+        '--min-rotation-deg', type=float, default=15.0, help='keyframe rotation (with --bag)'
+    )
     build.add_argument('--out', type=Path, required=True, help='map folder to write')
     build.add_argument('--overwrite', action='store_true', help='replace an existing map')
     _add_config_args(build, backbone=True)
@@ -67,16 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument('map', type=Path)
     info.set_defaults(run=_cmd_map_info)
 
-    describe = map_sub.add_parser('describe', help='store VLM scene descriptions of every map '
-                                  'image (for --rerank descriptions / region)')
+    describe = map_sub.add_parser(
+        'describe',
+        help='store VLM scene descriptions of every map '
+        'image (for --rerank descriptions / region)',
+    )
     describe.add_argument('map', type=Path)
     _add_config_args(describe)
     describe.set_defaults(run=_cmd_map_describe)
 
-    regions = map_sub.add_parser('regions', help='cluster map positions into labelled regions '
-                                 '(for --rerank region)')
+    regions = map_sub.add_parser(
+        'regions', help='cluster map positions into labelled regions (for --rerank region)'
+    )
     regions.add_argument('map', type=Path)
-    regions.add_argument('--count', type=int, help='number of regions (default rerank.region_count)')
+    regions.add_argument(
+        '--count', type=int, help='number of regions (default rerank.region_count)'
+    )
     regions.add_argument('--names', help='comma-separated region names, in route order')
     _add_config_args(regions)
     regions.set_defaults(run=_cmd_map_regions)
@@ -95,56 +108,91 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--json', type=Path, help='write the report here')
     evaluate.add_argument('--plot', type=Path, help='write the Recall@K plot (PNG) here')
     evaluate.add_argument('--failures', type=Path, help='write failed queries strip (PNG) here')
-    evaluate.add_argument('--pr-plot', type=Path, help='write the open-set precision-recall '
-                          'plot (PNG) here')
-    evaluate.add_argument('--reliability-plot', type=Path, help='write the reliability plot '
-                          '(PNG) here')
+    evaluate.add_argument(
+        '--pr-plot', type=Path, help='write the open-set precision-recall plot (PNG) here'
+    )
+    evaluate.add_argument(
+        '--reliability-plot', type=Path, help='write the reliability plot (PNG) here'
+    )
     _add_open_set_args(evaluate)
     _add_config_args(evaluate, backbone=True, rerank=True)
     evaluate.set_defaults(run=_cmd_eval)
 
-    calibrate = sub.add_parser('calibrate', help='fit the map\'s confidence on posed queries')
-    calibrate.add_argument('--map', type=Path, required=True,
-                           help='map to calibrate (built here from --dataset if missing)')
+    calibrate = sub.add_parser('calibrate', help="fit the map's confidence on posed queries")
+    calibrate.add_argument(
+        '--map',
+        type=Path,
+        required=True,
+        help='map to calibrate (built here from --dataset if missing)',
+    )
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument('--dataset', type=Path, help='data set folder (with --protocol)')
     source.add_argument('--images', type=Path, help='query image folder (with --poses)')
     calibrate.add_argument('--protocol', help='protocol name in dataset.yaml')
-    calibrate.add_argument('--poses', type=Path, help='CSV image,x,y[,yaw]; empty x,y = a '
-                           'place not in the map')
-    calibrate.add_argument('--tolerance', type=float, help='a top-1 this close to the truth '
-                           'is correct (with --images)')
-    calibrate.add_argument('--units', choices=['m', 'frames'], default='m',
-                           help='units of --poses and --tolerance')
+    calibrate.add_argument(
+        '--poses', type=Path, help='CSV image,x,y[,yaw]; empty x,y = a place not in the map'
+    )
+    calibrate.add_argument(
+        '--tolerance',
+        type=float,
+        help='a top-1 this close to the truth is correct (with --images)',
+    )
+    calibrate.add_argument(
+        '--units', choices=['m', 'frames'], default='m', help='units of --poses and --tolerance'
+    )
     calibrate.add_argument('--json', type=Path, help='write the report here')
-    calibrate.add_argument('--reliability-plot', type=Path, help='write the (in-sample) '
-                           'reliability plot (PNG) here')
+    calibrate.add_argument(
+        '--reliability-plot', type=Path, help='write the (in-sample) reliability plot (PNG) here'
+    )
     _add_open_set_args(calibrate)
     _add_config_args(calibrate, backbone=True, rerank=True)
     calibrate.set_defaults(run=_cmd_calibrate)
 
-    replay = sub.add_parser('replay', help='publish a ROS 2 bag on the live ROS graph with its '
-                            'timing (needs rclpy; for machines without `ros2 bag play`)')
+    replay = sub.add_parser(
+        'replay',
+        help='publish a ROS 2 bag on the live ROS graph with its '
+        'timing (needs rclpy; for machines without `ros2 bag play`)',
+    )
     replay.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
     replay.add_argument('--rate', type=float, default=1.0, help='speed factor (default 1.0)')
-    replay.add_argument('--topics', nargs='+', help='topics to publish (default: all whose '
-                        'message types are installed)')
-    replay.add_argument('--start-delay-s', type=float, default=1.0,
-                        help='wait for subscribers to connect before the first message')
+    replay.add_argument(
+        '--topics',
+        nargs='+',
+        help='topics to publish (default: all whose message types are installed)',
+    )
+    replay.add_argument(
+        '--start-delay-s',
+        type=float,
+        default=1.0,
+        help='wait for subscribers to connect before the first message',
+    )
     replay.set_defaults(run=_cmd_replay)
 
-    eval_bag = sub.add_parser('eval-bag', help='Recall@K, pose error, success and false '
-                              'positives of the Localizer on a bag with ground-truth poses')
+    eval_bag = sub.add_parser(
+        'eval-bag',
+        help='Recall@K, pose error, success and false '
+        'positives of the Localizer on a bag with ground-truth poses',
+    )
     eval_bag.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
     eval_bag.add_argument('--map', type=Path, required=True)
     eval_bag.add_argument('--image-topic', required=True, help='Image or CompressedImage topic')
-    eval_bag.add_argument('--truth-topic', required=True, help='ground truth: Odometry, '
-                          'PoseStamped, PoseWithCovarianceStamped topic, or /tf')
+    eval_bag.add_argument(
+        '--truth-topic',
+        required=True,
+        help='ground truth: Odometry, PoseStamped, PoseWithCovarianceStamped topic, or /tf',
+    )
     eval_bag.add_argument('--base-frame', default='base_link', help='robot frame for /tf truth')
-    eval_bag.add_argument('--tolerance-m', type=float, default=5.0,
-                          help='a pose or candidate this close to the truth is correct')
-    eval_bag.add_argument('--confidence-threshold', type=float, help='for the false-positive '
-                          'rate (default confidence.initial_pose_threshold)')
+    eval_bag.add_argument(
+        '--tolerance-m',
+        type=float,
+        default=5.0,
+        help='a pose or candidate this close to the truth is correct',
+    )
+    eval_bag.add_argument(
+        '--confidence-threshold',
+        type=float,
+        help='for the false-positive rate (default confidence.initial_pose_threshold)',
+    )
     eval_bag.add_argument('--max-frames', type=int, help='only the first N images')
     eval_bag.add_argument('--json', type=Path, help='write the report here')
     eval_bag.add_argument('--plot', type=Path, help='write the trajectory plot (PNG) here')
@@ -154,27 +202,53 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--holdout-map-range', metavar='A:B', help='leave map images A..B-1 '
-                        '(or fractions, e.g. 0.4:0.6) out of the search: their queries become '
-                        'out-of-map negatives')
-    parser.add_argument('--split', choices=['fit', 'test'], help='use only even (fit) or odd '
-                        '(test) blocks of 10 consecutive queries')
-    parser.add_argument('--sequence', type=int, metavar='L', help='the last L frames vote '
-                        '(shortcut for --set sequence.length=L)')
+    parser.add_argument(
+        '--holdout-map-range',
+        metavar='A:B',
+        help='leave map images A..B-1 '
+        '(or fractions, e.g. 0.4:0.6) out of the search: their queries become '
+        'out-of-map negatives',
+    )
+    parser.add_argument(
+        '--split',
+        choices=['fit', 'test'],
+        help='use only even (fit) or odd (test) blocks of 10 consecutive queries',
+    )
+    parser.add_argument(
+        '--sequence',
+        type=int,
+        metavar='L',
+        help='the last L frames vote (shortcut for --set sequence.length=L)',
+    )
 
 
-def _add_config_args(parser: argparse.ArgumentParser, backbone: bool = False,
-                     rerank: bool = False) -> None:
+def _add_config_args(
+    parser: argparse.ArgumentParser, backbone: bool = False, rerank: bool = False
+) -> None:
     if backbone:
-        parser.add_argument('--backbone', choices=['dense-rootsift', 'dinov2'],
-                            help='feature backbone (default: the map\'s, or dense-rootsift)')
+        parser.add_argument(
+            '--backbone',
+            choices=['dense-rootsift', 'dinov2'],
+            help="feature backbone (default: the map's, or dense-rootsift)",
+        )
     if rerank:
-        parser.add_argument('--rerank', default='',
-                            help='re-ranker chain, e.g. geometric,consensus (default: none)')
-    parser.add_argument('--config', type=Path, help='YAML of dotted config keys (a ROS params '
-                        'file works: its ros__parameters are read)')
-    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                        help='override one config key, e.g. --set vlad.num_clusters=32')
+        parser.add_argument(
+            '--rerank',
+            default='',
+            help='re-ranker chain, e.g. geometric,consensus (default: none)',
+        )
+    parser.add_argument(
+        '--config',
+        type=Path,
+        help='YAML of dotted config keys (a ROS params file works: its ros__parameters are read)',
+    )
+    parser.add_argument(
+        '--set',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='override one config key, e.g. --set vlad.num_clusters=32',
+    )
 
 
 def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +279,11 @@ def read_config_yaml(path: Path) -> dict[str, Any]:
     if isinstance(data, dict) and len(data) == 1:
         only = next(iter(data.values()))
         if isinstance(only, dict) and 'ros__parameters' in only:
-            data = only['ros__parameters']
+            from vlm_vpr.ros.params import NodeConfig  # imports no rclpy
+
+            node_keys = set(to_flat_dict(NodeConfig()))
+            flat = _flatten(only['ros__parameters'])
+            return {k: v for k, v in flat.items() if k not in node_keys}
     return _flatten(data)
 
 
@@ -238,18 +316,31 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
 
         if args.poses is None:
             raise ConfigError('--images needs --poses CSV (header image,x,y[,yaw])')
-        out = build_map_from_folder(args.images, args.poses, args.out, build_config,
-                                    overwrite=args.overwrite, progress=sys.stderr.isatty())
+        out = build_map_from_folder(
+            args.images,
+            args.poses,
+            args.out,
+            build_config,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+        )
     else:
         from vlm_vpr.core.map_build import build_map_from_bag
 
         if not args.image_topic or not args.pose_topic:
             raise ConfigError('--bag needs --image-topic and --pose-topic')
-        out = build_map_from_bag(args.bag, args.image_topic, args.pose_topic, args.out,
-                                 build_config, base_frame=args.base_frame,
-                                 min_distance_m=args.min_distance_m,
-                                 min_rotation_deg=args.min_rotation_deg,
-                                 overwrite=args.overwrite, progress=sys.stderr.isatty())
+        out = build_map_from_bag(
+            args.bag,
+            args.image_topic,
+            args.pose_topic,
+            args.out,
+            build_config,
+            base_frame=args.base_frame,
+            min_distance_m=args.min_distance_m,
+            min_rotation_deg=args.min_rotation_deg,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+        )
     print(json.dumps(_map_summary(out)))
     return 0
 
@@ -298,8 +389,9 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     from vlm_vpr.core.map_format import check_compatible, read_map
 
     values = load_overrides(args)
-    _, query_config = split_config({k: v for k, v in values.items()
-                                    if not k.startswith('features.')})
+    _, query_config = split_config(
+        {k: v for k, v in values.items() if not k.startswith('features.')}
+    )
     vpr_map = read_map(args.map)
     if 'features.backbone' in values:
         check_compatible(vpr_map, values['features.backbone'])
@@ -319,12 +411,24 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 def result_to_json(image: str, result: Any) -> dict[str, Any]:
     return {
         'image': image,
-        'pose': {'x': result.pose.x, 'y': result.pose.y, 'z': result.pose.z,
-                 'yaw_rad': result.pose.yaw_rad if result.pose.yaw_known else None},
+        'pose': {
+            'x': result.pose.x,
+            'y': result.pose.y,
+            'z': result.pose.z,
+            'yaw_rad': result.pose.yaw_rad if result.pose.yaw_known else None,
+        },
         'confidence': round(result.confidence, 4),
         'covariance_diag': [round(float(v), 6) for v in result.covariance.diagonal()],
-        'candidates': [{'id': c.map_index, 'image': c.image_name, 'score': round(c.score, 6),
-                        'x': c.pose.x, 'y': c.pose.y} for c in result.candidates],
+        'candidates': [
+            {
+                'id': c.map_index,
+                'image': c.image_name,
+                'score': round(c.score, 6),
+                'x': c.pose.x,
+                'y': c.pose.y,
+            }
+            for c in result.candidates
+        ],
         'timing_ms': {k: round(v, 2) for k, v in result.timing_ms.items()},
         'notes': result.notes,
     }
@@ -334,11 +438,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm_vpr.core.evaluation import evaluate, write_report
 
     build_config, query_config = split_config(load_overrides(args))
-    report = evaluate(args.dataset, args.protocol, build_config, query_config, map_dir=args.map,
-                      max_queries=args.max_queries, progress=sys.stderr.isatty(),
-                      holdout=args.holdout_map_range, split=args.split)
-    write_report(report, args.json, args.plot, args.failures, args.pr_plot,
-                 args.reliability_plot)
+    report = evaluate(
+        args.dataset,
+        args.protocol,
+        build_config,
+        query_config,
+        map_dir=args.map,
+        max_queries=args.max_queries,
+        progress=sys.stderr.isatty(),
+        holdout=args.holdout_map_range,
+        split=args.split,
+    )
+    write_report(report, args.json, args.plot, args.failures, args.pr_plot, args.reliability_plot)
     print(format_report_line(report))
     print(format_open_set_line(report))
     return 0
@@ -355,30 +466,46 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         if not args.protocol:
             raise ConfigError('--dataset needs --protocol (a name in its dataset.yaml)')
-        report = evaluate(args.dataset, args.protocol, build_config, query_config,
-                          map_dir=args.map, progress=progress, holdout=args.holdout_map_range,
-                          split=args.split)
+        report = evaluate(
+            args.dataset,
+            args.protocol,
+            build_config,
+            query_config,
+            map_dir=args.map,
+            progress=progress,
+            holdout=args.holdout_map_range,
+            split=args.split,
+        )
     else:
         if args.poses is None or args.tolerance is None:
             raise ConfigError('--images needs --poses CSV and --tolerance (in --units)')
-        dataset, protocol, queries = posed_queries(args.images, args.poses, args.tolerance,
-                                                   args.units)
-        report = run_queries(Localizer(read_map(args.map), query_config), dataset, protocol,
-                             queries, progress=progress, holdout=args.holdout_map_range,
-                             split=args.split)
+        dataset, protocol, queries = posed_queries(
+            args.images, args.poses, args.tolerance, args.units
+        )
+        report = run_queries(
+            Localizer(read_map(args.map), query_config),
+            dataset,
+            protocol,
+            queries,
+            progress=progress,
+            holdout=args.holdout_map_range,
+            split=args.split,
+        )
     report = calibrate(report, args.map, query_config)
     write_report(report, args.json, reliability_plot_path=args.reliability_plot)
     print(f'calibration stored in {args.map}: {json.dumps(report["calibration"])}')
-    print(format_open_set_line(report) + ' (in-sample: measure with `vlm-vpr eval` on another '
-          'split)')
+    print(
+        format_open_set_line(report) + ' (in-sample: measure with `vlm-vpr eval` on another split)'
+    )
     return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from vlm_vpr.ros.replay import replay_bag
 
-    sent = replay_bag(args.bag, rate=args.rate, topics=args.topics,
-                      start_delay_s=args.start_delay_s)
+    sent = replay_bag(
+        args.bag, rate=args.rate, topics=args.topics, start_delay_s=args.start_delay_s
+    )
     print(json.dumps({'bag': str(args.bag), 'published': sent}))
     return 0
 
@@ -387,34 +514,47 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
     from vlm_vpr.core.bag_eval import evaluate_bag, write_bag_report
 
     _, query_config = split_config(load_overrides(args))
-    report = evaluate_bag(args.map, args.bag, args.image_topic, args.truth_topic, query_config,
-                          tolerance_m=args.tolerance_m,
-                          confidence_threshold=args.confidence_threshold,
-                          base_frame=args.base_frame, max_frames=args.max_frames,
-                          progress=sys.stderr.isatty())
+    report = evaluate_bag(
+        args.map,
+        args.bag,
+        args.image_topic,
+        args.truth_topic,
+        query_config,
+        tolerance_m=args.tolerance_m,
+        confidence_threshold=args.confidence_threshold,
+        base_frame=args.base_frame,
+        max_frames=args.max_frames,
+        progress=sys.stderr.isatty(),
+    )
     write_bag_report(report, args.json, args.plot)
     r, e, t = report['recall'], report['position_error_m'], report['at_threshold']
-    print(f"{args.bag}: {report['num_frames']} frames  R@1 {r['1']:.3f}  R@5 {r['5']:.3f}  "
-          f"success {report['success_rate']:.3f}  error median {e['median']} m  "
-          f"FP rate {t['false_positive_rate']:.3f} at confidence {t['confidence_threshold']}  "
-          f"latency median {report['timing_ms']['total']['median']} ms")
+    print(
+        f'{args.bag}: {report["num_frames"]} frames  R@1 {r["1"]:.3f}  R@5 {r["5"]:.3f}  '
+        f'success {report["success_rate"]:.3f}  error median {e["median"]} m  '
+        f'FP rate {t["false_positive_rate"]:.3f} at confidence {t["confidence_threshold"]}  '
+        f'latency median {report["timing_ms"]["total"]["median"]} ms'
+    )
     return 0
 
 
 def format_open_set_line(report: dict[str, Any]) -> str:
     o = report['open_set']
-    return (f"open set @ confidence >= {o['threshold']:.2f}: {o['num_in_map']} in map, "
-            f"{o['num_out_of_map']} out  accepted in map {o['accepted_in_map']:.3f}  "
-            f"false accepts {o['false_accept_rate']:.3f}  precision {o['precision']:.3f}  "
-            f"recall {o['recall']:.3f}  recall@100%P {o['recall_at_full_precision']:.3f}  "
-            f"ECE {o['ece']:.3f}")
+    return (
+        f'open set @ confidence >= {o["threshold"]:.2f}: {o["num_in_map"]} in map, '
+        f'{o["num_out_of_map"]} out  accepted in map {o["accepted_in_map"]:.3f}  '
+        f'false accepts {o["false_accept_rate"]:.3f}  precision {o["precision"]:.3f}  '
+        f'recall {o["recall"]:.3f}  recall@100%P {o["recall_at_full_precision"]:.3f}  '
+        f'ECE {o["ece"]:.3f}'
+    )
 
 
 def format_report_line(report: dict[str, Any]) -> str:
     r, t = report['recall'], report['timing_ms']
-    return (f"{report['dataset']}/{report['protocol']}: {report['num_queries']} queries  "
-            f"R@1 {r['1']:.3f}  R@5 {r['5']:.3f}  R@10 {r['10']:.3f}  "
-            f"latency median {t['total_median']:.1f} ms, p95 {t['total_p95']:.1f} ms")
+    return (
+        f'{report["dataset"]}/{report["protocol"]}: {report["num_queries"]} queries  '
+        f'R@1 {r["1"]:.3f}  R@5 {r["5"]:.3f}  R@10 {r["10"]:.3f}  '
+        f'latency median {t["total_median"]:.1f} ms, p95 {t["total_p95"]:.1f} ms'
+    )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """`make demo`: build a Gardens Point map, evaluate two protocols, then run the ROS node.
 
-    python -m vlm_vpr.demo --data ../shared/data --out out/demo
+python -m vlm_vpr.demo --data ../shared/data --out out/demo
 """
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f'1/2 Gardens Point: map from day_left, weight-free dense RootSIFT + VLAD -> {map_dir}')
     reports = []
     for protocol in PROTOCOLS:
-        report = evaluate(dataset, protocol, MapBuildConfig(), LocalizerConfig(),
-                          map_dir=map_dir, progress=progress)
-        write_report(report, args.out / f'{protocol}.json', None,
-                     args.out / f'{protocol}_failures.png')
+        report = evaluate(
+            dataset,
+            protocol,
+            MapBuildConfig(),
+            LocalizerConfig(),
+            map_dir=map_dir,
+            progress=progress,
+        )
+        write_report(
+            report, args.out / f'{protocol}.json', None, args.out / f'{protocol}_failures.png'
+        )
         reports.append(report)
     plot_recall(reports, args.out / 'recall_at_k.png')
     print(format_table(reports))
@@ -49,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(reports: list[dict]) -> str:
-    lines = ['| protocol | queries | R@1 | R@5 | R@10 | median ms | p95 ms |',
-             '|---|---|---|---|---|---|---|']
+    lines = [
+        '| protocol | queries | R@1 | R@5 | R@10 | median ms | p95 ms |',
+        '|---|---|---|---|---|---|---|',
+    ]
     for r in reports:
         rec, t = r['recall'], r['timing_ms']
-        lines.append(f"| {r['map']} -> {r['query']} | {r['num_queries']} | {rec['1']:.3f} | "
-                     f"{rec['5']:.3f} | {rec['10']:.3f} | {t['total_median']:.0f} | "
-                     f"{t['total_p95']:.0f} |")
+        lines.append(
+            f'| {r["map"]} -> {r["query"]} | {r["num_queries"]} | {rec["1"]:.3f} | '
+            f'{rec["5"]:.3f} | {rec["10"]:.3f} | {t["total_median"]:.0f} | '
+            f'{t["total_p95"]:.0f} |'
+        )
     return '\n'.join(lines)
 
 

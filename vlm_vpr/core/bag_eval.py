@@ -48,8 +48,8 @@ def evaluate_bag(map_dir: str | Path, bag_path: str | Path, image_topic: str, tr
     per_frame = []
     for frame in itertools.islice(frames, max_frames):
         result = localizer.localize(frame.image_bgr)
-        if matcher is not None:  # describe() extracts again: see the SequenceMatcher note
-            result = matcher.update(result, localizer.describe(frame.image_bgr))
+        if matcher is not None:
+            result = matcher.update(result, result.descriptor)
         truth = frame.pose
         distances = [math.hypot(c.pose.x - truth.x, c.pose.y - truth.y)
                      for c in result.candidates]

@@ -32,6 +32,7 @@ class FeatureConfig:
     rootsift_step_px: int = 4  # dense grid stride in pixels (dense-rootsift)
     rootsift_cell_px: tuple[int, ...] = (4, 6, 8)  # SIFT cell sizes = scales; patch = 4 cells
     rootsift_min_contrast: float = 0.005  # drop patches whose gradient energy is below this
+    rootsift_magnification: float = 6.0  # per-scale smoothing sigma = cell / this; 0 = none
     dinov2_model: str = 'facebook/dinov2-small'  # hub id or local folder (dinov2)
     dinov2_layer: int = 10  # transformer block whose output is used, 1-based (dinov2)
     dinov2_facet: str = 'value'  # 'token' or attention 'key' / 'query' / 'value' (dinov2)
@@ -40,11 +41,16 @@ class FeatureConfig:
         _check(self.backbone in BACKBONES, f'features.backbone must be one of {BACKBONES}')
         _check(32 <= self.image_size_px <= 2048, 'features.image_size_px must be in [32, 2048]')
         _check(2 <= self.rootsift_step_px <= 64, 'features.rootsift_step_px must be in [2, 64]')
-        _check(len(self.rootsift_cell_px) >= 1 and all(2 <= c <= 32 for c in self.rootsift_cell_px),
-               'features.rootsift_cell_px: one or more cell sizes in [2, 32] pixels')
+        _check(
+            len(self.rootsift_cell_px) >= 1 and all(2 <= c <= 32 for c in self.rootsift_cell_px),
+            'features.rootsift_cell_px: one or more cell sizes in [2, 32] pixels',
+        )
         _check(self.rootsift_min_contrast >= 0, 'features.rootsift_min_contrast must be >= 0')
+        _check(self.rootsift_magnification >= 0, 'features.rootsift_magnification must be >= 0')
         _check(self.dinov2_layer >= 1, 'features.dinov2_layer is 1-based: use 1 or more')
-        _check(self.dinov2_facet in DINOV2_FACETS, f'features.dinov2_facet: one of {DINOV2_FACETS}')
+        _check(
+            self.dinov2_facet in DINOV2_FACETS, f'features.dinov2_facet: one of {DINOV2_FACETS}'
+        )
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,10 @@ class RuntimeConfig:
     num_threads: int = 0  # torch / OpenCV threads; 0 keeps the library default
 
     def __post_init__(self) -> None:
-        _check(self.device == 'cpu' or self.device.startswith('cuda'),
-               "runtime.device must be 'cpu', 'cuda' or 'cuda:N'")
+        _check(
+            self.device == 'cpu' or self.device.startswith('cuda'),
+            "runtime.device must be 'cpu', 'cuda' or 'cuda:N'",
+        )
         _check(self.dtype in RUNTIME_DTYPES, f'runtime.dtype must be one of {RUNTIME_DTYPES}')
         _check(1 <= self.batch_size <= 256, 'runtime.batch_size must be in [1, 256]')
         _check(self.num_threads >= 0, 'runtime.num_threads must be >= 0')
@@ -68,7 +76,7 @@ class RuntimeConfig:
 class VladConfig:
     """VLAD aggregation (InternVL-VPR eqs. 1-4) and optional PCA. Stored in the map."""
 
-    num_clusters: int = 64  # codebook size K
+    num_clusters: int = 128  # codebook size K
     soft_assignment: bool = False  # softmax assignment (eq. 1); False = one-hot nearest centre
     temperature: float = 0.05  # softmax temperature on cosine similarities (soft only)
     pca_dim: int = 1024  # output dimension after PCA; 0 disables PCA
@@ -100,8 +108,10 @@ class IndexConfig:
     pq_m: int = 64  # sub-quantisers for IVF-PQ (must divide the dimension)
 
     def __post_init__(self) -> None:
-        _check(self.approximate_type in ('hnsw', 'ivfpq'),
-               "index.approximate_type must be 'hnsw' or 'ivfpq'")
+        _check(
+            self.approximate_type in ('hnsw', 'ivfpq'),
+            "index.approximate_type must be 'hnsw' or 'ivfpq'",
+        )
         _check(self.approximate_above >= 1, 'index.approximate_above must be >= 1')
 
 
@@ -133,8 +143,10 @@ class FusionConfig:
     def __post_init__(self) -> None:
         _check(self.top_n >= 1, 'fusion.top_n must be >= 1')
         _check(self.cluster_radius_m > 0, 'fusion.cluster_radius_m must be > 0')
-        _check(self.min_std_xy_m > 0 and self.min_std_yaw_rad > 0,
-               'fusion.min_std_xy_m and fusion.min_std_yaw_rad must be > 0')
+        _check(
+            self.min_std_xy_m > 0 and self.min_std_yaw_rad > 0,
+            'fusion.min_std_xy_m and fusion.min_std_yaw_rad must be > 0',
+        )
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,15 @@ class RerankConfig:
     max_vlm_calls: int = 12  # VLM calls per query at most (pairwise, pointwise)
     region_count: int = 8  # k-means regions on map positions (`vlm-vpr map regions`)
     region_max_picks: int = 2  # regions the VLM may choose for one query (region)
+    geometric_max_keypoints: int = 2000  # strongest SIFT keypoints per image (geometric)
+    geometric_contrast_threshold: float = 0.01  # SIFT's; lower finds more in the dark (geometric)
+    geometric_ratio: float = 0.85  # Lowe ratio test on RootSIFT distances (geometric)
+    geometric_ransac_px: float = 3.0  # RANSAC epipolar inlier threshold, thumbnail px (geometric)
+    geometric_weight: float = 0.5  # score += weight * n / (n + geometric_half_inliers) (geometric)
+    geometric_half_inliers: float = 20.0  # inliers n giving half the bonus (geometric)
+    geometric_cache_size: int = 1024  # map images whose keypoints stay in memory (geometric)
+    consensus_sigma: float = 2.0  # kernel width on map x, y distance, in map units (consensus)
+    consensus_weight: float = 1.0  # weight of nearby candidates' scores (consensus)
 
     def __post_init__(self) -> None:
         _check(self.shortlist_k >= 1, 'rerank.shortlist_k must be >= 1')
@@ -165,6 +186,21 @@ class RerankConfig:
         _check(self.max_vlm_calls >= 1, 'rerank.max_vlm_calls must be >= 1')
         _check(1 <= self.region_count <= 256, 'rerank.region_count must be in [1, 256]')
         _check(self.region_max_picks >= 1, 'rerank.region_max_picks must be >= 1')
+        _check(
+            8 <= self.geometric_max_keypoints <= 20000,
+            'rerank.geometric_max_keypoints must be in [8, 20000]',
+        )
+        _check(
+            0.0 < self.geometric_contrast_threshold < 1.0,
+            'rerank.geometric_contrast_threshold must be in (0, 1) (OpenCV default 0.04)',
+        )
+        _check(0.0 < self.geometric_ratio <= 1.0, 'rerank.geometric_ratio must be in (0, 1]')
+        _check(self.geometric_ransac_px > 0, 'rerank.geometric_ransac_px must be > 0 pixels')
+        _check(self.geometric_weight >= 0, 'rerank.geometric_weight must be >= 0')
+        _check(self.geometric_half_inliers > 0, 'rerank.geometric_half_inliers must be > 0')
+        _check(self.geometric_cache_size >= 0, 'rerank.geometric_cache_size must be >= 0')
+        _check(self.consensus_sigma > 0, 'rerank.consensus_sigma must be > 0 (map units)')
+        _check(self.consensus_weight >= 0, 'rerank.consensus_weight must be >= 0')
 
 
 VLM_BACKENDS = ('none', 'transformers', 'openai')
@@ -191,20 +227,28 @@ class VlmConfig:
 
     def __post_init__(self) -> None:
         _check(self.backend in VLM_BACKENDS, f'vlm.backend must be one of {VLM_BACKENDS}')
-        _check(self.backend == 'none' or bool(self.model),
-               'vlm.model must name a model (hub id, local folder or server model name)')
-        _check(self.base_url.startswith(('http://', 'https://')),
-               'vlm.base_url must start with http:// or https://')
+        _check(
+            self.backend == 'none' or bool(self.model),
+            'vlm.model must name a model (hub id, local folder or server model name)',
+        )
+        _check(
+            self.base_url.startswith(('http://', 'https://')),
+            'vlm.base_url must start with http:// or https://',
+        )
         _check(self.timeout_s > 0, 'vlm.timeout_s must be > 0 seconds')
         _check(0 <= self.retries <= 10, 'vlm.retries must be in [0, 10]')
         _check(self.retry_backoff_s >= 0, 'vlm.retry_backoff_s must be >= 0')
         _check(16 <= self.max_new_tokens <= 4096, 'vlm.max_new_tokens must be in [16, 4096]')
         _check(64 <= self.image_size_px <= 4096, 'vlm.image_size_px must be in [64, 4096]')
-        _check(self.device == 'cpu' or self.device.startswith('cuda'),
-               "vlm.device must be 'cpu', 'cuda' or 'cuda:N'")
+        _check(
+            self.device == 'cpu' or self.device.startswith('cuda'),
+            "vlm.device must be 'cpu', 'cuda' or 'cuda:N'",
+        )
         _check(self.dtype in DTYPES, f'vlm.dtype must be one of {DTYPES}')
-        _check(self.quantization in VLM_QUANTIZATIONS,
-               f'vlm.quantization must be one of {VLM_QUANTIZATIONS}')
+        _check(
+            self.quantization in VLM_QUANTIZATIONS,
+            f'vlm.quantization must be one of {VLM_QUANTIZATIONS}',
+        )
 
 
 @dataclass(frozen=True)
@@ -215,8 +259,10 @@ class ConfidenceConfig:
     calibration_l2: float = 1.0  # ridge penalty of the logistic fit (`vlm-vpr calibrate`)
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.initial_pose_threshold <= 1.0,
-               'confidence.initial_pose_threshold must be in (0, 1]')
+        _check(
+            0.0 < self.initial_pose_threshold <= 1.0,
+            'confidence.initial_pose_threshold must be in (0, 1]',
+        )
         _check(self.calibration_l2 >= 0, 'confidence.calibration_l2 must be >= 0')
 
 
@@ -235,11 +281,15 @@ class SequenceConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.length <= 100, 'sequence.length must be in [1, 100]')
         _check(0.0 <= self.column_centring <= 1.0, 'sequence.column_centring must be in [0, 1]')
-        _check(len(self.velocities) >= 1 and all(v != 0 for v in self.velocities),
-               'sequence.velocities: one or more non-zero numbers, e.g. [0.8, 1.0, 1.25]')
+        _check(
+            len(self.velocities) >= 1 and all(v != 0 for v in self.velocities),
+            'sequence.velocities: one or more non-zero numbers, e.g. [0.8, 1.0, 1.25]',
+        )
         _check(self.max_gap_spacings > 0, 'sequence.max_gap_spacings must be > 0')
-        _check(self.consistency_radius_spacings > 0,
-               'sequence.consistency_radius_spacings must be > 0')
+        _check(
+            self.consistency_radius_spacings > 0,
+            'sequence.consistency_radius_spacings must be > 0',
+        )
 
 
 @dataclass(frozen=True)
@@ -290,8 +340,10 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f'unknown config key(s) {[prefix + k for k in unknown]} for '
-                          f'{cls.__name__}; known: {sorted(prefix + k for k in fields)}')
+        raise ConfigError(
+            f'unknown config key(s) {[prefix + k for k in unknown]} for '
+            f'{cls.__name__}; known: {sorted(prefix + k for k in fields)}'
+        )
     kwargs: dict[str, Any] = {}
     defaults = cls()
     for name, value in values.items():

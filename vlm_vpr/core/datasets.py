@@ -35,8 +35,9 @@ class Traversal:
 
     def pose(self, i: int) -> Pose:
         yaw = float(self.yaw_rad[i])
-        return Pose.from_yaw(float(self.xy[i, 0]), float(self.xy[i, 1]),
-                             yaw if math.isfinite(yaw) else None)
+        return Pose.from_yaw(
+            float(self.xy[i, 0]), float(self.xy[i, 1]), yaw if math.isfinite(yaw) else None
+        )
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class Dataset:
 
     def protocol(self, name: str) -> Protocol:
         if name not in self.protocols:
-            raise DatasetError(f'{self.name} has no protocol {name!r}; '
-                               f'choose one of {sorted(self.protocols)}')
+            raise DatasetError(
+                f'{self.name} has no protocol {name!r}; choose one of {sorted(self.protocols)}'
+            )
         return self.protocols[name]
 
 
@@ -70,12 +72,16 @@ def read_dataset(root: str | Path) -> Dataset:
     root = Path(root)
     meta_path = root / 'dataset.yaml'
     if not meta_path.is_file():
-        raise DatasetError(f'{root} has no dataset.yaml; point --dataset at a data set folder '
-                           f'(e.g. ../shared/data/gardens_point)')
+        raise DatasetError(
+            f'{root} has no dataset.yaml; point --dataset at a data set folder '
+            f'(e.g. ../shared/data/gardens_point)'
+        )
     try:
         meta = yaml.safe_load(meta_path.read_text())
-        protocols = {p['name']: Protocol(p['name'], p['map'], p['query'], float(p['tolerance']))
-                     for p in meta['protocols']}
+        protocols = {
+            p['name']: Protocol(p['name'], p['map'], p['query'], float(p['tolerance']))
+            for p in meta['protocols']
+        }
         return Dataset(root, str(meta['name']), str(meta['units']), protocols)
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise DatasetError(f'{meta_path} is malformed ({exc})') from exc
@@ -87,12 +93,13 @@ def read_traversal(folder: str | Path) -> Traversal:
     return read_poses_csv(folder / 'poses.csv', folder / 'images', name=folder.name)
 
 
-def read_poses_csv(poses_csv: str | Path, images_dir: str | Path,
-                      name: str = '') -> Traversal:
+def read_poses_csv(poses_csv: str | Path, images_dir: str | Path, name: str = '') -> Traversal:
     """Read ``poses_csv`` (header image,x,y[,yaw]) naming images inside ``images_dir``."""
     poses_csv, images_dir = Path(poses_csv), Path(images_dir)
     if not poses_csv.is_file():
-        raise DatasetError(f'{poses_csv} does not exist (expected a CSV with header image,x,y,yaw)')
+        raise DatasetError(
+            f'{poses_csv} does not exist (expected a CSV with header image,x,y,yaw)'
+        )
     paths: list[Path] = []
     rows: list[tuple[float, float, float]] = []
     with poses_csv.open(newline='') as handle:
@@ -106,8 +113,9 @@ def read_poses_csv(poses_csv: str | Path, images_dir: str | Path,
                 raise DatasetError(f'{poses_csv} line {line}: {exc}') from exc
             path = images_dir / row['image']
             if not path.is_file():
-                raise DatasetError(f'image {row["image"]} listed in {poses_csv} is missing from '
-                                   f'{images_dir}')
+                raise DatasetError(
+                    f'image {row["image"]} listed in {poses_csv} is missing from {images_dir}'
+                )
             paths.append(path)
     data = np.array(rows, dtype=np.float64).reshape(-1, 3)
     return Traversal(name or images_dir.name, paths, data[:, :2], data[:, 2])

@@ -92,8 +92,8 @@ def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: 
     for i in iterator:
         image = read_image(queries.image_paths[i])
         result = localizer.localize(image, submap=searchable)
-        if sequence is not None:  # describe() extracts again: see the SequenceMatcher note
-            result = sequence.update(result, localizer.describe(image), submap=searchable)
+        if sequence is not None:
+            result = sequence.update(result, result.descriptor, submap=searchable)
         if i not in wanted:
             continue
         top = [c.map_index for c in result.candidates]

@@ -21,8 +21,10 @@ def as_bgr(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageError(f'image of shape {image.shape} is empty or not 2-D')
     if image.shape[0] * image.shape[1] > max_pixels:
-        raise ImageError(f'image of {image.shape[1]}x{image.shape[0]} exceeds {max_pixels} pixels; '
-                         'downscale it before sending it for localisation')
+        raise ImageError(
+            f'image of {image.shape[1]}x{image.shape[0]} exceeds {max_pixels} pixels; '
+            'downscale it before sending it for localisation'
+        )
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     channels = image.shape[2]
@@ -44,7 +46,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         raise ImageError('empty image data')
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None:
-        raise ImageError(f'could not decode {buffer.size} bytes as an image (corrupt or truncated)')
+        raise ImageError(
+            f'could not decode {buffer.size} bytes as an image (corrupt or truncated)'
+        )
     return as_bgr(image, max_pixels)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.confidence import Calibration, collect_evidence
+from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.images import as_bgr
 from vlm_vpr.core.map_format import VprMap, project_descriptor, read_map
 from vlm_vpr.core.pose_fusion import fuse_poses
@@ -33,15 +33,21 @@ class Localizer:
         self.calibration = Calibration.from_map(vpr_map)
 
     @classmethod
-    def from_map_path(cls, map_dir: str | Path, config: LocalizerConfig | None = None) -> Localizer:
+    def from_map_path(
+        cls, map_dir: str | Path, config: LocalizerConfig | None = None
+    ) -> Localizer:
         return cls(read_map(map_dir), config)
 
     def describe(self, image_bgr: np.ndarray) -> np.ndarray:
         """Global descriptor [D] float32 (L2-normalised) of one image, in the map's space."""
         return self._describe(as_bgr(image_bgr), {})
 
-    def localize(self, image_bgr: np.ndarray, submap: np.ndarray | None = None,
-                 time_budget_s: float | None = None) -> LocalizationResult:
+    def localize(
+        self,
+        image_bgr: np.ndarray,
+        submap: np.ndarray | None = None,
+        time_budget_s: float | None = None,
+    ) -> LocalizationResult:
         """Localise one [H x W x 3] uint8 BGR image (grey and BGRA accepted).
 
         ``submap`` (map ids) restricts the search, e.g. to a radius around a prior position.
@@ -63,8 +69,9 @@ class Localizer:
             if chosen is not None:
                 submap = chosen if submap is None else np.intersect1d(submap, chosen)
         depth = max(self.config.top_k, self.config.rerank.shortlist_k if self.rerankers else 0)
-        scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth,
-                             submap)
+        scores, ids = search(
+            self.map.index, self.map.content.descriptors, descriptor, depth, submap
+        )
         if len(ids) == 0:  # an empty submap: fall back to the whole map
             scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth)
         candidates = [self._candidate(int(i), float(s)) for s, i in zip(scores, ids)]
@@ -86,8 +93,9 @@ class Localizer:
         confidence = self.calibration.confidence(evidence)
         timing['fuse'] = _ms(t)
         timing['total'] = _ms(start)
-        return LocalizationResult(candidates, pose, covariance, confidence, timing, notes,
-                                  evidence)
+        return LocalizationResult(
+            candidates, pose, covariance, confidence, timing, notes, evidence, descriptor
+        )
 
     def _describe(self, image: np.ndarray, timing: dict[str, float]) -> np.ndarray:
         t = time.perf_counter()
@@ -101,8 +109,9 @@ class Localizer:
 
     def _candidate(self, map_index: int, score: float) -> Candidate:
         content = self.map.content
-        return Candidate(map_index, content.image_names[map_index], content.poses[map_index],
-                         score, score)
+        return Candidate(
+            map_index, content.image_names[map_index], content.poses[map_index], score, score
+        )
 
     def _create_rerankers(self) -> list:
         if not self.config.rerank.chain:

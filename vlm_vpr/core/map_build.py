@@ -21,9 +21,15 @@ from vlm_vpr.core.vlad import aggregate_vlad, apply_pca, fit_codebook, fit_pca
 log = logging.getLogger(__name__)
 
 
-def build_map_from_folder(images_dir: str | Path, poses_csv: str | Path, out_dir: str | Path,
-                          config: MapBuildConfig | None = None, *, overwrite: bool = False,
-                          progress: bool = True) -> Path:
+def build_map_from_folder(
+    images_dir: str | Path,
+    poses_csv: str | Path,
+    out_dir: str | Path,
+    config: MapBuildConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Build a map from an image folder and a CSV (header image,x,y[,yaw]) naming its images.
 
     Rows with empty x, y (images with no known place) are skipped.
@@ -34,16 +40,31 @@ def build_map_from_folder(images_dir: str | Path, poses_csv: str | Path, out_dir
         raise DatasetError(f'{poses_csv} has no row with x, y: nothing to map')
     paths = [traversal.image_paths[i] for i in keep]
     return build_map(
-        names=[p.name for p in paths], poses=[traversal.pose(i) for i in keep],
-        load_image=lambda j: read_image(paths[j]), out_dir=out_dir, config=config,
-        source=str(Path(images_dir).resolve()), overwrite=overwrite, progress=progress)
+        names=[p.name for p in paths],
+        poses=[traversal.pose(i) for i in keep],
+        load_image=lambda j: read_image(paths[j]),
+        out_dir=out_dir,
+        config=config,
+        source=str(Path(images_dir).resolve()),
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
-def build_map_from_bag(bag: str | Path, image_topic: str, pose_topic: str, out_dir: str | Path,
-                       config: MapBuildConfig | None = None, *, base_frame: str = 'base_link',
-                       min_distance_m: float = 1.0, min_rotation_deg: float = 15.0,
-                       max_pose_gap_s: float = 1.0, overwrite: bool = False,
-                       progress: bool = True) -> Path:
+def build_map_from_bag(
+    bag: str | Path,
+    image_topic: str,
+    pose_topic: str,
+    out_dir: str | Path,
+    config: MapBuildConfig | None = None,
+    *,
+    base_frame: str = 'base_link',
+    min_distance_m: float = 1.0,
+    min_rotation_deg: float = 15.0,
+    max_pose_gap_s: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Build a map from a ROS 2 bag: keyframes of ``image_topic`` posed from ``pose_topic``.
 
     Keyframes are staged as PNG files in a temporary folder, so memory stays bounded.
@@ -53,10 +74,17 @@ def build_map_from_bag(bag: str | Path, image_topic: str, pose_topic: str, out_d
     from vlm_vpr.core.bags import read_posed_images
 
     config = config or MapBuildConfig()
-    frames = read_posed_images(bag, image_topic, pose_topic, map_frame=config.frame_id,
-                               base_frame=base_frame, min_distance_m=min_distance_m,
-                               min_rotation_rad=math.radians(min_rotation_deg),
-                               max_pose_gap_s=max_pose_gap_s, progress=progress)
+    frames = read_posed_images(
+        bag,
+        image_topic,
+        pose_topic,
+        map_frame=config.frame_id,
+        base_frame=base_frame,
+        min_distance_m=min_distance_m,
+        min_rotation_rad=math.radians(min_rotation_deg),
+        max_pose_gap_s=max_pose_gap_s,
+        progress=progress,
+    )
     with tempfile.TemporaryDirectory(prefix='vlm_vpr_bag_') as tmp:
         names, poses, paths = [], [], []
         for frame in frames:
@@ -64,13 +92,29 @@ def build_map_from_bag(bag: str | Path, image_topic: str, pose_topic: str, out_d
             cv2.imwrite(str(paths[-1]), frame.image_bgr)
             names.append(frame.name)
             poses.append(frame.pose)
-        return build_map(names, poses, lambda i: read_image(paths[i]), out_dir, config,
-                         source=str(Path(bag).resolve()), overwrite=overwrite, progress=progress)
+        return build_map(
+            names,
+            poses,
+            lambda i: read_image(paths[i]),
+            out_dir,
+            config,
+            source=str(Path(bag).resolve()),
+            overwrite=overwrite,
+            progress=progress,
+        )
 
 
-def build_map(names: Sequence[str], poses: Sequence[Pose], load_image: Callable[[int], np.ndarray],
-              out_dir: str | Path, config: MapBuildConfig | None = None, *, source: str = '',
-              overwrite: bool = False, progress: bool = True) -> Path:
+def build_map(
+    names: Sequence[str],
+    poses: Sequence[Pose],
+    load_image: Callable[[int], np.ndarray],
+    out_dir: str | Path,
+    config: MapBuildConfig | None = None,
+    *,
+    source: str = '',
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Build and write a map; ``load_image(i)`` returns image i as [H x W x 3] uint8 BGR.
 
     Memory stays bounded: the codebook is fitted on at most ``vlad.kmeans_max_images`` images
@@ -81,21 +125,26 @@ def build_map(names: Sequence[str], poses: Sequence[Pose], load_image: Callable[
     config = config or MapBuildConfig()
     n = len(names)
     if n == 0 or len(poses) != n:
-        raise MapError(f'need one pose per image and at least one image (got {n} images, '
-                       f'{len(poses)} poses)')
+        raise MapError(
+            f'need one pose per image and at least one image (got {n} images, {len(poses)} poses)'
+        )
     extractor = create_extractor(config.features, config.runtime)
-    sample_ids = np.unique(np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int))
+    sample_ids = np.unique(
+        np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int)
+    )
     sample_features = {}
     for i in _progress(sample_ids, progress, 'codebook features'):
         sample_features[int(i)] = extractor.extract([load_image(int(i))])[0].flat
     codebook = fit_codebook(list(sample_features.values()), config.vlad)
 
-    vlads = np.zeros((n, codebook.size), dtype=np.float32)
+    vlads = np.zeros((n, codebook.size), dtype=np.float16)  # halves build memory
     thumbnails: list[bytes] | None = [] if config.thumbnail_size_px else None
     batch = config.runtime.batch_size
     for start in _progress(range(0, n, batch), progress, 'map images', total=math.ceil(n / batch)):
         ids = range(start, min(n, start + batch))
-        images = {i: load_image(i) for i in ids if i not in sample_features or thumbnails is not None}
+        images = {
+            i: load_image(i) for i in ids if i not in sample_features or thumbnails is not None
+        }
         todo = [i for i in ids if i not in sample_features]
         for i, feats in zip(todo, extractor.extract([images[i] for i in todo])):
             vlads[i] = aggregate_vlad(feats.flat, codebook, config.vlad)
@@ -107,9 +156,17 @@ def build_map(names: Sequence[str], poses: Sequence[Pose], load_image: Callable[
 
     pca = fit_pca(vlads, config.vlad)
     descriptors = apply_pca(vlads, *pca) if pca else vlads
-    content = MapContent(config, codebook, descriptors.astype(np.float16), list(names),
-                         list(poses), pca[0] if pca else None, pca[1] if pca else None,
-                         thumbnails, source)
+    content = MapContent(
+        config,
+        codebook,
+        descriptors.astype(np.float16),
+        list(names),
+        list(poses),
+        pca[0] if pca else None,
+        pca[1] if pca else None,
+        thumbnails,
+        source,
+    )
     return write_map(content, out_dir, overwrite=overwrite)
 
 
@@ -117,8 +174,11 @@ def encode_thumbnail(image_bgr: np.ndarray, size_px: int) -> bytes:
     """JPEG bytes of the image with its shorter side scaled down to ``size_px``."""
     import cv2
 
-    small = image_bgr if min(image_bgr.shape[:2]) <= size_px else resize_shorter_side(image_bgr,
-                                                                                       size_px)
+    small = (
+        image_bgr
+        if min(image_bgr.shape[:2]) <= size_px
+        else resize_shorter_side(image_bgr, size_px)
+    )
     ok, jpeg = cv2.imencode('.jpg', small, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise ImageError('could not encode a thumbnail')

@@ -97,7 +97,9 @@ class VprMap:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise MapError(f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it') from exc
+            raise MapError(
+                f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it'
+            ) from exc
 
     def read_extra_array(self, name: str) -> np.ndarray | None:
         path = self.extra_path(name)
@@ -106,7 +108,9 @@ class VprMap:
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise MapError(f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it') from exc
+            raise MapError(
+                f'map extra {name!r} at {path} is unreadable ({exc}); rebuild it'
+            ) from exc
 
 
 def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -115,7 +119,9 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
     n = len(content.image_names)
     _check_content(content)
     if out.exists() and not overwrite:
-        raise MapError(f'{out} exists; pass overwrite=True (CLI: --overwrite) or choose another path')
+        raise MapError(
+            f'{out} exists; pass overwrite=True (CLI: --overwrite) or choose another path'
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
@@ -133,8 +139,10 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
 
             from vlm_vpr.core.retrieval import build_index
 
-            faiss.write_index(build_index(content.descriptors, content.build_config.index),
-                              str(tmp / 'index.faiss'))
+            faiss.write_index(
+                build_index(content.descriptors, content.build_config.index),
+                str(tmp / 'index.faiss'),
+            )
         manifest = {
             'format': MAP_FORMAT,
             'format_version': MAP_FORMAT_VERSION,
@@ -168,8 +176,10 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     if not path.is_dir():
         raise MapError(f'map folder {path} does not exist; build one with `vlm-vpr map build`')
     if not manifest_path.is_file():
-        raise MapError(f'{path} has no manifest.json: not a vlm_vpr map (or an interrupted '
-                       'build); rebuild it with `vlm-vpr map build`')
+        raise MapError(
+            f'{path} has no manifest.json: not a vlm_vpr map (or an interrupted '
+            'build); rebuild it with `vlm-vpr map build`'
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -178,17 +188,22 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
         raise MapError(f'{manifest_path} is not a {MAP_FORMAT} manifest; rebuild the map')
     version = manifest.get('format_version')
     if version != MAP_FORMAT_VERSION:
-        raise MapError(f'map format version {version!r} is not supported (this vlm_vpr reads '
-                       f'version {MAP_FORMAT_VERSION}); rebuild the map with this version')
+        raise MapError(
+            f'map format version {version!r} is not supported (this vlm_vpr reads '
+            f'version {MAP_FORMAT_VERSION}); rebuild the map with this version'
+        )
     try:
         build_config = from_flat_dict(MapBuildConfig, manifest['build_config'])
         n = int(manifest['num_images'])
         dim = int(manifest['descriptor_dim'])
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise MapError(f'{manifest_path} is incomplete or invalid ({exc}); rebuild the map') from exc
+        raise MapError(
+            f'{manifest_path} is incomplete or invalid ({exc}); rebuild the map'
+        ) from exc
 
-    codebook = _load_array(path, 'codebook.npy', (int(manifest['num_clusters']),
-                                                  int(manifest['local_dim'])))
+    codebook = _load_array(
+        path, 'codebook.npy', (int(manifest['num_clusters']), int(manifest['local_dim']))
+    )
     descriptors = _load_array(path, 'descriptors.npy', (n, dim))
     pca_mean = pca_components = None
     if manifest.get('pca'):
@@ -196,13 +211,27 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
         pca_mean = _load_array(path, 'pca_mean.npy', (pca_components.shape[1],))
     image_names, poses = _read_poses(path / 'poses.csv')
     if len(image_names) != n:
-        raise MapError(f'{path}/poses.csv has {len(image_names)} rows but the manifest says {n} '
-                       'images; the map is inconsistent, rebuild it')
-    content = MapContent(build_config, codebook, descriptors, image_names, poses,
-                         pca_mean, pca_components, None, str(manifest.get('source', '')))
-    vpr_map = VprMap(path, manifest, content,
-                     positions_xyz=np.array([[p.x, p.y, p.z] for p in poses], dtype=np.float64)
-                     .reshape(-1, 3))
+        raise MapError(
+            f'{path}/poses.csv has {len(image_names)} rows but the manifest says {n} '
+            'images; the map is inconsistent, rebuild it'
+        )
+    content = MapContent(
+        build_config,
+        codebook,
+        descriptors,
+        image_names,
+        poses,
+        pca_mean,
+        pca_components,
+        None,
+        str(manifest.get('source', '')),
+    )
+    vpr_map = VprMap(
+        path,
+        manifest,
+        content,
+        positions_xyz=np.array([[p.x, p.y, p.z] for p in poses], dtype=np.float64).reshape(-1, 3),
+    )
     if load_index:
         vpr_map.index = _load_index(vpr_map)
     return vpr_map
@@ -214,12 +243,14 @@ def check_compatible(vpr_map: VprMap, backbone: str | None = None, **features: A
     if backbone is not None and backbone != map_features.backbone:
         raise IncompatibleMapError(
             f'map {vpr_map.path} was built with backbone {map_features.backbone!r} but the query '
-            f'uses {backbone!r}; use --backbone {map_features.backbone} or rebuild the map')
+            f'uses {backbone!r}; use --backbone {map_features.backbone} or rebuild the map'
+        )
     for key, value in features.items():
         if getattr(map_features, key) != value:
             raise IncompatibleMapError(
                 f'map {vpr_map.path} has features.{key}={getattr(map_features, key)!r} but the '
-                f'query uses {value!r}; drop the override or rebuild the map')
+                f'query uses {value!r}; drop the override or rebuild the map'
+            )
 
 
 def write_extra(map_dir: str | Path, name: str, value: Any) -> Path:
@@ -256,7 +287,9 @@ def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
 
 
 def _index_type(build_config: MapBuildConfig, n: int) -> str:
-    return 'flat' if n < build_config.index.approximate_above else build_config.index.approximate_type
+    return (
+        'flat' if n < build_config.index.approximate_above else build_config.index.approximate_type
+    )
 
 
 def _load_index(vpr_map: VprMap) -> Any:
@@ -264,7 +297,9 @@ def _load_index(vpr_map: VprMap) -> Any:
 
     index_type = vpr_map.manifest.get('index_type', 'flat')
     if index_type == 'flat':
-        return build_index(vpr_map.content.descriptors, vpr_map.build_config.index, force_flat=True)
+        return build_index(
+            vpr_map.content.descriptors, vpr_map.build_config.index, force_flat=True
+        )
     import faiss
 
     index_path = vpr_map.path / 'index.faiss'
@@ -275,8 +310,9 @@ def _load_index(vpr_map: VprMap) -> Any:
     except RuntimeError as exc:
         raise MapError(f'{index_path} is corrupt ({exc}); rebuild the map') from exc
     if index.ntotal != len(vpr_map):
-        raise MapError(f'{index_path} holds {index.ntotal} vectors, the map {len(vpr_map)}; '
-                       'rebuild the map')
+        raise MapError(
+            f'{index_path} holds {index.ntotal} vectors, the map {len(vpr_map)}; rebuild the map'
+        )
     configure_index(index, vpr_map.build_config.index)
     return index
 
@@ -301,9 +337,13 @@ def _load_array(path: Path, name: str, shape: tuple[int | None, ...]) -> np.ndar
         array = np.load(file, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise MapError(f'{file} is corrupt ({exc}); rebuild the map') from exc
-    if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
-        raise MapError(f'{file} has shape {array.shape}, the manifest expects {shape}; '
-                       'the map is inconsistent, rebuild it')
+    if array.ndim != len(shape) or any(
+        s is not None and s != a for s, a in zip(shape, array.shape)
+    ):
+        raise MapError(
+            f'{file} has shape {array.shape}, the manifest expects {shape}; '
+            'the map is inconsistent, rebuild it'
+        )
     return array
 
 
@@ -324,19 +364,28 @@ def _read_poses(file: Path) -> tuple[list[str], list[Pose]]:
     with file.open(newline='') as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != POSE_COLUMNS:
-            raise MapError(f'{file} header is {reader.fieldnames}, expected {POSE_COLUMNS}; '
-                           'rebuild the map')
+            raise MapError(
+                f'{file} header is {reader.fieldnames}, expected {POSE_COLUMNS}; rebuild the map'
+            )
         for row_no, row in enumerate(reader, start=2):
             try:
                 x, y, z = float(row['x']), float(row['y']), float(row['z'])
                 if row['qw']:
-                    pose = Pose(x, y, z, float(row['qx']), float(row['qy']), float(row['qz']),
-                                float(row['qw']))
+                    pose = Pose(
+                        x,
+                        y,
+                        z,
+                        float(row['qx']),
+                        float(row['qy']),
+                        float(row['qz']),
+                        float(row['qw']),
+                    )
                 else:
                     pose = Pose(x, y, z, yaw_known=False)
             except (TypeError, ValueError) as exc:
-                raise MapError(f'{file} line {row_no} is not a valid pose ({exc}); '
-                               'rebuild the map') from exc
+                raise MapError(
+                    f'{file} line {row_no} is not a valid pose ({exc}); rebuild the map'
+                ) from exc
             names.append(row['image'])
             poses.append(pose)
     return names, poses

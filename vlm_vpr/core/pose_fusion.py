@@ -34,7 +34,7 @@ def fuse_poses(candidates: list[Candidate], config: FusionConfig) -> tuple[Pose,
     mean_xy = weights @ xy
     z = float(weights @ np.array([c.pose.z for c in considered]))
     centred = xy - mean_xy
-    cov_xy = (weights[:, None] * centred).T @ centred + np.eye(2) * config.min_std_xy_m ** 2
+    cov_xy = (weights[:, None] * centred).T @ centred + np.eye(2) * config.min_std_xy_m**2
 
     known = np.array([c.pose.yaw_known for c in considered]) & close
     if known.any():
@@ -44,17 +44,25 @@ def fuse_poses(candidates: list[Candidate], config: FusionConfig) -> tuple[Pose,
         yaw = math.atan2(s, co)
         resultant = min(1.0, math.hypot(s, co))
         circular_var = -2.0 * math.log(max(resultant, 1e-9))
-        var_yaw = min(circular_var + config.min_std_yaw_rad ** 2, config.unknown_yaw_std_rad ** 2)
+        var_yaw = min(circular_var + config.min_std_yaw_rad**2, config.unknown_yaw_std_rad**2)
         pose = Pose.from_yaw(float(mean_xy[0]), float(mean_xy[1]), yaw, z)
     else:
-        var_yaw = config.unknown_yaw_std_rad ** 2
-        pose = Pose(float(mean_xy[0]), float(mean_xy[1]), z, best.qx, best.qy, best.qz, best.qw,
-                    yaw_known=False)
+        var_yaw = config.unknown_yaw_std_rad**2
+        pose = Pose(
+            float(mean_xy[0]),
+            float(mean_xy[1]),
+            z,
+            best.qx,
+            best.qy,
+            best.qz,
+            best.qw,
+            yaw_known=False,
+        )
 
     covariance = np.zeros((6, 6))
     covariance[:2, :2] = cov_xy
-    covariance[2, 2] = _Z_STD_M ** 2
-    covariance[3, 3] = covariance[4, 4] = _TILT_STD_RAD ** 2
+    covariance[2, 2] = _Z_STD_M**2
+    covariance[3, 3] = covariance[4, 4] = _TILT_STD_RAD**2
     covariance[5, 5] = var_yaw
     return pose, covariance
 

@@ -21,15 +21,15 @@ def build_index(descriptors: np.ndarray, config: IndexConfig, force_flat: bool =
     data = np.ascontiguousarray(descriptors, dtype=np.float32)
     n, dim = data.shape
     if force_flat or n < config.approximate_above:
-        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
-                                           faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexScalarQuantizer(
+            dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
     elif config.approximate_type == 'hnsw':
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     else:
         nlist = config.ivf_nlist or int(4 * math.sqrt(n))
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_m, 8,
-                                 faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(data)
     index.add(data)
@@ -47,8 +47,13 @@ def configure_index(index: Any, config: IndexConfig) -> None:
         index.nprobe = config.ivf_nprobe
 
 
-def search(index: Any, descriptors: np.ndarray, query: np.ndarray, k: int,
-           subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: Any,
+    descriptors: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    subset: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores [k'] float32 descending, map ids [k'] int64) for one query [D] float32.
 
     ``subset`` (map ids) restricts the search to a submap; it is searched exactly.
@@ -68,8 +73,9 @@ def search(index: Any, descriptors: np.ndarray, query: np.ndarray, k: int,
     return scores[0][keep], ids[0][keep].astype(np.int64)
 
 
-def ids_within_radius(positions_xyz: np.ndarray, center_xy: tuple[float, float],
-                      radius_m: float) -> np.ndarray:
+def ids_within_radius(
+    positions_xyz: np.ndarray, center_xy: tuple[float, float], radius_m: float
+) -> np.ndarray:
     """Map ids whose x, y lie within ``radius_m`` of ``center_xy`` (a submap around a prior)."""
     d2 = ((positions_xyz[:, :2] - np.asarray(center_xy)) ** 2).sum(axis=1)
     return np.flatnonzero(d2 <= radius_m * radius_m)

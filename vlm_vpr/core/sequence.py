@@ -6,7 +6,10 @@ has a route coordinate: the distance travelled along the map poses up to it. A h
 coordinate route[j] - v * offset[l], where offset[l] is the distance travelled since frame t-l
 (from odometry when known, else one map spacing per frame). Its score is the mean over the
 frames of their z-scored similarity to the map image nearest that point; a point with no map
-image within ``max_gap_spacings`` (a gap, or a held-out stretch) contributes 0. Each map image
+image within ``max_gap_spacings`` (a gap, or a held-out stretch) contributes 0. Before
+z-scoring, each frame's similarities lose ``column_centring`` times the running mean similarity
+of each map image to the past frames (shrunk towards 0 over the first frames): map images that
+resemble every query under the current conditions (night, say) stop winning. Each map image
 keeps its best hypothesis over ``sequence.velocities``. Diagonal matching on the similarity
 matrix (SeqSLAM, Milford & Wyeth 2012) is the special case of an evenly spaced map.
 """
@@ -64,11 +67,12 @@ def vote(z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.n
 
 
 def nearest_on_route(route: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Index (same shape as ``points``, int64) of the map image nearest each route point."""
+    """Index (same shape as ``points``, int64) of the map image nearest each route point;
+    of several at the same route coordinate, the first."""
     if len(route) == 1:
         return np.zeros(points.shape, np.int64)
     right = np.clip(np.searchsorted(route, points), 1, len(route) - 1)
-    left = right - 1
+    left = np.searchsorted(route, route[right - 1])  # first image at the left neighbour's place
     return np.where(points - route[left] <= route[right] - points, left, right).astype(np.int64)
 
 
@@ -86,7 +90,7 @@ class SequenceMatcher:
 
         matcher = SequenceMatcher(localizer)
         result = localizer.localize(image)
-        result = matcher.update(result, localizer.describe(image), travelled=odom_m)
+        result = matcher.update(result, result.descriptor, travelled=odom_m)
 
     Keeps a float32 copy of the map descriptors ([N x D], 4 bytes each) and L score vectors.
     """
@@ -136,8 +140,10 @@ class SequenceMatcher:
         seq[~np.isfinite(z)] = -np.inf
         order = np.argsort(-seq, kind='stable')[: self.localizer.config.top_k]
         content = self.localizer.map.content
+        reranked = {c.map_index: c.evidence for c in result.candidates}  # re-rankers' scores
         candidates = [Candidate(int(j), content.image_names[j], content.poses[j],
-                                float(scores[j]), float(seq[j])) for j in order]
+                                float(scores[j]), float(seq[j]), dict(reranked.get(int(j), {})))
+                      for j in order]
         evidence = collect_evidence(result.candidates, candidates, self.localizer.config.fusion)
         evidence.update(self._evidence(seq, int(order[0]), velocities[best_v[order[0]]],
                                        offsets, frames))

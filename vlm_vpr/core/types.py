@@ -41,8 +41,10 @@ class Pose:
 
     @property
     def yaw_rad(self) -> float:
-        return math.atan2(2.0 * (self.qw * self.qz + self.qx * self.qy),
-                          1.0 - 2.0 * (self.qy * self.qy + self.qz * self.qz))
+        return math.atan2(
+            2.0 * (self.qw * self.qz + self.qx * self.qy),
+            1.0 - 2.0 * (self.qy * self.qy + self.qz * self.qz),
+        )
 
     @staticmethod
     def from_yaw(x: float, y: float, yaw_rad: float | None, z: float = 0.0) -> Pose:
@@ -78,3 +80,4 @@ class LocalizationResult:
     timing_ms: dict[str, float] = field(default_factory=dict)  # per stage
     notes: list[str] = field(default_factory=list)  # diagnosed fallbacks (VLM timeout, ...)
     evidence: dict[str, float] = field(default_factory=dict)  # inputs to the confidence
+    descriptor: np.ndarray | None = None  # [D] float32 global descriptor of the query

@@ -65,14 +65,20 @@ def fit_codebook(local_sets: list[np.ndarray], config: VladConfig) -> np.ndarray
 
     rng = np.random.default_rng(config.seed)
     per_image = max(1, config.kmeans_max_descriptors // max(1, len(local_sets)))
-    sample = np.concatenate([
-        s[rng.choice(len(s), size=min(per_image, len(s)), replace=False)] for s in local_sets
-    ]).astype(np.float32)
+    sample = np.concatenate(
+        [s[rng.choice(len(s), size=min(per_image, len(s)), replace=False)] for s in local_sets]
+    ).astype(np.float32)
     k = config.num_clusters
     if len(sample) < k:
         raise ValueError(f'{len(sample)} local descriptors cannot fit {k} clusters')
-    kmeans = faiss.Kmeans(sample.shape[1], k, niter=config.kmeans_iterations, seed=config.seed,
-                          spherical=True, max_points_per_centroid=max(256, len(sample) // k + 1))
+    kmeans = faiss.Kmeans(
+        sample.shape[1],
+        k,
+        niter=config.kmeans_iterations,
+        seed=config.seed,
+        spherical=True,
+        max_points_per_centroid=max(256, len(sample) // k + 1),
+    )
     kmeans.train(np.ascontiguousarray(sample))
     log.info('codebook: %d centres from %d local descriptors', k, len(sample))
     return l2_normalize(kmeans.centroids.astype(np.float32), axis=1)
@@ -82,14 +88,20 @@ def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarr
     """(mean [D_vlad], components [D x D_vlad]) or None when PCA is off or would not reduce.
 
     PCA is fitted only when the map has more images than ``pca_dim`` (enough samples for a
-    ``pca_dim``-dimensional basis); smaller maps keep the full VLAD vector.
+    ``pca_dim``-dimensional basis); smaller maps keep the full VLAD vector. Large maps fit it
+    on a seeded sample of ``4 * pca_dim`` rows, so memory and time stay bounded.
     """
     n, d_vlad = vlads.shape
     dim = config.pca_dim
     if dim == 0 or dim >= d_vlad or n <= dim:
         return None
-    mean = vlads.mean(axis=0).astype(np.float32)
-    centred = (vlads - mean).astype(np.float32)
+    if n > 4 * dim:  # a basis of `dim` vectors needs a few times `dim` samples, not all of them
+        rows = np.random.default_rng(config.seed).choice(n, size=4 * dim, replace=False)
+        vlads = vlads[np.sort(rows)]
+        n = len(vlads)
+    vlads = vlads.astype(np.float32)
+    mean = vlads.mean(axis=0)
+    centred = vlads - mean
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     components = vt[:dim]
     if config.pca_whiten:

@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 from sensor_msgs.msg import Image
-from std_msgs.msg import Header
 
 from vlm_vpr.core.bags import write_traversal_bag
 from vlm_vpr.core.datasets import read_traversal
 from vlm_vpr.core.images import read_image
-from vlm_vpr.ros.conversions import image_msg, stamp_ns
-from vlm_vpr.ros.harness import NodeHarness, wait_until
+from vlm_vpr.ros.conversions import stamp_ns
+from vlm_vpr.ros.harness import NodeHarness, camera_msg, wait_until
 from vlm_vpr.ros.replay import replay_bag
 
 IMAGE_TOPIC = '/camera/image_raw'
@@ -95,13 +94,7 @@ def measure_node_latency(map_dir: str | Path, data_root: str | Path,
                       'max_rate_hz': 100.0}) as harness:
         pub = harness.publisher(Image, 'image')
         for n, i in enumerate(ids):
-            msg = image_msg(read_image(queries.image_paths[i]), _header(n + 1))
-            pub.publish(msg)
-            harness.wait_for('pose', lambda m, s=n + 1: m.header.stamp.sec == s, timeout_s=30.0)
+            stamp = (n + 1) * 1_000_000_000
+            pub.publish(camera_msg(read_image(queries.image_paths[i]), stamp))
+            harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, timeout_s=30.0)
         return harness.node.latency_stats()
-
-
-def _header(sec: int) -> Header:
-    header = Header(frame_id='camera')
-    header.stamp.sec = sec
-    return header

@@ -11,14 +11,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
-from std_msgs.msg import Float32
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Float32, Header
 from visualization_msgs.msg import MarkerArray
 
+from vlm_vpr.core.types import Pose
+from vlm_vpr.ros.conversions import image_msg, pose_msg
 from vlm_vpr.ros.node import VprNode
 from vlm_vpr.ros.tf_offset import OffsetSource
 
@@ -29,16 +34,19 @@ OUTPUTS = {
     'candidate_markers': MarkerArray,
     '/initialpose': PoseWithCovarianceStamped,
     '/diagnostics': DiagnosticArray,
+    'debug_image': Image,
 }
 
 
 class NodeHarness:
     """``with NodeHarness({'map_path': ..., 'autostart': True}) as h:`` runs a VprNode;
-    ``h.received[topic]`` lists the messages the listener got on each of OUTPUTS."""
+    ``h.received[topic]`` lists the messages the listener got on each of OUTPUTS. Harnesses
+    running at once need distinct ``namespace`` values (relative topics live under it)."""
 
-    def __init__(self, parameters: dict[str, Any],
-                 offset_source: OffsetSource | None = None) -> None:
+    def __init__(self, parameters: dict[str, Any], offset_source: OffsetSource | None = None,
+                 namespace: str = '') -> None:
         self.parameters = parameters
+        self.namespace = namespace
         self.offset_source = offset_source
         self.received: dict[str, list[Any]] = {topic: [] for topic in OUTPUTS}
         self._lock = threading.Lock()
@@ -48,8 +56,9 @@ class NodeHarness:
         rclpy.init(context=self.context)
         overrides = [Parameter(k, value=v) for k, v in self.parameters.items()]
         self.node = VprNode(context=self.context, parameter_overrides=overrides,
-                            offset_source=self.offset_source)
-        self.listener = rclpy.create_node('vpr_listener', context=self.context)
+                            offset_source=self.offset_source, namespace=self.namespace)
+        self.listener = rclpy.create_node('vpr_listener', context=self.context,
+                                          namespace=self.namespace)
         for topic, msg_type in OUTPUTS.items():
             self.listener.create_subscription(msg_type, topic,
                                               lambda msg, t=topic: self._record(t, msg), 50)
@@ -62,10 +71,10 @@ class NodeHarness:
 
     def __exit__(self, *_: object) -> None:
         self.executor.shutdown(timeout_sec=5.0)
+        self._thread.join(timeout=5.0)
         self.node.destroy_node()
         self.listener.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self._thread.join(timeout=5.0)
 
     def _record(self, topic: str, msg: Any) -> None:
         with self._lock:
@@ -104,6 +113,31 @@ class NodeHarness:
             return future.result() if future.done() else None
         finally:
             self.listener.destroy_client(client)
+
+
+def header_at(stamp_ns: int, frame_id: str) -> Header:
+    header = Header(frame_id=frame_id)
+    header.stamp.sec, header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    return header
+
+
+def camera_msg(image_bgr: np.ndarray, stamp_ns: int, compressed: bool = False,
+               frame_id: str = 'camera') -> Any:
+    """An Image ('bgr8') or CompressedImage (JPEG) of [H x W x 3] uint8 BGR ``image_bgr``."""
+    import cv2
+
+    header = header_at(stamp_ns, frame_id)
+    if not compressed:
+        return image_msg(image_bgr, header)
+    ok, data = cv2.imencode('.jpg', image_bgr)
+    return CompressedImage(header=header, format='jpeg', data=data.tobytes())
+
+
+def odometry_msg(pose: Pose, stamp_ns: int, frame_id: str = 'odom',
+                 child_frame_id: str = 'base_link') -> Odometry:
+    msg = Odometry(header=header_at(stamp_ns, frame_id), child_frame_id=child_frame_id)
+    msg.pose.pose = pose_msg(pose)
+    return msg
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> bool:

@@ -19,6 +19,7 @@ import json
 import math
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ from vlm_vpr.ros.tf_offset import (
 
 NODE_NAME = 'vpr_node'
 STATS_WINDOW = 200  # frames over which latencies are summarised
+SKIP_LOG_PERIOD_S = 5.0  # a skip reason is logged at most this often (all are counted)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class VprNode(LifecycleNode):
         self._stage_ms: dict[str, deque[float]] = {}
         self._last: dict[str, Any] = {}
         self._status = (DiagnosticStatus.WARN, 'unconfigured')
+        self._skip_logged_s: dict[str, float] = {}
         self._odometry = OdometryTrack()
         self._gate = InitialPoseGate()
         self._reset_sequence = False
@@ -293,6 +296,7 @@ class VprNode(LifecycleNode):
         yaw = math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
         p = msg.pose.pose.position
         with self._lock:
+            self._counts['odometry'] += 1
             self._odometry.add(stamp_ns(msg.header), p.x, p.y, yaw)
 
     def _on_rearm(self, request: Any, response: Any) -> Any:
@@ -353,7 +357,10 @@ class VprNode(LifecycleNode):
             next_start = time.monotonic() + 1.0 / self._cfg.max_rate_hz
             if reset and self._matcher is not None:
                 self._matcher.reset()
-            self._process(frame)
+            try:
+                self._process(frame)
+            except Exception:  # noqa: BLE001 - a bug must not silence the node: log, count, go on
+                self._skip('internal_error', frame, traceback.format_exc())
 
     def _process(self, frame: _Frame) -> None:
         cfg, query_cfg = self._cfg, self._query_cfg
@@ -390,7 +397,7 @@ class VprNode(LifecycleNode):
             return result
         travelled = math.hypot(motion.x, motion.y) if motion is not None else None
         # the sequence vote needs the query descriptor, which localize() does not return
-        return self._matcher.update(result, self._localizer.describe(image), travelled)
+        return self._matcher.update(result, result.descriptor, travelled)
 
     def _publish(self, frame: _Frame, header: Any, image: np.ndarray, result: LocalizationResult,
                  pose: Pose, covariance: np.ndarray, base_in_camera: Pose, motion: Pose | None,
@@ -444,11 +451,23 @@ class VprNode(LifecycleNode):
         with self._lock:
             self._counts[f'skipped_{reason}'] += 1
         self._status = (DiagnosticStatus.WARN, f'skipped a frame from {frame.topic}: {reason}')
-        self.get_logger().warning(f'{frame.topic}: frame skipped ({reason}): {message}',
-                                  throttle_duration_sec=2.0)
+        now = time.monotonic()
+        if now - self._skip_logged_s.get(reason, -math.inf) >= SKIP_LOG_PERIOD_S:
+            self._skip_logged_s[reason] = now
+            self.get_logger().warning(f'{frame.topic}: frame skipped ({reason}): {message}')
 
     # -----------------------------------------------------------------------------------------
     # Diagnostics
+
+    @property
+    def settings(self) -> tuple[NodeConfig, LocalizerConfig]:
+        """The current (validated) parameter values."""
+        return self._cfg, self._query_cfg
+
+    @property
+    def status(self) -> tuple[bytes, str]:
+        """(DiagnosticStatus level, message) as published on /diagnostics."""
+        return self._status
 
     def latency_stats(self) -> dict[str, float]:
         """Image receipt to pose publish over the last frames: count, median_ms, p95_ms."""

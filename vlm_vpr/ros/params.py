@@ -183,7 +183,7 @@ def _descriptor(spec: ParamSpec) -> Any:
 
     descriptor = ParameterDescriptor(name=spec.name, description=spec.description)
     if spec.name not in LIVE:
-        descriptor.additional_constraints = 'read at configure: a change applies at the next one'
+        descriptor.additional_constraints = 'read at configure: applies at the next configure'
     if spec.range is not None:
         low, high = spec.range
         if isinstance(spec.default, int):
@@ -193,3 +193,48 @@ def _descriptor(spec: ParamSpec) -> Any:
             descriptor.floating_point_range = [FloatingPointRange(
                 from_value=float(low), to_value=float(high), step=0.0)]
     return descriptor
+
+
+def render_params_yaml() -> str:
+    """config/vpr_node.yaml: every parameter with its default, description and range.
+
+    Regenerate after a config change: ``python -m vlm_vpr.ros.params > config/vpr_node.yaml``.
+    """
+    lines = [
+        '# Parameters of vpr_node. Every key is a declared ROS parameter and every declared '
+        'parameter',
+        "# is here (test/test_ros_params.py checks both ways): the node's own settings, then",
+        '# vlm_vpr.core.config.LocalizerConfig. Regenerate with',
+        '#   python -m vlm_vpr.ros.params > config/vpr_node.yaml',
+        '/**:',
+        '  ros__parameters:',
+    ]
+    groups: list[str] = []
+    for spec in param_specs():
+        *path, key = spec.name.split('.')
+        common = next((i for i, (a, b) in enumerate(zip(groups, path)) if a != b),
+                      min(len(groups), len(path)))
+        lines += [f'    {"  " * i}{name}:' for i, name in enumerate(path) if i >= common]
+        groups = path
+        indent = '    ' + '  ' * len(path)
+        bounds = f' [{spec.range[0]:g}, {spec.range[1]:g}]' if spec.range else ''
+        entry, comment = f'{indent}{key}: {_yaml_value(spec.default)}', spec.description + bounds
+        if len(entry) + len(comment) + 4 > 99:
+            lines += [f'{indent}# {comment}', entry]
+        else:
+            lines.append(f'{entry}  # {comment}')
+    return '\n'.join(lines) + '\n'
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
+    return repr(value)
+
+
+if __name__ == '__main__':
+    print(render_params_yaml(), end='')

@@ -6,7 +6,8 @@ triangular filter of one cell's width (bilinear spatial binning), and a descript
 cells x 8 orientations read at a grid point, Gaussian-windowed. SIFT normalisation (L2, clamp
 at 0.2) is followed by RootSIFT (L1-normalise, square root), giving unit-L2 rows whose inner
 products are Hellinger kernels (Arandjelovic & Zisserman 2012). Scales are cell sizes, as in
-DenseVLAD (Torii et al. 2015); descriptors of low-contrast patches (flat sky, walls) are dropped.
+DenseVLAD (Torii et al. 2015); each scale first smooths the image with a Gaussian of sigma =
+cell / magnification (as VLFeat's PHOW); descriptors of low-contrast patches are dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vlm_vpr.core.types import LocalFeatures
 
 _NUM_ORIENTATIONS = 8
 _CELL_OFFSETS = np.arange(4) - 1.5  # cell centres relative to the descriptor centre, in cells
-_WINDOW = np.exp(-(_CELL_OFFSETS[:, None] ** 2 + _CELL_OFFSETS[None, :] ** 2) / (2 * 2.0 ** 2))
+_WINDOW = np.exp(-(_CELL_OFFSETS[:, None] ** 2 + _CELL_OFFSETS[None, :] ** 2) / (2 * 2.0**2))
 
 
 class DenseRootSift:
@@ -40,7 +41,6 @@ class DenseRootSift:
 
         grey = image_bgr if image_bgr.ndim == 2 else cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
         grey = resize_shorter_side(grey, self._features.image_size_px).astype(np.float32) / 255
-        channels = orientation_channels(grey)
         cfg = self._features
         margin = 2 * max(cfg.rootsift_cell_px)
         h, w = grey.shape
@@ -48,7 +48,9 @@ class DenseRootSift:
         xs = np.arange(margin, w - margin + 1, cfg.rootsift_step_px)
         grids, valid = [], []
         for cell in cfg.rootsift_cell_px:
-            raw = dense_sift(channels, ys, xs, cell)  # [rows x cols x 128]
+            sigma = cell / cfg.rootsift_magnification
+            smooth = cv2.GaussianBlur(grey, (0, 0), sigma) if sigma > 0.25 else grey
+            raw = dense_sift(orientation_channels(smooth), ys, xs, cell)  # [rows x cols x 128]
             norms = np.linalg.norm(raw, axis=-1)
             grids.append(root_sift(raw, norms))
             valid.append(norms > cfg.rootsift_min_contrast)
@@ -62,12 +64,16 @@ def orientation_channels(grey: np.ndarray) -> np.ndarray:
     gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=1)
     gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=1)
     magnitude, angle = cv2.cartToPolar(gx, gy)  # angle in [0, 2 pi)
-    position = angle * (_NUM_ORIENTATIONS / (2 * np.pi))
-    channels = np.empty((_NUM_ORIENTATIONS, *grey.shape), np.float32)
-    for b in range(_NUM_ORIENTATIONS):
-        distance = np.abs((position - b + _NUM_ORIENTATIONS / 2) % _NUM_ORIENTATIONS
-                          - _NUM_ORIENTATIONS / 2)
-        channels[b] = magnitude * np.maximum(0.0, 1.0 - distance)
+    position = (angle * (_NUM_ORIENTATIONS / (2 * np.pi))).ravel()
+    lower = np.floor(position)
+    upper_weight = position - lower
+    lower = lower.astype(np.intp) % _NUM_ORIENTATIONS
+    flat_magnitude = magnitude.ravel()
+    pixels = np.arange(flat_magnitude.size)
+    channels = np.zeros((_NUM_ORIENTATIONS, flat_magnitude.size), np.float32)
+    channels[lower, pixels] = flat_magnitude * (1 - upper_weight)
+    channels[(lower + 1) % _NUM_ORIENTATIONS, pixels] += flat_magnitude * upper_weight
+    channels = channels.reshape(_NUM_ORIENTATIONS, *grey.shape)
     return channels
 
 
@@ -81,12 +87,15 @@ def dense_sift(channels: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell_px: in
 
     ramp = np.arange(1, cell_px + 1, dtype=np.float32)
     kernel = np.concatenate([ramp, ramp[-2::-1]]) / (cell_px * cell_px)
-    pooled = np.stack([cv2.sepFilter2D(c, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
-                       for c in channels])  # [8 x H x W]
-    cy = np.clip(np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
-                 pooled.shape[1] - 1)  # [rows x 4]
-    cx = np.clip(np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
-                 pooled.shape[2] - 1)  # [cols x 4]
+    pooled = np.stack(
+        [cv2.sepFilter2D(c, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT) for c in channels]
+    )  # [8 x H x W]
+    cy = np.clip(
+        np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[1] - 1
+    )  # [rows x 4]
+    cx = np.clip(
+        np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[2] - 1
+    )  # [cols x 4]
     cells = pooled[:, cy[:, :, None, None], cx[None, None, :, :]]  # [8 x rows x 4 x cols x 4]
     cells = cells * _WINDOW[None, None, :, None, :]
     return cells.transpose(1, 3, 2, 4, 0).reshape(len(ys), len(xs), 128)

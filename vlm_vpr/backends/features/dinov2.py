@@ -17,6 +17,7 @@ This module imports torch at load time; ``create_extractor`` imports it only for
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,14 +72,13 @@ class Dinov2Extractor:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(resized):
             groups.setdefault(image.shape, []).append(i)
-        features: list[LocalFeatures] = [None] * len(resized)  # type: ignore[list-item]
+        by_index: dict[int, LocalFeatures] = {}
         for indices in groups.values():
             for start in range(0, len(indices), self._batch_size):
                 chunk = indices[start:start + self._batch_size]
                 grids = self._describe(np.stack([resized[i] for i in chunk]))
-                for i, grid in zip(chunk, grids):
-                    features[i] = LocalFeatures(grid)
-        return features
+                by_index.update((i, LocalFeatures(grid)) for i, grid in zip(chunk, grids))
+        return [by_index[i] for i in range(len(resized))]
 
     def _describe(self, batch_bgr: np.ndarray) -> np.ndarray:
         """[B x h x w x D] float32 unit descriptors of images [B x H x W x 3] uint8 BGR."""
@@ -100,6 +100,10 @@ def _load_model(name: str, layer: int) -> nn.Module:
     fix = ('set features.dinov2_model to a local folder holding config.json and '
            'model.safetensors, or to a hub id (facebook/dinov2-small|base|large|giant) that is '
            'in the Hugging Face cache or can be downloaded (network on, HF_HUB_OFFLINE unset)')
+    if name.startswith(('/', '.', '~')):  # a folder, not a hub id
+        name = str(Path(name).expanduser())
+        if not Path(name).is_dir():
+            raise ConfigError(f'DINOv2 model folder {name!r} does not exist: {fix}')
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -152,14 +156,15 @@ def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> No
     embeddings.interpolate_pos_encoding = cached
 
 
-def _quantize_linear_layers(net: nn.Module) -> None:
-    """Make every Linear layer inside ``net`` int8; fuse each attention's q, k, v projections."""
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-            elif hasattr(child, 'o_proj'):  # a block's self-attention
-                setattr(module, name, Int8Attention(child))
+def _quantize_linear_layers(module: nn.Module) -> None:
+    """Make every Linear layer inside ``module`` int8; fuse each attention's q, k, v."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear(child.weight, child.bias))
+        elif hasattr(child, 'o_proj'):  # a block's self-attention
+            setattr(module, name, Int8Attention(child))
+        else:
+            _quantize_linear_layers(child)
 
 
 class Int8Linear(nn.Module):

@@ -1,0 +1,62 @@
+"""Start vpr_node (a lifecycle node) with the package's parameter file.
+
+    ros2 launch vlm_vpr vpr_node.launch.py map:=/path/to/map
+    ros2 launch vlm_vpr vpr_node.launch.py map:=/path/to/map \\
+        camera_topics:=/front/image_raw,/rear/image_raw/compressed use_sim_time:=true
+
+With ``autostart:=true`` (the default) the node configures and activates itself; with
+``autostart:=false`` a lifecycle manager (e.g. nav2_lifecycle_manager) drives it.
+launch / launch_ros are imported inside generate_launch_description only, so the parameter
+file path can be read (and tested) where they are not installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def default_params_file() -> str:
+    """config/vpr_node.yaml beside this launch folder (in the source tree and in the installed
+    share/vlm_vpr folder alike)."""
+    return str(Path(__file__).parent.parent / 'config' / 'vpr_node.yaml')
+
+
+def generate_launch_description():
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import LifecycleNode
+
+    from launch import LaunchDescription
+
+    def create_node(context, *args, **kwargs):
+        def value(name: str) -> str:
+            return LaunchConfiguration(name).perform(context)
+
+        def flag(name: str) -> bool:
+            return value(name).strip().lower() in ('true', '1', 'yes')
+
+        topics = [t.strip() for t in value('camera_topics').split(',') if t.strip()]
+        overrides = {'image_topics': topics, 'autostart': flag('autostart'),
+                     'use_sim_time': flag('use_sim_time')}
+        if value('map'):
+            overrides['map_path'] = value('map')
+        return [LifecycleNode(package='vlm_vpr', executable='vpr_node', name='vpr_node',
+                              namespace=value('namespace'), output='screen',
+                              parameters=[value('params_file'), overrides])]
+
+    return LaunchDescription([
+        DeclareLaunchArgument('map', default_value='',
+                              description='map folder built by `vlm-vpr map build` (overrides '
+                              'map_path of the params file)'),
+        DeclareLaunchArgument('params_file', default_value=default_params_file(),
+                              description='ROS parameters file of vpr_node'),
+        DeclareLaunchArgument('camera_topics', default_value='image',
+                              description='camera topic, or several separated by commas; a '
+                              'name ending in /compressed is read as CompressedImage'),
+        DeclareLaunchArgument('use_sim_time', default_value='false',
+                              description='use /clock (bag replay, simulation)'),
+        DeclareLaunchArgument('autostart', default_value='true',
+                              description='configure and activate the lifecycle node at once'),
+        DeclareLaunchArgument('namespace', default_value='', description='node namespace'),
+        OpaqueFunction(function=create_node),
+    ])

@@ -1,0 +1,192 @@
+"""Confidence: evidence, the logistic calibration fit on synthetic evidence with known ground
+truth, its storage in the map, and the reliability / ECE / precision-recall metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlm_vpr.core.calibration import (
+    calibrate,
+    expected_calibration_error,
+    open_set_report,
+    plot_precision_recall,
+    plot_reliability,
+    precision_recall_curve,
+    reliability_curve,
+)
+from vlm_vpr.core.confidence import Calibration, collect_evidence, fitted_with
+from vlm_vpr.core.config import (
+    ConfidenceConfig,
+    FusionConfig,
+    LocalizerConfig,
+    MapBuildConfig,
+    SequenceConfig,
+)
+from vlm_vpr.core.errors import ConfigError, DatasetError, MapError
+from vlm_vpr.core.map_format import MapContent, read_map, write_map
+from vlm_vpr.core.types import Candidate, Pose
+
+TRUE_WEIGHTS = {'top1_score': 3.0, 'margin': 12.0, 'spread': -1.5}
+TRUE_BIAS = -2.0
+
+
+def synthetic_evidence(count: int, seed: int) -> tuple[list[dict[str, float]], np.ndarray]:
+    """Evidence drawn at random and outcomes drawn from a known logistic model."""
+    rng = np.random.default_rng(seed)
+    evidence = [{'top1_score': float(rng.uniform(0.0, 1.0)), 'margin': float(rng.normal(0, 0.1)),
+                 'spread': float(rng.exponential(1.0))} for _ in range(count)]
+    truth = np.array([true_probability(e) for e in evidence])
+    return evidence, rng.random(count) < truth
+
+
+def true_probability(evidence: dict[str, float]) -> float:
+    z = TRUE_BIAS + sum(w * evidence[k] for k, w in TRUE_WEIGHTS.items())
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def test_fit_recovers_the_weights_of_a_known_logistic_model() -> None:
+    evidence, correct = synthetic_evidence(20000, seed=0)
+    fitted = Calibration.fit(evidence, correct, l2=0.0)
+    assert fitted.fitted
+    for key, weight in TRUE_WEIGHTS.items():
+        assert fitted.weights[key] == pytest.approx(weight, rel=0.15), key
+    assert fitted.bias == pytest.approx(TRUE_BIAS, abs=0.3)
+
+
+def test_fitted_confidence_is_calibrated_on_samples_not_used_for_fitting() -> None:
+    fitted = Calibration.fit(*synthetic_evidence(5000, seed=1))
+    evidence, correct = synthetic_evidence(5000, seed=2)
+    predicted = np.array([fitted.confidence(e) for e in evidence])
+    assert expected_calibration_error(predicted, correct) < 0.03
+    assert np.abs(predicted - [true_probability(e) for e in evidence]).max() < 0.1
+    default = np.array([Calibration().confidence(e) for e in evidence])
+    assert expected_calibration_error(default, correct) > 0.1  # the fit is what calibrates
+
+
+def test_fit_gives_constant_features_zero_weight_and_keeps_the_settings() -> None:
+    evidence, correct = synthetic_evidence(500, seed=3)
+    for e in evidence:
+        e['seq_fill'] = 1.0
+    settings = fitted_with(LocalizerConfig(sequence=SequenceConfig(length=5)))
+    fitted = Calibration.fit(evidence, correct, settings=settings)
+    assert fitted.weights['seq_fill'] == 0.0
+    assert fitted.settings == {'rerank.chain': [], 'sequence.length': 5}
+    assert Calibration.from_json(fitted.to_json()) == fitted
+
+
+def test_fit_rejects_samples_of_one_outcome_only() -> None:
+    evidence, _ = synthetic_evidence(50, seed=4)
+    with pytest.raises(DatasetError, match='both outcomes'):
+        Calibration.fit(evidence, np.ones(50, bool))
+
+
+@pytest.mark.parametrize(('data', 'match'), [
+    ({'bias': 0.0}, 'malformed'),
+    ({'weights': {'margin': 'x'}, 'bias': 0.0}, 'malformed'),
+    ({'weights': {'margin': float('nan')}, 'bias': 0.0}, 'non-finite'),
+])
+def test_calibration_from_json_rejects_bad_data(data: dict, match: str) -> None:
+    with pytest.raises(MapError, match=match):
+        Calibration.from_json(data)
+
+
+def tiny_map(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(4, 16)).astype(np.float32)
+    content = MapContent(MapBuildConfig(thumbnail_size_px=0), np.eye(8, 128, dtype=np.float32),
+                         (desc / np.linalg.norm(desc, axis=1, keepdims=True)).astype(np.float16),
+                         [f'{i}.png' for i in range(4)], [Pose(float(i), 0.0) for i in range(4)])
+    return write_map(content, tmp_path / 'map')
+
+
+def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: Path) -> None:
+    map_dir = tiny_map(tmp_path)
+    evidence, correct = synthetic_evidence(400, seed=5)
+    per_query = [{'evidence': e, 'confidence': 0.5, 'truth_xy': [0.0, 0.0],
+                  'first_correct_rank': 1 if ok else 3} for e, ok in zip(evidence, correct)]
+    config = LocalizerConfig(sequence=SequenceConfig(length=3))
+
+    report = calibrate({'per_query': per_query}, map_dir, config)
+
+    stored = Calibration.from_map(read_map(map_dir, load_index=False), config)
+    assert stored.fitted and stored.to_json() == report['calibration']
+    assert [q['confidence'] for q in report['per_query']] == [
+        stored.confidence(e) for e in evidence]
+    assert report['open_set']['ece'] < 0.1
+    other = LocalizerConfig(sequence=SequenceConfig(length=1))  # settings it was not fitted for
+    assert not Calibration.from_map(read_map(map_dir, load_index=False), other).fitted
+    assert not Calibration.from_map(read_map(tiny_map(tmp_path / 'b'), load_index=False)).fitted
+
+
+def candidate(index: int, x: float, score: float, **evidence: float) -> Candidate:
+    return Candidate(index, f'{index}.png', Pose(x, 0.0), score, score, dict(evidence))
+
+
+def test_evidence_margin_is_the_lead_over_the_best_other_place() -> None:
+    fusion = FusionConfig(top_n=3, cluster_radius_m=5.0)
+    coarse = [candidate(0, 0.0, 0.9), candidate(1, 2.0, 0.88), candidate(2, 40.0, 0.8),
+              candidate(3, 60.0, 0.7)]
+    final = [candidate(2, 40.0, 0.8, geometric_inliers=19.0), coarse[0], coarse[1]]
+
+    evidence = collect_evidence(coarse, final, fusion)
+
+    assert evidence['top1_score'] == pytest.approx(0.8)
+    assert evidence['margin'] == pytest.approx(0.8 - 0.9)  # the coarse best is elsewhere
+    assert evidence['rerank_agrees'] == 0.0
+    assert evidence['geometric_inliers'] == pytest.approx(np.log(20.0))
+    expected_spread = np.sqrt((40.0 ** 2 + 38.0 ** 2) / 2) / 5.0
+    assert evidence['spread'] == pytest.approx(expected_spread)
+    alone = collect_evidence(coarse[:2], coarse[:2], fusion)  # no other place in the list
+    assert alone['margin'] == pytest.approx(0.9 - 0.88)  # lead over the weakest listed
+    assert alone['rerank_agrees'] == 1.0
+
+
+def test_reliability_and_ece_match_a_direct_computation() -> None:
+    rng = np.random.default_rng(6)
+    confidence = rng.random(300)
+    correct = rng.random(300) < confidence ** 2
+    curve = reliability_curve(confidence, correct, bins=5)
+    ece = 0.0
+    for b in range(5):
+        inside = (confidence >= b / 5) & (confidence < (b + 1) / 5)
+        assert curve[b]['count'] == inside.sum()
+        assert curve[b]['accuracy'] == pytest.approx(correct[inside].mean())
+        ece += inside.sum() / 300 * abs(correct[inside].mean() - confidence[inside].mean())
+    assert expected_calibration_error(confidence, correct, bins=5) == pytest.approx(ece)
+
+
+def test_precision_recall_curve_groups_tied_confidences() -> None:
+    curve = precision_recall_curve(np.array([0.9, 0.8, 0.8, 0.3]),
+                                   np.array([True, False, True, True]), num_in_map=5)
+    np.testing.assert_allclose(curve, [[0.9, 1.0, 0.2], [0.8, 2 / 3, 0.4], [0.3, 0.75, 0.6]])
+
+
+def test_open_set_report_counts_false_accepts_and_recall_at_full_precision(
+        tmp_path: Path) -> None:
+    rows = [(0.95, [0, 0], 1), (0.92, None, None), (0.85, [1, 0], 1), (0.6, [2, 0], 2),
+            (0.3, None, None), (0.2, [3, 0], None)]
+    per_query = [{'confidence': c, 'truth_xy': t, 'first_correct_rank': r} for c, t, r in rows]
+    report = open_set_report(per_query, threshold=0.9)
+    assert report['num_in_map'] == 4 and report['num_out_of_map'] == 2
+    assert report['false_accept_rate'] == 0.5 and report['wrong_accepts'] == 1
+    assert report['accepted_in_map'] == 0.25
+    assert report['precision'] == 0.5 and report['recall'] == 0.25
+    assert report['recall_at_full_precision'] == 0.25
+    assert open_set_report(per_query, threshold=0.99)['precision'] == 1.0
+    full = {'dataset': 'd', 'protocol': 'p', 'open_set': report}
+    plot_reliability([full], tmp_path / 'rel.png')
+    plot_precision_recall([full], tmp_path / 'pr.png')
+    assert (tmp_path / 'rel.png').stat().st_size > 0 and (tmp_path / 'pr.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize(('values', 'match'), [
+    ({'initial_pose_threshold': 0.0}, 'initial_pose_threshold'),
+    ({'initial_pose_threshold': 1.5}, 'initial_pose_threshold'),
+    ({'calibration_l2': -1.0}, 'calibration_l2'),
+])
+def test_confidence_config_rejects_bad_values(values: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ConfidenceConfig(**values)

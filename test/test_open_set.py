@@ -1,0 +1,111 @@
+"""Open-set rejection on real data: campus_loop with a held-out stretch of the map and rows with
+no true match, calibrated through the CLI on one split and measured on the other."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlm_vpr.cli import main
+from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
+from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.evaluation import parse_map_range, posed_queries, run_queries
+from vlm_vpr.core.localizer import Localizer
+from vlm_vpr.core.map_format import read_map
+
+HOLDOUT = '0.3:0.7'
+
+
+@pytest.fixture(scope='module')
+def calibrated_map(campus_map: Path, data_root: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the campus map calibrated by `vlm-vpr calibrate` on the fit split."""
+    out = tmp_path_factory.mktemp('open_set') / 'map'
+    shutil.copytree(campus_map, out)
+    report = out.parent / 'calibration.json'
+    code = main(['calibrate', '--map', str(out), '--dataset', str(data_root / 'campus_loop'),
+                 '--protocol', 'interleaved', '--split', 'fit', '--holdout-map-range', HOLDOUT,
+                 '--json', str(report), '--reliability-plot', str(out.parent / 'rel.png')])
+    assert code == 0
+    assert (out.parent / 'rel.png').is_file()
+    fit = json.loads(report.read_text())
+    assert fit['split'] == 'fit' and fit['open_set']['num_out_of_map'] > 0
+    return out
+
+
+def test_out_of_map_queries_are_rejected_and_in_map_ones_accepted(calibrated_map: Path,
+                                                                  data_root: Path) -> None:
+    campus = data_root / 'campus_loop'
+    dataset, protocol, queries = posed_queries(campus / 'query' / 'images',
+                                               campus / 'query' / 'poses.csv', 5.0, 'm')
+    localizer = Localizer(read_map(calibrated_map), LocalizerConfig())
+    assert localizer.calibration.fitted
+
+    report = run_queries(localizer, dataset, protocol, queries, progress=False,
+                         holdout=HOLDOUT, split='test')
+
+    rows = report['per_query']
+    threshold = report['open_set']['threshold']
+    held = parse_map_range(HOLDOUT, len(localizer.map))
+    held_xy = localizer.map.positions_xyz[held, :2]
+    outside = [q for q in rows if q['truth_xy'] is None]
+    assert outside, 'the held-out stretch produced no out-of-map queries'
+    for q in outside:  # their true place is in the held-out stretch
+        truth = queries.xy[[p.name for p in queries.image_paths].index(q['query'])]
+        assert np.hypot(*(held_xy - truth).T).min() <= 5.0
+        assert q['confidence'] < threshold, q
+        assert not set(q['top_ids']) & set(held.tolist())
+    open_set = report['open_set']
+    assert open_set['false_accept_rate'] == 0.0
+    assert open_set['accepted_in_map'] > 0.0 and open_set['precision'] == 1.0
+    assert open_set['recall_at_full_precision'] >= 0.5  # in-map ranked above every negative
+
+
+def test_rows_without_x_y_count_as_out_of_map(campus_map: Path, data_root: Path,
+                                             tmp_path: Path) -> None:
+    query = data_root / 'campus_loop' / 'query'
+    lines = (query / 'poses.csv').read_text().splitlines()
+    blanked = [lines[0]] + [f"{row.split(',')[0]},,,{row.split(',')[3]}" if i < 3 else row
+                            for i, row in enumerate(lines[1:7])]
+    (tmp_path / 'poses.csv').write_text('\n'.join(blanked) + '\n')
+    dataset, protocol, queries = posed_queries(query / 'images', tmp_path / 'poses.csv', 5.0, 'm')
+    report = run_queries(Localizer(read_map(campus_map)), dataset, protocol, queries,
+                         progress=False)
+    assert [q['truth_xy'] is None for q in report['per_query']] == [True] * 3 + [False] * 3
+    assert report['open_set']['num_out_of_map'] == 3 and report['num_in_map'] == 3
+
+
+@pytest.mark.parametrize(('text', 'expected'), [('0.25:0.5', range(5, 10)), ('3:7', range(3, 7))])
+def test_parse_map_range_reads_fractions_and_indices(text: str, expected: range) -> None:
+    assert parse_map_range(text, 20).tolist() == list(expected)
+
+
+@pytest.mark.parametrize(('text', 'match'), [('5', 'not A:B'), ('a:b', 'not A:B'),
+                                             ('0:20', 'not all'), ('7:3', 'some but not all'),
+                                             ('0.5:1.5', 'some but not all')])
+def test_parse_map_range_rejects_bad_ranges(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_map_range(text, 20)
+
+
+def test_posed_queries_rejects_bad_units_and_tolerance(data_root: Path) -> None:
+    query = data_root / 'campus_loop' / 'query'
+    with pytest.raises(ConfigError, match='units'):
+        posed_queries(query / 'images', query / 'poses.csv', 5.0, 'feet')
+    with pytest.raises(ConfigError, match='tolerance'):
+        posed_queries(query / 'images', query / 'poses.csv', 0.0, 'm')
+
+
+def test_run_queries_rejects_spread_out_sequences_and_unknown_splits(campus_map: Path,
+                                                                    data_root: Path) -> None:
+    query = data_root / 'campus_loop' / 'query'
+    dataset, protocol, queries = posed_queries(query / 'images', query / 'poses.csv', 5.0, 'm')
+    localizer = Localizer(read_map(campus_map), LocalizerConfig(sequence=SequenceConfig(length=3)))
+    with pytest.raises(ConfigError, match='consecutive'):
+        run_queries(localizer, dataset, protocol, queries, max_queries=5)
+    with pytest.raises(ConfigError, match='split'):
+        run_queries(localizer, dataset, protocol, queries, split='train')

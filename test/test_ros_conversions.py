@@ -1,0 +1,178 @@
+"""Message conversions, the camera-mount math, output checks, the /initialpose gate and the
+odometry track (real sensor_msgs messages; no running node)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from vlm_vpr.core.images import read_image
+from vlm_vpr.core.types import Pose
+from vlm_vpr.ros.conversions import (
+    FrameSkipped,
+    base_pose_from_camera,
+    check_output,
+    image_from_msg,
+    image_msg,
+    markers_msg,
+)
+from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
+from vlm_vpr.ros.params import CameraOffsetConfig, InitialPoseConfig
+from vlm_vpr.ros.tf_offset import FixedOffset, base_in_camera_from_offset
+
+
+@pytest.fixture(scope='module')
+def image(data_root: Path) -> np.ndarray:
+    return read_image(data_root / 'campus_loop' / 'query' / 'images' / 'image_1.png')
+
+
+def raw(image: np.ndarray, encoding: str = 'bgr8', pad: int = 0) -> Image:
+    rows = image.reshape(image.shape[0], -1)
+    rows = np.hstack([rows, np.zeros((rows.shape[0], pad), np.uint8)])
+    return Image(height=image.shape[0], width=image.shape[1], encoding=encoding,
+                 step=rows.shape[1], data=rows.tobytes())
+
+
+def compressed(image: np.ndarray, ext: str = '.jpg') -> CompressedImage:
+    return CompressedImage(format=ext[1:], data=cv2.imencode(ext, image)[1].tobytes())
+
+
+def test_image_messages_of_common_encodings_become_the_same_bgr_image(image: np.ndarray) -> None:
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(image_from_msg(raw(image)), image)
+    assert np.array_equal(image_from_msg(raw(image[:, :, ::-1].copy(), 'rgb8')), image)
+    assert np.array_equal(image_from_msg(raw(image, pad=6)), image)  # row padding (step)
+    assert np.array_equal(image_from_msg(raw(grey, 'mono8'))[:, :, 0], grey)
+    assert np.array_equal(image_from_msg(compressed(image, '.png')), image)
+    jpeg = image_from_msg(compressed(image))
+    assert jpeg.shape == image.shape and np.abs(jpeg.astype(int) - image).mean() < 3
+
+
+@pytest.mark.parametrize(('make', 'reason', 'message'), [
+    (lambda im: Image(height=4, width=4, encoding='xyz123', step=12, data=bytes(48)),
+     'bad_encoding', "Format 'xyz123' is not supported"),
+    (lambda im: Image(height=0, width=0, encoding='bgr8', step=0), 'empty', '0x0'),
+    (lambda im: CompressedImage(format='jpeg'), 'empty', 'without data'),
+    (lambda im: Image(height=240, width=426, encoding='bgr8', step=1278, data=bytes(100)),
+     'corrupt', 'truncated or inconsistent'),
+    (lambda im: CompressedImage(format='jpeg', data=compressed(im).data[:4000]),
+     'corrupt', 'cannot convert CompressedImage'),
+    (lambda im: Image(height=10000, width=10000, encoding='mono8', step=10000),
+     'too_large', 'exceeds 40000000 pixels'),
+    (lambda im: compressed(np.zeros((10000, 10000), np.uint8), '.png'),
+     'too_large', 'decodes to 10000x10000'),
+])
+def test_unusable_frames_raise_frame_skipped_with_a_reason(image: np.ndarray, make, reason: str,
+                                                          message: str) -> None:
+    with pytest.raises(FrameSkipped, match=message) as caught:
+        image_from_msg(make(image))
+    assert caught.value.reason == reason
+
+
+def test_image_msg_round_trips_through_image_from_msg(image: np.ndarray) -> None:
+    msg = image_msg(image, Header(frame_id='camera'))
+    assert (msg.encoding, msg.header.frame_id) == ('bgr8', 'camera')
+    assert np.array_equal(image_from_msg(msg), image)
+
+
+def test_camera_offset_moves_the_pose_to_the_base_and_widens_the_covariance() -> None:
+    # camera 1 m ahead of the base and turned left 90 deg; camera at (10, 5) facing +y
+    base_in_camera = base_in_camera_from_offset(CameraOffsetConfig(x_m=1.0, yaw_deg=90.0))
+    camera = Pose.from_yaw(10.0, 5.0, math.pi / 2)
+    covariance = np.diag([0.25, 0.25, 1.0, 0.25, 0.25, 0.04])
+    base, base_cov = base_pose_from_camera(camera, covariance, base_in_camera)
+    # the base faces +x (camera yaw - 90 deg) and sits 1 m behind the camera along +x
+    assert (base.x, base.y, base.yaw_rad) == pytest.approx((9.0, 5.0, 0.0), abs=1e-9)
+    assert base_cov[1, 1] == pytest.approx(0.25 + 0.04)  # yaw error swings the 1 m lever in y
+    assert base_cov[0, 0] == pytest.approx(0.25)
+    check_output(base, base_cov)
+    unknown, unknown_cov = base_pose_from_camera(Pose(10.0, 5.0, yaw_known=False), covariance,
+                                                 base_in_camera)
+    assert (unknown.x, unknown.y, unknown.yaw_known) == (10.0, 5.0, False)
+    assert unknown_cov[0, 0] == pytest.approx(1.25)
+
+
+def test_fixed_offset_of_zero_leaves_the_pose_unchanged() -> None:
+    pose = Pose.from_yaw(3.0, -2.0, 0.7)
+    base, _ = base_pose_from_camera(pose, np.eye(6), FixedOffset(CameraOffsetConfig())
+                                    .base_in_camera('camera'))
+    assert (base.x, base.y, base.yaw_rad) == pytest.approx((3.0, -2.0, 0.7))
+
+
+@pytest.mark.parametrize('broken', ['nan_pose', 'zero_variance', 'nan_covariance',
+                                    'asymmetric', 'bad_quaternion'])
+def test_check_output_refuses_poses_amcl_would_reject(broken: str) -> None:
+    pose, cov = Pose.from_yaw(1.0, 2.0, 0.3), np.eye(6)
+    if broken == 'nan_pose':
+        pose = Pose.from_yaw(math.nan, 2.0, 0.3)
+    elif broken == 'zero_variance':
+        cov[5, 5] = 0.0
+    elif broken == 'nan_covariance':
+        cov[0, 1] = cov[1, 0] = math.nan
+    elif broken == 'asymmetric':
+        cov[0, 1] = 0.5
+    else:
+        pose = Pose(1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(FrameSkipped, match='refusing to publish') as caught:
+        check_output(pose, cov)
+    assert caught.value.reason == 'invalid_output'
+
+
+def test_markers_clear_the_previous_set_then_mark_each_candidate() -> None:
+    poses = [Pose.from_yaw(float(i), 0.0, 0.0) for i in range(3)]
+    markers = markers_msg(poses, [0.9, 0.8, 0.7], Header(frame_id='map')).markers
+    assert markers[0].action == markers[0].DELETEALL
+    assert len(markers) == 1 + 2 * len(poses)
+    assert [m.text for m in markers[2::2]] == ['1: 0.900', '2: 0.800', '3: 0.700']
+    assert all(m.header.frame_id == 'map' for m in markers)
+
+
+GATE = InitialPoseConfig(enabled=True, consecutive_frames=3, max_distance_m=2.0, max_yaw_deg=20)
+
+
+def test_gate_passes_after_n_agreeing_frames_then_stays_shut_until_rearmed() -> None:
+    gate = InitialPoseGate()
+    step = Pose.from_yaw(3.0, 0.0, 0.0)  # odometry: 3 m forward per frame
+    poses = [Pose.from_yaw(3.0 * i + 0.5, 0.2, 0.05) for i in range(6)]
+    passed = [gate.update(p, 0.95, step, GATE, 0.9) for p in poses]
+    assert passed == [False, False, True, False, False, False]
+    gate.rearm()
+    assert [gate.update(p, 0.95, step, GATE, 0.9) for p in poses[:3]] == [False, False, True]
+
+
+@pytest.mark.parametrize('interruption', ['low_confidence', 'jump', 'turn'])
+def test_gate_restarts_the_count_on_a_disagreeing_or_unsure_frame(interruption: str) -> None:
+    gate = InitialPoseGate()
+    step = Pose.from_yaw(3.0, 0.0, 0.0)
+    good = [Pose.from_yaw(3.0 * i, 0.0, 0.0) for i in range(8)]
+    odd = {'low_confidence': good[2], 'jump': Pose.from_yaw(40.0, 30.0, 0.0),
+           'turn': Pose.from_yaw(6.0, 0.0, 1.0)}[interruption]
+    confidence = 0.5 if interruption == 'low_confidence' else 0.95
+    assert not gate.update(good[0], 0.95, step, GATE, 0.9)
+    assert not gate.update(good[1], 0.95, step, GATE, 0.9)
+    assert not gate.update(odd, confidence, step, GATE, 0.9)
+    assert gate.run_length == (0 if interruption == 'low_confidence' else 1)
+    # the count restarts: the next frames must agree among themselves (odometry from `odd`)
+    rest = [gate.update(p, 0.95, None, GATE, 0.9) for p in [odd, odd, odd]]
+    assert rest.count(True) == 1 and not rest[0]
+
+
+def test_gate_without_odometry_compares_consecutive_poses_directly() -> None:
+    gate = InitialPoseGate()
+    still = [Pose.from_yaw(5.0 + 0.5 * i, 0.0, 0.0) for i in range(3)]
+    assert [gate.update(p, 0.95, None, GATE, 0.9) for p in still] == [False, False, True]
+
+
+def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
+    track = OdometryTrack()
+    track.add(1_000_000_000, 10.0, 0.0, math.pi / 2)  # facing +y
+    track.add(2_000_000_000, 10.0, 3.0, math.pi)
+    motion = track.motion(1_000_000_000, 2_000_000_000)
+    assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
+    assert track.motion(1_000_000_000, 9_000_000_000) is None  # no odometry near 9 s

@@ -1,0 +1,185 @@
+"""Sequence evidence: the vote against a direct loop implementation, and the matcher end to end
+on synthetic maps (known routes, noisy frames, odometry, held-out stretches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, SequenceConfig
+from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.localizer import Localizer
+from vlm_vpr.core.map_format import MapContent, read_map, write_map
+from vlm_vpr.core.pose_fusion import fuse_poses
+from vlm_vpr.core.retrieval import search
+from vlm_vpr.core.sequence import SequenceMatcher, nearest_on_route, route_coordinates, vote
+from vlm_vpr.core.types import Candidate, LocalizationResult, Pose
+
+
+def direct_vote(z: np.ndarray, route: np.ndarray, offsets: np.ndarray,
+                velocities: np.ndarray, max_gap: float) -> np.ndarray:
+    """Loop over every end image, velocity and frame; nearest map image by linear scan."""
+    n, num = z.shape
+    scores = np.full(num, -np.inf)
+    for j in range(num):
+        for v in velocities:
+            total = 0.0
+            for lag in range(n):
+                point = route[j] - v * offsets[lag]
+                k = min(range(num), key=lambda i: (abs(route[i] - point), i))
+                if abs(route[k] - point) <= max_gap and np.isfinite(z[lag, k]):
+                    total += z[lag, k]
+            scores[j] = max(scores[j], total / n)
+    return scores
+
+
+def test_vote_equals_a_direct_loop_implementation() -> None:
+    rng = np.random.default_rng(0)
+    steps = rng.choice([0.0, 1.0, 1.0, 2.5, 7.0], size=29)  # repeats, jitter and a gap
+    route = np.concatenate([[0.0], np.cumsum(steps)])
+    z = rng.normal(size=(6, 30)).astype(np.float32)
+    z[rng.random(z.shape) < 0.15] = np.nan  # map images not searchable for some frames
+    offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(0.0, 3.0, size=5))])
+    velocities = np.array([0.8, 1.0, 1.25, -1.0])
+
+    scores, best = vote(z, route, offsets, velocities, max_gap=1.5)
+
+    np.testing.assert_allclose(scores, direct_vote(z, route, offsets, velocities, 1.5),
+                               rtol=1e-6, atol=1e-6)
+    for j in range(len(route)):  # the reported velocity is one that reaches the best score
+        alone, _ = vote(z, route, offsets, velocities[best[j]: best[j] + 1], 1.5)
+        assert alone[j] == pytest.approx(scores[j])
+
+
+def test_nearest_on_route_picks_the_closest_map_image() -> None:
+    route = np.array([0.0, 1.0, 1.0, 4.0])
+    points = np.array([[-3.0, 0.4, 0.6, 2.4, 2.6, 9.0]])
+    assert nearest_on_route(route, points).tolist() == [[0, 0, 1, 1, 3, 3]]
+    assert nearest_on_route(np.array([5.0]), points).tolist() == [[0] * 6]
+
+
+def test_route_coordinates_accumulate_distance_and_ignore_repeats_for_spacing() -> None:
+    route, spacing = route_coordinates(np.array([[0, 0], [3, 4], [3, 4], [3, 6]], float))
+    assert route.tolist() == [0.0, 5.0, 5.0, 7.0]
+    assert spacing == pytest.approx(3.5)
+
+
+def make_route_map(tmp_path: Path, xs: np.ndarray, dim: int = 48,
+                   seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A map (no images needed) of random unit descriptors placed at x = ``xs`` metres."""
+    rng = np.random.default_rng(seed)
+    desc = rng.normal(size=(len(xs), dim)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    codebook = rng.normal(size=(8, 128)).astype(np.float32)
+    content = MapContent(MapBuildConfig(thumbnail_size_px=0), codebook / np.linalg.norm(
+        codebook, axis=1, keepdims=True), desc.astype(np.float16),
+        [f'{i:04d}.png' for i in range(len(xs))], [Pose(float(x), 0.0) for x in xs])
+    return write_map(content, tmp_path / 'map'), desc
+
+
+def noisy(desc: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    out = desc + noise * rng.normal(size=desc.shape) / np.sqrt(desc.shape[-1])
+    return (out / np.linalg.norm(out, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def single_frame_result(localizer: Localizer, descriptor: np.ndarray) -> LocalizationResult:
+    """Test double of Localizer.localize for a given descriptor (these maps have no images)."""
+    vpr_map = localizer.map
+    scores, ids = search(vpr_map.index, vpr_map.content.descriptors, descriptor, 10)
+    candidates = [Candidate(int(i), vpr_map.content.image_names[i], vpr_map.content.poses[i],
+                            float(s), float(s)) for s, i in zip(scores, ids)]
+    pose, covariance = fuse_poses(candidates, localizer.config.fusion)
+    return LocalizationResult(candidates, pose, covariance, 0.5, {'total': 1.0})
+
+
+def run_matcher(localizer: Localizer, queries: np.ndarray, travelled: list[float | None],
+                submap: np.ndarray | None = None) -> list[LocalizationResult]:
+    matcher = SequenceMatcher(localizer)
+    return [matcher.update(single_frame_result(localizer, q), q, t, submap)
+            for q, t in zip(queries, travelled)]
+
+
+def test_sequence_recovers_places_that_single_frames_miss(tmp_path: Path) -> None:
+    map_dir, desc = make_route_map(tmp_path, np.arange(80, dtype=float))
+    queries = noisy(desc, 2.5, np.random.default_rng(1))
+    config = LocalizerConfig(sequence=SequenceConfig(length=8, column_centring=0.0))
+    localizer = Localizer(read_map(map_dir), config)
+
+    results = run_matcher(localizer, queries, [None] * len(queries))
+
+    single = np.mean(np.argmax(queries @ desc.T, axis=1) == np.arange(80))
+    best = np.array([r.candidates[0].map_index for r in results])
+    sequence = np.mean(np.abs(best[8:] - np.arange(8, 80)) <= 1)
+    assert single < 0.6, f'noise too weak for the test: single-frame recall {single:.2f}'
+    assert sequence >= 0.95 and sequence > single + 0.3, (single, sequence)
+    last = results[-1]
+    assert {'seq_score', 'seq_margin', 'temporal_consistency', 'seq_fill'} <= set(last.evidence)
+    assert last.evidence['seq_fill'] == 1.0 and results[0].evidence['seq_fill'] == 1 / 8
+    assert 'sequence' in last.timing_ms and 0.0 <= last.confidence <= 1.0
+    assert last.pose.x == pytest.approx(79.0, abs=1.5)
+
+
+def test_odometry_aligns_frames_when_the_camera_stops_and_speeds_up(tmp_path: Path) -> None:
+    xs = np.cumsum(np.r_[0.0, np.tile([1.0, 3.0], 40)])  # uneven map spacing
+    map_dir, desc = make_route_map(tmp_path, xs)
+    rng = np.random.default_rng(2)
+    visits = np.cumsum(rng.choice([0, 1, 1, 2, 3], size=100)).clip(0, len(xs) - 1)
+    queries = noisy(desc[visits], 2.5, rng)
+    travelled = [None] + list(np.diff(xs[visits]))
+    config = LocalizerConfig(sequence=SequenceConfig(length=8, velocities=(1.0,),
+                                                     column_centring=0.0))
+    localizer = Localizer(read_map(map_dir), config)
+
+    def recall(results: list[LocalizationResult]) -> float:
+        best = np.array([r.candidates[0].map_index for r in results])
+        return float(np.mean(np.abs(xs[best] - xs[visits])[8:] <= 1.0))
+
+    with_odometry = recall(run_matcher(localizer, queries, travelled))
+    frame_order = recall(run_matcher(localizer, queries, [None] * len(queries)))
+    assert with_odometry >= 0.9 and with_odometry > frame_order + 0.2, (with_odometry,
+                                                                       frame_order)
+
+
+def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(
+        tmp_path: Path) -> None:
+    map_dir, desc = make_route_map(tmp_path, np.arange(60, dtype=float))
+    queries = noisy(desc, 1.0, np.random.default_rng(3))
+    localizer = Localizer(read_map(map_dir), LocalizerConfig(
+        sequence=SequenceConfig(length=6, column_centring=0.0)))
+    submap = np.r_[0:25, 35:60]
+
+    full = run_matcher(localizer, queries, [None] * 60)
+    held = run_matcher(localizer, queries, [None] * 60, submap)
+
+    returned = {c.map_index for r in held for c in r.candidates}
+    assert returned.isdisjoint(range(25, 35))
+    inside = range(27, 35)  # the sequence window lies mostly in the held-out stretch
+    assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score']
+               for t in inside)
+
+
+def test_reset_forgets_past_frames(tmp_path: Path) -> None:
+    map_dir, desc = make_route_map(tmp_path, np.arange(20, dtype=float))
+    localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=4)))
+    matcher = SequenceMatcher(localizer)
+    for q in desc[:5]:
+        matcher.update(single_frame_result(localizer, q), q)
+    matcher.reset()
+    result = matcher.update(single_frame_result(localizer, desc[7]), desc[7])
+    assert result.evidence['seq_fill'] == 0.25 and matcher.count == 1
+    assert result.candidates[0].map_index == 7
+
+
+@pytest.mark.parametrize(('values', 'match'), [
+    ({'length': 0}, 'sequence.length'),
+    ({'velocities': ()}, 'sequence.velocities'),
+    ({'velocities': (1.0, 0.0)}, 'sequence.velocities'),
+    ({'max_gap_spacings': 0.0}, 'sequence.max_gap_spacings'),
+    ({'consistency_radius_spacings': -1.0}, 'sequence.consistency_radius_spacings'),
+    ({'column_centring': 1.5}, 'sequence.column_centring'),
+])
+def test_sequence_config_rejects_bad_values(values: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SequenceConfig(**values)
