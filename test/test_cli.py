@@ -123,3 +123,41 @@ def test_localize_rejects_a_backbone_other_than_the_maps(
     shutil.copytree(campus_map, copy)
     assert main(['localize', '--map', str(copy), '--backbone', 'dinov2', 'x.png']) == 1
     assert "built with backbone 'dense-rootsift'" in capsys.readouterr().err
+
+
+def test_localize_near_a_position_searches_only_that_submap(
+    campus_map: Path, data_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = data_root / 'campus_loop' / 'query' / 'images' / 'image_1.png'
+    assert (
+        main(
+            [
+                'localize',
+                '--map',
+                str(campus_map),
+                '--near',
+                '-31',
+                '-10',
+                '--radius-m',
+                '15',
+                str(image),
+            ]
+        )
+        == 0
+    )
+    line = json.loads(capsys.readouterr().out)
+    assert 0 < len(line['candidates']) < 10
+    assert all((c['x'] + 31) ** 2 + (c['y'] + 10) ** 2 <= 15**2 for c in line['candidates'])
+
+
+def test_localize_in_an_unknown_region_names_the_fix(
+    campus_map: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    copy = tmp_path / 'm'
+    shutil.copytree(campus_map, copy)
+    assert main(['localize', '--map', str(copy), '--region', 'gate', 'x.png']) == 1
+    assert 'run `vlm-vpr map regions` first' in capsys.readouterr().err
+    assert main(['map', 'regions', str(copy), '--names', 'north,south', '--count', '2']) == 0
+    capsys.readouterr()
+    assert main(['localize', '--map', str(copy), '--region', 'gate', 'x.png']) == 1
+    assert "no region 'gate'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from vlm_vpr.backends.features.dense_rootsift import (
     DenseRootSift,
     dense_sift,

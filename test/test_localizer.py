@@ -100,3 +100,12 @@ def test_describe_matches_the_stored_descriptor_of_a_map_image(
     )
     stored = vpr_map.content.descriptors[i].astype(np.float32)
     assert float(descriptor @ stored) > 0.999
+
+
+def test_empty_submap_falls_back_to_the_whole_map_with_a_note(
+    localizer: Localizer, data_root: Path
+) -> None:
+    image = read_image(data_root / 'campus_loop' / 'query' / 'images' / 'image_1.png')
+    result = localizer.localize(image, submap=np.array([], dtype=np.int64))
+    assert len(result.candidates) == 5
+    assert any('submap holds no map image' in note for note in result.notes)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, from_flat_dict, to_flat_dict
@@ -97,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     localize = sub.add_parser('localize', help='localise images; one JSON line per image')
     localize.add_argument('--map', type=Path, required=True)
     localize.add_argument('images', type=Path, nargs='+')
+    localize.add_argument(
+        '--near',
+        type=float,
+        nargs=2,
+        metavar=('X', 'Y'),
+        help='search only map images within --radius-m of this position',
+    )
+    localize.add_argument('--radius-m', type=float, default=20.0, help='radius for --near')
+    localize.add_argument('--region', help='search only this region (see `vlm-vpr map regions`)')
     _add_config_args(localize, backbone=True, rerank=True)
     localize.set_defaults(run=_cmd_localize)
 
@@ -387,6 +397,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     from vlm_vpr.core.images import read_image
     from vlm_vpr.core.localizer import Localizer
     from vlm_vpr.core.map_format import check_compatible, read_map
+    from vlm_vpr.core.retrieval import ids_within_radius
 
     values = load_overrides(args)
     _, query_config = split_config(
@@ -396,10 +407,18 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     if 'features.backbone' in values:
         check_compatible(vpr_map, values['features.backbone'])
     localizer = Localizer(vpr_map, query_config)
+    submap = None
+    if args.near is not None:
+        submap = ids_within_radius(vpr_map.positions_xyz, tuple(args.near), args.radius_m)
+    if args.region is not None:
+        from vlm_vpr.core.map_describe import region_ids
+
+        chosen = region_ids(vpr_map, args.region)
+        submap = chosen if submap is None else np.intersect1d(submap, chosen)
     failures = 0
     for path in args.images:
         try:
-            result = localizer.localize(read_image(path))
+            result = localizer.localize(read_image(path), submap=submap)
         except VprError as exc:
             failures += 1
             print(json.dumps({'image': str(path), 'error': str(exc)}))

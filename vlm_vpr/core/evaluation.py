@@ -176,7 +176,8 @@ def summarize(per_query: list[dict], dataset: Dataset, protocol: str,
     timing['total_p95'] = _stat(per_query, 'total', 95)
     proto = dataset.protocol(protocol)
     return {
-        'dataset': dataset.name, 'dataset_dir': str(dataset.root), 'protocol': protocol, 'map': proto.map, 'query': proto.query,
+        'dataset': dataset.name, 'dataset_dir': str(dataset.root), 'protocol': protocol,
+        'map': proto.map, 'query': proto.query,
         'tolerance': proto.tolerance, 'units': dataset.units,
         'num_queries': len(per_query), 'num_in_map': len(in_map),
         'recall': recall,

@@ -72,7 +72,8 @@ class Localizer:
         scores, ids = search(
             self.map.index, self.map.content.descriptors, descriptor, depth, submap
         )
-        if len(ids) == 0:  # an empty submap: fall back to the whole map
+        if len(ids) == 0:  # an empty submap: fall back to the whole map, and say so
+            query.notes.append('the requested submap holds no map image; searched the whole map')
             scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth)
         candidates = [self._candidate(int(i), float(s)) for s, i in zip(scores, ids)]
         timing['search'] = _ms(t)

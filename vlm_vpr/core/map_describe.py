@@ -201,6 +201,16 @@ def load_regions(vpr_map: VprMap) -> MapRegions | None:
     return MapRegions(labels, centres, region_of_image.astype(np.int32))
 
 
+def region_ids(vpr_map: VprMap, label: str) -> np.ndarray:
+    """Map ids of the region named ``label`` (a submap for search); MapError names the labels."""
+    regions = load_regions(vpr_map)
+    if regions is None:
+        raise MapError(f'{vpr_map.path} has no regions; run `vlm-vpr map regions` first')
+    if label not in regions.labels:
+        raise MapError(f'no region {label!r} in {vpr_map.path}; regions: {regions.labels}')
+    return np.flatnonzero(regions.region_of_image == regions.labels.index(label))
+
+
 def cluster_positions(xy: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means (k-means++ start) of positions [N x 2] into at most ``count`` non-empty regions.
 
