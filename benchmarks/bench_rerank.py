@@ -93,6 +93,37 @@ def time_queries(reranker: DescriptionsReranker, vpr_map: VprMap, k: int,
     return statistics.median(times_ms), (reranker.client.calls - calls_before) / queries
 
 
+def measure_rerank(shortlists: Sequence[int], generation_s: float,
+                   queries: int) -> dict[str, Any]:
+    """Time the ``descriptions`` re-ranker with precomputed and with online map descriptions.
+
+    Returns ``{'describe_ms', 'map_images', 'rows'}``; each row is ``{'k', 'precomputed_calls',
+    'precomputed_ms', 'online_calls', 'online_ms'}`` (VLM calls and median ms per query).
+    """
+    config = LocalizerConfig(rerank=RerankConfig(chain=('descriptions',), vlm_always=True,
+                                                 time_budget_s=3600.0))
+    embedder = TextEmbedder()
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_map = synthetic_map(Path(tmp) / 'bare', max(shortlists))
+        described_map = synthetic_map(Path(tmp) / 'described', max(shortlists))
+        start = time.perf_counter()
+        describe_map(described_map.path, config.vlm, config.rerank, StandInVlm(0.0), embedder)
+        describe_ms = (time.perf_counter() - start) * 1000.0
+        described_map = read_map(described_map.path)
+        precomputed = DescriptionsReranker(config, described_map, StandInVlm(generation_s),
+                                           embedder)
+        online = DescriptionsReranker(config, bare_map, StandInVlm(generation_s), embedder)
+        time_queries(precomputed, described_map, 2, 1)  # warm-up, not counted
+        time_queries(online, bare_map, 2, 1)
+        rows = []
+        for k in shortlists:
+            pre_ms, pre_calls = time_queries(precomputed, described_map, k, queries)
+            on_ms, on_calls = time_queries(online, bare_map, k, queries)
+            rows.append({'k': k, 'precomputed_calls': pre_calls, 'precomputed_ms': pre_ms,
+                         'online_calls': on_calls, 'online_ms': on_ms})
+    return {'describe_ms': describe_ms, 'map_images': max(shortlists), 'rows': rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--generation-s', type=float, default=0.1,
@@ -104,32 +135,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    config = LocalizerConfig(rerank=RerankConfig(chain=('descriptions',), vlm_always=True,
-                                                 time_budget_s=3600.0))
-    embedder = TextEmbedder()
-    with tempfile.TemporaryDirectory() as tmp:
-        bare_map = synthetic_map(Path(tmp) / 'bare', max(args.shortlists))
-        described_map = synthetic_map(Path(tmp) / 'described', max(args.shortlists))
-        start = time.perf_counter()
-        describe_map(described_map.path, config.vlm, config.rerank, StandInVlm(0.0), embedder)
-        describe_ms = (time.perf_counter() - start) * 1000.0
-        described_map = read_map(described_map.path)
-        precomputed = DescriptionsReranker(config, described_map, StandInVlm(args.generation_s),
-                                           embedder)
-        online = DescriptionsReranker(config, bare_map, StandInVlm(args.generation_s), embedder)
-        time_queries(precomputed, described_map, 2, 1)  # warm-up, not counted
-        time_queries(online, bare_map, 2, 1)
-        print(f'stand-in VLM generation {args.generation_s:.3f} s/call, {args.queries} queries, '
-              f'torch threads {args.threads}; map describe without generation time: '
-              f'{describe_ms:.0f} ms for {len(described_map)} images '
-              f'(+ {len(described_map)} x generation)')
-        print('| K | precomputed: VLM calls | precomputed: ms/query | online: VLM calls '
-              '| online: ms/query |')
-        print('|---|---|---|---|---|')
-        for k in args.shortlists:
-            pre_ms, pre_calls = time_queries(precomputed, described_map, k, args.queries)
-            on_ms, on_calls = time_queries(online, bare_map, k, args.queries)
-            print(f'| {k} | {pre_calls:.0f} | {pre_ms:.0f} | {on_calls:.0f} | {on_ms:.0f} |')
+    result = measure_rerank(args.shortlists, args.generation_s, args.queries)
+    print(f'stand-in VLM generation {args.generation_s:.3f} s/call, {args.queries} queries, '
+          f'torch threads {args.threads}; map describe without generation time: '
+          f'{result["describe_ms"]:.0f} ms for {result["map_images"]} images '
+          f'(+ {result["map_images"]} x generation)')
+    print('| K | precomputed: VLM calls | precomputed: ms/query | online: VLM calls '
+          '| online: ms/query |')
+    print('|---|---|---|---|---|')
+    for row in result['rows']:
+        print(f'| {row["k"]} | {row["precomputed_calls"]:.0f} | {row["precomputed_ms"]:.0f} '
+              f'| {row["online_calls"]:.0f} | {row["online_ms"]:.0f} |')
 
 
 if __name__ == '__main__':
