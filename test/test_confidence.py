@@ -36,8 +36,14 @@ TRUE_BIAS = -2.0
 def synthetic_evidence(count: int, seed: int) -> tuple[list[dict[str, float]], np.ndarray]:
     """Evidence drawn at random and outcomes drawn from a known logistic model."""
     rng = np.random.default_rng(seed)
-    evidence = [{'top1_score': float(rng.uniform(0.0, 1.0)), 'margin': float(rng.normal(0, 0.1)),
-                 'spread': float(rng.exponential(1.0))} for _ in range(count)]
+    evidence = [
+        {
+            'top1_score': float(rng.uniform(0.0, 1.0)),
+            'margin': float(rng.normal(0, 0.1)),
+            'spread': float(rng.exponential(1.0)),
+        }
+        for _ in range(count)
+    ]
     truth = np.array([true_probability(e) for e in evidence])
     return evidence, rng.random(count) < truth
 
@@ -83,11 +89,14 @@ def test_fit_rejects_samples_of_one_outcome_only() -> None:
         Calibration.fit(evidence, np.ones(50, bool))
 
 
-@pytest.mark.parametrize(('data', 'match'), [
-    ({'bias': 0.0}, 'malformed'),
-    ({'weights': {'margin': 'x'}, 'bias': 0.0}, 'malformed'),
-    ({'weights': {'margin': float('nan')}, 'bias': 0.0}, 'non-finite'),
-])
+@pytest.mark.parametrize(
+    ('data', 'match'),
+    [
+        ({'bias': 0.0}, 'malformed'),
+        ({'weights': {'margin': 'x'}, 'bias': 0.0}, 'malformed'),
+        ({'weights': {'margin': float('nan')}, 'bias': 0.0}, 'non-finite'),
+    ],
+)
 def test_calibration_from_json_rejects_bad_data(data: dict, match: str) -> None:
     with pytest.raises(MapError, match=match):
         Calibration.from_json(data)
@@ -96,17 +105,28 @@ def test_calibration_from_json_rejects_bad_data(data: dict, match: str) -> None:
 def tiny_map(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     desc = rng.normal(size=(4, 16)).astype(np.float32)
-    content = MapContent(MapBuildConfig(thumbnail_size_px=0), np.eye(8, 128, dtype=np.float32),
-                         (desc / np.linalg.norm(desc, axis=1, keepdims=True)).astype(np.float16),
-                         [f'{i}.png' for i in range(4)], [Pose(float(i), 0.0) for i in range(4)])
+    content = MapContent(
+        MapBuildConfig(thumbnail_size_px=0),
+        np.eye(8, 128, dtype=np.float32),
+        (desc / np.linalg.norm(desc, axis=1, keepdims=True)).astype(np.float16),
+        [f'{i}.png' for i in range(4)],
+        [Pose(float(i), 0.0) for i in range(4)],
+    )
     return write_map(content, tmp_path / 'map')
 
 
 def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: Path) -> None:
     map_dir = tiny_map(tmp_path)
     evidence, correct = synthetic_evidence(400, seed=5)
-    per_query = [{'evidence': e, 'confidence': 0.5, 'truth_xy': [0.0, 0.0],
-                  'first_correct_rank': 1 if ok else 3} for e, ok in zip(evidence, correct)]
+    per_query = [
+        {
+            'evidence': e,
+            'confidence': 0.5,
+            'truth_xy': [0.0, 0.0],
+            'first_correct_rank': 1 if ok else 3,
+        }
+        for e, ok in zip(evidence, correct)
+    ]
     config = LocalizerConfig(sequence=SequenceConfig(length=3))
 
     report = calibrate({'per_query': per_query}, map_dir, config)
@@ -114,7 +134,8 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: P
     stored = Calibration.from_map(read_map(map_dir, load_index=False), config)
     assert stored.fitted and stored.to_json() == report['calibration']
     assert [q['confidence'] for q in report['per_query']] == [
-        stored.confidence(e) for e in evidence]
+        stored.confidence(e) for e in evidence
+    ]
     assert report['open_set']['ece'] < 0.1
     other = LocalizerConfig(sequence=SequenceConfig(length=1))  # settings it was not fitted for
     assert not Calibration.from_map(read_map(map_dir, load_index=False), other).fitted
@@ -127,8 +148,12 @@ def candidate(index: int, x: float, score: float, **evidence: float) -> Candidat
 
 def test_evidence_margin_is_the_lead_over_the_best_other_place() -> None:
     fusion = FusionConfig(top_n=3, cluster_radius_m=5.0)
-    coarse = [candidate(0, 0.0, 0.9), candidate(1, 2.0, 0.88), candidate(2, 40.0, 0.8),
-              candidate(3, 60.0, 0.7)]
+    coarse = [
+        candidate(0, 0.0, 0.9),
+        candidate(1, 2.0, 0.88),
+        candidate(2, 40.0, 0.8),
+        candidate(3, 60.0, 0.7),
+    ]
     final = [candidate(2, 40.0, 0.8, geometric_inliers=19.0), coarse[0], coarse[1]]
 
     evidence = collect_evidence(coarse, final, fusion)
@@ -137,7 +162,7 @@ def test_evidence_margin_is_the_lead_over_the_best_other_place() -> None:
     assert evidence['margin'] == pytest.approx(0.8 - 0.9)  # the coarse best is elsewhere
     assert evidence['rerank_agrees'] == 0.0
     assert evidence['geometric_inliers'] == pytest.approx(np.log(20.0))
-    expected_spread = np.sqrt((40.0 ** 2 + 38.0 ** 2) / 2) / 5.0
+    expected_spread = np.sqrt((40.0**2 + 38.0**2) / 2) / 5.0
     assert evidence['spread'] == pytest.approx(expected_spread)
     alone = collect_evidence(coarse[:2], coarse[:2], fusion)  # no other place in the list
     assert alone['margin'] == pytest.approx(0.9 - 0.88)  # lead over the weakest listed
@@ -147,7 +172,7 @@ def test_evidence_margin_is_the_lead_over_the_best_other_place() -> None:
 def test_reliability_and_ece_match_a_direct_computation() -> None:
     rng = np.random.default_rng(6)
     confidence = rng.random(300)
-    correct = rng.random(300) < confidence ** 2
+    correct = rng.random(300) < confidence**2
     curve = reliability_curve(confidence, correct, bins=5)
     ece = 0.0
     for b in range(5):
@@ -159,15 +184,21 @@ def test_reliability_and_ece_match_a_direct_computation() -> None:
 
 
 def test_precision_recall_curve_groups_tied_confidences() -> None:
-    curve = precision_recall_curve(np.array([0.9, 0.8, 0.8, 0.3]),
-                                   np.array([True, False, True, True]), num_in_map=5)
+    curve = precision_recall_curve(
+        np.array([0.9, 0.8, 0.8, 0.3]), np.array([True, False, True, True]), num_in_map=5
+    )
     np.testing.assert_allclose(curve, [[0.9, 1.0, 0.2], [0.8, 2 / 3, 0.4], [0.3, 0.75, 0.6]])
 
 
-def test_open_set_report_counts_false_accepts_and_recall_at_full_precision(
-        tmp_path: Path) -> None:
-    rows = [(0.95, [0, 0], 1), (0.92, None, None), (0.85, [1, 0], 1), (0.6, [2, 0], 2),
-            (0.3, None, None), (0.2, [3, 0], None)]
+def test_open_set_report_counts_false_accepts_and_recall_at_full_precision(tmp_path: Path) -> None:
+    rows = [
+        (0.95, [0, 0], 1),
+        (0.92, None, None),
+        (0.85, [1, 0], 1),
+        (0.6, [2, 0], 2),
+        (0.3, None, None),
+        (0.2, [3, 0], None),
+    ]
     per_query = [{'confidence': c, 'truth_xy': t, 'first_correct_rank': r} for c, t, r in rows]
     report = open_set_report(per_query, threshold=0.9)
     assert report['num_in_map'] == 4 and report['num_out_of_map'] == 2
@@ -182,11 +213,14 @@ def test_open_set_report_counts_false_accepts_and_recall_at_full_precision(
     assert (tmp_path / 'rel.png').stat().st_size > 0 and (tmp_path / 'pr.png').stat().st_size > 0
 
 
-@pytest.mark.parametrize(('values', 'match'), [
-    ({'initial_pose_threshold': 0.0}, 'initial_pose_threshold'),
-    ({'initial_pose_threshold': 1.5}, 'initial_pose_threshold'),
-    ({'calibration_l2': -1.0}, 'calibration_l2'),
-])
+@pytest.mark.parametrize(
+    ('values', 'match'),
+    [
+        ({'initial_pose_threshold': 0.0}, 'initial_pose_threshold'),
+        ({'initial_pose_threshold': 1.5}, 'initial_pose_threshold'),
+        ({'calibration_l2': -1.0}, 'calibration_l2'),
+    ],
+)
 def test_confidence_config_rejects_bad_values(values: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ConfidenceConfig(**values)

@@ -21,15 +21,32 @@ HOLDOUT = '0.3:0.7'
 
 
 @pytest.fixture(scope='module')
-def calibrated_map(campus_map: Path, data_root: Path,
-                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+def calibrated_map(
+    campus_map: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A copy of the campus map calibrated by `vlm-vpr calibrate` on the fit split."""
     out = tmp_path_factory.mktemp('open_set') / 'map'
     shutil.copytree(campus_map, out)
     report = out.parent / 'calibration.json'
-    code = main(['calibrate', '--map', str(out), '--dataset', str(data_root / 'campus_loop'),
-                 '--protocol', 'interleaved', '--split', 'fit', '--holdout-map-range', HOLDOUT,
-                 '--json', str(report), '--reliability-plot', str(out.parent / 'rel.png')])
+    code = main(
+        [
+            'calibrate',
+            '--map',
+            str(out),
+            '--dataset',
+            str(data_root / 'campus_loop'),
+            '--protocol',
+            'interleaved',
+            '--split',
+            'fit',
+            '--holdout-map-range',
+            HOLDOUT,
+            '--json',
+            str(report),
+            '--reliability-plot',
+            str(out.parent / 'rel.png'),
+        ]
+    )
     assert code == 0
     assert (out.parent / 'rel.png').is_file()
     fit = json.loads(report.read_text())
@@ -37,16 +54,19 @@ def calibrated_map(campus_map: Path, data_root: Path,
     return out
 
 
-def test_out_of_map_queries_are_rejected_and_in_map_ones_accepted(calibrated_map: Path,
-                                                                  data_root: Path) -> None:
+def test_out_of_map_queries_are_rejected_and_in_map_ones_accepted(
+    calibrated_map: Path, data_root: Path
+) -> None:
     campus = data_root / 'campus_loop'
-    dataset, protocol, queries = posed_queries(campus / 'query' / 'images',
-                                               campus / 'query' / 'poses.csv', 5.0, 'm')
+    dataset, protocol, queries = posed_queries(
+        campus / 'query' / 'images', campus / 'query' / 'poses.csv', 5.0, 'm'
+    )
     localizer = Localizer(read_map(calibrated_map), LocalizerConfig())
     assert localizer.calibration.fitted
 
-    report = run_queries(localizer, dataset, protocol, queries, progress=False,
-                         holdout=HOLDOUT, split='test')
+    report = run_queries(
+        localizer, dataset, protocol, queries, progress=False, holdout=HOLDOUT, split='test'
+    )
 
     rows = report['per_query']
     threshold = report['open_set']['threshold']
@@ -65,16 +85,20 @@ def test_out_of_map_queries_are_rejected_and_in_map_ones_accepted(calibrated_map
     assert open_set['recall_at_full_precision'] >= 0.5  # in-map ranked above every negative
 
 
-def test_rows_without_x_y_count_as_out_of_map(campus_map: Path, data_root: Path,
-                                             tmp_path: Path) -> None:
+def test_rows_without_x_y_count_as_out_of_map(
+    campus_map: Path, data_root: Path, tmp_path: Path
+) -> None:
     query = data_root / 'campus_loop' / 'query'
     lines = (query / 'poses.csv').read_text().splitlines()
-    blanked = [lines[0]] + [f"{row.split(',')[0]},,,{row.split(',')[3]}" if i < 3 else row
-                            for i, row in enumerate(lines[1:7])]
+    blanked = [lines[0]] + [
+        f'{row.split(",")[0]},,,{row.split(",")[3]}' if i < 3 else row
+        for i, row in enumerate(lines[1:7])
+    ]
     (tmp_path / 'poses.csv').write_text('\n'.join(blanked) + '\n')
     dataset, protocol, queries = posed_queries(query / 'images', tmp_path / 'poses.csv', 5.0, 'm')
-    report = run_queries(Localizer(read_map(campus_map)), dataset, protocol, queries,
-                         progress=False)
+    report = run_queries(
+        Localizer(read_map(campus_map)), dataset, protocol, queries, progress=False
+    )
     assert [q['truth_xy'] is None for q in report['per_query']] == [True] * 3 + [False] * 3
     assert report['open_set']['num_out_of_map'] == 3 and report['num_in_map'] == 3
 
@@ -84,9 +108,16 @@ def test_parse_map_range_reads_fractions_and_indices(text: str, expected: range)
     assert parse_map_range(text, 20).tolist() == list(expected)
 
 
-@pytest.mark.parametrize(('text', 'match'), [('5', 'not A:B'), ('a:b', 'not A:B'),
-                                             ('0:20', 'not all'), ('7:3', 'some but not all'),
-                                             ('0.5:1.5', 'some but not all')])
+@pytest.mark.parametrize(
+    ('text', 'match'),
+    [
+        ('5', 'not A:B'),
+        ('a:b', 'not A:B'),
+        ('0:20', 'not all'),
+        ('7:3', 'some but not all'),
+        ('0.5:1.5', 'some but not all'),
+    ],
+)
 def test_parse_map_range_rejects_bad_ranges(text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_map_range(text, 20)
@@ -100,8 +131,9 @@ def test_posed_queries_rejects_bad_units_and_tolerance(data_root: Path) -> None:
         posed_queries(query / 'images', query / 'poses.csv', 0.0, 'm')
 
 
-def test_run_queries_rejects_spread_out_sequences_and_unknown_splits(campus_map: Path,
-                                                                    data_root: Path) -> None:
+def test_run_queries_rejects_spread_out_sequences_and_unknown_splits(
+    campus_map: Path, data_root: Path
+) -> None:
     query = data_root / 'campus_loop' / 'query'
     dataset, protocol, queries = posed_queries(query / 'images', query / 'poses.csv', 5.0, 'm')
     localizer = Localizer(read_map(campus_map), LocalizerConfig(sequence=SequenceConfig(length=3)))

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from vlm_vpr.backends.rerank import Query
-from vlm_vpr.backends.rerank.consensus import ConsensusReranker, consensus_scores
+from vlm_vpr.backends.rerank.consensus import (
+    ConsensusReranker,
+    consensus_scores,
+    place_by_place_order,
+)
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig
 from vlm_vpr.core.errors import ConfigError
 from vlm_vpr.core.types import Candidate, Pose
@@ -17,28 +21,56 @@ from vlm_vpr.core.types import Candidate, Pose
 QUERY = Query(np.zeros((4, 4, 3), np.uint8), np.zeros(4, np.float32), deadline_s=math.inf)
 
 
-def make_candidates(scores: list[float], xs: list[float], ys: list[float] | None = None
-                    ) -> list[Candidate]:
+def make_candidates(
+    scores: list[float], xs: list[float], ys: list[float] | None = None
+) -> list[Candidate]:
     ys = ys or [0.0] * len(xs)
-    return [Candidate(i, f'img{i}', Pose(x, y), s, s) for i, (s, x, y) in
-            enumerate(zip(scores, xs, ys))]
+    return [
+        Candidate(i, f'img{i}', Pose(x, y), s, s)
+        for i, (s, x, y) in enumerate(zip(scores, xs, ys))
+    ]
 
 
 def reranker(sigma: float, weight: float) -> ConsensusReranker:
-    return ConsensusReranker(LocalizerConfig(rerank=RerankConfig(
-        consensus_sigma=sigma, consensus_weight=weight)))
+    return ConsensusReranker(
+        LocalizerConfig(rerank=RerankConfig(consensus_sigma=sigma, consensus_weight=weight))
+    )
 
 
-def test_consensus_promotes_a_candidate_backed_by_a_close_neighbour() -> None:
-    # Shifted scores (minus the weakest, 0.30): a 0.20, b 0.10, c 0.16, d 0.
-    # b and c are 1 unit apart: kernel exp(-1 / 2) = 0.60653 with sigma 1; the rest are far.
-    candidates = make_candidates([0.50, 0.40, 0.46, 0.30], [0.0, 10.0, 11.0, 50.0])
-    ranked = reranker(sigma=1.0, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
-    expected = {0: 0.20, 1: 0.10 + 0.16 * 0.60653, 2: 0.16 + 0.10 * 0.60653, 3: 0.0}
-    assert [c.map_index for c in ranked] == [2, 0, 1, 3]
+def test_consensus_moves_the_middle_of_a_cluster_of_good_candidates_first() -> None:
+    # One place (all within 2 sigma = 4 of x=10) and a far one. Shifted scores (minus the
+    # weakest, 0.30): 0.20, 0.18, 0.17, 0.16, 0. Kernel exp(-d^2 / 8): d=1 0.88250,
+    # d=2 0.60653, d=3 0.32465, d=4 0.13534.
+    candidates = make_candidates([0.50, 0.48, 0.47, 0.46, 0.30], [10.0, 12.0, 13.0, 14.0, 40.0])
+    ranked = reranker(sigma=2.0, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
+    expected = {
+        0: 0.20 + 0.18 * 0.60653 + 0.17 * 0.32465 + 0.16 * 0.13534,
+        1: 0.18 + 0.20 * 0.60653 + 0.17 * 0.88250 + 0.16 * 0.60653,
+        2: 0.17 + 0.20 * 0.32465 + 0.18 * 0.88250 + 0.16 * 0.88250,
+        3: 0.16 + 0.20 * 0.13534 + 0.18 * 0.60653 + 0.17 * 0.88250,
+        4: 0.0,
+    }
+    assert [c.map_index for c in ranked] == [1, 2, 3, 0, 4]
     for c in ranked:
         assert c.score == pytest.approx(expected[c.map_index], abs=1e-5)
         assert c.evidence['consensus'] == pytest.approx(expected[c.map_index], abs=1e-5)
+
+
+def test_consensus_never_lets_a_dense_place_outvote_the_incoming_best_place() -> None:
+    # Candidates 1 and 2 (x 11 and 10) back each other and out-score candidate 0 in support
+    # (0.16 + 0.10 * exp(-1/2) = 0.2207 > 0.20), but 0 is another place (farther than 2 sigma).
+    candidates = make_candidates([0.50, 0.46, 0.40, 0.30], [0.0, 11.0, 10.0, 50.0])
+    ranked = reranker(sigma=1.0, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
+    assert [c.map_index for c in ranked] == [0, 1, 2, 3]
+    assert ranked[1].score > ranked[0].score
+
+
+def test_place_by_place_order_groups_greedily_in_input_order() -> None:
+    positions = np.array([[0.0, 0.0], [30.0, 0.0], [2.0, 0.0], [31.0, 1.0], [4.0, 0.0]])
+    support = np.array([1.0, 5.0, 2.0, 0.0, 3.0])
+    # place of 0: {0, 2} (4 is 4 away from 0: outside radius 3); place of 1: {1, 3}; then {4}
+    order = place_by_place_order(support, positions, radius=3.0)
+    np.testing.assert_array_equal(order, [2, 0, 1, 3, 4])
 
 
 def test_consensus_uses_euclidean_distance_in_x_and_y() -> None:
@@ -48,17 +80,18 @@ def test_consensus_uses_euclidean_distance_in_x_and_y() -> None:
     np.testing.assert_allclose(new, [1.0, 2.0 * math.exp(-0.5)])
 
 
-def test_consensus_with_a_narrow_kernel_keeps_the_incoming_order() -> None:
-    candidates = make_candidates([0.5, 0.4, 0.46, 0.3], [0.0, 10.0, 11.0, 50.0])
+def test_consensus_with_a_narrow_kernel_orders_by_the_incoming_score() -> None:
+    candidates = make_candidates([0.5, 0.4, 0.46, 0.3], [0.0, 10.0, 11.0, 12.0])
     ranked = reranker(sigma=0.01, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
-    assert [c.map_index for c in ranked] == [0, 2, 1, 3]
+    assert [c.map_index for c in ranked] == [0, 1, 2, 3]
 
 
-def test_consensus_ranks_by_the_incoming_score_not_the_coarse_score() -> None:
-    candidates = make_candidates([0.5, 0.4, 0.3], [0.0, 20.0, 40.0])
-    candidates[2].score = 0.9  # as if a previous re-ranker had promoted it
+def test_consensus_weighs_neighbours_by_the_incoming_score_not_the_coarse_score() -> None:
+    candidates = make_candidates([0.5, 0.4, 0.2], [0.0, 1.0, 40.0])
+    candidates[1].score = 0.6  # as if a previous re-ranker had raised it
     ranked = reranker(sigma=1.0, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
-    assert [c.map_index for c in ranked] == [2, 0, 1]
+    # shifted 0.3 and 0.4: s'_1 = 0.4 + 0.3 * 0.60653 > s'_0 = 0.3 + 0.4 * 0.60653
+    assert [c.map_index for c in ranked] == [1, 0, 2]
 
 
 def test_consensus_keeps_the_input_order_between_tied_scores() -> None:
@@ -73,11 +106,15 @@ def test_consensus_returns_a_single_candidate_unchanged() -> None:
     assert ranked == candidates and ranked[0].score == 0.7 and not ranked[0].evidence
 
 
-@pytest.mark.parametrize(('fields', 'match'), [
-    ({'consensus_sigma': 0.0}, 'consensus_sigma must be > 0'),
-    ({'consensus_weight': -1.0}, 'consensus_weight must be >= 0'),
-])
-def test_rerank_config_rejects_invalid_consensus_settings(fields: dict[str, Any],
-                                                           match: str) -> None:
+@pytest.mark.parametrize(
+    ('fields', 'match'),
+    [
+        ({'consensus_sigma': 0.0}, 'consensus_sigma must be > 0'),
+        ({'consensus_weight': -1.0}, 'consensus_weight must be >= 0'),
+    ],
+)
+def test_rerank_config_rejects_invalid_consensus_settings(
+    fields: dict[str, Any], match: str
+) -> None:
     with pytest.raises(ConfigError, match=match):
         RerankConfig(**fields)

@@ -47,22 +47,26 @@ def warp(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
     moved = np.float32([[30, 20], [w - 10, 40], [w - 40, h - 10], [15, h - 35]])
-    return cv2.warpPerspective(image, cv2.getPerspectiveTransform(corners, moved), (w, h),
-                               borderMode=cv2.BORDER_REFLECT)
+    return cv2.warpPerspective(
+        image, cv2.getPerspectiveTransform(corners, moved), (w, h), borderMode=cv2.BORDER_REFLECT
+    )
 
 
 def tiny_map(path: Path, images: list[np.ndarray], thumbnail_size_px: int = 240) -> VprMap:
     """A map of ``images`` at x = 0, 10, 20 ... (random global descriptors: unused here)."""
     rng = np.random.default_rng(0)
     n = len(images)
-    thumbnails = [encode_thumbnail(im, thumbnail_size_px) for im in images] \
-        if thumbnail_size_px else None
+    thumbnails = (
+        [encode_thumbnail(im, thumbnail_size_px) for im in images] if thumbnail_size_px else None
+    )
     content = MapContent(
         MapBuildConfig(thumbnail_size_px=thumbnail_size_px),
         l2_normalize(rng.normal(size=(4, 8))).astype(np.float32),
         l2_normalize(rng.normal(size=(n, 16))).astype(np.float16),
-        [f'img{i}.jpg' for i in range(n)], [Pose(10.0 * i, 0.0) for i in range(n)],
-        thumbnails=thumbnails)
+        [f'img{i}.jpg' for i in range(n)],
+        [Pose(10.0 * i, 0.0) for i in range(n)],
+        thumbnails=thumbnails,
+    )
     return read_map(write_map(content, path))
 
 
@@ -70,8 +74,10 @@ def shortlist(vpr_map: VprMap, order: list[int]) -> list[Candidate]:
     """Candidates ``order`` (map ids) with coarse scores 0.90, 0.89, ... (real VLAD shortlists
     span a few hundredths)."""
     content = vpr_map.content
-    return [Candidate(i, content.image_names[i], content.poses[i], 0.9 - 0.01 * r,
-                      0.9 - 0.01 * r) for r, i in enumerate(order)]
+    return [
+        Candidate(i, content.image_names[i], content.poses[i], 0.9 - 0.01 * r, 0.9 - 0.01 * r)
+        for r, i in enumerate(order)
+    ]
 
 
 def make_reranker(**fields: Any) -> GeometricReranker:
@@ -90,8 +96,9 @@ def scene() -> np.ndarray:
 @pytest.fixture(scope='module')
 def scene_map(tmp_path_factory: pytest.TempPathFactory, scene: np.ndarray) -> VprMap:
     """Map ids 0 and 1: unrelated scenes; 2: the query scene from another viewpoint."""
-    return tiny_map(tmp_path_factory.mktemp('maps') / 'scene',
-                    [texture(seed=2), texture(seed=3), warp(scene)])
+    return tiny_map(
+        tmp_path_factory.mktemp('maps') / 'scene', [texture(seed=2), texture(seed=3), warp(scene)]
+    )
 
 
 def test_match_mutual_ratio_pairs_each_descriptor_with_its_noisy_copy() -> None:
@@ -120,7 +127,8 @@ def test_count_inliers_is_zero_below_the_minimal_sample() -> None:
 
 
 def test_warped_copy_of_the_query_gets_many_inliers_and_moves_first(
-        scene: np.ndarray, scene_map: VprMap) -> None:
+    scene: np.ndarray, scene_map: VprMap
+) -> None:
     ranked = make_reranker().rerank(query_of(scene), shortlist(scene_map, [0, 1, 2]), scene_map)
     inliers = {c.map_index: c.evidence['geometric_inliers'] for c in ranked}
     assert ranked[0].map_index == 2
@@ -130,23 +138,28 @@ def test_warped_copy_of_the_query_gets_many_inliers_and_moves_first(
 
 
 def test_geometric_adds_the_bounded_inlier_bonus_to_the_incoming_score(
-        scene: np.ndarray, scene_map: VprMap) -> None:
+    scene: np.ndarray, scene_map: VprMap
+) -> None:
     ranked = make_reranker(geometric_weight=0.5, geometric_half_inliers=20.0).rerank(
-        query_of(scene), shortlist(scene_map, [0, 1, 2]), scene_map)
+        query_of(scene), shortlist(scene_map, [0, 1, 2]), scene_map
+    )
     for c in ranked:
         n = c.evidence['geometric_inliers']
         assert c.score == pytest.approx(c.coarse_score + 0.5 * n / (n + 20.0))
 
 
 def test_geometric_with_zero_weight_keeps_the_incoming_order(
-        scene: np.ndarray, scene_map: VprMap) -> None:
+    scene: np.ndarray, scene_map: VprMap
+) -> None:
     ranked = make_reranker(geometric_weight=0.0).rerank(
-        query_of(scene), shortlist(scene_map, [0, 1, 2]), scene_map)
+        query_of(scene), shortlist(scene_map, [0, 1, 2]), scene_map
+    )
     assert [c.map_index for c in ranked] == [0, 1, 2]
 
 
 def test_geometric_stops_verifying_at_the_deadline_and_keeps_the_rest_behind(
-        scene: np.ndarray, scene_map: VprMap, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene: np.ndarray, scene_map: VprMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ticks = iter(range(100))  # test double of the clock: one second per reading
     monkeypatch.setattr(geometric, 'time', SimpleNamespace(monotonic=lambda: next(ticks)))
     query = query_of(scene, deadline_s=1.5)  # readings 0 and 1 are before it, 2 is not
@@ -158,7 +171,8 @@ def test_geometric_stops_verifying_at_the_deadline_and_keeps_the_rest_behind(
 
 
 def test_geometric_past_its_deadline_returns_the_input_order(
-        scene: np.ndarray, scene_map: VprMap) -> None:
+    scene: np.ndarray, scene_map: VprMap
+) -> None:
     query = query_of(scene, deadline_s=time.monotonic() - 1.0)
     candidates = shortlist(scene_map, [0, 1, 2])
     ranked = make_reranker().rerank(query, candidates, scene_map)
@@ -167,7 +181,8 @@ def test_geometric_past_its_deadline_returns_the_input_order(
 
 
 def test_geometric_caches_map_keypoints_and_evicts_the_least_recently_used(
-        scene: np.ndarray, scene_map: VprMap, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene: np.ndarray, scene_map: VprMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reads: list[int] = []
     original = scene_map.thumbnail
 
@@ -188,7 +203,8 @@ def test_geometric_caches_map_keypoints_and_evicts_the_least_recently_used(
 
 
 def test_geometric_without_thumbnails_notes_it_and_keeps_the_order(
-        tmp_path: Path, scene: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, scene: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
     bare = tiny_map(tmp_path / 'bare', [texture(2), scene], thumbnail_size_px=0)
     reranker = make_reranker()
     for _ in range(2):
@@ -200,8 +216,9 @@ def test_geometric_without_thumbnails_notes_it_and_keeps_the_order(
     assert sum('has no thumbnails' in r.message for r in caplog.records) == 1  # logged once
 
 
-def test_geometric_gives_an_unreadable_thumbnail_zero_inliers(tmp_path: Path,
-                                                              scene: np.ndarray) -> None:
+def test_geometric_gives_an_unreadable_thumbnail_zero_inliers(
+    tmp_path: Path, scene: np.ndarray
+) -> None:
     vpr_map = tiny_map(tmp_path / 'broken', [texture(2), warp(scene)])
     (vpr_map.path / 'thumbnails' / '000001.jpg').write_bytes(b'not a jpeg')
     query = query_of(scene)
@@ -212,13 +229,13 @@ def test_geometric_gives_an_unreadable_thumbnail_zero_inliers(tmp_path: Path,
 
 
 def test_geometric_finds_the_true_gardens_point_place_from_the_other_side(
-        data_root: Path, tmp_path: Path) -> None:
+    data_root: Path, tmp_path: Path
+) -> None:
     """Real data: day_right queries against day_left map images of five places 40 apart, the
     true place always given the lowest coarse score. A broken matcher ranks it first ~1 in 5."""
     places = [20, 60, 100, 140, 180]
     folder = data_root / 'gardens_point'
-    map_images = [read_image(folder / 'day_left' / 'images' / f'Image{i:03d}.jpg')
-                  for i in places]
+    map_images = [read_image(folder / 'day_left' / 'images' / f'Image{i:03d}.jpg') for i in places]
     vpr_map = tiny_map(tmp_path / 'gp', map_images)
     reranker = make_reranker()
     firsts, margins = 0, []
@@ -233,16 +250,20 @@ def test_geometric_finds_the_true_gardens_point_place_from_the_other_side(
     assert np.median(margins) >= 10
 
 
-@pytest.mark.parametrize(('fields', 'match'), [
-    ({'geometric_max_keypoints': 4}, 'geometric_max_keypoints must be in'),
-    ({'geometric_contrast_threshold': 0.0}, 'geometric_contrast_threshold must be in'),
-    ({'geometric_ratio': 1.5}, r'geometric_ratio must be in \(0, 1\]'),
-    ({'geometric_ransac_px': 0.0}, 'geometric_ransac_px must be > 0'),
-    ({'geometric_weight': -0.1}, 'geometric_weight must be >= 0'),
-    ({'geometric_half_inliers': 0.0}, 'geometric_half_inliers must be > 0'),
-    ({'geometric_cache_size': -1}, 'geometric_cache_size must be >= 0'),
-])
-def test_rerank_config_rejects_invalid_geometric_settings(fields: dict[str, Any],
-                                                           match: str) -> None:
+@pytest.mark.parametrize(
+    ('fields', 'match'),
+    [
+        ({'geometric_max_keypoints': 4}, 'geometric_max_keypoints must be in'),
+        ({'geometric_contrast_threshold': 0.0}, 'geometric_contrast_threshold must be in'),
+        ({'geometric_ratio': 1.5}, r'geometric_ratio must be in \(0, 1\]'),
+        ({'geometric_ransac_px': 0.0}, 'geometric_ransac_px must be > 0'),
+        ({'geometric_weight': -0.1}, 'geometric_weight must be >= 0'),
+        ({'geometric_half_inliers': 0.0}, 'geometric_half_inliers must be > 0'),
+        ({'geometric_cache_size': -1}, 'geometric_cache_size must be >= 0'),
+    ],
+)
+def test_rerank_config_rejects_invalid_geometric_settings(
+    fields: dict[str, Any], match: str
+) -> None:
     with pytest.raises(ConfigError, match=match):
         RerankConfig(**fields)

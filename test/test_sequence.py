@@ -18,8 +18,9 @@ from vlm_vpr.core.sequence import SequenceMatcher, nearest_on_route, route_coord
 from vlm_vpr.core.types import Candidate, LocalizationResult, Pose
 
 
-def direct_vote(z: np.ndarray, route: np.ndarray, offsets: np.ndarray,
-                velocities: np.ndarray, max_gap: float) -> np.ndarray:
+def direct_vote(
+    z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.ndarray, max_gap: float
+) -> np.ndarray:
     """Loop over every end image, velocity and frame; nearest map image by linear scan."""
     n, num = z.shape
     scores = np.full(num, -np.inf)
@@ -46,10 +47,11 @@ def test_vote_equals_a_direct_loop_implementation() -> None:
 
     scores, best = vote(z, route, offsets, velocities, max_gap=1.5)
 
-    np.testing.assert_allclose(scores, direct_vote(z, route, offsets, velocities, 1.5),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        scores, direct_vote(z, route, offsets, velocities, 1.5), rtol=1e-6, atol=1e-6
+    )
     for j in range(len(route)):  # the reported velocity is one that reaches the best score
-        alone, _ = vote(z, route, offsets, velocities[best[j]: best[j] + 1], 1.5)
+        alone, _ = vote(z, route, offsets, velocities[best[j] : best[j] + 1], 1.5)
         assert alone[j] == pytest.approx(scores[j])
 
 
@@ -66,16 +68,21 @@ def test_route_coordinates_accumulate_distance_and_ignore_repeats_for_spacing() 
     assert spacing == pytest.approx(3.5)
 
 
-def make_route_map(tmp_path: Path, xs: np.ndarray, dim: int = 48,
-                   seed: int = 0) -> tuple[Path, np.ndarray]:
+def make_route_map(
+    tmp_path: Path, xs: np.ndarray, dim: int = 48, seed: int = 0
+) -> tuple[Path, np.ndarray]:
     """A map (no images needed) of random unit descriptors placed at x = ``xs`` metres."""
     rng = np.random.default_rng(seed)
     desc = rng.normal(size=(len(xs), dim)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     codebook = rng.normal(size=(8, 128)).astype(np.float32)
-    content = MapContent(MapBuildConfig(thumbnail_size_px=0), codebook / np.linalg.norm(
-        codebook, axis=1, keepdims=True), desc.astype(np.float16),
-        [f'{i:04d}.png' for i in range(len(xs))], [Pose(float(x), 0.0) for x in xs])
+    content = MapContent(
+        MapBuildConfig(thumbnail_size_px=0),
+        codebook / np.linalg.norm(codebook, axis=1, keepdims=True),
+        desc.astype(np.float16),
+        [f'{i:04d}.png' for i in range(len(xs))],
+        [Pose(float(x), 0.0) for x in xs],
+    )
     return write_map(content, tmp_path / 'map'), desc
 
 
@@ -88,17 +95,27 @@ def single_frame_result(localizer: Localizer, descriptor: np.ndarray) -> Localiz
     """Test double of Localizer.localize for a given descriptor (these maps have no images)."""
     vpr_map = localizer.map
     scores, ids = search(vpr_map.index, vpr_map.content.descriptors, descriptor, 10)
-    candidates = [Candidate(int(i), vpr_map.content.image_names[i], vpr_map.content.poses[i],
-                            float(s), float(s)) for s, i in zip(scores, ids)]
+    candidates = [
+        Candidate(
+            int(i), vpr_map.content.image_names[i], vpr_map.content.poses[i], float(s), float(s)
+        )
+        for s, i in zip(scores, ids)
+    ]
     pose, covariance = fuse_poses(candidates, localizer.config.fusion)
     return LocalizationResult(candidates, pose, covariance, 0.5, {'total': 1.0})
 
 
-def run_matcher(localizer: Localizer, queries: np.ndarray, travelled: list[float | None],
-                submap: np.ndarray | None = None) -> list[LocalizationResult]:
+def run_matcher(
+    localizer: Localizer,
+    queries: np.ndarray,
+    travelled: list[float | None],
+    submap: np.ndarray | None = None,
+) -> list[LocalizationResult]:
     matcher = SequenceMatcher(localizer)
-    return [matcher.update(single_frame_result(localizer, q), q, t, submap)
-            for q, t in zip(queries, travelled)]
+    return [
+        matcher.update(single_frame_result(localizer, q), q, t, submap)
+        for q, t in zip(queries, travelled)
+    ]
 
 
 def test_sequence_recovers_places_that_single_frames_miss(tmp_path: Path) -> None:
@@ -128,8 +145,9 @@ def test_odometry_aligns_frames_when_the_camera_stops_and_speeds_up(tmp_path: Pa
     visits = np.cumsum(rng.choice([0, 1, 1, 2, 3], size=100)).clip(0, len(xs) - 1)
     queries = noisy(desc[visits], 2.5, rng)
     travelled = [None] + list(np.diff(xs[visits]))
-    config = LocalizerConfig(sequence=SequenceConfig(length=8, velocities=(1.0,),
-                                                     column_centring=0.0))
+    config = LocalizerConfig(
+        sequence=SequenceConfig(length=8, velocities=(1.0,), column_centring=0.0)
+    )
     localizer = Localizer(read_map(map_dir), config)
 
     def recall(results: list[LocalizationResult]) -> float:
@@ -138,16 +156,15 @@ def test_odometry_aligns_frames_when_the_camera_stops_and_speeds_up(tmp_path: Pa
 
     with_odometry = recall(run_matcher(localizer, queries, travelled))
     frame_order = recall(run_matcher(localizer, queries, [None] * len(queries)))
-    assert with_odometry >= 0.9 and with_odometry > frame_order + 0.2, (with_odometry,
-                                                                       frame_order)
+    assert with_odometry >= 0.9 and with_odometry > frame_order + 0.2, (with_odometry, frame_order)
 
 
-def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(
-        tmp_path: Path) -> None:
+def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(tmp_path: Path) -> None:
     map_dir, desc = make_route_map(tmp_path, np.arange(60, dtype=float))
     queries = noisy(desc, 1.0, np.random.default_rng(3))
-    localizer = Localizer(read_map(map_dir), LocalizerConfig(
-        sequence=SequenceConfig(length=6, column_centring=0.0)))
+    localizer = Localizer(
+        read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=6, column_centring=0.0))
+    )
     submap = np.r_[0:25, 35:60]
 
     full = run_matcher(localizer, queries, [None] * 60)
@@ -156,8 +173,7 @@ def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(
     returned = {c.map_index for r in held for c in r.candidates}
     assert returned.isdisjoint(range(25, 35))
     inside = range(27, 35)  # the sequence window lies mostly in the held-out stretch
-    assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score']
-               for t in inside)
+    assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score'] for t in inside)
 
 
 def test_reset_forgets_past_frames(tmp_path: Path) -> None:
@@ -172,14 +188,17 @@ def test_reset_forgets_past_frames(tmp_path: Path) -> None:
     assert result.candidates[0].map_index == 7
 
 
-@pytest.mark.parametrize(('values', 'match'), [
-    ({'length': 0}, 'sequence.length'),
-    ({'velocities': ()}, 'sequence.velocities'),
-    ({'velocities': (1.0, 0.0)}, 'sequence.velocities'),
-    ({'max_gap_spacings': 0.0}, 'sequence.max_gap_spacings'),
-    ({'consistency_radius_spacings': -1.0}, 'sequence.consistency_radius_spacings'),
-    ({'column_centring': 1.5}, 'sequence.column_centring'),
-])
+@pytest.mark.parametrize(
+    ('values', 'match'),
+    [
+        ({'length': 0}, 'sequence.length'),
+        ({'velocities': ()}, 'sequence.velocities'),
+        ({'velocities': (1.0, 0.0)}, 'sequence.velocities'),
+        ({'max_gap_spacings': 0.0}, 'sequence.max_gap_spacings'),
+        ({'consistency_radius_spacings': -1.0}, 'sequence.consistency_radius_spacings'),
+        ({'column_centring': 1.5}, 'sequence.column_centring'),
+    ],
+)
 def test_sequence_config_rejects_bad_values(values: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SequenceConfig(**values)

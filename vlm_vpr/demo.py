@@ -48,10 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f'   reports, Recall@K plot and failure strips in {args.out}/')
 
     if not args.skip_node:
+        from vlm_vpr.core.map_build import build_map_from_folder
         from vlm_vpr.ros.demo_replay import run_node_demo
 
-        print('2/2 ROS 2 node: campus_loop map, query traversal replayed from an .mcap bag')
-        run_node_demo(args.data, args.out / 'node')
+        campus = args.data / 'campus_loop' / 'map'
+        campus_map = args.out / 'campus_loop_map'
+        print(
+            f'2/2 ROS 2 node: map from campus_loop/map -> {campus_map}; the query traversal '
+            'is written to an .mcap bag and replayed into the running vpr_node'
+        )
+        if not (campus_map / 'manifest.json').is_file():
+            build_map_from_folder(
+                campus / 'images', campus / 'poses.csv', campus_map, progress=progress
+            )
+        run_node_demo(campus_map, args.data, args.out / 'node')
     return 0
 
 

@@ -20,8 +20,9 @@ from vlm_vpr.core.map_format import write_extra
 RELIABILITY_BINS = 10
 
 
-def calibrate(report: dict[str, Any], map_dir: str | Path,
-              config: LocalizerConfig) -> dict[str, Any]:
+def calibrate(
+    report: dict[str, Any], map_dir: str | Path, config: LocalizerConfig
+) -> dict[str, Any]:
     """Fit evidence -> P(top-1 correct) on the report's queries and store it in the map.
 
     ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) run
@@ -31,17 +32,25 @@ def calibrate(report: dict[str, Any], map_dir: str | Path,
     Raises DatasetError when the split lacks correct or wrong queries.
     """
     per_query = report['per_query']
-    calibration = Calibration.fit([q['evidence'] for q in per_query],
-                                  [q['first_correct_rank'] == 1 for q in per_query],
-                                  config.confidence.calibration_l2, fitted_with(config))
+    calibration = Calibration.fit(
+        [q['evidence'] for q in per_query],
+        [q['first_correct_rank'] == 1 for q in per_query],
+        config.confidence.calibration_l2,
+        fitted_with(config),
+    )
     write_extra(map_dir, 'calibration', calibration.to_json())
     rescored = [dict(q, confidence=calibration.confidence(q['evidence'])) for q in per_query]
-    return dict(report, per_query=rescored, calibration=calibration.to_json(),
-                open_set=open_set_report(rescored, config.confidence.initial_pose_threshold))
+    return dict(
+        report,
+        per_query=rescored,
+        calibration=calibration.to_json(),
+        open_set=open_set_report(rescored, config.confidence.initial_pose_threshold),
+    )
 
 
-def reliability_curve(confidence: np.ndarray, correct: np.ndarray,
-                      bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
+def reliability_curve(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = RELIABILITY_BINS
+) -> list[dict[str, float]]:
     """One entry per non-empty equal-width confidence bin: its range, count, mean confidence
     and observed accuracy. confidence [M] float in [0, 1], correct [M] bool."""
     confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
@@ -50,23 +59,34 @@ def reliability_curve(confidence: np.ndarray, correct: np.ndarray,
     for b in range(bins):
         inside = which == b
         if inside.any():
-            curve.append({'low': b / bins, 'high': (b + 1) / bins, 'count': int(inside.sum()),
-                          'confidence': float(confidence[inside].mean()),
-                          'accuracy': float(correct[inside].mean())})
+            curve.append(
+                {
+                    'low': b / bins,
+                    'high': (b + 1) / bins,
+                    'count': int(inside.sum()),
+                    'confidence': float(confidence[inside].mean()),
+                    'accuracy': float(correct[inside].mean()),
+                }
+            )
     return curve
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
-                               bins: int = RELIABILITY_BINS) -> float:
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = RELIABILITY_BINS
+) -> float:
     """Count-weighted mean |accuracy - mean confidence| over the reliability bins."""
     curve = reliability_curve(confidence, correct, bins)
     total = sum(b['count'] for b in curve)
-    return float(sum(b['count'] * abs(b['accuracy'] - b['confidence']) for b in curve)
-                 / total) if total else 0.0
+    return (
+        float(sum(b['count'] * abs(b['accuracy'] - b['confidence']) for b in curve) / total)
+        if total
+        else 0.0
+    )
 
 
-def precision_recall_curve(confidence: np.ndarray, correct: np.ndarray,
-                           num_in_map: int) -> np.ndarray:
+def precision_recall_curve(
+    confidence: np.ndarray, correct: np.ndarray, num_in_map: int
+) -> np.ndarray:
     """[T x 3] float64 rows (threshold, precision, recall), thresholds descending.
 
     At threshold c the queries with confidence >= c are accepted; precision = correct accepted
@@ -77,8 +97,7 @@ def precision_recall_curve(confidence: np.ndarray, correct: np.ndarray,
     conf, hits = confidence[order], np.cumsum(correct[order])
     last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])  # end of each tie group
     accepted = last + 1
-    return np.stack([conf[last], hits[last] / accepted,
-                     hits[last] / max(num_in_map, 1)], axis=1)
+    return np.stack([conf[last], hits[last] / accepted, hits[last] / max(num_in_map, 1)], axis=1)
 
 
 def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
@@ -102,8 +121,7 @@ def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[s
         'accepted_in_map': _ratio((accepted & in_map).sum(), in_map.sum()),
         'false_accept_rate': _ratio((accepted & ~in_map).sum(), (~in_map).sum()),
         'wrong_accepts': int((accepted & ~correct).sum()),
-        'precision': _ratio((accepted & correct).sum(), accepted.sum()) if accepted.any()
-        else 1.0,
+        'precision': _ratio((accepted & correct).sum(), accepted.sum()) if accepted.any() else 1.0,
         'recall': _ratio((accepted & correct).sum(), in_map.sum()),
         'recall_at_full_precision': float(perfect[:, 2].max()) if len(perfect) else 0.0,
         'ece': round(expected_calibration_error(confidence, correct), 4),
@@ -119,8 +137,12 @@ def plot_reliability(reports: list[dict[str, Any]], path: str | Path) -> None:
     ax.plot([0, 1], [0, 1], color='grey', linestyle='--', linewidth=1, label='ideal')
     for report in reports:
         bins = report['open_set']['reliability']
-        ax.plot([b['confidence'] for b in bins], [b['accuracy'] for b in bins], marker='o',
-                label=f"{_label(report)} (ECE {report['open_set']['ece']:.3f})")
+        ax.plot(
+            [b['confidence'] for b in bins],
+            [b['accuracy'] for b in bins],
+            marker='o',
+            label=f'{_label(report)} (ECE {report["open_set"]["ece"]:.3f})',
+        )
     ax.set_xlabel('predicted confidence')
     ax.set_ylabel('observed accuracy')
     ax.set_xlim(0, 1)
@@ -137,9 +159,15 @@ def plot_precision_recall(reports: list[dict[str, Any]], path: str | Path) -> No
     for report in reports:
         open_set = report['open_set']
         curve = np.array(open_set['pr_curve']).reshape(-1, 3)
-        line, = ax.plot(curve[:, 2], curve[:, 1], label=_label(report))
-        ax.plot(open_set['recall'], open_set['precision'], marker='*', markersize=12,
-                color=line.get_color(), linestyle='none')
+        (line,) = ax.plot(curve[:, 2], curve[:, 1], label=_label(report))
+        ax.plot(
+            open_set['recall'],
+            open_set['precision'],
+            marker='*',
+            markersize=12,
+            color=line.get_color(),
+            linestyle='none',
+        )
     ax.set_xlabel('recall (correct accepted / in-map queries)')
     ax.set_ylabel('precision')
     ax.set_xlim(0, 1)
@@ -150,7 +178,7 @@ def plot_precision_recall(reports: list[dict[str, Any]], path: str | Path) -> No
 
 
 def _label(report: dict[str, Any]) -> str:
-    return f"{report['dataset']}/{report['protocol']}"
+    return f'{report["dataset"]}/{report["protocol"]}'
 
 
 def _pyplot() -> Any:

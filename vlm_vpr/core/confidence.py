@@ -25,13 +25,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Fitted with `vlm-vpr calibrate` on shared data (single frame, no re-ranking); see README.
-_DEFAULT_WEIGHTS = {'top1_score': 4.0, 'margin': 60.0, 'spread': -2.0, 'rerank_agrees': 1.0}
-_DEFAULT_BIAS = -4.0
+# Single-frame weights fitted (Calibration.fit, l2 = 1) on the pooled queries of the five shared
+# protocols (corridor, campus_loop, three Gardens Point) with the middle fifth of each map held
+# out, with the default dense-rootsift features; refit them when those defaults change. On
+# each protocol they accept no out-of-map query at 0.9, also when that protocol is left out.
+_DEFAULT_WEIGHTS = {'top1_score': 22.1, 'margin': 14.4}
+_DEFAULT_BIAS = -11.9
 
 
-def collect_evidence(coarse: list[Candidate], final: list[Candidate],
-                     fusion: FusionConfig) -> dict[str, float]:
+def collect_evidence(
+    coarse: list[Candidate], final: list[Candidate], fusion: FusionConfig
+) -> dict[str, float]:
     """Evidence features of one query, each a float (absent re-rankers add no key).
 
     top1_score: coarse cosine of the final best candidate.
@@ -46,15 +50,15 @@ def collect_evidence(coarse: list[Candidate], final: list[Candidate],
         return {'top1_score': 0.0, 'margin': 0.0, 'spread': 0.0, 'rerank_agrees': 0.0}
     best = final[0]
     pool = coarse or final
-    elsewhere = [c.coarse_score for c in pool
-                 if _distance(c, best) > fusion.cluster_radius_m]
+    elsewhere = [c.coarse_score for c in pool if _distance(c, best) > fusion.cluster_radius_m]
     rival = max(elsewhere) if elsewhere else min(c.coarse_score for c in pool)
     evidence = {
         'top1_score': float(best.coarse_score),
         'margin': float(best.coarse_score - rival),
         'spread': spatial_spread_m(final, fusion.top_n) / fusion.cluster_radius_m,
-        'rerank_agrees': float(bool(coarse) and _distance(coarse[0], best)
-                               <= fusion.cluster_radius_m),
+        'rerank_agrees': float(
+            bool(coarse) and _distance(coarse[0], best) <= fusion.cluster_radius_m
+        ),
     }
     for key, value in best.evidence.items():
         evidence[key] = math.log1p(max(0.0, value)) if key == 'geometric_inliers' else value
@@ -93,8 +97,9 @@ class Calibration:
             bias = float(data['bias'])
             settings = dict(data.get('fitted_with', {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MapError(f'calibration data is malformed ({exc}); run `vlm-vpr calibrate` '
-                           'again') from exc
+            raise MapError(
+                f'calibration data is malformed ({exc}); run `vlm-vpr calibrate` again'
+            ) from exc
         if not all(np.isfinite(list(weights.values()) + [bias])):
             raise MapError('calibration has non-finite weights; run `vlm-vpr calibrate` again')
         return Calibration(weights, bias, fitted=True, settings=settings)
@@ -107,15 +112,24 @@ class Calibration:
             return Calibration()
         calibration = Calibration.from_json(data)
         if config is not None and calibration.settings != fitted_with(config):
-            log.warning('the calibration of map %s was fitted with %s, the query uses %s: '
-                        'using default confidence weights; run `vlm-vpr calibrate` with these '
-                        'settings', vpr_map.path, calibration.settings, fitted_with(config))
+            log.warning(
+                'the calibration of map %s was fitted with %s, the query uses %s: '
+                'using default confidence weights; run `vlm-vpr calibrate` with these '
+                'settings',
+                vpr_map.path,
+                calibration.settings,
+                fitted_with(config),
+            )
             return Calibration()
         return calibration
 
     @staticmethod
-    def fit(evidence: list[dict[str, float]], correct: list[bool] | np.ndarray,
-            l2: float = 1.0, settings: dict[str, Any] | None = None) -> Calibration:
+    def fit(
+        evidence: list[dict[str, float]],
+        correct: list[bool] | np.ndarray,
+        l2: float = 1.0,
+        settings: dict[str, Any] | None = None,
+    ) -> Calibration:
         """Logistic regression of ``correct`` on the evidence (keys: union over samples).
 
         Features are standardised, fitted by Newton's method with a ridge penalty ``l2`` on
@@ -124,8 +138,10 @@ class Calibration:
         """
         labels = np.asarray(correct, dtype=np.float64)
         if len(evidence) != len(labels) or not 0 < labels.sum() < len(labels):
-            raise DatasetError('calibration needs samples of both outcomes (correct and wrong); '
-                             'use more posed images or hold out part of the map')
+            raise DatasetError(
+                'calibration needs samples of both outcomes (correct and wrong); '
+                'use more posed images or hold out part of the map'
+            )
         keys = sorted({k for e in evidence for k in e})
         x = np.array([[e.get(k, 0.0) for k in keys] for e in evidence], dtype=np.float64)
         mean, std = x.mean(axis=0), x.std(axis=0)
@@ -145,5 +161,9 @@ class Calibration:
         raw = np.zeros(len(keys))
         raw[used] = beta[1:] / std[used]
         bias = float(beta[0] - raw[used] @ mean[used])
-        return Calibration({k: float(w) for k, w in zip(keys, raw)}, bias, fitted=True,
-                           settings=dict(settings or {}))
+        return Calibration(
+            {k: float(w) for k, w in zip(keys, raw)},
+            bias,
+            fitted=True,
+            settings=dict(settings or {}),
+        )

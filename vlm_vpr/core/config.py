@@ -167,12 +167,12 @@ class RerankConfig:
     region_max_picks: int = 2  # regions the VLM may choose for one query (region)
     geometric_max_keypoints: int = 2000  # strongest SIFT keypoints per image (geometric)
     geometric_contrast_threshold: float = 0.01  # SIFT's; lower finds more in the dark (geometric)
-    geometric_ratio: float = 0.85  # Lowe ratio test on RootSIFT distances (geometric)
+    geometric_ratio: float = 0.8  # Lowe ratio test on RootSIFT distances (geometric)
     geometric_ransac_px: float = 3.0  # RANSAC epipolar inlier threshold, thumbnail px (geometric)
     geometric_weight: float = 0.5  # score += weight * n / (n + geometric_half_inliers) (geometric)
     geometric_half_inliers: float = 20.0  # inliers n giving half the bonus (geometric)
     geometric_cache_size: int = 1024  # map images whose keypoints stay in memory (geometric)
-    consensus_sigma: float = 2.0  # kernel width on map x, y distance, in map units (consensus)
+    consensus_sigma: float = 3.0  # kernel width on map x, y distance, in map units (consensus)
     consensus_weight: float = 1.0  # weight of nearby candidates' scores (consensus)
 
     def __post_init__(self) -> None:

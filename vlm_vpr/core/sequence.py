@@ -30,7 +30,7 @@ from vlm_vpr.core.types import Candidate, LocalizationResult
 if TYPE_CHECKING:
     from vlm_vpr.core.localizer import Localizer
 
-_COLUMN_PRIOR_FRAMES = 20.0  # the past-frame mean is shrunk towards 0 as if by this many frames
+_COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
 
 
 def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
@@ -41,8 +41,9 @@ def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
     return route, float(np.median(moving)) if len(moving) else 1.0
 
 
-def vote(z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.ndarray,
-         max_gap: float) -> tuple[np.ndarray, np.ndarray]:
+def vote(
+    z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.ndarray, max_gap: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Sequence scores of every map image as the end of a path.
 
     z: [n x N] float32 z-scored similarities, row l = the frame l steps back (row 0 = now);
@@ -110,9 +111,13 @@ class SequenceMatcher:
         self.column_sum[:] = 0.0
         self.count = 0
 
-    def update(self, result: LocalizationResult, query_descriptor: np.ndarray,
-               travelled: float | None = None,
-               submap: np.ndarray | None = None) -> LocalizationResult:
+    def update(
+        self,
+        result: LocalizationResult,
+        query_descriptor: np.ndarray,
+        travelled: float | None = None,
+        submap: np.ndarray | None = None,
+    ) -> LocalizationResult:
         """The result with candidates, pose, evidence and confidence from the sequence vote.
 
         query_descriptor: [D] float32 L2-normalised global descriptor of the frame.
@@ -122,7 +127,8 @@ class SequenceMatcher:
         start = time.perf_counter()
         scores = self.descriptors @ np.asarray(query_descriptor, np.float32).reshape(-1)
         centred = scores - self.config.column_centring * self.column_sum / (
-            self.count + _COLUMN_PRIOR_FRAMES)
+            self.count + _COLUMN_PRIOR_FRAMES
+        )
         self.column_sum += scores
         self.count += 1
         if submap is not None:
@@ -135,28 +141,54 @@ class SequenceMatcher:
         steps = [self.spacing if f.travelled is None else abs(f.travelled) for f in frames[:-1]]
         offsets = np.concatenate([[0.0], np.cumsum(steps)])
         velocities = np.asarray(self.config.velocities, np.float64)
-        seq, best_v = vote(np.stack([f.z for f in frames]), self.route, offsets, velocities,
-                           self.config.max_gap_spacings * self.spacing)
+        seq, best_v = vote(
+            np.stack([f.z for f in frames]),
+            self.route,
+            offsets,
+            velocities,
+            self.config.max_gap_spacings * self.spacing,
+        )
         seq[~np.isfinite(z)] = -np.inf
         order = np.argsort(-seq, kind='stable')[: self.localizer.config.top_k]
         content = self.localizer.map.content
         reranked = {c.map_index: c.evidence for c in result.candidates}  # re-rankers' scores
-        candidates = [Candidate(int(j), content.image_names[j], content.poses[j],
-                                float(scores[j]), float(seq[j]), dict(reranked.get(int(j), {})))
-                      for j in order]
+        candidates = [
+            Candidate(
+                int(j),
+                content.image_names[j],
+                content.poses[j],
+                float(scores[j]),
+                float(seq[j]),
+                dict(reranked.get(int(j), {})),
+            )
+            for j in order
+        ]
         evidence = collect_evidence(result.candidates, candidates, self.localizer.config.fusion)
-        evidence.update(self._evidence(seq, int(order[0]), velocities[best_v[order[0]]],
-                                       offsets, frames))
+        evidence.update(
+            self._evidence(seq, int(order[0]), velocities[best_v[order[0]]], offsets, frames)
+        )
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
         timing['total'] = timing.get('total', 0.0) + timing['sequence']
-        return replace(result, candidates=candidates, pose=pose, covariance=covariance,
-                       confidence=self.localizer.calibration.confidence(evidence),
-                       timing_ms=timing, evidence=evidence)
+        return replace(
+            result,
+            candidates=candidates,
+            pose=pose,
+            covariance=covariance,
+            confidence=self.localizer.calibration.confidence(evidence),
+            timing_ms=timing,
+            evidence=evidence,
+        )
 
-    def _evidence(self, seq: np.ndarray, best: int, velocity: float, offsets: np.ndarray,
-                  frames: list[_Frame]) -> dict[str, float]:
+    def _evidence(
+        self,
+        seq: np.ndarray,
+        best: int,
+        velocity: float,
+        offsets: np.ndarray,
+        frames: list[_Frame],
+    ) -> dict[str, float]:
         """seq_score: the best path's mean z-score; seq_margin: its lead over the best path
         ending elsewhere (beyond the consistency radius); temporal_consistency: fraction of
         the frames whose own best map image lies within that radius of the path; seq_fill:

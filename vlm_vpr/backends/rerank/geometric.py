@@ -26,8 +26,9 @@ class _Keypoints:
     size_px: int  # shorter side of the image they were detected in
 
 
-def extract_rootsift(image_bgr: np.ndarray, size_px: int, max_keypoints: int,
-                     contrast_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def extract_rootsift(
+    image_bgr: np.ndarray, size_px: int, max_keypoints: int, contrast_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """The strongest SIFT keypoints of the image resized to shorter side ``size_px``.
 
     ``contrast_threshold`` is SIFT's (OpenCV default 0.04; lower finds more in dark images).
@@ -40,7 +41,8 @@ def extract_rootsift(image_bgr: np.ndarray, size_px: int, max_keypoints: int,
 
     grey = cv2.cvtColor(resize_shorter_side(image_bgr, size_px), cv2.COLOR_BGR2GRAY)
     keypoints, desc = cv2.SIFT_create(
-        nfeatures=max_keypoints, contrastThreshold=contrast_threshold).detectAndCompute(grey, None)
+        nfeatures=max_keypoints, contrastThreshold=contrast_threshold
+    ).detectAndCompute(grey, None)
     if desc is None:
         return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
     desc = desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-12)
@@ -103,40 +105,58 @@ class GeometricReranker:
         self._cache: OrderedDict[tuple[str, int], _Keypoints] = OrderedDict()
         self._warned: set[str] = set()
 
-    def rerank(self, query: Query, candidates: list[Candidate],
-               vpr_map: VprMap) -> list[Candidate]:
+    def rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         if not vpr_map.manifest.get('thumbnails'):
-            self._note(query, vpr_map, f'geometric: map {vpr_map.path} has no thumbnails, kept '
-                       'the previous order; rebuild it with thumbnail_size_px > 0')
+            self._note(
+                query,
+                f'geometric: map {vpr_map.path} has no thumbnails, kept '
+                'the previous order; rebuild it with thumbnail_size_px > 0',
+            )
             return candidates
         query_keypoints: dict[int, _Keypoints] = {}  # per thumbnail shorter side
         verified: list[Candidate] = []
         for candidate in candidates:
             if time.monotonic() >= query.deadline_s:
-                query.notes.append(f'geometric: time budget spent after {len(verified)} of '
-                                   f'{len(candidates)} candidates; the rest keep their order')
+                query.notes.append(
+                    f'geometric: time budget spent after {len(verified)} of '
+                    f'{len(candidates)} candidates; the rest keep their order'
+                )
                 break
             inliers = 0
             map_keypoints = self._map_keypoints(vpr_map, candidate.map_index)
             if map_keypoints is None:
-                self._note(query, vpr_map, f'geometric: thumbnail of map image '
-                           f'{candidate.map_index} is unreadable (0 inliers); rebuild the map')
+                self._note(
+                    query,
+                    f'geometric: thumbnail of map image '
+                    f'{candidate.map_index} is unreadable (0 inliers); rebuild the map',
+                )
             else:
                 size_px = map_keypoints.size_px
                 if size_px not in query_keypoints:
                     query_keypoints[size_px] = self._extract(query.image_bgr, size_px)
-                inliers = verify(query_keypoints[size_px], map_keypoints,
-                                 self.config.geometric_ratio, self.config.geometric_ransac_px)
+                inliers = verify(
+                    query_keypoints[size_px],
+                    map_keypoints,
+                    self.config.geometric_ratio,
+                    self.config.geometric_ransac_px,
+                )
             candidate.evidence['geometric_inliers'] = float(inliers)
             candidate.score += self.config.geometric_weight * inlier_bonus(
-                inliers, self.config.geometric_half_inliers)
+                inliers, self.config.geometric_half_inliers
+            )
             verified.append(candidate)
         verified.sort(key=lambda c: -c.score)
-        return verified + candidates[len(verified):]
+        return verified + candidates[len(verified) :]
 
     def _extract(self, image_bgr: np.ndarray, size_px: int) -> _Keypoints:
-        xy, desc = extract_rootsift(image_bgr, size_px, self.config.geometric_max_keypoints,
-                                    self.config.geometric_contrast_threshold)
+        xy, desc = extract_rootsift(
+            image_bgr,
+            size_px,
+            self.config.geometric_max_keypoints,
+            self.config.geometric_contrast_threshold,
+        )
         return _Keypoints(xy, desc, size_px)
 
     def _map_keypoints(self, vpr_map: VprMap, map_index: int) -> _Keypoints | None:
@@ -153,8 +173,9 @@ class GeometricReranker:
             self._cache.popitem(last=False)
         return keypoints
 
-    def _note(self, query: Query, vpr_map: VprMap, message: str) -> None:
-        if str(vpr_map.path) not in self._warned:
-            self._warned.add(str(vpr_map.path))
+    def _note(self, query: Query, message: str) -> None:
+        """Add ``message`` to the query's notes; log it the first time only."""
+        if message not in self._warned:
+            self._warned.add(message)
             log.warning('%s', message)
         query.notes.append(message)

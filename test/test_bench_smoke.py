@@ -1,0 +1,83 @@
+"""The benchmark's pieces on tiny sizes: every part runs and reports its figures (no timing
+assertions: a benchmark measures, it does not pass or fail on speed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+TINY = ['--quick', '--build-images', '8', '--map-images', '600', '--memory-map-size', '800',
+        '--max-map-size', '1000', '--runs', '2', '--queries', '3', '--photos', '2',
+        '--rerank-queries', '1', '--generation-s', '0', '--node-frames', '2',
+        '--backbones', 'rootsift', '--anyloc', 'S224', '--dtypes', 'int8']
+
+
+@pytest.fixture(scope='module')
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench as module
+
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_bench_runs_every_part_on_tiny_sizes_and_reports_each_figure(bench, data_root: Path):
+    args = bench.parse_args([*TINY, '--data', str(data_root)])
+    rows = bench.run(args)
+    failed = [f'{row.figure}: {row.measured}' for row in rows if 'FAILED' in row.measured]
+    assert not failed
+    figures = [(row.section, row.figure) for row in rows]
+    expected = [
+        (1, 'dense RootSIFT 240 px: Gardens Point 960x540 JPEG, 600-image map'),
+        (2, 'ViT-S/14 224x224 descriptor, median vs AnyLoc 82 ms'),
+        (2, 'ViT-S/14 224 px: cosine of the int8 descriptor to float32'),
+        (3, 'exact (flat float16), 1k images'),
+        (3, 'HNSW (M 32, efSearch 128), 1k images'),
+        (3, 'IVF-PQ (nlist 4 sqrt(N), nprobe 32, 64 x 8 bit), 1k images'),
+        (3, 'latency growth 1k -> 1k'),
+        (3, 'approximate search at 1M images'),
+        (4, 'map build, dense RootSIFT 240 px, 8 images'),
+        (5, 'map size per 10k images'),
+        (5, 'resident memory of a process holding a 800-image map'),
+        (6, 'K = 10, map descriptions precomputed'),
+        (6, 'K = 50, map descriptions precomputed'),
+        (6, 'K = 100, map descriptions precomputed'),
+        (7, 'image receipt -> pose publish, 600-image dense RootSIFT map'),
+    ]
+    for section, start in expected:
+        assert any(s == section and f.startswith(start) for s, f in figures), start
+    assert all((row.target != '') == isinstance(row.ok, bool) for row in rows)
+    rerank = [row for row in rows if row.section == 6]
+    assert all(row.measured.startswith('1 VLM call(s)') for row in rerank)
+    table = bench.format_table(rows).splitlines()
+    assert table[0] == '| figure | measured | target | ok? |'
+    assert len(table) == 2 + len(rows) + len({row.section for row in rows})
+
+
+def test_a_failing_part_gives_a_failed_row_and_the_next_part_still_runs(bench, tmp_path: Path):
+    rows = bench.run(bench.parse_args([*TINY, '--data', str(tmp_path), '--skip', 'anyloc',
+                                       'memory', 'rerank', 'node']))
+    assert [(row.section, row.figure) for row in rows] == [(1, 'frame part'), (3, 'search part')]
+    assert all(row.measured.startswith('FAILED: DatasetError') and row.ok is False
+               for row in rows)
+
+
+def test_replicated_rows_are_unit_vectors_as_similar_as_adjacent_rows(bench):
+    rng = np.random.default_rng(0)
+    walk = np.cumsum(rng.normal(size=(50, 256)), axis=0)  # neighbours alike, like a route
+    base = walk / np.linalg.norm(walk, axis=1, keepdims=True)
+    adjacent = float(np.median((base[:-1] * base[1:]).sum(axis=1)))
+    stored = bench.replicate(base, 5000, bench.replication_noise(base), seed=1)
+    assert stored.dtype == np.float16 and stored.shape == (5000, 256)
+    copies = stored.astype(np.float32)
+    assert np.allclose(np.linalg.norm(copies, axis=1), 1.0, atol=2e-3)
+    same_image = (copies[:-50] * copies[50:]).sum(axis=1)  # row i and i + 50 copy one image
+    assert abs(float(np.median(same_image)) - adjacent) < 0.03
+    halves = bench.replicate(base, 70, 0.5, seed=2, project=lambda rows: rows[:, :128])
+    assert halves.shape == (70, 128) and halves.dtype == np.float16
