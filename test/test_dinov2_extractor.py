@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ['HF_HUB_OFFLINE'] = '1'  # tests never download
-
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from transformers import (
     Dinov2Config,
     Dinov2Model,
     Dinov2WithRegistersConfig,
@@ -19,14 +15,14 @@ from transformers import (  # noqa: E402
     ViTConfig,
     ViTModel,
 )
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer  # noqa: E402
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 
-from vlm_vpr.backends.features import create_extractor  # noqa: E402
-from vlm_vpr.backends.features.dinov2 import Dinov2Extractor  # noqa: E402
-from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig  # noqa: E402
-from vlm_vpr.core.errors import ConfigError  # noqa: E402
-from vlm_vpr.core.images import resize_shorter_side  # noqa: E402
-from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook, l2_normalize  # noqa: E402
+from vlm_vpr.backends.features import create_extractor
+from vlm_vpr.backends.features.dinov2 import Dinov2Extractor
+from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig
+from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.images import resize_shorter_side
+from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook, l2_normalize
 
 SIZE_PX = 56  # shorter side: 4 patches of 14 px
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_size=14,
@@ -35,9 +31,10 @@ TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_si
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hub offline mode even when huggingface_hub was imported before this module set it."""
+    """Tests never download: hub offline mode (the constant is read once, at import)."""
     import huggingface_hub.constants
 
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
 
 
