@@ -479,10 +479,10 @@ def time_search(index: Any, data: np.ndarray,
 # ---- part: memory (section 5) ----------------------------------------------------------------
 
 def memory_rows(ws: Workspace) -> list[Row]:
-    from vlm_vpr.cli import _map_summary
+    from vlm_vpr.cli import map_summary
 
     big = ws.big_map('rootsift')
-    summary = _map_summary(big)
+    summary = map_summary(big)
     n = summary['num_images']
     fixed_mb = sum((big / name).stat().st_size / 1e6 for name in
                    ('codebook.npy', 'pca_mean.npy', 'pca_components.npy') if (big / name).exists())

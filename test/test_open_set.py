@@ -141,3 +141,17 @@ def test_run_queries_rejects_spread_out_sequences_and_unknown_splits(
         run_queries(localizer, dataset, protocol, queries, max_queries=5)
     with pytest.raises(ConfigError, match='split'):
         run_queries(localizer, dataset, protocol, queries, split='train')
+
+
+@pytest.mark.parametrize(
+    ('args', 'match'),
+    [
+        (['--images', 'q/images'], '--images needs --poses'),
+        (['--dataset', 'some/data'], '--dataset needs --protocol'),
+    ],
+)
+def test_calibrate_cli_names_the_missing_arguments(
+    args: list[str], match: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(['calibrate', '--map', str(tmp_path / 'map'), *args]) == 1
+    assert match in capsys.readouterr().err

@@ -351,11 +351,11 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=sys.stderr.isatty(),
         )
-    print(json.dumps(_map_summary(out)))
+    print(json.dumps(map_summary(out)))
     return 0
 
 
-def _map_summary(map_dir: Path) -> dict[str, Any]:
+def map_summary(map_dir: Path) -> dict[str, Any]:
     from vlm_vpr.core.map_format import read_map
 
     vpr_map = read_map(map_dir, load_index=False)
@@ -372,7 +372,7 @@ def _map_summary(map_dir: Path) -> dict[str, Any]:
 
 
 def _cmd_map_info(args: argparse.Namespace) -> int:
-    print(json.dumps(_map_summary(args.map), indent=2))
+    print(json.dumps(map_summary(args.map), indent=2))
     return 0
 
 
