@@ -30,7 +30,7 @@ class Localizer:
         self.config = config or LocalizerConfig()
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
         self.rerankers = self._create_rerankers()
-        self.calibration = Calibration.from_map(vpr_map)
+        self.calibration = Calibration.from_map(vpr_map, self.config)
 
     @classmethod
     def from_map_path(
