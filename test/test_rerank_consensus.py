@@ -12,7 +12,7 @@ from vlm_vpr.backends.rerank import Query
 from vlm_vpr.backends.rerank.consensus import (
     ConsensusReranker,
     consensus_scores,
-    place_by_place_order,
+    reorder_within_places,
 )
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig
 from vlm_vpr.core.errors import ConfigError
@@ -65,12 +65,13 @@ def test_consensus_never_lets_a_dense_place_outvote_the_incoming_best_place() ->
     assert ranked[1].score > ranked[0].score
 
 
-def test_place_by_place_order_groups_greedily_in_input_order() -> None:
+def test_reorder_within_places_keeps_each_place_in_the_positions_it_held() -> None:
     positions = np.array([[0.0, 0.0], [30.0, 0.0], [2.0, 0.0], [31.0, 1.0], [4.0, 0.0]])
     support = np.array([1.0, 5.0, 2.0, 0.0, 3.0])
-    # place of 0: {0, 2} (4 is 4 away from 0: outside radius 3); place of 1: {1, 3}; then {4}
-    order = place_by_place_order(support, positions, radius=3.0)
-    np.testing.assert_array_equal(order, [2, 0, 1, 3, 4])
+    # place of 0: {0, 2} (4 is 4 away from 0: outside radius 3); place of 1: {1, 3}; then {4}.
+    # Positions 0 and 2 go to 2 then 0 (support 2 > 1); 1 and 3 stay (5 > 0).
+    order = reorder_within_places(support, positions, radius=3.0)
+    np.testing.assert_array_equal(order, [2, 1, 0, 3, 4])
 
 
 def test_consensus_uses_euclidean_distance_in_x_and_y() -> None:

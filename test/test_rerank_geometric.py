@@ -126,6 +126,40 @@ def test_count_inliers_is_zero_below_the_minimal_sample() -> None:
     assert count_inliers(xy, xy + 1.0, threshold_px=3.0) == 0
 
 
+def test_count_inliers_is_zero_where_opencv_finds_no_model() -> None:
+    # Ten matches seen on the corridor data for which OpenCV 5's MAGSAC raises
+    # "!model.empty()" instead of returning no model.
+    xy_a = np.float32(
+        [
+            [6.931757, 115.155914],
+            [68.13959, 79.16183],
+            [72.17698, 77.62043],
+            [105.58029, 75.93262],
+            [108.11253, 82.24615],
+            [108.736046, 61.728134],
+            [111.17794, 69.876656],
+            [147.46147, 12.192009],
+            [155.1427, 23.57422],
+            [156.13545, 44.045544],
+        ]
+    )
+    xy_b = np.float32(
+        [
+            [147.48055, 108.95593],
+            [51.96808, 81.90678],
+            [58.86132, 81.36375],
+            [98.07944, 85.84642],
+            [99.248604, 95.44103],
+            [102.213036, 67.461624],
+            [108.029465, 73.75423],
+            [147.46431, 12.556464],
+            [153.6621, 22.645086],
+            [156.03436, 44.534744],
+        ]
+    )
+    assert count_inliers(xy_a, xy_b, threshold_px=3.0) == 0
+
+
 def test_warped_copy_of_the_query_gets_many_inliers_and_moves_first(
     scene: np.ndarray, scene_map: VprMap
 ) -> None:

@@ -172,7 +172,7 @@ class RerankConfig:
     geometric_weight: float = 0.5  # score += weight * n / (n + geometric_half_inliers) (geometric)
     geometric_half_inliers: float = 20.0  # inliers n giving half the bonus (geometric)
     geometric_cache_size: int = 1024  # map images whose keypoints stay in memory (geometric)
-    consensus_sigma: float = 3.0  # kernel width on map x, y distance, in map units (consensus)
+    consensus_sigma: float = 3.0  # kernel width on map x, y; a place spans 2 sigma; map units
     consensus_weight: float = 1.0  # weight of nearby candidates' scores (consensus)
 
     def __post_init__(self) -> None:

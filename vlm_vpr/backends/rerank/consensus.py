@@ -6,12 +6,13 @@ weakest candidate of the shortlist has 0, and d_ij the x, y distance between map
     s'_i = s_i + w * sum_{j != i} s_j * exp(-d_ij^2 / (2 sigma^2))
 
 Candidates are grouped into places: the best remaining candidate (incoming order) takes every
-ungrouped candidate within 2 sigma of it. Places keep their incoming order; inside a place the
-candidates are ordered by s'. So neighbours' support moves the answer towards the middle of a
-cluster of good candidates (the incoming best is often a neighbouring frame, just outside the
-tolerance), but a dense cluster elsewhere never outvotes the place the previous stage chose:
-on Gardens Point and the corridor data, wrong places retrieve as many close neighbours as the
-right one, and a global vote lowered Recall@1.
+ungrouped candidate within 2 sigma of it. Each place keeps the list positions it held, and its
+candidates fill them in order of s'. So neighbours' support moves a place's first slot to the
+middle of its cluster of good candidates (the incoming best is often a neighbouring frame just
+outside the tolerance), but a dense cluster elsewhere never outvotes the place the previous
+stage chose: wrong places often retrieve as many close neighbours as the right one, and
+sorting the whole shortlist by s' lowered Recall@1 on the corridor and Gardens Point
+night_vs_day_right data.
 
 sigma (``rerank.consensus_sigma``) is in map units: metres, or places for maps in ``frames``.
 Needs no model; chain it after any re-ranker.
@@ -41,22 +42,22 @@ def consensus_scores(
     return shifted + weight * kernel @ shifted
 
 
-def place_by_place_order(
+def reorder_within_places(
     support: np.ndarray, positions_xy: np.ndarray, radius: float
 ) -> np.ndarray:
-    """Indices [C]: places in input order (each the first ungrouped candidate and every
-    ungrouped one within ``radius`` of it), each place ordered by ``support`` [C] descending
-    (ties keep input order)."""
+    """Indices [C]: each place keeps the list positions its candidates hold, filled with them
+    by ``support`` [C] descending (ties keep input order). A place is the first ungrouped
+    candidate and every ungrouped one within ``radius`` of it, in input order."""
+    order = np.arange(len(support))
     ungrouped = np.ones(len(support), bool)
-    order: list[np.ndarray] = []
     for anchor in range(len(support)):
         if not ungrouped[anchor]:
             continue
         near = np.hypot(*(positions_xy - positions_xy[anchor]).T) <= radius
         members = np.flatnonzero(near & ungrouped)
         ungrouped[members] = False
-        order.append(members[np.argsort(-support[members], kind='stable')])
-    return np.concatenate(order)
+        order[members] = members[np.argsort(-support[members], kind='stable')]
+    return order
 
 
 class ConsensusReranker:
@@ -69,7 +70,8 @@ class ConsensusReranker:
     def rerank(
         self, query: Query, candidates: list[Candidate], vpr_map: VprMap
     ) -> list[Candidate]:
-        """Candidates place by place; ``score`` and ``evidence['consensus']`` = s'.
+        """Candidates re-ordered within their places; ``score`` and ``evidence['consensus']``
+        = s' (so scores fall within a place, not necessarily across places).
 
         The input is taken in its given order (best first, as every stage returns it).
         """
@@ -81,5 +83,5 @@ class ConsensusReranker:
         for candidate, value in zip(candidates, support):
             candidate.evidence[self.name] = float(value)
             candidate.score = float(value)
-        order = place_by_place_order(support, positions_xy, 2.0 * self.sigma)
+        order = reorder_within_places(support, positions_xy, 2.0 * self.sigma)
         return [candidates[i] for i in order]

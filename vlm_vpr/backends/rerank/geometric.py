@@ -56,24 +56,33 @@ def match_mutual_ratio(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float) -> 
     """
     if len(desc_a) < 2 or len(desc_b) < 2:
         return np.zeros((0, 2), np.int64)
-    dist2 = np.maximum(2.0 - 2.0 * (desc_a @ desc_b.T), 0.0)  # [Na x Nb] squared L2
-    best_two = np.partition(dist2, 1, axis=1)[:, :2]
-    nearest = dist2.argmin(axis=1)
+    sims = desc_a @ desc_b.T  # [Na x Nb] cosines; squared L2 distance = 2 - 2 cosine
     rows = np.arange(len(desc_a))
-    keep = (dist2.argmin(axis=0)[nearest] == rows) & (best_two[:, 0] < ratio**2 * best_two[:, 1])
+    nearest = sims.argmax(axis=1)
+    best = sims[rows, nearest]
+    # mutual: row i is also its match's best row (a max over axis 0 is fast, an argmax is not)
+    mutual = best >= sims.max(axis=0)[nearest]
+    sims[rows, nearest] = -np.inf
+    second = sims.max(axis=1)
+    keep = mutual & (2.0 - 2.0 * best < ratio**2 * (2.0 - 2.0 * second))
     return np.stack([rows[keep], nearest[keep]], axis=1)
 
 
 def count_inliers(xy_a: np.ndarray, xy_b: np.ndarray, threshold_px: float) -> int:
     """How many matches (positions xy_a, xy_b [M x 2] float32) fit one fundamental matrix.
 
-    MAGSAC++ with ``threshold_px`` epipolar distance; 0 below 8 matches (the minimal sample).
+    MAGSAC++ with ``threshold_px`` epipolar distance; 0 below 8 matches (the minimal sample)
+    and where OpenCV finds no model (it raises on some small degenerate sets).
     """
     import cv2
 
     if len(xy_a) < 8:
         return 0
-    _, mask = cv2.findFundamentalMat(xy_a, xy_b, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
+    try:
+        _, mask = cv2.findFundamentalMat(xy_a, xy_b, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
+    except cv2.error as exc:
+        log.debug('no fundamental matrix for %d matches: %s', len(xy_a), exc)
+        return 0
     return 0 if mask is None else int(mask.sum())
 
 
