@@ -38,3 +38,14 @@ def campus_map(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     folder = data_root / 'campus_loop' / 'map'
     out = tmp_path_factory.mktemp('maps') / 'campus_loop'
     return build_map_from_folder(folder / 'images', folder / 'poses.csv', out, progress=False)
+
+
+@pytest.fixture(scope='session')
+def embedder():
+    """The real all-MiniLM-L6-v2 Sentence-BERT (bundled package, offline), loaded once."""
+    import torch
+
+    from vlm_vpr.backends.text_embedding import TextEmbedder
+
+    torch.set_num_threads(1)
+    return TextEmbedder()

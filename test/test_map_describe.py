@@ -34,17 +34,6 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope='module')
-def embedder() -> TextEmbedder:
-    mp = pytest.MonkeyPatch()
-    mp.setenv('HF_HUB_OFFLINE', '1')
-    import torch
-
-    torch.set_num_threads(1)
-    yield TextEmbedder()
-    mp.undo()
-
-
 def describing(texts: dict[int, list[tuple[str, float]]], fail_on: set[int] = frozenset()
                ) -> ScriptedVlm:
     def answer(prompt: str, images: list[np.ndarray]) -> dict[str, Any]:

@@ -34,17 +34,6 @@ MAP_TEXTS = {
 QUERY_TEXTS = [('an old stone bridge across the river', 3.0), ('a lighthouse on the coast', 1.0)]
 
 
-@pytest.fixture(scope='module')
-def embedder() -> TextEmbedder:
-    mp = pytest.MonkeyPatch()
-    mp.setenv('HF_HUB_OFFLINE', '1')
-    import torch
-
-    torch.set_num_threads(1)
-    yield TextEmbedder()
-    mp.undo()
-
-
 def answer_from(texts: dict[int, list[Any]]) -> ScriptedVlm:
     """A scripted VLM describing each image (by colour) with ``texts`` (text or (text, w))."""
     def answer(prompt: str, images: list[np.ndarray]) -> dict[str, Any]:

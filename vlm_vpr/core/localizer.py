@@ -79,13 +79,11 @@ class Localizer:
         timing['search'] = _ms(t)
 
         coarse = list(candidates)
-        notes: list[str] = []
         if self.rerankers:
             t = time.perf_counter()
             for reranker in self.rerankers:
                 candidates = reranker.rerank(query, candidates, self.map)
             timing['rerank'] = _ms(t)
-        notes.extend(query.notes)
 
         t = time.perf_counter()
         candidates = candidates[: self.config.top_k]
@@ -95,7 +93,7 @@ class Localizer:
         timing['fuse'] = _ms(t)
         timing['total'] = _ms(start)
         return LocalizationResult(
-            candidates, pose, covariance, confidence, timing, notes, evidence, descriptor
+            candidates, pose, covariance, confidence, timing, query.notes, evidence, descriptor
         )
 
     def _describe(self, image: np.ndarray, timing: dict[str, float]) -> np.ndarray:
