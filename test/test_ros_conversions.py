@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from vlm_vpr.core.images import read_image
@@ -17,10 +17,12 @@ from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
     base_pose_from_camera,
+    camera_info_topic,
     check_output,
     image_from_msg,
     image_msg,
     markers_msg,
+    rectify_with_camera_info,
 )
 from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
 from vlm_vpr.ros.params import CameraOffsetConfig, InitialPoseConfig
@@ -79,6 +81,54 @@ def test_image_msg_round_trips_through_image_from_msg(image: np.ndarray) -> None
     msg = image_msg(image, Header(frame_id='camera'))
     assert (msg.encoding, msg.header.frame_id) == ('bgr8', 'camera')
     assert np.array_equal(image_from_msg(msg), image)
+
+
+@pytest.mark.parametrize(('image_topic', 'info_topic'), [
+    ('image', 'camera_info'),
+    ('/image', '/camera_info'),
+    ('camera/image_raw', 'camera/camera_info'),
+    ('/robot/front/image_rect_color/', '/robot/front/camera_info'),
+    ('/robot/front/image_raw/compressed', '/robot/front/camera_info'),
+    ('camera2/image/compressed', 'camera2/camera_info'),
+])
+def test_camera_info_topic_is_the_sibling_of_the_image_topic(image_topic: str,
+                                                             info_topic: str) -> None:
+    assert camera_info_topic(image_topic) == info_topic
+
+
+def calibration(width: int = 426, height: int = 240, d: tuple[float, ...] = (-0.3, 0.08, 0, 0, 0),
+                **fields) -> CameraInfo:
+    k = [250.0, 0.0, 213.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]
+    return CameraInfo(width=width, height=height, distortion_model='plumb_bob', d=list(d), k=k,
+                      p=k[:3] + [0.0] + k[3:6] + [0.0] + k[6:] + [0.0], **fields)
+
+
+def test_rectify_with_camera_info_remaps_only_a_distorted_whole_frame(image: np.ndarray) -> None:
+    rectified, state = rectify_with_camera_info(image, calibration())
+    assert state == 'rectified' and rectified.shape == image.shape
+    assert np.abs(rectified.astype(int) - image).mean() > 5.0
+    full_roi = RegionOfInterest(width=426, height=240)
+    assert rectify_with_camera_info(image, calibration(roi=full_roi))[1] == 'rectified'
+    assert rectify_with_camera_info(image, calibration(d=(0.0,) * 5)) == (image, 'not_distorted')
+    for unsupported in ({'binning_x': 2}, {'roi': RegionOfInterest(x_offset=10, width=100,
+                                                                   height=100)}):
+        assert rectify_with_camera_info(image, calibration(**unsupported)) == (
+            image, 'roi_or_binning')
+
+
+@pytest.mark.parametrize(('info', 'message'), [
+    (calibration(width=640, height=480), 'image of 426x240 does not match its calibration of '
+     '640x480'),
+    (calibration(d=(0.1, 0.2)),
+     r'plumb_bob needs 5 finite distortion coefficients, got \[0.1, 0.2\]'),
+])
+def test_rectify_with_camera_info_skips_a_frame_that_does_not_fit(image: np.ndarray,
+                                                                  info: CameraInfo,
+                                                                  message: str) -> None:
+    with pytest.raises(FrameSkipped, match=message) as caught:
+        rectify_with_camera_info(image, info)
+    assert caught.value.reason == 'bad_camera_info'
+    assert 'use_camera_info: false' in str(caught.value)
 
 
 def test_camera_offset_moves_the_pose_to_the_base_and_widens_the_covariance() -> None:

@@ -158,6 +158,17 @@ def test_configure_fails_cleanly_without_a_usable_map(context: Any, map_path: st
     node.destroy_node()
 
 
+def test_configure_fails_cleanly_with_an_incompatible_map(context: Any, tmp_path: Path) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    (tmp_path / 'manifest.json').write_text('{"format": "vlm_vpr.map", "format_version": 999}')
+    node = make_node(context, map_path=str(tmp_path))
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    level, text = node.status
+    assert level == b'\x02' and 'map format version 999 is not supported' in text
+    node.destroy_node()
+
+
 def test_console_script_exits_with_a_message_on_a_bad_parameter() -> None:
     script = Path(sys.executable).with_name('vpr_node')
     run = subprocess.run([str(script), '--ros-args', '-p', 'max_rate_hz:=1000.0'],

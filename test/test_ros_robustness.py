@@ -24,7 +24,7 @@ from vlm_vpr.core.images import read_image
 from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, header_at, odometry_msg, wait_until
-from vlm_vpr.ros.tf_offset import TransformUnavailable
+from vlm_vpr.ros.tf_offset import TransformUnavailable, tf_available
 
 T0_NS = 1_700_000_000_000_000_000
 COMPRESSED_TOPIC = 'camera2/image/compressed'
@@ -181,6 +181,23 @@ def test_a_missing_transform_skips_the_frame_until_tf_arrives(
         tf.missing = False
         pub.publish(camera_msg(good, T0_NS + 1_000_000_000))
         assert harness.wait_for('pose', lambda m: True, timeout_s=30.0) is not None
+
+
+@pytest.mark.skipif(tf_available(), reason='tf2_ros is installed: the TF adapter is used')
+def test_use_tf_without_tf2_falls_back_to_the_camera_offset_parameters(
+        campus_map: Path, harness: NodeHarness, good: np.ndarray,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    stamp = T0_NS + 5000 * 1_000_000_000
+    plain = localise_good_frame(harness, good, stamp)  # camera_offset all zero
+    parameters = {'map_path': str(campus_map), 'autostart': True, 'use_tf': True,
+                  'camera_offset.x_m': 2.0}
+    with NodeHarness(parameters, namespace='no_tf2_test') as fallback:
+        fallback.publisher(Image, 'image').publish(camera_msg(good, stamp))
+        moved = fallback.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
+    assert 'use_tf is true but tf2_ros is not installed' in capfd.readouterr().err
+    assert plain is not None and moved is not None
+    a, b = plain.pose.pose.position, moved.pose.pose.position
+    assert math.hypot(a.x - b.x, a.y - b.y) == pytest.approx(2.0, abs=1e-6)  # 2 m lever arm
 
 
 def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(campus_map: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,61 @@ def resize_shorter_side(image: np.ndarray, size_px: int, multiple: int = 1) -> n
         return image
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(image, (new_w, new_h), interpolation=interp)
+
+
+# Distortion models of sensor_msgs/CameraInfo and the number of coefficients D each takes.
+DISTORTION_COEFFS = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
+
+
+def rectify_image(image: np.ndarray, camera_matrix: np.ndarray, dist_coeffs: np.ndarray,
+                  projection: np.ndarray, model: str, width: int, height: int) -> np.ndarray:
+    """Undistort a frame with its calibration, in sensor_msgs/CameraInfo conventions.
+
+    ``image`` [H x W x C] uint8 of the calibrated size ``width`` x ``height``; ``camera_matrix``
+    K [3 x 3]; ``dist_coeffs`` D of ``model`` ('plumb_bob': 5, 'rational_polynomial': 8, both
+    OpenCV's pinhole model; 'equidistant': 4, OpenCV's fisheye model); ``projection`` P [3 x 4]
+    (or [3 x 3]) whose left 3 x 3 is the camera matrix of the output (all zero: K). Returns
+    the rectified [H x W x C] uint8 image; the input itself when D is all zero (nothing to
+    undo, whatever the size). ImageError when the size differs from the calibration's, the
+    model is unknown or D, K or P are unusable.
+    """
+    k = np.asarray(camera_matrix, np.float64).reshape(3, 3)
+    d = np.asarray(dist_coeffs, np.float64).ravel()
+    p = np.asarray(projection, np.float64).reshape(3, -1)[:, :3]
+    if not d.any():
+        return image
+    if image.shape[0] != height or image.shape[1] != width:
+        raise ImageError(f'image of {image.shape[1]}x{image.shape[0]} does not match its '
+                         f'calibration of {width}x{height}; publish the camera_info of this '
+                         'resolution (or recalibrate)')
+    if model not in DISTORTION_COEFFS:
+        raise ImageError(f'distortion model {model!r} is not one of {sorted(DISTORTION_COEFFS)};'
+                         ' calibrate with one of them')
+    if d.size != DISTORTION_COEFFS[model] or not np.isfinite(d).all():
+        raise ImageError(f'{model} needs {DISTORTION_COEFFS[model]} finite distortion '
+                         f'coefficients, got {d.tolist()}; check the calibration file')
+    if not p.any():
+        p = k
+    for name, matrix in (('K', k), ('P', p)):
+        if not (np.isfinite(matrix).all() and matrix[0, 0] > 0 and matrix[1, 1] > 0):
+            raise ImageError(f'camera matrix {name} has no positive focal lengths '
+                             f'({matrix[0, 0]}, {matrix[1, 1]}): the camera is not calibrated')
+    map_x, map_y = _rectify_maps(model, width, height, k.tobytes(), d.tobytes(), p.tobytes())
+    import cv2
+
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+@functools.lru_cache(maxsize=8)
+def _rectify_maps(model: str, width: int, height: int, k: bytes, d: bytes,
+                  p: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.remap maps of one calibration (cached: a camera's calibration rarely changes)."""
+    import cv2
+
+    k_matrix, new_k = (np.frombuffer(b, np.float64).reshape(3, 3) for b in (k, p))
+    coeffs = np.frombuffer(d, np.float64)
+    if model == 'equidistant':
+        return cv2.fisheye.initUndistortRectifyMap(k_matrix, coeffs, np.eye(3), new_k,
+                                                   (width, height), cv2.CV_16SC2)
+    return cv2.initUndistortRectifyMap(k_matrix, coeffs, np.eye(3), new_k, (width, height),
+                                       cv2.CV_16SC2)

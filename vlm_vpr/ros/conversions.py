@@ -19,7 +19,7 @@ from sensor_msgs.msg import Image
 from visualization_msgs.msg import Marker, MarkerArray
 
 from vlm_vpr.core.errors import ImageError
-from vlm_vpr.core.images import MAX_IMAGE_PIXELS, as_bgr
+from vlm_vpr.core.images import MAX_IMAGE_PIXELS, as_bgr, rectify_image
 from vlm_vpr.core.types import Pose
 
 MARKER_NS = 'vpr_candidates'
@@ -116,6 +116,39 @@ def _describe(msg: Any) -> str:
     if hasattr(msg, 'format'):
         return f'CompressedImage ({msg.format or "no format"}, {len(msg.data)} bytes)'
     return f'Image ({msg.encoding or "no encoding"}, {msg.width}x{msg.height})'
+
+
+# ---------------------------------------------------------------------------------------------
+# Camera calibration
+
+
+def camera_info_topic(image_topic: str) -> str:
+    """The CameraInfo topic of an image topic, named as image_transport does: the sibling
+    ``camera_info`` of the image topic, with a ``/compressed`` transport suffix stripped first
+    (``/cam/image_raw/compressed`` -> ``/cam/camera_info``, ``image`` -> ``camera_info``)."""
+    topic = image_topic.rstrip('/')
+    topic = topic.removesuffix('/compressed')
+    head, slash, _ = topic.rpartition('/')
+    return f'{head}{slash}camera_info'
+
+
+def rectify_with_camera_info(image: np.ndarray, info: Any) -> tuple[np.ndarray, str]:
+    """``image`` [H x W x 3] uint8 BGR rectified with its sensor_msgs/CameraInfo, and what was
+    done: 'rectified', 'not_distorted' (D all zero: the frame is used as it is) or
+    'roi_or_binning' (a calibration for a region or binned frames: used unrectified).
+    FrameSkipped('bad_camera_info') when the frame does not fit the calibration."""
+    roi = info.roi
+    whole_frame = (roi.x_offset, roi.y_offset) == (0, 0) and (roi.width, roi.height) in (
+        (0, 0), (info.width, info.height))
+    if max(info.binning_x, info.binning_y) > 1 or not whole_frame:
+        return image, 'roi_or_binning'
+    try:
+        rectified = rectify_image(image, np.array(info.k), np.array(info.d), np.array(info.p),
+                                  info.distortion_model, info.width, info.height)
+    except ImageError as exc:
+        raise FrameSkipped('bad_camera_info', f'{exc} (or set use_camera_info: false to '
+                           'localise unrectified)') from exc
+    return rectified, 'rectified' if rectified is not image else 'not_distorted'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """`vpr_node`: a lifecycle node that turns camera frames into a pose prior in the map frame.
 
 Inputs: ``image_topics`` (Image, or CompressedImage for names ending in ``/compressed``) with
-sensor-data QoS, and optionally ``odom_topic`` (nav_msgs/Odometry). Outputs (relative names):
+sensor-data QoS; with ``use_camera_info`` each camera's sibling ``camera_info`` (CameraInfo,
+sensor-data QoS: frames are rectified with the latest one); optionally ``odom_topic``
+(nav_msgs/Odometry). Outputs (relative names):
 ``pose`` (PoseWithCovarianceStamped, stamped with the image's stamp), ``confidence``
 (Float32), ``candidates`` (PoseArray), ``candidate_markers`` (MarkerArray), ``debug_image``
 (when enabled), ``/initialpose`` (when enabled, gated) and ``/diagnostics``. Services:
@@ -34,7 +36,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32, Header
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
@@ -46,6 +48,7 @@ from vlm_vpr.ros import params
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
     base_pose_from_camera,
+    camera_info_topic,
     check_output,
     debug_image,
     image_from_msg,
@@ -53,6 +56,7 @@ from vlm_vpr.ros.conversions import (
     markers_msg,
     pose_array_msg,
     pose_with_covariance_msg,
+    rectify_with_camera_info,
     stamp_ns,
 )
 from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
@@ -67,7 +71,7 @@ from vlm_vpr.ros.tf_offset import (
 
 NODE_NAME = 'vpr_node'
 STATS_WINDOW = 200  # frames over which latencies are summarised
-SKIP_LOG_PERIOD_S = 5.0  # a skip reason is logged at most this often (all are counted)
+WARN_PERIOD_S = 5.0  # a skip reason (or frame warning) is logged at most this often; all count
 
 
 @dataclass
@@ -104,7 +108,9 @@ class VprNode(LifecycleNode):
         self._stage_ms: dict[str, deque[float]] = {}
         self._last: dict[str, Any] = {}
         self._status = (DiagnosticStatus.WARN, 'unconfigured')
-        self._skip_logged_s: dict[str, float] = {}
+        self._warned_s: dict[str, float] = {}
+        self._info_topics: dict[str, str] = {}  # image topic -> its camera_info topic
+        self._camera_infos: dict[str, CameraInfo] = {}  # latest per camera_info topic
         self._odometry = OdometryTrack()
         self._gate = InitialPoseGate()
         self._reset_sequence = False
@@ -174,6 +180,12 @@ class VprNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 msg_type, topic, lambda msg, t=topic: self._on_image(msg, t),
                 qos_profile_sensor_data))
+        self._info_topics = ({t: camera_info_topic(t) for t in cfg.image_topics}
+                             if cfg.use_camera_info else {})
+        for topic in set(self._info_topics.values()):
+            self._subs.append(self.create_subscription(
+                CameraInfo, topic, lambda msg, t=topic: self._on_camera_info(msg, t),
+                qos_profile_sensor_data))
         if cfg.odom_topic:
             self._subs.append(self.create_subscription(Odometry, cfg.odom_topic, self._on_odom,
                                                        qos_profile_sensor_data))
@@ -240,12 +252,14 @@ class VprNode(LifecycleNode):
         with self._lock:
             self._stopping = True
             self._slots.clear()
+            self._camera_infos.clear()
             for waiter in self._waiters:
                 waiter.done.set()
             self._lock.notify_all()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()
         self._worker = None
+        self._info_topics = {}
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
@@ -290,6 +304,11 @@ class VprNode(LifecycleNode):
                 self._counts['dropped'] += 1
             self._slots[topic] = _Frame(msg, topic, time.monotonic())
             self._lock.notify_all()
+
+    def _on_camera_info(self, msg: CameraInfo, topic: str) -> None:
+        with self._lock:
+            self._counts['camera_info_received'] += 1
+            self._camera_infos[topic] = msg
 
     def _on_odom(self, msg: Odometry) -> None:
         q = msg.pose.pose.orientation
@@ -373,6 +392,8 @@ class VprNode(LifecycleNode):
             motion = self._odometry.motion(previous, t_ns) if previous is not None else None
         try:
             image = image_from_msg(frame.msg)
+            if frame.topic in self._info_topics:
+                image = self._rectify(image, frame)
             base_in_camera = self._offsets.base_in_camera(cfg.camera_frame or header.frame_id)
             result = self._localize(image, motion)
             pose, covariance = base_pose_from_camera(result.pose, result.covariance,
@@ -390,6 +411,31 @@ class VprNode(LifecycleNode):
         self._previous_stamp_ns = t_ns
         self._publish(frame, header, image, result, pose, covariance, base_in_camera, motion,
                       cfg, query_cfg)
+
+    def _rectify(self, image: np.ndarray, frame: _Frame) -> np.ndarray:
+        """The frame rectified with its camera's latest CameraInfo. Without one (yet), or with
+        a region-of-interest / binned calibration, it is localised as it is: counted in
+        /diagnostics and logged, never blocked. FrameSkipped if it does not fit the calibration.
+        """
+        topic = self._info_topics[frame.topic]
+        with self._lock:
+            info = self._camera_infos.get(topic)
+        start = time.perf_counter()
+        if info is None:
+            state = 'missing'
+            self._warn(f'camera_info_{state}', f'{frame.topic}: no CameraInfo on {topic} yet: '
+                       'localising the frame unrectified')
+        else:
+            image, state = rectify_with_camera_info(image, info)
+        if state == 'roi_or_binning':
+            self._warn(f'camera_info_{state}', f'{frame.topic}: rectifying a region of interest '
+                       'or binned frames is not supported: localising the frame unrectified')
+        with self._lock:
+            self._counts[f'camera_info_{state}'] += 1
+            if state == 'rectified':
+                self._stage_ms.setdefault('rectify', deque(maxlen=STATS_WINDOW)).append(
+                    (time.perf_counter() - start) * 1000.0)
+        return image
 
     def _localize(self, image: np.ndarray, motion: Pose | None) -> LocalizationResult:
         result = self._localizer.localize(image)
@@ -451,10 +497,14 @@ class VprNode(LifecycleNode):
         with self._lock:
             self._counts[f'skipped_{reason}'] += 1
         self._status = (DiagnosticStatus.WARN, f'skipped a frame from {frame.topic}: {reason}')
+        self._warn(reason, f'{frame.topic}: frame skipped ({reason}): {message}')
+
+    def _warn(self, key: str, message: str) -> None:
+        """Log ``message`` unless a warning of the same ``key`` was logged in WARN_PERIOD_S."""
         now = time.monotonic()
-        if now - self._skip_logged_s.get(reason, -math.inf) >= SKIP_LOG_PERIOD_S:
-            self._skip_logged_s[reason] = now
-            self.get_logger().warning(f'{frame.topic}: frame skipped ({reason}): {message}')
+        if now - self._warned_s.get(key, -math.inf) >= WARN_PERIOD_S:
+            self._warned_s[key] = now
+            self.get_logger().warning(message)
 
     # -----------------------------------------------------------------------------------------
     # Diagnostics
@@ -489,6 +539,7 @@ class VprNode(LifecycleNode):
             values = {k: str(v) for k, v in sorted(self._counts.items())}
             stages = {k: float(np.median(v)) for k, v in self._stage_ms.items() if v}
             notes = self._last.get('notes', [])
+            no_info = sorted(set(self._info_topics.values()) - set(self._camera_infos))
         latency = self.latency_stats()
         values.update({f'latency_{k}_ms': f'{v:.1f}' for k, v in stages.items()})
         values['receipt_to_publish_median_ms'] = f'{latency["median_ms"]:.1f}'
@@ -498,6 +549,10 @@ class VprNode(LifecycleNode):
         values['map_path'] = self._cfg.map_path
         values['last_notes'] = '; '.join(notes)
         values['initial_pose_armed'] = str(self._gate.armed)
+        if self._info_topics:
+            values['camera_info_missing_on'] = ', '.join(no_info)
+            if no_info and level == DiagnosticStatus.OK:
+                level, message = DiagnosticStatus.WARN, f'{message}; no camera_info on {no_info}'
         status = DiagnosticStatus(level=level,
                                   name=f'{self.get_name()}: localization',
                                   message=message, hardware_id='vlm_vpr',

@@ -76,6 +76,7 @@ class NodeConfig:
     min_confidence: float = 0.0  # `pose` is published only at or above this confidence
     use_tf: bool = False  # camera mount from TF (tf2_ros) instead of camera_offset.*
     camera_frame: str = ''  # TF frame of the camera (x forward); '' = the image's frame_id
+    use_camera_info: bool = False  # rectify frames with each camera's sibling camera_info
     odom_topic: str = ''  # nav_msgs/Odometry for sequence evidence; '' = by frame order
     relocalize_frames: int = 3  # frames the `relocalize` service waits for
     relocalize_timeout_s: float = 15.0  # `relocalize` gives up after this long
