@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from vlm_vpr.cli import main
+from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
-from vlm_vpr.core.errors import ConfigError
-from vlm_vpr.core.evaluation import parse_map_range, posed_queries, run_queries
+from vlm_vpr.core.datasets import read_dataset
+from vlm_vpr.core.errors import ConfigError, DatasetError
+from vlm_vpr.core.evaluation import (
+    build_holdout_map,
+    evaluate,
+    parse_map_range,
+    posed_queries,
+    run_queries,
+)
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 
@@ -101,6 +109,38 @@ def test_rows_without_x_y_count_as_out_of_map(
     )
     assert [q['truth_xy'] is None for q in report['per_query']] == [True] * 3 + [False] * 3
     assert report['open_set']['num_out_of_map'] == 3 and report['num_in_map'] == 3
+
+
+def test_eval_with_a_holdout_rebuilds_the_map_without_it_and_keeps_the_full_calibration(
+    calibrated_map: Path, data_root: Path
+) -> None:
+    report = evaluate(
+        data_root / 'campus_loop',
+        'interleaved',
+        map_dir=calibrated_map,
+        progress=False,
+        holdout=HOLDOUT,
+        split='test',
+    )
+
+    full = read_map(calibrated_map)
+    held = parse_map_range(HOLDOUT, len(full))
+    assert report['holdout_map_ids'] == [int(held[0]), int(held[-1]) + 1]
+    reduced = read_map(calibrated_map.with_name(f'map.holdout-{held[0]}-{held[-1] + 1}'))
+    kept = [n for i, n in enumerate(full.content.image_names) if i not in set(held.tolist())]
+    assert reduced.content.image_names == kept  # a true open set: never saw the held-out images
+    assert not np.array_equal(reduced.content.codebook, full.content.codebook)
+    calibration = Calibration.from_map(full, LocalizerConfig())
+    rows = report['per_query']
+    assert calibration.fitted and report['open_set']['num_out_of_map'] > 0
+    assert [q['confidence'] for q in rows] == [calibration.confidence(q['evidence']) for q in rows]
+    assert report['open_set']['false_accept_rate'] == 0.0
+
+
+def test_holdout_map_rejects_a_map_of_another_traversal(campus_map: Path, data_root: Path) -> None:
+    queries = read_dataset(data_root / 'campus_loop').traversal('query')
+    with pytest.raises(DatasetError, match='was not built from query'):
+        build_holdout_map(read_map(campus_map), queries, np.arange(3), progress=False)
 
 
 @pytest.mark.parametrize(('text', 'expected'), [('0.25:0.5', range(5, 10)), ('3:7', range(3, 7))])

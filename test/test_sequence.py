@@ -176,6 +176,48 @@ def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(tmp_pa
     assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score'] for t in inside)
 
 
+def test_track_consistency_is_high_along_the_route_and_low_for_unmapped_places(
+    tmp_path: Path,
+) -> None:
+    map_dir, desc = make_route_map(tmp_path, np.arange(60, dtype=float))
+    rng = np.random.default_rng(4)
+    config = LocalizerConfig(sequence=SequenceConfig(length=6, column_centring=0.0))
+    localizer = Localizer(read_map(map_dir), config)
+
+    along = run_matcher(localizer, noisy(desc, 0.5, rng), [None] * 60)
+    unmapped = run_matcher(localizer, noisy(rng.normal(size=desc.shape), 0.5, rng), [None] * 60)
+
+    track = [r.evidence['track_consistency'] for r in along]
+    assert track[0] == 0.0 and track[2] == pytest.approx(2 / 5)  # past winners so far / (L-1)
+    assert all(t == 1.0 for t in track[5:])
+    assert np.mean([r.evidence['track_consistency'] for r in unmapped[5:]]) < 0.5
+
+
+def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    xs = np.arange(40, dtype=float)
+    _, desc = make_route_map(tmp_path, xs)
+    desc[16:24] = noisy(np.repeat(desc[20:21], 8, axis=0), 1.0, rng)  # a look-alike stretch
+    content = MapContent(
+        MapBuildConfig(thumbnail_size_px=0),
+        read_map(tmp_path / 'map').content.codebook,
+        desc.astype(np.float16),
+        [f'{i:04d}.png' for i in range(len(xs))],
+        [Pose(float(x), 0.0) for x in xs],
+    )
+    config = LocalizerConfig(sequence=SequenceConfig(length=6, column_centring=0.0))
+    localizer = Localizer(read_map(write_map(content, tmp_path / 'hub_map')), config)
+    unmapped = noisy(rng.normal(size=(30, desc.shape[1])) + 3.0 * desc[20], 0.5, rng)
+
+    along = run_matcher(localizer, noisy(desc, 0.5, rng), [None] * 40)
+    aliased = run_matcher(localizer, unmapped, [None] * 30)  # unlike any place, like 16-23
+
+    assert all(16 <= r.candidates[0].map_index < 27 for r in aliased[5:])
+    hub = np.mean([r.evidence['hubness'] for r in aliased[5:]])
+    place = np.mean([r.evidence['hubness'] for r in along[20:]])  # past the first frames
+    assert hub > 1.0 and place < 0.5 and hub > place + 1.0, (hub, place)
+
+
 def test_reset_forgets_past_frames(tmp_path: Path) -> None:
     map_dir, desc = make_route_map(tmp_path, np.arange(20, dtype=float))
     localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=4)))

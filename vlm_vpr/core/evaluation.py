@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from vlm_vpr.core.calibration import open_set_report, plot_precision_recall, plot_reliability
+from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import ConfidenceConfig, LocalizerConfig, MapBuildConfig
 from vlm_vpr.core.datasets import Dataset, Protocol, Traversal, read_dataset, read_poses_csv
-from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.errors import ConfigError, DatasetError, MapError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.localizer import Localizer
-from vlm_vpr.core.map_build import build_map_from_folder
-from vlm_vpr.core.map_format import check_compatible, read_map
+from vlm_vpr.core.map_build import build_map, build_map_from_folder
+from vlm_vpr.core.map_format import VprMap, check_compatible, read_map
 from vlm_vpr.core.sequence import SequenceMatcher
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,27 @@ RECALL_KS = (1, 5, 10)
 SPLIT_BLOCK = 10  # queries per block of the fit / test split
 
 
-def evaluate(dataset_dir: str | Path, protocol: str, build_config: MapBuildConfig | None = None,
-             localizer_config: LocalizerConfig | None = None, *, map_dir: str | Path | None = None,
-             max_queries: int | None = None, progress: bool = True,
-             holdout: str | None = None, split: str | None = None) -> dict[str, Any]:
+def evaluate(
+    dataset_dir: str | Path,
+    protocol: str,
+    build_config: MapBuildConfig | None = None,
+    localizer_config: LocalizerConfig | None = None,
+    *,
+    map_dir: str | Path | None = None,
+    max_queries: int | None = None,
+    progress: bool = True,
+    holdout: str | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
     """Build (or reuse) the protocol's map, localise every query, and report.
 
     ``map_dir``: an existing map there is reused (its backbone must match ``build_config``);
     otherwise the map is built there (or in a temporary folder when None).
-    ``holdout`` and ``split``: see :func:`run_queries`.
+    ``holdout``: ``'A:B'`` (see :func:`parse_map_range`), a stretch of the map to leave out, a
+    true open set: the queries run against a map built without those images (codebook and PCA
+    included; kept beside ``map_dir`` as ``<map_dir>.holdout-A-B`` and reused), which uses the
+    calibration of the full map (``vlm-vpr calibrate`` stores its fit there).
+    ``split``: see :func:`run_queries`.
     Returns the report dict described in the README (``recall``, ``timing_ms``, ``per_query``,
     ``open_set``).
     """
@@ -44,24 +57,89 @@ def evaluate(dataset_dir: str | Path, protocol: str, build_config: MapBuildConfi
         path = Path(map_dir) if map_dir is not None else Path(tmp) / 'map'
         if not (path / 'manifest.json').is_file():
             map_folder = dataset.root / proto.map
-            build_map_from_folder(map_folder / 'images', map_folder / 'poses.csv', path,
-                                  build_config, progress=progress)
+            build_map_from_folder(
+                map_folder / 'images',
+                map_folder / 'poses.csv',
+                path,
+                build_config,
+                progress=progress,
+            )
         vpr_map = read_map(path)
         check_compatible(vpr_map, build_config.features.backbone)
+        held_out = parse_map_range(holdout, len(vpr_map)) if holdout else None
+        if held_out is not None:
+            calibration = Calibration.from_map(vpr_map, localizer_config)
+            vpr_map = read_map(
+                build_holdout_map(vpr_map, dataset.traversal(proto.map), held_out, progress)
+            )
         localizer = Localizer(vpr_map, localizer_config)
+        if held_out is not None:
+            localizer.calibration = calibration  # the full map's: the one the node will use
         queries = dataset.traversal(proto.query)
-        return run_queries(localizer, dataset, protocol, queries, max_queries, progress,
-                           holdout=holdout, split=split)
+        report = run_queries(
+            localizer, dataset, protocol, queries, max_queries, progress, split=split
+        )
+        if held_out is not None:
+            report['holdout_map_ids'] = [int(held_out[0]), int(held_out[-1]) + 1]
+        return report
 
 
-def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: Traversal,
-                max_queries: int | None = None, progress: bool = True, *,
-                holdout: str | None = None, split: str | None = None) -> dict[str, Any]:
+def build_holdout_map(
+    vpr_map: VprMap, traversal: Traversal, held_out: np.ndarray, progress: bool = True
+) -> Path:
+    """The map of ``traversal`` (the one ``vpr_map`` was built from) without the map ids
+    ``held_out`` [M] int64, built with ``vpr_map``'s settings beside it as
+    ``<map>.holdout-A-B``; reused when one with the same images and settings is there."""
+    kept = [i for i in range(len(traversal)) if np.isfinite(traversal.xy[i]).all()]
+    if [traversal.image_paths[i].name for i in kept] != vpr_map.content.image_names:
+        raise DatasetError(
+            f'map {vpr_map.path} was not built from {traversal.name} of this '
+            'data set: build it again (drop --map or point it to a new folder)'
+        )
+    kept = [kept[j] for j in np.setdiff1d(np.arange(len(kept)), held_out)]
+    names = [traversal.image_paths[i].name for i in kept]
+    out = Path(vpr_map.path).with_name(
+        f'{Path(vpr_map.path).name}.holdout-{held_out[0]}-{held_out[-1] + 1}'
+    )
+    try:
+        old = read_map(out) if (out / 'manifest.json').is_file() else None
+    except MapError:  # e.g. an older map format: build it again
+        old = None
+    if old is not None and (old.content.image_names, old.build_config) == (
+        names,
+        vpr_map.build_config,
+    ):
+        return out
+    return build_map(
+        names,
+        [traversal.pose(i) for i in kept],
+        lambda j: read_image(traversal.image_paths[kept[j]]),
+        out,
+        vpr_map.build_config,
+        source=vpr_map.content.source,
+        overwrite=True,
+        progress=progress,
+    )
+
+
+def run_queries(
+    localizer: Localizer,
+    dataset: Dataset,
+    protocol: str,
+    queries: Traversal,
+    max_queries: int | None = None,
+    progress: bool = True,
+    *,
+    holdout: str | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
     """Localise each query image and score it against the protocol's tolerance.
 
     holdout: ``'A:B'``, a stretch of map images left out of the search (see
-      :func:`parse_map_range`); queries with no searchable map image within tolerance of their
-      true place (or with empty x, y) are out of the map: correct is to reject them.
+      :func:`parse_map_range`; the map's codebook and PCA still saw them: :func:`evaluate`
+      rebuilds the map without them instead); queries with no searchable map image within
+      tolerance of their true place (or with empty x, y) are out of the map: correct is to
+      reject them.
     split: ``'fit'`` or ``'test'``: report only the queries in even or odd blocks of
       ``SPLIT_BLOCK`` consecutive queries (calibrate on one, measure on the other).
     With ``sequence.length`` > 1 every query is localised in order (the sequence needs the
@@ -74,8 +152,10 @@ def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: 
     searchable_xy = map_xy if searchable is None else map_xy[searchable]
     sequence = SequenceMatcher(localizer) if localizer.config.sequence.length > 1 else None
     if sequence is not None and max_queries is not None:
-        raise ConfigError('--max-queries picks spread-out queries but sequence matching needs '
-                          'consecutive ones: drop --max-queries or use --sequence 1')
+        raise ConfigError(
+            '--max-queries picks spread-out queries but sequence matching needs '
+            'consecutive ones: drop --max-queries or use --sequence 1'
+        )
     if split not in (None, 'fit', 'test'):
         raise ConfigError(f"split must be 'fit' or 'test', got {split!r}")
     count = len(queries) if max_queries is None else min(max_queries, len(queries))
@@ -99,32 +179,46 @@ def run_queries(localizer: Localizer, dataset: Dataset, protocol: str, queries: 
         top = [c.map_index for c in result.candidates]
         truth = queries.xy[i]
         in_map = bool(np.isfinite(truth).all()) and bool(
-            within_tolerance(searchable_xy, truth, proto.tolerance, dataset.units).any())
-        hits = within_tolerance(map_xy[top], truth, proto.tolerance, dataset.units) if in_map \
+            within_tolerance(searchable_xy, truth, proto.tolerance, dataset.units).any()
+        )
+        hits = (
+            within_tolerance(map_xy[top], truth, proto.tolerance, dataset.units)
+            if in_map
             else np.zeros(len(top), bool)
-        per_query.append({
-            'query': queries.image_paths[i].name,
-            'truth_xy': truth.tolist() if in_map else None,
-            'top_ids': top,
-            'top_names': [c.image_name for c in result.candidates],
-            'top_scores': [round(c.score, 6) for c in result.candidates],
-            'first_correct_rank': int(np.argmax(hits)) + 1 if hits.any() else None,
-            'pose_xy': [result.pose.x, result.pose.y],
-            'confidence': result.confidence,
-            'evidence': result.evidence,
-            'timing_ms': result.timing_ms,
-            'notes': result.notes,
-        })
-    report = summarize(per_query, dataset, protocol,
-                       localizer.config.confidence.initial_pose_threshold)
-    report.update({'holdout_map_ids': [int(held_out.min()), int(held_out.max()) + 1]
-                   if len(held_out) else None, 'split': split,
-                   'sequence_length': localizer.config.sequence.length})
+        )
+        per_query.append(
+            {
+                'query': queries.image_paths[i].name,
+                'truth_xy': truth.tolist() if in_map else None,
+                'top_ids': top,
+                'top_names': [c.image_name for c in result.candidates],
+                'top_scores': [round(c.score, 6) for c in result.candidates],
+                'first_correct_rank': int(np.argmax(hits)) + 1 if hits.any() else None,
+                'pose_xy': [result.pose.x, result.pose.y],
+                'confidence': result.confidence,
+                'evidence': result.evidence,
+                'timing_ms': result.timing_ms,
+                'notes': result.notes,
+            }
+        )
+    report = summarize(
+        per_query, dataset, protocol, localizer.config.confidence.initial_pose_threshold
+    )
+    report.update(
+        {
+            'holdout_map_ids': [int(held_out.min()), int(held_out.max()) + 1]
+            if len(held_out)
+            else None,
+            'split': split,
+            'sequence_length': localizer.config.sequence.length,
+        }
+    )
     return report
 
 
-def posed_queries(images_dir: str | Path, poses_csv: str | Path, tolerance: float,
-                  units: str) -> tuple[Dataset, str, Traversal]:
+def posed_queries(
+    images_dir: str | Path, poses_csv: str | Path, tolerance: float, units: str
+) -> tuple[Dataset, str, Traversal]:
     """(dataset, protocol name, queries) for :func:`run_queries` from any posed image folder."""
     if units not in ('m', 'frames'):
         raise ConfigError(f"units must be 'm' or 'frames', got {units!r}")
@@ -132,8 +226,11 @@ def posed_queries(images_dir: str | Path, poses_csv: str | Path, tolerance: floa
         raise ConfigError(f'tolerance must be > 0 (in {units}), got {tolerance}')
     queries = read_poses_csv(poses_csv, images_dir, name=Path(poses_csv).resolve().parent.name)
     protocol = Protocol('posed', '', queries.name, float(tolerance))
-    return (Dataset(Path(images_dir).parent, queries.name, units, {'posed': protocol}), 'posed',
-            queries)
+    return (
+        Dataset(Path(images_dir).parent, queries.name, units, {'posed': protocol}),
+        'posed',
+        queries,
+    )
 
 
 def parse_map_range(text: str, num_images: int) -> np.ndarray:
@@ -148,42 +245,58 @@ def parse_map_range(text: str, num_images: int) -> np.ndarray:
         else:
             a, b = int(first), int(last)
     except ValueError as exc:
-        raise ConfigError(f'map range {text!r} is not A:B ({exc}); write e.g. 0.4:0.6 '
-                          '(fractions) or 80:120 (map indices)') from exc
+        raise ConfigError(
+            f'map range {text!r} is not A:B ({exc}); write e.g. 0.4:0.6 '
+            '(fractions) or 80:120 (map indices)'
+        ) from exc
     if not 0 <= a < b <= num_images or b - a == num_images:
-        raise ConfigError(f'map range {text!r} must select some but not all of the '
-                          f'{num_images} map images')
+        raise ConfigError(
+            f'map range {text!r} must select some but not all of the {num_images} map images'
+        )
     return np.arange(a, b, dtype=np.int64)
 
 
-def within_tolerance(map_xy: np.ndarray, truth_xy: np.ndarray, tolerance: float,
-                     units: str) -> np.ndarray:
+def within_tolerance(
+    map_xy: np.ndarray, truth_xy: np.ndarray, tolerance: float, units: str
+) -> np.ndarray:
     """[K] bool: which of the map positions [K x 2] count as the same place as ``truth_xy``."""
     if units == 'frames':
         return np.abs(map_xy[:, 0] - truth_xy[0]) <= tolerance
     return np.hypot(*(map_xy - truth_xy).T) <= tolerance
 
 
-def summarize(per_query: list[dict], dataset: Dataset, protocol: str,
-              threshold: float = ConfidenceConfig().initial_pose_threshold) -> dict[str, Any]:
+def summarize(
+    per_query: list[dict],
+    dataset: Dataset,
+    protocol: str,
+    threshold: float = ConfidenceConfig().initial_pose_threshold,
+) -> dict[str, Any]:
     in_map = [q for q in per_query if q['truth_xy'] is not None]
     ranks = [q['first_correct_rank'] for q in in_map]
-    recall = {str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
-              for k in RECALL_KS}
+    recall = {
+        str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
+        for k in RECALL_KS
+    }
     stages = sorted({s for q in per_query for s in q['timing_ms']})
     timing = {s: _stat(per_query, s, 50) for s in stages if s != 'total'}
     timing['total_median'] = _stat(per_query, 'total', 50)
     timing['total_p95'] = _stat(per_query, 'total', 95)
     proto = dataset.protocol(protocol)
     return {
-        'dataset': dataset.name, 'dataset_dir': str(dataset.root), 'protocol': protocol,
-        'map': proto.map, 'query': proto.query,
-        'tolerance': proto.tolerance, 'units': dataset.units,
-        'num_queries': len(per_query), 'num_in_map': len(in_map),
+        'dataset': dataset.name,
+        'dataset_dir': str(dataset.root),
+        'protocol': protocol,
+        'map': proto.map,
+        'query': proto.query,
+        'tolerance': proto.tolerance,
+        'units': dataset.units,
+        'num_queries': len(per_query),
+        'num_in_map': len(in_map),
         'recall': recall,
-        'recall_curve': [_fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
-                         for k in range(1, 1 + max((len(q['top_ids']) for q in per_query),
-                                                   default=0))],
+        'recall_curve': [
+            _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
+            for k in range(1, 1 + max((len(q['top_ids']) for q in per_query), default=0))
+        ],
         'timing_ms': timing,
         'timing_p95_ms': {s: _stat(per_query, s, 95) for s in stages},
         'open_set': open_set_report(per_query, threshold),
@@ -191,11 +304,14 @@ def summarize(per_query: list[dict], dataset: Dataset, protocol: str,
     }
 
 
-def write_report(report: dict[str, Any], json_path: str | Path | None = None,
-                 plot_path: str | Path | None = None,
-                 failures_path: str | Path | None = None,
-                 pr_plot_path: str | Path | None = None,
-                 reliability_plot_path: str | Path | None = None) -> None:
+def write_report(
+    report: dict[str, Any],
+    json_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    failures_path: str | Path | None = None,
+    pr_plot_path: str | Path | None = None,
+    reliability_plot_path: str | Path | None = None,
+) -> None:
     """Write the JSON report, the Recall@K plot, the failed-queries strip, the open-set
     precision-recall plot and the reliability plot (each optional)."""
     if pr_plot_path:
@@ -220,8 +336,12 @@ def plot_recall(reports: list[dict[str, Any]], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for report in reports:
         curve = report['recall_curve']
-        ax.plot(range(1, len(curve) + 1), curve, marker='o',
-                label=f"{report['dataset']}/{report['protocol']}")
+        ax.plot(
+            range(1, len(curve) + 1),
+            curve,
+            marker='o',
+            label=f'{report["dataset"]}/{report["protocol"]}',
+        )
     ax.set_xlabel('K')
     ax.set_ylabel('Recall@K')
     ax.set_ylim(0, 1.02)
@@ -233,8 +353,9 @@ def plot_recall(reports: list[dict[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_failure_strip(report: dict[str, Any], path: str | Path, max_rows: int = 8,
-                        height_px: int = 120) -> int:
+def write_failure_strip(
+    report: dict[str, Any], path: str | Path, max_rows: int = 8, height_px: int = 120
+) -> int:
     """PNG with one row per failed query: query | top-1 | true match. Returns rows written."""
     import cv2
 
@@ -254,8 +375,9 @@ def write_failure_strip(report: dict[str, Any], path: str | Path, max_rows: int 
         true_path = db.image_paths[int(np.argmin(dist))]
         top1_path = next(p for p in db.image_paths if p.name == q['top_names'][0])
         tiles = [read_image(p) for p in (by_name[q['query']], top1_path, true_path)]
-        tiles = [cv2.resize(t, (int(t.shape[1] * height_px / t.shape[0]), height_px))
-                 for t in tiles]
+        tiles = [
+            cv2.resize(t, (int(t.shape[1] * height_px / t.shape[0]), height_px)) for t in tiles
+        ]
         rows.append(np.hstack(tiles))
         if len(rows) == max_rows:
             break

@@ -82,6 +82,7 @@ class _Frame:
     z: np.ndarray  # [N] float32 z-scored similarities, NaN where not searchable
     own_best: int  # the frame's own best map image
     travelled: float | None  # distance moved since the previous frame (map units), if known
+    winner: float = float('nan')  # route coordinate of the frame's sequence winner
 
 
 class SequenceMatcher:
@@ -167,6 +168,7 @@ class SequenceMatcher:
         evidence.update(
             self._evidence(seq, int(order[0]), velocities[best_v[order[0]]], offsets, frames)
         )
+        frames[0].winner = float(self.route[order[0]])
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -191,16 +193,26 @@ class SequenceMatcher:
     ) -> dict[str, float]:
         """seq_score: the best path's mean z-score; seq_margin: its lead over the best path
         ending elsewhere (beyond the consistency radius); temporal_consistency: fraction of
-        the frames whose own best map image lies within that radius of the path; seq_fill:
-        frames voting / sequence.length."""
+        the frames whose own best map image lies within that radius of the path;
+        track_consistency: the past frames whose sequence winner lies within that radius of
+        the path, over sequence.length - 1 (a true track moves along the route; a place that
+        is not in the map wins by aliasing, which jumps or stands still); seq_fill: frames
+        voting / sequence.length; hubness: the winner's mean similarity to all frames since
+        the last reset, as a z-score over the map images (an image that resembles every frame
+        under the current conditions wins by aliasing, not by place)."""
         radius = self.config.consistency_radius_spacings * self.spacing
         elsewhere = np.abs(self.route - self.route[best]) > radius
         rivals = seq[elsewhere & np.isfinite(seq)]
         path = self.route[best] - velocity * offsets
         own = self.route[[f.own_best for f in frames]]
+        past = self.column_sum / self.count  # [N] mean similarity of each map image so far
+        winners = np.array([f.winner for f in frames[1:]])
+        track = np.abs(winners - path[1:]) <= radius
         return {
             'seq_score': float(seq[best]),
             'seq_margin': float(seq[best] - rivals.max()) if len(rivals) else float(seq[best]),
             'temporal_consistency': float(np.mean(np.abs(own - path) <= radius)),
+            'track_consistency': float(track.sum()) / max(self.config.length - 1, 1),
             'seq_fill': len(frames) / self.config.length,
+            'hubness': float((past[best] - past.mean()) / max(float(past.std()), 1e-9)),
         }
