@@ -8,8 +8,9 @@ Parts (skip any with ``--skip``):
           ``--map-images`` (10k) image map, per backbone; and the map-build throughput
   anyloc  DINOv2 descriptor time (layer 10 value facet, 32 clusters, hard assignment, batch 1)
           against the AnyLoc reference times of issue 5, and the fast dtypes' cosine to float32
-  search  exact and approximate (HNSW, IVF-PQ) top-100 search from 1k to ``--max-map-size``
-          images: latency, build time, recall@100 against exact search
+  search  exact and approximate (IVF, HNSW) top-100 search from 1k to ``--max-map-size``
+          images in ``--search-dim`` dimensions: latency, build time, recall@100 against exact
+          search
   memory  map size per 10k images (default config) and the resident memory of a process that
           holds a ``--memory-map-size`` (100k) image map in a Localizer
   rerank  VLM calls and time per query of the descriptions re-ranker (benchmarks/bench_rerank.py)
@@ -22,9 +23,12 @@ built from the real ViT-S/14 or ViT-B/14 configuration, saved and loaded by fold
 Large maps are made from a real map of the first ``--build-images`` Gardens Point day_left
 images: each map row is one real image's VLAD vector plus Gaussian noise, re-normalised. The
 noise makes two copies of one image as similar as adjacent real map images are (median cosine
-c of neighbours: copy-to-original cosine sqrt(c)). PCA (the default 1024 dimensions, which a
-real map fits only above 1024 images) is fitted on 1100 such copies. Search sets replicate the
-real images' 1024-d descriptors the same way; queries are real day_right images.
+c of neighbours: copy-to-original cosine sqrt(c)). PCA (the default vlad.pca_dim, 512, which a
+real map fits only above 512 images) is fitted on 1100 such copies. Search sets replicate the
+real images' descriptors the same way after a PCA to ``--search-dim`` (1024, the issue's
+figure) fitted on 1100 copies; queries are real day_right images. The full search part (1k to
+1M images, 1024-d, exact and IVF) takes about 6 min and 6 GB RAM on 2 cores;
+``--approximate ivf hnsw`` adds HNSW, whose 1M build alone takes about 16 min.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ from vlm_vpr.core.localizer import Localizer  # noqa: E402
 from vlm_vpr.core.map_build import build_map  # noqa: E402
 from vlm_vpr.core.map_format import (  # noqa: E402
     MapContent,
-    project_descriptor,
     read_map,
     write_map,
 )
@@ -110,19 +113,24 @@ PCA_FIT_ROWS = 1100  # replicated rows the PCA of a large map is fitted on (> pc
 FRAME_IMAGES = 8  # distinct query frames cycled through in the per-frame timing
 # (full run, --quick) defaults of the size options
 DEFAULTS = {'runs': (30, 8), 'build_images': (200, 24), 'map_images': (10_000, 2_000),
-            'max_map_size': (100_000, 10_000), 'memory_map_size': (100_000, 20_000),
+            'max_map_size': (1_000_000, 10_000), 'memory_map_size': (100_000, 20_000),
             'queries': (50, 10), 'photos': (8, 4), 'rerank_queries': (3, 1),
             'node_frames': (20, 5), 'backbones': (list(BACKBONES), ['rootsift', 'S224']),
             'anyloc': (list(ANYLOC_NAMES), ['S224'])}
 RSS_CHILD = """
 import sys
 from vlm_vpr.core.images import read_image
+import time
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
-localizer = Localizer(read_map(sys.argv[1]))  # held while the memory is read
+start = time.perf_counter()
+vpr_map = read_map(sys.argv[1])
+load_s = time.perf_counter() - start
+localizer = Localizer(vpr_map)  # held while the memory is read
 localizer.localize(read_image(sys.argv[2]))
 status = dict(line.split(':', 1) for line in open('/proc/self/status'))
-print(int(status['VmRSS'].split()[0]) * 1024 / 1e6, int(status['VmHWM'].split()[0]) * 1024 / 1e6)
+print(int(status['VmRSS'].split()[0]) * 1024 / 1e6, int(status['VmHWM'].split()[0]) * 1024 / 1e6,
+      load_s)
 """
 
 
@@ -296,6 +304,15 @@ def frame_rows(ws: Workspace) -> list[Row]:
     return rows
 
 
+def dinov2_runtimes(args: argparse.Namespace) -> list[tuple[str, RuntimeConfig]]:
+    """(label, batch-1 runtime) of float32 and each ``--dtypes`` value (and compiled ones)."""
+    variants = [('float32', False), *((d, False) for d in args.dtypes)]
+    variants += [(d, True) for d in args.dtypes] if args.compile else []
+    return [(dtype + ('+compile' if compiled else ''),
+             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=THREADS, compile=compiled))
+            for dtype, compiled in variants]
+
+
 def backbone_label(backbone: str) -> str:
     arch, size_px = BACKBONES[backbone]
     if arch is None:
@@ -319,9 +336,8 @@ def per_frame_rows(ws: Workspace, backbone: str) -> list[Row]:
         frame = 'Gardens Point 960x540 JPEG'
     dim = f'{vpr_map.content.codebook.size}-d VLAD -> {vpr_map.content.descriptors.shape[1]}-d'
     rows = []
-    for dtype in ['float32', *ws.args.dtypes] if dinov2 else ['float32']:
+    for dtype, runtime in dinov2_runtimes(ws.args) if dinov2 else dinov2_runtimes(ws.args)[:1]:
         note(f'per frame: {backbone} {dtype}')
-        runtime = RuntimeConfig(dtype=dtype, batch_size=1, num_threads=THREADS)
         localizer = Localizer(vpr_map, LocalizerConfig(runtime=runtime))
         stages = []
         frames = itertools.cycle(jpegs)
@@ -366,9 +382,8 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
                                  dinov2_layer=10, dinov2_facet='value', image_size_px=size_px)
         photos = [resize_shorter_side(crop, size_px) for crop in crops]
         timing, vlads = {}, {}
-        for dtype in ['float32', *ws.args.dtypes]:
+        for dtype, runtime in dinov2_runtimes(ws.args):
             note(f'AnyLoc comparison: {name} {dtype}')
-            runtime = RuntimeConfig(dtype=dtype, batch_size=1, num_threads=THREADS)
             extractor = create_extractor(features, runtime)
             local = [f.flat for f in extractor.extract(photos)]
             if dtype == 'float32':  # the codebook a float32 map build would fit
@@ -389,7 +404,7 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
             f'{fastest} {timing[fastest][0]:.1f} ms = {timing[fastest][0] / reference_ms:.2f}x '
             f'(p95 {timing[fastest][1]:.1f}); {spread}',
             f'<= {reference_ms / 3:.1f} ms (1/3)', timing[fastest][0] <= reference_ms / 3))
-        for dtype in ws.args.dtypes:
+        for dtype in list(vlads)[1:]:
             cosines = [float(a @ b) for a, b in zip(vlads['float32'], vlads[dtype])]
             rows.append(Row(2, f'ViT-{arch}/14 {size_px} px: cosine of the {dtype} descriptor to '
                             f'float32 (min, mean over {len(photos)} photos)',
@@ -401,16 +416,24 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
 # ---- part: search (section 3) ----------------------------------------------------------------
 
 def search_rows(ws: Workspace) -> list[Row]:
-    big = read_map(ws.big_map('rootsift'))
+    """Exact and approximate search over replicated real descriptors in ``--search-dim``
+    dimensions; indexes are built with ``THREADS`` FAISS threads and searched with one, as
+    the Localizer does (one query at a time)."""
+    from vlm_vpr.core.threads import limit_threads
+
     real = read_map(ws.real_map('rootsift')[0], load_index=False)
-    base = project_descriptor(real.content.descriptors.astype(np.float32), big)
+    vlads = real.content.descriptors.astype(np.float32)  # [N x K*D_local]: no PCA below pca_dim
+    pca = fit_pca(replicate(vlads, PCA_FIT_ROWS, replication_noise(vlads), seed=1),
+                  VladConfig(pca_dim=ws.args.search_dim))
+    base = apply_pca(vlads, *pca)
     noise = replication_noise(base)
     day_right = read_traversal(ws.args.data / 'gardens_point' / 'day_right')
-    localizer = Localizer(big, LocalizerConfig(runtime=RuntimeConfig(num_threads=THREADS)))
-    queries = [localizer.describe(read_image(p)) for p in day_right.image_paths[:ws.args.queries]]
+    localizer = Localizer(real, LocalizerConfig(runtime=RuntimeConfig(num_threads=THREADS)))
+    queries = [apply_pca(localizer.describe(read_image(p)), *pca)[0]
+               for p in day_right.image_paths[:ws.args.queries]]
     sizes = [n for n in SEARCH_SIZES if n <= ws.args.max_map_size]
-    kinds = {'exact': 'exact (flat float16)', **{k: approximate_label(k)
-                                                  for k in ws.args.approximate}}
+    kinds = {'exact': f'exact (flat float16, {base.shape[1]}-d)',
+             **{k: approximate_label(k) for k in ws.args.approximate}}
     medians: dict[str, list[float]] = {kind: [] for kind in kinds}
     rows = []
     for size in sizes:
@@ -421,6 +444,7 @@ def search_rows(ws: Workspace) -> list[Row]:
             exact = kind == 'exact'
             config = IndexConfig() if exact else IndexConfig(approximate_above=1,
                                                              approximate_type=kind)
+            limit_threads(THREADS)
             start = time.perf_counter()
             index = build_index(data, config, force_flat=exact)
             build_s = time.perf_counter() - start
@@ -451,17 +475,21 @@ def search_rows(ws: Workspace) -> list[Row]:
     if sizes[-1] < APPROX_TARGET_SIZE:
         rows.append(Row(3, 'approximate search at 1M images', f'not run (--max-map-size '
                         f'{ws.args.max_map_size}); target there: {APPROX_TARGET}'))
-    rows.append(Row(3, 'search set', f'{len(base)} real day_left descriptors ({base.shape[1]}-d) '
-                    f'+ noise (norm {noise:.2f}); {len(queries)} real day_right queries'))
+    rows.append(Row(3, 'search set', f'{len(base)} real day_left descriptors (16384-d VLAD, '
+                    f'PCA to {base.shape[1]}-d) + noise (norm {noise:.2f}); {len(queries)} real '
+                    'day_right queries; maps at or above index.approximate_above '
+                    f'({IndexConfig().approximate_above}) use index.approximate_type '
+                    f'({IndexConfig().approximate_type})'))
     return rows
 
 
 def approximate_label(kind: str) -> str:
     config = IndexConfig()
     if kind == 'hnsw':
-        return f'HNSW (M {config.hnsw_m}, efSearch {config.hnsw_ef_search})'
-    return (f'IVF-PQ (nlist {config.ivf_nlist or "4 sqrt(N)"}, nprobe {config.ivf_nprobe}, '
-            f'{config.pq_m} x 8 bit)')
+        return (f'HNSW float16 (M {config.hnsw_m}, efConstruction '
+                f'{config.hnsw_ef_construction}, efSearch {config.hnsw_ef_search})')
+    return (f'IVF float16 (nlist {config.ivf_nlist or "sqrt(N)"}, nprobe {config.ivf_nprobe}, '
+            f'trained on <= {config.train_max_rows} rows)')
 
 
 def time_search(index: Any, data: np.ndarray,
@@ -484,15 +512,15 @@ def memory_rows(ws: Workspace) -> list[Row]:
     big = ws.big_map('rootsift')
     summary = map_summary(big)
     n = summary['num_images']
-    fixed_mb = sum((big / name).stat().st_size / 1e6 for name in
-                   ('codebook.npy', 'pca_mean.npy', 'pca_components.npy') if (big / name).exists())
-    per_10k_mb = fixed_mb + (summary['retrieval_mb'] - fixed_mb) * 10_000 / n
-    rows = [Row(5, f'map size per 10k images (`vlm-vpr map info` of a {count_label(n)}-image '
-                'map, scaled)',
-                f'retrieval {per_10k_mb:.1f} MB = {per_10k_mb - fixed_mb:.1f} per-image '
-                f'(descriptors, poses) + {fixed_mb:.1f} fixed (codebook, PCA); thumbnails '
-                f'{summary["thumbnails_mb"] * 10_000 / n:.0f} MB separately',
-                f'<= {MAP_MB_PER_10K_TARGET:.0f} MB', per_10k_mb <= MAP_MB_PER_10K_TARGET)]
+    parts = ', '.join(f'{k} {v:.1f}' for k, v in summary['size_mb'].items()
+                      if k not in ('thumbnails', 'extras'))
+    rows = [Row(5, f'map size per 10k images (`vlm-vpr map info` '
+                f'retrieval_mb_per_10k_images of a {count_label(n)}-image map)',
+                f'{summary["retrieval_mb_per_10k_images"]:.1f} MB ({summary["descriptor_dim"]}-d '
+                f'float16; {count_label(n)} map MB: {parts}); thumbnails '
+                f'{summary["thumbnails_mb"] * 10_000 / n:.0f} MB per 10k separately',
+                f'<= {MAP_MB_PER_10K_TARGET:.0f} MB',
+                summary['retrieval_mb_per_10k_images'] <= MAP_MB_PER_10K_TARGET)]
     size = ws.args.memory_map_size
     content = read_map(big, load_index=False).content
     pca = (content.pca_mean, content.pca_components) if content.pca_mean is not None else None
@@ -504,10 +532,11 @@ def memory_rows(ws: Workspace) -> list[Row]:
                            capture_output=True, text=True)
     if child.returncode != 0:
         raise RuntimeError(f'memory child process failed: {child.stderr.strip()[-500:]}')
-    rss_mb, peak_mb = (float(v) for v in child.stdout.split())
+    rss_mb, peak_mb, load_s = (float(v) for v in child.stdout.split())
     rows.append(Row(5, f'resident memory of a process holding a {count_label(size)}-image map '
                     '(read_map + Localizer, no VLM, one localize)',
-                    f'peak {peak_mb:.0f} MB (VmHWM), {rss_mb:.0f} MB after'))
+                    f'peak {peak_mb:.0f} MB (VmHWM), {rss_mb:.0f} MB after; read_map (exact '
+                    f'index rebuilt from descriptors.npy) {load_s:.2f} s'))
     if size == 100_000:
         rows[-1].target, rows[-1].ok = f'peak <= {RSS_MB_TARGET:.0f} MB', peak_mb <= RSS_MB_TARGET
     return rows
@@ -595,11 +624,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'int8'],
                         choices=[d for d in RUNTIME_DTYPES if d != 'float32'],
                         help='DINOv2 runtime.dtype values timed beside float32')
-    parser.add_argument('--approximate', nargs='+', default=['hnsw', 'ivfpq'],
-                        choices=['hnsw', 'ivfpq'], help='approximate index types to time')
+    parser.add_argument('--compile', action='store_true',
+                        help='frame and anyloc parts: also time those dtypes under torch.compile '
+                        '(runtime.compile; about 40 s of compilation each, not timed)')
+    parser.add_argument('--approximate', nargs='+', default=['ivf'],
+                        choices=['ivf', 'hnsw'], help='approximate index types to time')
+    parser.add_argument('--search-dim', type=int, default=1024,
+                        help='search part: PCA dimension of the descriptors (default 1024, the '
+                        "issue's figure; maps default to vlad.pca_dim)")
     parser.add_argument('--max-map-size', type=int,
-                        help='largest search set of 1k, 10k, 100k, 1M (default 100000; 1M '
-                        'adds about 20 min and 10 GB RAM on 2 cores)')
+                        help='largest search set of 1k, 10k, 100k, 1M (default 1000000; '
+                        'quick: 10000)')
     parser.add_argument('--runs', type=int, help='timed repetitions per figure (default 30)')
     parser.add_argument('--build-images', type=int, help='real map images (default 200)')
     parser.add_argument('--map-images', type=int, help='per-frame map size (default 10000)')

@@ -21,7 +21,7 @@ from vlm_vpr.backends.features import create_extractor
 from vlm_vpr.backends.features.dinov2 import Dinov2Extractor
 from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig
 from vlm_vpr.core.errors import ConfigError
-from vlm_vpr.core.images import resize_shorter_side
+from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook, l2_normalize
 
 SIZE_PX = 56  # shorter side: 4 patches of 14 px
@@ -63,10 +63,11 @@ def images() -> list[np.ndarray]:
 
 
 def make(folder: Path, layer: int = 3, facet: str = 'token', dtype: str = 'float32',
-         batch_size: int = 2, device: str = 'cpu') -> Dinov2Extractor:
+         batch_size: int = 2, device: str = 'cpu', compile: bool = False) -> Dinov2Extractor:
     features = FeatureConfig(backbone='dinov2', dinov2_model=str(folder), dinov2_layer=layer,
                              dinov2_facet=facet, image_size_px=SIZE_PX)
-    runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_threads=1)
+    runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_threads=1,
+                            compile=compile)
     return Dinov2Extractor(features, runtime)
 
 
@@ -179,6 +180,15 @@ def test_fast_dtypes_keep_descriptors_close_to_float32(tiny_dir, images, dtype):
     assert not np.array_equal(reference[0].descriptors, fast[0].descriptors)
 
 
+def test_compiled_int8_forward_keeps_descriptors_close_to_eager_int8(tiny_dir, images):
+    same_size = [images[0], images[2]]  # one input size: one compilation (15-30 s)
+    eager = make(tiny_dir, facet='value', dtype='int8').extract(same_size)
+    extractor = make(tiny_dir, facet='value', dtype='int8', compile=True)
+    assert extractor._net.__class__.__name__ == 'OptimizedModule'
+    for ref, got in zip(eager, extractor.extract(same_size)):
+        assert (ref.flat * got.flat).sum(axis=1).min() >= 0.999
+
+
 def test_layer_beyond_the_model_depth_is_rejected(tiny_dir):
     with pytest.raises(ConfigError, match=r'dinov2_layer is 5 but .* has only 4 layers'):
         make(tiny_dir, layer=5)
@@ -226,3 +236,23 @@ def test_int8_runs_every_linear_layer_as_one_int8_product(tiny_dir, images, monk
     extractor.extract([images[0]])
     # blocks 1-2: fused q/k/v, output projection, fc1, fc2; block 3: v_proj only
     assert calls == [(torch.int8, torch.int8)] * (2 * 4 + 1)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
+def test_fast_dtypes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root, dtype):
+    folder = data_root / 'gardens_point'
+    names = [f'Image{i:03d}.jpg' for i in (5, 60, 120, 180)]
+    database = [read_image(folder / 'day_left' / 'images' / n) for n in names]
+    queries = [read_image(folder / 'day_right' / 'images' / n) for n in names]
+    vlad = VladConfig(num_clusters=8, soft_assignment=False)
+    top1, codebook = {}, None
+    for name in ('float32', dtype):
+        extractor = make(tiny_dir, facet='value', dtype=name)
+        db_local = [f.flat for f in extractor.extract(database)]
+        if codebook is None:  # fitted on the float32 map, as a map build with float32 does
+            codebook = fit_codebook(db_local, vlad)
+        db = np.stack([aggregate_vlad(x, codebook, vlad) for x in db_local])
+        query = np.stack([aggregate_vlad(f.flat, codebook, vlad)
+                          for f in extractor.extract(queries)])
+        top1[name] = (query @ db.T).argmax(axis=1).tolist()
+    assert top1[dtype] == top1['float32']

@@ -96,6 +96,56 @@ def test_read_map_rejects_unknown_format_version(map_dir: Path) -> None:
         read_map(map_dir)
 
 
+@pytest.mark.parametrize('version', [1, 3])
+def test_read_map_rejects_the_previous_and_future_format_versions(
+    map_dir: Path, version: int
+) -> None:
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    manifest['format_version'] = version
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match=f'version {version} is not supported.*rebuild'):
+        read_map(map_dir)
+
+
+def test_read_map_rejects_unknown_index_type(map_dir: Path) -> None:
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    manifest['index_type'] = 'ivfpq'
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match="unknown index_type 'ivfpq'; rebuild the map"):
+        read_map(map_dir)
+
+
+def test_pca_is_stored_as_float16_and_read_back_as_the_same_values(tmp_path: Path) -> None:
+    content = make_content(dim=16)
+    rng = np.random.default_rng(4)
+    content.pca_mean = rng.normal(size=32).astype(np.float32)
+    components = rng.normal(size=(16, 32)).astype(np.float16).astype(np.float32)
+    content.pca_components = components
+    path = write_map(content, tmp_path / 'm')
+    assert np.load(path / 'pca_components.npy').dtype == np.float16
+    loaded = read_map(path).content
+    assert loaded.pca_components.dtype == np.float32
+    np.testing.assert_array_equal(loaded.pca_components, components)
+    np.testing.assert_array_equal(loaded.pca_mean, content.pca_mean)
+
+
+def test_exact_map_stores_no_index_file_and_rebuilds_it_on_read(map_dir: Path) -> None:
+    assert not (map_dir / 'index.faiss').exists()
+    vpr_map = read_map(map_dir)
+    assert vpr_map.manifest['index_type'] == 'flat'
+    query = vpr_map.content.descriptors[3].astype(np.float32)
+    assert vpr_map.index.search(query[None], 1)[1][0, 0] == 3
+
+
+def test_ivf_index_is_stored_and_reloaded_with_its_search_settings(tmp_path: Path) -> None:
+    config = MapBuildConfig(index=IndexConfig(approximate_above=10, ivf_nprobe=3))
+    path = write_map(make_content(n=60, config=config), tmp_path / 'm')
+    loaded = read_map(path)
+    assert loaded.manifest['index_type'] == 'ivf' and loaded.index.nprobe == 3
+    query = loaded.content.descriptors[7:8].astype(np.float32)
+    assert loaded.index.search(query, 1)[1][0, 0] == 7
+
+
 def test_read_map_rejects_corrupt_manifest(map_dir: Path) -> None:
     (map_dir / 'manifest.json').write_text('{not json')
     with pytest.raises(MapError, match='not valid JSON'):
@@ -182,3 +232,19 @@ def test_corrupt_extra_is_reported_with_a_fix(map_dir: Path) -> None:
     path.write_text('{')
     with pytest.raises(MapError, match="extra 'calibration'.*unreadable"):
         read_map(map_dir).read_extra_json('calibration')
+
+
+def test_map_info_reports_the_size_of_each_part(map_dir: Path) -> None:
+    from vlm_vpr.cli import map_summary
+
+    info = map_summary(map_dir)
+    parts = info['size_mb']
+    assert set(parts) == {'codebook', 'descriptors', 'manifest', 'poses', 'thumbnails'}
+    assert parts['descriptors'] == round((map_dir / 'descriptors.npy').stat().st_size / 1e6, 3)
+    assert info['thumbnails_mb'] == parts['thumbnails']
+    sizes = {f.name: f.stat().st_size / 1e6 for f in map_dir.iterdir() if f.is_file()}
+    fixed = sizes['codebook.npy']
+    per_image = sum(sizes.values()) - fixed
+    assert info['retrieval_mb_per_10k_images'] == pytest.approx(
+        fixed + per_image * 10_000 / 12, abs=1e-3
+    )

@@ -87,3 +87,28 @@ def test_pca_projection_preserves_neighbours_of_map_vectors() -> None:
     np.testing.assert_allclose(np.linalg.norm(projected, axis=1), 1.0, atol=1e-5)
     query = apply_pca(vlads[7] + 0.01 * rng.normal(size=64), mean, components)
     assert int(np.argmax(projected @ query[0])) == 7
+
+
+@pytest.mark.parametrize(('rows', 'cols'), [(120, 400), (400, 60)])
+def test_fit_pca_matches_the_svd_basis_up_to_sign(rows: int, cols: int) -> None:
+    rng = np.random.default_rng(2)
+    scales = np.linspace(3.0, 0.1, cols)  # distinct variances: a well-defined basis
+    vlads = (rng.normal(size=(rows, cols)) * scales).astype(np.float32)
+    dim = 24
+    mean, components = fit_pca(vlads, VladConfig(pca_dim=dim, seed=0))
+    used = np.random.default_rng(0).choice(rows, size=4 * dim, replace=False)  # rows > 4 * dim
+    sample = vlads[np.sort(used)]
+    _, _, vt = np.linalg.svd(sample - sample.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(mean, sample.mean(axis=0), atol=1e-5)
+    cosines = np.abs((components * vt[:dim]).sum(axis=1))
+    np.testing.assert_allclose(cosines, 1.0, atol=2e-3)  # float16-rounded components
+    assert components.dtype == np.float32
+    np.testing.assert_array_equal(components, components.astype(np.float16).astype(np.float32))
+
+
+def test_whitened_pca_gives_unit_variance_on_its_samples() -> None:
+    rng = np.random.default_rng(3)
+    vlads = (rng.normal(size=(40, 200)) * np.linspace(5.0, 0.5, 200)).astype(np.float32)
+    mean, components = fit_pca(vlads, VladConfig(pca_dim=10, pca_whiten=True))
+    projected = (vlads - mean) @ components.T
+    np.testing.assert_allclose(projected.var(axis=0, ddof=1), 1.0, rtol=1e-2)

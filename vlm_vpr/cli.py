@@ -215,9 +215,9 @@ def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--holdout-map-range',
         metavar='A:B',
-        help='leave map images A..B-1 '
-        '(or fractions, e.g. 0.4:0.6) out of the search: their queries become '
-        'out-of-map negatives',
+        help='leave map images A..B-1 (or fractions, e.g. 0.4:0.6) out: with --dataset the '
+        'map is rebuilt without them (kept beside it as MAP.holdout-A-B), with --images they '
+        'are only left out of the search; their queries become out-of-map negatives',
     )
     parser.add_argument(
         '--split',
@@ -355,19 +355,46 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
     return 0
 
 
+MAP_PARTS = {  # file or top folder of a map -> the part `map info` reports its size under
+    'descriptors.npy': 'descriptors',
+    'pca_mean.npy': 'pca',
+    'pca_components.npy': 'pca',
+    'codebook.npy': 'codebook',
+    'poses.csv': 'poses',
+    'index.faiss': 'index',
+    'manifest.json': 'manifest',
+    'thumbnails': 'thumbnails',
+    'extras': 'extras',
+}
+
+
 def map_summary(map_dir: Path) -> dict[str, Any]:
+    """The manifest plus sizes: ``size_mb`` per part, ``retrieval_mb`` (all but thumbnails and
+    extras), ``thumbnails_mb``, ``extras_mb`` and ``retrieval_mb_per_10k_images`` (fixed
+    parts, the codebook and PCA, counted once; per-image parts scaled to 10k images)."""
     from vlm_vpr.core.map_format import read_map
 
     vpr_map = read_map(map_dir, load_index=False)
-    sizes = {'retrieval_mb': 0.0, 'thumbnails_mb': 0.0, 'extras_mb': 0.0}
+    parts: dict[str, float] = {}
     for file in map_dir.rglob('*'):
         if file.is_file():
-            part = file.relative_to(map_dir).parts[0]
-            key = {'thumbnails': 'thumbnails_mb', 'extras': 'extras_mb'}.get(part, 'retrieval_mb')
-            sizes[key] += file.stat().st_size / 1e6
+            part = MAP_PARTS.get(file.relative_to(map_dir).parts[0], 'other')
+            parts[part] = parts.get(part, 0.0) + file.stat().st_size / 1e6
+    retrieval_mb = sum(v for k, v in parts.items() if k not in ('thumbnails', 'extras'))
+    fixed_mb = parts.get('codebook', 0.0) + parts.get('pca', 0.0)
     manifest = dict(vpr_map.manifest)
-    manifest.update({k: round(v, 3) for k, v in sizes.items()})
-    manifest['path'] = str(map_dir)
+    manifest.update(
+        {
+            'size_mb': {k: round(v, 3) for k, v in sorted(parts.items())},
+            'retrieval_mb': round(retrieval_mb, 3),
+            'retrieval_mb_per_10k_images': round(
+                fixed_mb + (retrieval_mb - fixed_mb) * 10_000 / len(vpr_map), 3
+            ),
+            'thumbnails_mb': round(parts.get('thumbnails', 0.0), 3),
+            'extras_mb': round(parts.get('extras', 0.0), 3),
+            'path': str(map_dir),
+        }
+    )
     return manifest
 
 

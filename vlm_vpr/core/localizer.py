@@ -14,6 +14,7 @@ from vlm_vpr.core.images import as_bgr
 from vlm_vpr.core.map_format import VprMap, project_descriptor, read_map
 from vlm_vpr.core.pose_fusion import fuse_poses
 from vlm_vpr.core.retrieval import search
+from vlm_vpr.core.threads import limit_threads
 from vlm_vpr.core.types import Candidate, LocalizationResult
 from vlm_vpr.core.vlad import aggregate_vlad
 
@@ -29,6 +30,7 @@ class Localizer:
         self.map = vpr_map
         self.config = config or LocalizerConfig()
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
+        limit_threads(self.config.runtime.num_threads)
         self.rerankers = self._create_rerankers()
         self.calibration = Calibration.from_map(vpr_map, self.config)
 

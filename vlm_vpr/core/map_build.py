@@ -15,6 +15,7 @@ from vlm_vpr.core.datasets import read_poses_csv
 from vlm_vpr.core.errors import DatasetError, ImageError, MapError
 from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.map_format import MapContent, write_map
+from vlm_vpr.core.threads import limit_threads
 from vlm_vpr.core.types import Pose
 from vlm_vpr.core.vlad import aggregate_vlad, apply_pca, fit_codebook, fit_pca
 
@@ -129,6 +130,7 @@ def build_map(
             f'need one pose per image and at least one image (got {n} images, {len(poses)} poses)'
         )
     extractor = create_extractor(config.features, config.runtime)
+    limit_threads(config.runtime.num_threads)
     sample_ids = np.unique(
         np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int)
     )
@@ -155,11 +157,11 @@ def build_map(
                 thumbnails.append(encode_thumbnail(images[i], config.thumbnail_size_px))
 
     pca = fit_pca(vlads, config.vlad)
-    descriptors = apply_pca(vlads, *pca) if pca else vlads
+    descriptors = project_in_chunks(vlads, *pca) if pca else vlads
     content = MapContent(
         config,
         codebook,
-        descriptors.astype(np.float16),
+        descriptors,
         list(names),
         list(poses),
         pca[0] if pca else None,
@@ -168,6 +170,19 @@ def build_map(
         source,
     )
     return write_map(content, out_dir, overwrite=overwrite)
+
+
+def project_in_chunks(
+    vlads: np.ndarray, mean: np.ndarray, components: np.ndarray, chunk_rows: int = 4096
+) -> np.ndarray:
+    """``apply_pca`` of VLAD vectors [N x D_vlad] -> [N x D] float16, ``chunk_rows`` at a time,
+    so no float32 copy of all VLAD vectors is made."""
+    out = np.empty((len(vlads), components.shape[0]), dtype=np.float16)
+    for start in range(0, len(vlads), chunk_rows):
+        out[start : start + chunk_rows] = apply_pca(
+            vlads[start : start + chunk_rows], mean, components
+        )
+    return out
 
 
 def encode_thumbnail(image_bgr: np.ndarray, size_px: int) -> bytes:

@@ -5,9 +5,10 @@ MAP/
   manifest.json        format + version, what built it, build config, dims, counts, frame id
   codebook.npy         [K x D_local] float32, L2-normalised VLAD centres
   pca_mean.npy         [D_vlad] float32           (only when PCA is on)
-  pca_components.npy   [D x D_vlad] float32       (only when PCA is on)
+  pca_components.npy   [D x D_vlad] float16       (only when PCA is on)
   descriptors.npy      [N x D] float16, L2-normalised global descriptors
-  index.faiss          FAISS index                (only for approximate indexes)
+  index.faiss          FAISS index                (only for approximate indexes; the exact
+                                                   index is rebuilt from descriptors.npy)
   poses.csv            image,x,y,z,qx,qy,qz,qw    (empty quaternion = yaw unknown)
   thumbnails/NNNNNN.jpg down-scaled map images    (optional, for re-ranking)
   extras/<name>.json|.npy  data added by later stages (descriptions, calibration, ...)
@@ -32,12 +33,13 @@ import numpy as np
 from vlm_vpr import __version__
 from vlm_vpr.core.config import MapBuildConfig, from_flat_dict, to_flat_dict
 from vlm_vpr.core.errors import ConfigError, IncompatibleMapError, MapError
+from vlm_vpr.core.retrieval import build_index, configure_index, index_type
 from vlm_vpr.core.types import Pose
 
 log = logging.getLogger(__name__)
 
 MAP_FORMAT = 'vlm_vpr.map'
-MAP_FORMAT_VERSION = 1
+MAP_FORMAT_VERSION = 2  # 2: pca_components.npy float16, IVF/HNSW indexes over float16
 POSE_COLUMNS = ['image', 'x', 'y', 'z', 'qx', 'qy', 'qz', 'qw']
 
 
@@ -51,7 +53,7 @@ class MapContent:
     image_names: list[str]
     poses: list[Pose]
     pca_mean: np.ndarray | None = None  # [D_vlad] float32
-    pca_components: np.ndarray | None = None  # [D x D_vlad] float32
+    pca_components: np.ndarray | None = None  # [D x D_vlad] float32 (float16 on disk)
     thumbnails: list[bytes] | None = None  # JPEG-encoded down-scaled map images, one per image
     source: str = ''  # where the images came from, for `map info`
 
@@ -126,18 +128,16 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
         np.save(tmp / 'codebook.npy', content.codebook.astype(np.float32))
-        np.save(tmp / 'descriptors.npy', content.descriptors.astype(np.float16))
+        np.save(tmp / 'descriptors.npy', np.asarray(content.descriptors, dtype=np.float16))
         if content.pca_components is not None:
             np.save(tmp / 'pca_mean.npy', content.pca_mean.astype(np.float32))
-            np.save(tmp / 'pca_components.npy', content.pca_components.astype(np.float32))
+            np.save(tmp / 'pca_components.npy', content.pca_components.astype(np.float16))
         _write_poses(tmp / 'poses.csv', content.image_names, content.poses)
         if content.thumbnails is not None:
             _write_thumbnails(tmp / 'thumbnails', content.thumbnails)
-        index_type = _index_type(content.build_config, n)
-        if index_type != 'flat':
+        kind = index_type(content.build_config.index, n)
+        if kind != 'flat':
             import faiss
-
-            from vlm_vpr.core.retrieval import build_index
 
             faiss.write_index(
                 build_index(content.descriptors, content.build_config.index),
@@ -156,7 +156,7 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
             'local_dim': int(content.codebook.shape[1]),
             'num_clusters': int(content.codebook.shape[0]),
             'pca': content.pca_components is not None,
-            'index_type': index_type,
+            'index_type': kind,
             'thumbnails': content.thumbnails is not None,
             'extras': {},
         }
@@ -207,7 +207,7 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     descriptors = _load_array(path, 'descriptors.npy', (n, dim))
     pca_mean = pca_components = None
     if manifest.get('pca'):
-        pca_components = _load_array(path, 'pca_components.npy', (dim, None))
+        pca_components = _load_array(path, 'pca_components.npy', (dim, None)).astype(np.float32)
         pca_mean = _load_array(path, 'pca_mean.npy', (pca_components.shape[1],))
     image_names, poses = _read_poses(path / 'poses.csv')
     if len(image_names) != n:
@@ -286,17 +286,12 @@ def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
     return apply_pca(vlad, content.pca_mean, content.pca_components)
 
 
-def _index_type(build_config: MapBuildConfig, n: int) -> str:
-    return (
-        'flat' if n < build_config.index.approximate_above else build_config.index.approximate_type
-    )
-
-
 def _load_index(vpr_map: VprMap) -> Any:
-    from vlm_vpr.core.retrieval import build_index, configure_index
-
-    index_type = vpr_map.manifest.get('index_type', 'flat')
-    if index_type == 'flat':
+    """The exact index is rebuilt from the descriptors (fast); approximate ones are read."""
+    kind = vpr_map.manifest.get('index_type')
+    if kind not in ('flat', 'ivf', 'hnsw'):
+        raise MapError(f'{vpr_map.path} has unknown index_type {kind!r}; rebuild the map')
+    if kind == 'flat':
         return build_index(
             vpr_map.content.descriptors, vpr_map.build_config.index, force_flat=True
         )
@@ -304,7 +299,7 @@ def _load_index(vpr_map: VprMap) -> Any:
 
     index_path = vpr_map.path / 'index.faiss'
     if not index_path.is_file():
-        raise MapError(f'{index_path} is missing for a {index_type} map; rebuild the map')
+        raise MapError(f'{index_path} is missing for a {kind} map; rebuild the map')
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as exc:

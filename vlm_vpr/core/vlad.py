@@ -49,7 +49,7 @@ def aggregate_vlad(local: np.ndarray, codebook: np.ndarray, config: VladConfig) 
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         sums = np.zeros_like(codebook)
         used = counts > 0
-        sums[used] = np.add.reduceat(local[order], starts[used], axis=0)
+        sums[used] = np.add.reduceat(np.take(local, order, axis=0), starts[used], axis=0)
         residuals = sums - counts[:, None].astype(np.float32) * codebook
     residuals = l2_normalize(residuals, axis=1)
     return l2_normalize(residuals.reshape(-1)).astype(np.float32)
@@ -85,11 +85,16 @@ def fit_codebook(local_sets: list[np.ndarray], config: VladConfig) -> np.ndarray
 
 
 def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean [D_vlad], components [D x D_vlad]) or None when PCA is off or would not reduce.
+    """(mean [D_vlad] float32, components [D x D_vlad] float32) or None when PCA is off or
+    would not reduce.
 
     PCA is fitted only when the map has more images than ``pca_dim`` (enough samples for a
     ``pca_dim``-dimensional basis); smaller maps keep the full VLAD vector. Large maps fit it
-    on a seeded sample of ``4 * pca_dim`` rows, so memory and time stay bounded.
+    on a seeded sample of ``4 * pca_dim`` rows, so memory and time stay bounded. The basis is
+    the top eigenvectors of the smaller Gram matrix (rows x rows when there are fewer samples
+    than VLAD dimensions, the usual case), equal to the SVD's up to sign; each component's
+    sign is fixed (largest entry positive) and its values are rounded to float16, the
+    precision the map stores, so map and query descriptors use the same projection.
     """
     n, d_vlad = vlads.shape
     dim = config.pca_dim
@@ -102,14 +107,24 @@ def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarr
     vlads = vlads.astype(np.float32)
     mean = vlads.mean(axis=0)
     centred = vlads - mean
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    components = vt[:dim]
+    if n < d_vlad:  # eigenvectors u of X X^T give components u^T X / sigma
+        eigvals, eigvecs = np.linalg.eigh(centred @ centred.T)
+        top = eigvecs[:, ::-1][:, :dim]
+        singular = np.sqrt(np.maximum(eigvals[::-1][:dim], 0.0))
+        components = (top.T @ centred) / np.maximum(singular, _EPS)[:, None]
+    else:  # eigenvectors of X^T X are the components
+        eigvals, eigvecs = np.linalg.eigh(centred.T @ centred)
+        components = eigvecs[:, ::-1][:, :dim].T
+        singular = np.sqrt(np.maximum(eigvals[::-1][:dim], 0.0))
+    components = l2_normalize(components, axis=1)
+    signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
+    components *= signs[:, None]
     if config.pca_whiten:
-        eig = (singular[:dim] ** 2) / max(1, n - 1)
-        components = components / np.sqrt(eig + 1e-6)[:, None]
-    return mean, components.astype(np.float32)
+        components = components / np.sqrt(singular**2 / max(1, n - 1) + 1e-6)[:, None]
+    return mean, components.astype(np.float16).astype(np.float32)
 
 
 def apply_pca(vlads: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     """Project VLAD vectors [Q x D_vlad] to [Q x D] float32 and L2-normalise."""
-    return l2_normalize((np.atleast_2d(vlads) - mean) @ components.T).astype(np.float32)
+    vlads = np.atleast_2d(vlads).astype(np.float32, copy=False)
+    return l2_normalize((vlads - mean) @ components.T).astype(np.float32)

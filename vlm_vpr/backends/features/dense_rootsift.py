@@ -46,63 +46,75 @@ class DenseRootSift:
         h, w = grey.shape
         ys = np.arange(margin, h - margin + 1, cfg.rootsift_step_px)
         xs = np.arange(margin, w - margin + 1, cfg.rootsift_step_px)
-        grids, valid = [], []
-        for cell in cfg.rootsift_cell_px:
+        scales = len(cfg.rootsift_cell_px)
+        grid = np.empty((scales, len(ys), len(xs), 128), np.float32)
+        valid = np.empty((scales, len(ys), len(xs)), bool)
+        for scale, cell in enumerate(cfg.rootsift_cell_px):
             sigma = cell / cfg.rootsift_magnification
             smooth = cv2.GaussianBlur(grey, (0, 0), sigma) if sigma > 0.25 else grey
-            raw = dense_sift(orientation_channels(smooth), ys, xs, cell)  # [rows x cols x 128]
-            norms = np.linalg.norm(raw, axis=-1)
-            grids.append(root_sift(raw, norms))
-            valid.append(norms > cfg.rootsift_min_contrast)
-        return LocalFeatures(np.concatenate(grids), np.concatenate(valid))
+            dense_sift(orientation_channels(smooth), ys, xs, cell, out=grid[scale])
+            norms = np.linalg.norm(grid[scale], axis=-1)
+            root_sift(grid[scale], norms)
+            np.greater(norms, cfg.rootsift_min_contrast, out=valid[scale])
+        return LocalFeatures(grid.reshape(-1, len(xs), 128), valid.reshape(-1, len(xs)))
 
 
 def orientation_channels(grey: np.ndarray) -> np.ndarray:
-    """[8 x H x W] float32: gradient magnitude split over 8 orientation bins (linear weights)."""
+    """[H x W x 8] float32: gradient magnitude split over 8 orientation bins (linear weights)."""
     import cv2
 
     gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=1)
     gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=1)
     magnitude, angle = cv2.cartToPolar(gx, gy)  # angle in [0, 2 pi)
-    position = (angle * (_NUM_ORIENTATIONS / (2 * np.pi))).ravel()
+    position = angle.ravel() * np.float32(_NUM_ORIENTATIONS / (2 * np.pi))
     lower = np.floor(position)
     upper_weight = position - lower
-    lower = lower.astype(np.intp) % _NUM_ORIENTATIONS
-    flat_magnitude = magnitude.ravel()
-    pixels = np.arange(flat_magnitude.size)
-    channels = np.zeros((_NUM_ORIENTATIONS, flat_magnitude.size), np.float32)
-    channels[lower, pixels] = flat_magnitude * (1 - upper_weight)
-    channels[(lower + 1) % _NUM_ORIENTATIONS, pixels] += flat_magnitude * upper_weight
-    channels = channels.reshape(_NUM_ORIENTATIONS, *grey.shape)
+    magnitude = magnitude.ravel()
+    # flat indices into the [pixels x 8] output of each pixel's lower and upper bin
+    lower_index = lower.astype(np.intp) % _NUM_ORIENTATIONS
+    upper_index = (lower_index + 1) % _NUM_ORIENTATIONS
+    base = np.arange(0, magnitude.size * _NUM_ORIENTATIONS, _NUM_ORIENTATIONS)
+    channels = np.zeros((*grey.shape, _NUM_ORIENTATIONS), np.float32)
+    flat = channels.reshape(-1)
+    flat[base + lower_index] = magnitude * (1 - upper_weight)
+    flat[base + upper_index] += magnitude * upper_weight
     return channels
 
 
-def dense_sift(channels: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell_px: int) -> np.ndarray:
+def dense_sift(channels: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell_px: int,
+               out: np.ndarray | None = None) -> np.ndarray:
     """Unnormalised SIFT vectors [len(ys) x len(xs) x 128] centred on the grid ys x xs.
 
-    Each channel is pooled with a triangular filter of half-width ``cell_px`` (bilinear
-    binning), then read at the 4x4 cell centres around each grid point.
+    ``channels`` [H x W x 8] float32 is pooled with a triangular filter of half-width
+    ``cell_px`` (bilinear binning), then read at the 4x4 cell centres around each grid point;
+    element (i * 4 + j) * 8 + o of a vector is cell row i, cell column j, orientation o.
+    ``out`` (optional, [len(ys) x len(xs) x 128] float32) receives the result.
     """
     import cv2
 
     ramp = np.arange(1, cell_px + 1, dtype=np.float32)
     kernel = np.concatenate([ramp, ramp[-2::-1]]) / (cell_px * cell_px)
-    pooled = np.stack(
-        [cv2.sepFilter2D(c, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT) for c in channels]
-    )  # [8 x H x W]
-    cy = np.clip(
-        np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[1] - 1
-    )  # [rows x 4]
-    cx = np.clip(
-        np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[2] - 1
-    )  # [cols x 4]
-    cells = pooled[:, cy[:, :, None, None], cx[None, None, :, :]]  # [8 x rows x 4 x cols x 4]
-    cells = cells * _WINDOW[None, None, :, None, :]
-    return cells.transpose(1, 3, 2, 4, 0).reshape(len(ys), len(xs), 128)
+    pooled = cv2.sepFilter2D(channels, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
+    cy = np.clip(np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
+                 pooled.shape[0] - 1)  # [rows x 4]
+    cx = np.clip(np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
+                 pooled.shape[1] - 1)  # [cols x 4]
+    if out is None:
+        out = np.empty((len(ys), len(xs), 128), np.float32)
+    cells = out.reshape(len(ys), len(xs), 4, 4, _NUM_ORIENTATIONS)
+    for i in range(4):
+        rows = pooled[cy[:, i]]  # [rows x W x 8]
+        for j in range(4):
+            np.multiply(rows[:, cx[:, j]], np.float32(_WINDOW[i, j]), out=cells[:, :, i, j])
+    return out
 
 
 def root_sift(raw: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """SIFT normalisation (L2, clamp 0.2, L2) then RootSIFT (L1, sqrt); unit-L2 output."""
-    sift = np.minimum(raw / np.maximum(norms[..., None], 1e-12), 0.2)
-    sift /= np.maximum(sift.sum(axis=-1, keepdims=True), 1e-12)
-    return np.sqrt(sift).astype(np.float32)
+    """In place: SIFT normalisation (L2, clamp 0.2, L2) then RootSIFT (L1, sqrt); unit-L2 rows.
+
+    ``raw`` [... x 128] float32 is overwritten and returned; ``norms`` [...] are its L2 norms.
+    """
+    raw /= np.maximum(norms[..., None], 1e-12)
+    np.minimum(raw, 0.2, out=raw)
+    raw /= np.maximum(raw.sum(axis=-1, keepdims=True), 1e-12)
+    return np.sqrt(raw, out=raw)

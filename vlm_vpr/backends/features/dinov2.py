@@ -11,6 +11,11 @@ that one projection. ``runtime.dtype`` picks the arithmetic:
   computed afresh for each input (dynamic quantisation); patch embedding, LayerNorm, GELU and
   attention stay float32.
 
+``runtime.compile`` hands the truncated network to ``torch.compile`` (Inductor, needs a C++
+compiler on CPU), which fuses the element-wise work around the matrix products, such as
+int8's quantisation and rescaling: with random ViT-S/B weights at 322 px, one thread, int8
+took 0.81x / 0.83x the eager time, after about 40 s of compilation per input size.
+
 This module imports torch at load time; ``create_extractor`` imports it only for 'dinov2'.
 """
 
@@ -60,11 +65,13 @@ class Dinov2Extractor:
             _quantize_linear_layers(self._net)
         self._net.to(self._device, self._dtype).eval()
         _cache_position_embeddings(model.embeddings)
+        if runtime.compile:  # compiled lazily: the first image of each size waits for it
+            self._net = torch.compile(self._net)
         self._mean = torch.tensor(IMAGENET_MEAN_RGB, device=self._device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD_RGB, device=self._device).view(1, 3, 1, 1)
-        log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s',
+        log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, compiled %s',
                  features.dinov2_model, features.dinov2_layer, model.config.num_hidden_layers,
-                 features.dinov2_facet, runtime.dtype, runtime.device)
+                 features.dinov2_facet, runtime.dtype, runtime.device, runtime.compile)
 
     def extract(self, images_bgr: list[np.ndarray]) -> list[LocalFeatures]:
         resized = [resize_shorter_side(as_bgr(image), self._size_px, self._patch_px)
