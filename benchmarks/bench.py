@@ -183,23 +183,25 @@ class Workspace:
         return FeatureConfig(backbone='dinov2', dinov2_model=self.dinov2_folder(arch),
                              image_size_px=size_px)
 
-    def real_map(self, backbone: str) -> tuple[Path, float]:
-        """(map folder, build seconds) from the first ``--build-images`` day_left images."""
+    def real_map(self, backbone: str, dtype: str = 'float32') -> tuple[Path, float]:
+        """(map folder, build seconds) from the first ``--build-images`` day_left images,
+        DINOv2 computed in ``dtype``."""
+        name = backbone if dtype == 'float32' else f'{backbone}_{dtype}'
 
         def make() -> tuple[Path, float]:
             traversal = read_traversal(self.args.data / 'gardens_point' / 'day_left')
             count = min(self.args.build_images, len(traversal))
             config = MapBuildConfig(features=self.features(backbone),
-                                    runtime=RuntimeConfig(num_threads=THREADS))
-            note(f'building a {count}-image {backbone} map')
+                                    runtime=RuntimeConfig(num_threads=THREADS, dtype=dtype))
+            note(f'building a {count}-image {name} map')
             start = time.perf_counter()
             path = build_map([p.name for p in traversal.image_paths[:count]],
                              [traversal.pose(i) for i in range(count)],
                              lambda i: read_image(traversal.image_paths[i]),
-                             self.root / f'real_{backbone}', config, progress=False)
+                             self.root / f'real_{name}', config, progress=False)
             return path, time.perf_counter() - start
 
-        return self._once(f'real {backbone}', make)
+        return self._once(f'real {name}', make)
 
     def big_map(self, backbone: str) -> Path:
         """The ``--map-images`` map replicated from ``real_map`` (thumbnails for rootsift)."""
@@ -292,14 +294,18 @@ def count_label(n: int) -> str:
 def frame_rows(ws: Workspace) -> list[Row]:
     rows = []
     for backbone in ws.args.backbones:
-        map_dir, build_s = ws.real_map(backbone)
-        count = len(read_map(map_dir, load_index=False))
         target = BUILD_TARGET_IMAGES_S.get(backbone)
-        rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images (float32, '
-                        'batch 8, codebook + thumbnails + write)',
-                        f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
-                        f'>= {target:.0f} images/s' if target else '',
-                        count / build_s >= target if target else None))
+        timed_dtypes = ['float32']
+        if BACKBONES[backbone][0] is not None and target:  # DINOv2 with a target
+            timed_dtypes += ws.args.dtypes
+        for dtype in timed_dtypes:
+            map_dir, build_s = ws.real_map(backbone, dtype)
+            count = len(read_map(map_dir, load_index=False))
+            rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images ({dtype}, '
+                            'batch 8, codebook + thumbnails + write)',
+                            f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
+                            f'>= {target:.0f} images/s' if target else '',
+                            count / build_s >= target if target else None))
         rows.extend(per_frame_rows(ws, backbone))
     return rows
 
@@ -372,6 +378,9 @@ def per_frame_rows(ws: Workspace, backbone: str) -> list[Row]:
 
 def anyloc_rows(ws: Workspace) -> list[Row]:
     from vlm_vpr.backends.features import create_extractor
+    from vlm_vpr.core.threads import limit_threads
+
+    limit_threads(THREADS, blas_threads=1)  # as the Localizer does
 
     vlad = VladConfig(num_clusters=32, soft_assignment=False)
     crops = square_crops(ws.args.data / 'gardens_point' / 'day_left' / 'images', ws.args.photos)

@@ -176,7 +176,7 @@ def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(tmp_pa
     assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score'] for t in inside)
 
 
-def test_track_consistency_is_high_along_the_route_and_low_for_unmapped_places(
+def test_track_evidence_is_good_along_the_route_and_poor_for_unmapped_places(
     tmp_path: Path,
 ) -> None:
     map_dir, desc = make_route_map(tmp_path, np.arange(60, dtype=float))
@@ -186,11 +186,17 @@ def test_track_consistency_is_high_along_the_route_and_low_for_unmapped_places(
 
     along = run_matcher(localizer, noisy(desc, 0.5, rng), [None] * 60)
     unmapped = run_matcher(localizer, noisy(rng.normal(size=desc.shape), 0.5, rng), [None] * 60)
+    # a camera moving through unmapped space whose frames all resemble the map's last image
+    stuck = run_matcher(localizer, noisy(np.repeat(desc[-1:], 30, axis=0), 0.5, rng), [None] * 30)
 
     track = [r.evidence['track_consistency'] for r in along]
     assert track[0] == 0.0 and track[2] == pytest.approx(2 / 5)  # past winners so far / (L-1)
     assert all(t == 1.0 for t in track[5:])
     assert np.mean([r.evidence['track_consistency'] for r in unmapped[5:]]) < 0.5
+    assert along[0].evidence['progress_error'] == 0.0  # no past winner yet
+    assert all(r.evidence['progress_error'] <= 0.25 for r in along[5:])
+    assert np.mean([r.evidence['progress_error'] for r in unmapped[5:]]) > 0.5
+    assert np.mean([r.evidence['progress_error'] for r in stuck[5:]]) > 0.5
 
 
 def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ class Localizer:
         self.map = vpr_map
         self.config = config or LocalizerConfig()
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
-        limit_threads(self.config.runtime.num_threads)
+        limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.rerankers = self._create_rerankers()
         self.calibration = Calibration.from_map(vpr_map, self.config)
 

@@ -130,18 +130,22 @@ def build_map(
             f'need one pose per image and at least one image (got {n} images, {len(poses)} poses)'
         )
     extractor = create_extractor(config.features, config.runtime)
-    limit_threads(config.runtime.num_threads)
+    limit_threads(config.runtime.num_threads, blas_threads=1)  # see threads.limit_threads
     sample_ids = np.unique(
         np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int)
     )
+    batch = config.runtime.batch_size
     sample_features = {}
-    for i in _progress(sample_ids, progress, 'codebook features'):
-        sample_features[int(i)] = extractor.extract([load_image(int(i))])[0].flat
+    chunks = [sample_ids[i : i + batch] for i in range(0, len(sample_ids), batch)]
+    for chunk in _progress(chunks, progress, 'codebook features'):
+        images = [load_image(int(i)) for i in chunk]
+        sample_features.update(
+            (int(i), feats.flat) for i, feats in zip(chunk, extractor.extract(images))
+        )
     codebook = fit_codebook(list(sample_features.values()), config.vlad)
 
     vlads = np.zeros((n, codebook.size), dtype=np.float16)  # halves build memory
     thumbnails: list[bytes] | None = [] if config.thumbnail_size_px else None
-    batch = config.runtime.batch_size
     for start in _progress(range(0, n, batch), progress, 'map images', total=math.ceil(n / batch)):
         ids = range(start, min(n, start + batch))
         images = {

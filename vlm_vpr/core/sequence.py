@@ -199,7 +199,12 @@ class SequenceMatcher:
         is not in the map wins by aliasing, which jumps or stands still); seq_fill: frames
         voting / sequence.length; hubness: the winner's mean similarity to all frames since
         the last reset, as a z-score over the map images (an image that resembles every frame
-        under the current conditions wins by aliasing, not by place)."""
+        under the current conditions wins by aliasing, not by place); progress_error: how far
+        the sequence winner moved along the route since the oldest past frame, against how
+        far the path says the camera moved, as |moved - expected| / |expected| capped at 1
+        (about 0 on a true track; near 1 where the camera drives through a stretch that is
+        not in the map and the winner stays at the map's edge or jumps; 0 when the path
+        moved less than the consistency radius or no past frame has a winner yet)."""
         radius = self.config.consistency_radius_spacings * self.spacing
         elsewhere = np.abs(self.route - self.route[best]) > radius
         rivals = seq[elsewhere & np.isfinite(seq)]
@@ -209,6 +214,7 @@ class SequenceMatcher:
         winners = np.array([f.winner for f in frames[1:]])
         track = np.abs(winners - path[1:]) <= radius
         return {
+            'progress_error': _progress_error(self.route[best], winners, path, radius),
             'seq_score': float(seq[best]),
             'seq_margin': float(seq[best] - rivals.max()) if len(rivals) else float(seq[best]),
             'temporal_consistency': float(np.mean(np.abs(own - path) <= radius)),
@@ -216,3 +222,16 @@ class SequenceMatcher:
             'seq_fill': len(frames) / self.config.length,
             'hubness': float((past[best] - past.mean()) / max(float(past.std()), 1e-9)),
         }
+
+
+def _progress_error(now: float, winners: np.ndarray, path: np.ndarray, radius: float) -> float:
+    """|route distance from the oldest past winner to ``now`` - the path's distance between
+    those frames| / the path's distance, capped at 1 (see SequenceMatcher._evidence)."""
+    known = np.flatnonzero(np.isfinite(winners))
+    if not len(known):
+        return 0.0
+    oldest = int(known[-1])
+    expected = path[0] - path[oldest + 1]
+    if abs(expected) < radius:
+        return 0.0
+    return float(min(1.0, abs(now - winners[oldest] - expected) / abs(expected)))

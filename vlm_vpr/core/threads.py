@@ -8,22 +8,28 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def limit_threads(num_threads: int) -> None:
-    """Use ``num_threads`` threads in torch (when loaded), OpenCV, FAISS and BLAS; 0 keeps
-    the library defaults.
+def limit_threads(num_threads: int, blas_threads: int | None = None) -> None:
+    """Use ``num_threads`` threads in torch (when loaded), OpenCV and FAISS, and
+    ``blas_threads`` (default ``num_threads``) in numpy's BLAS; 0 keeps a library's default.
 
-    numpy's OpenBLAS is limited through threadpoolctl when it is installed (scikit-learn,
-    pulled in by sentence-transformers, brings it); without it, set OPENBLAS_NUM_THREADS
-    before Python starts. A single-query search runs on one thread (retrieval.search).
+    The Localizer passes ``blas_threads=1``: its numpy work is small (VLAD assignment, PCA
+    projection), and OpenBLAS threads that spin-wait after each call take the cores from the
+    DINOv2 forward pass that follows (ViT-S/14 at 224 px: 70 ms with one BLAS thread, 130-150
+    ms with two, on 2 cores). BLAS is limited through threadpoolctl when it is installed
+    (scikit-learn, pulled in by sentence-transformers, brings it); without it, set
+    OPENBLAS_NUM_THREADS before Python starts. A single-query search runs on one thread
+    (retrieval.search).
     """
     import cv2
     import faiss
 
+    blas_threads = num_threads if blas_threads is None else blas_threads
+    if blas_threads > 0:
+        _limit_blas(blas_threads)
     if num_threads > 0:
         cv2.setNumThreads(num_threads)
         if 'torch' in sys.modules:  # never import torch just to configure it
             sys.modules['torch'].set_num_threads(num_threads)
-        _limit_blas(num_threads)
         faiss.omp_set_num_threads(num_threads)  # after BLAS: an OpenMP OpenBLAS resets it
 
 
