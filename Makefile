@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m vlm_vpr.demo --data $(VLM_VPR_DATA) --out $(OUT)/demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py --data $(VLM_VPR_DATA)
+	$(PY) benchmarks/bench.py --data $(VLM_VPR_DATA) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT) build *.egg-info

@@ -101,6 +101,7 @@ BACKBONES = {  # name: (DINOv2 architecture in ARCHITECTURES, or None = dense Ro
 }
 FRAME_TARGET_P95_MS = {'rootsift': 150.0, 'S224': 80.0, 'B224': 200.0}  # rootsift: extract+VLAD
 BUILD_TARGET_IMAGES_S = {'rootsift': 4.0, 'S224': 8.0}
+COSINE_TARGET = 0.995  # fast dtypes' descriptor against float32
 ANYLOC_NAMES = {f'{arch}{px}': (arch, px) for arch, px in ANYLOC_MS}
 SEARCH_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 SEARCH_K = 100
@@ -405,20 +406,24 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
 
             timing[dtype] = time_ms(describe, photos[0], ws.args.runs)[:2]
         reference_ms = ANYLOC_MS[(arch, size_px)]
-        fastest = min(timing, key=lambda d: timing[d][0])
-        spread = '; '.join(f'{d} {timing[d][0]:.1f} ({timing[d][0] / reference_ms:.2f}x)'
+        cosines = {d: [float(a @ b) for a, b in zip(vlads['float32'], vlads[d])] for d in vlads}
+        # the target counts only descriptors within cosine 0.995 of float32 (float32 itself)
+        faithful = [d for d in timing if min(cosines[d]) >= COSINE_TARGET]
+        fastest = min(faithful, key=lambda d: timing[d][0])
+        spread = '; '.join(f'{d} {timing[d][0]:.1f} ({timing[d][0] / reference_ms:.2f}x'
+                           f'{"" if d in faithful else ", cosine too low"})'
                            for d in timing if d != fastest)
         rows.append(Row(
-            2, f'ViT-{arch}/14 {size_px}x{size_px} descriptor, median vs AnyLoc {reference_ms} ms',
+            2, f'ViT-{arch}/14 {size_px}x{size_px} descriptor, median vs AnyLoc {reference_ms} '
+            f'ms (fastest within cosine {COSINE_TARGET} of float32)',
             f'{fastest} {timing[fastest][0]:.1f} ms = {timing[fastest][0] / reference_ms:.2f}x '
             f'(p95 {timing[fastest][1]:.1f}); {spread}',
             f'<= {reference_ms / 3:.1f} ms (1/3)', timing[fastest][0] <= reference_ms / 3))
         for dtype in list(vlads)[1:]:
-            cosines = [float(a @ b) for a, b in zip(vlads['float32'], vlads[dtype])]
             rows.append(Row(2, f'ViT-{arch}/14 {size_px} px: cosine of the {dtype} descriptor to '
                             f'float32 (min, mean over {len(photos)} photos)',
-                            f'{min(cosines):.4f}, {np.mean(cosines):.4f}', '>= 0.995',
-                            min(cosines) >= 0.995))
+                            f'{min(cosines[dtype]):.4f}, {np.mean(cosines[dtype]):.4f}',
+                            f'>= {COSINE_TARGET}', min(cosines[dtype]) >= COSINE_TARGET))
     return rows
 
 

@@ -109,3 +109,20 @@ def test_empty_submap_falls_back_to_the_whole_map_with_a_note(
     result = localizer.localize(image, submap=np.array([], dtype=np.int64))
     assert len(result.candidates) == 5
     assert any('submap holds no map image' in note for note in result.notes)
+
+
+def test_a_batch_gives_the_results_of_one_image_at_a_time(
+    localizer: Localizer, data_root: Path
+) -> None:
+    paths = read_traversal(data_root / 'campus_loop' / 'query').image_paths[:3]
+    images = [read_image(p) for p in paths]
+    images[1] = images[1][: images[1].shape[0] * 3 // 4]  # another size: another forward pass
+    batch = localizer.localize_batch(images)
+    alone = [localizer.localize(image) for image in images]
+    assert len(batch) == 3
+    for b, a in zip(batch, alone):
+        assert [c.map_index for c in b.candidates] == [c.map_index for c in a.candidates]
+        np.testing.assert_allclose([c.score for c in b.candidates],
+                                   [c.score for c in a.candidates], atol=1e-5)
+        assert b.confidence == pytest.approx(a.confidence, abs=1e-5)
+    assert batch[0].candidates[0].map_index != batch[2].candidates[0].map_index

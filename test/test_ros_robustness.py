@@ -122,6 +122,35 @@ def test_a_100_hz_flood_drops_stale_frames_keeps_the_rate_and_localises_the_newe
     assert localized <= elapsed * MAX_RATE_HZ + 2, 'max_rate_hz not honoured'
 
 
+def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
+        harness: NodeHarness, good: np.ndarray, queries: Traversal,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    extractor = harness.node._localizer.extractor
+    batch_sizes: list[int] = []
+
+    def counting_extract(images: list[np.ndarray]) -> Any:
+        batch_sizes.append(len(images))
+        return type(extractor).extract(extractor, images)
+
+    monkeypatch.setattr(extractor, 'extract', counting_extract)
+    primer = T0_NS + 1500 * 1_000_000_000
+    time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['image'].publish(camera_msg(good, primer))
+    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer, 30.0) is not None
+    # the rate limit now holds the worker for about 1 / MAX_RATE_HZ: both frames wait for it
+    other = read_image(queries.image_paths[20])
+    harness.pubs['image'].publish(camera_msg(good, primer + 1))
+    harness.pubs['compressed'].publish(camera_msg(other, primer + 2, compressed=True))
+    poses = {stamp: harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+             for stamp in (primer + 1, primer + 2)}
+
+    assert batch_sizes == [1, 2]
+    assert all(p is not None for p in poses.values())
+    for stamp, truth in ((primer + 1, queries.xy[4]), (primer + 2, queries.xy[20])):
+        p = poses[stamp].pose.pose.position
+        assert math.hypot(p.x - truth[0], p.y - truth[1]) <= 5.0
+
+
 def test_on_demand_mode_localises_only_for_a_relocalize_call(harness: NodeHarness,
                                                              good: np.ndarray) -> None:
     harness.node.set_parameters([Parameter('mode', value='on_demand')])

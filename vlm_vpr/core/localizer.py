@@ -42,7 +42,7 @@ class Localizer:
 
     def describe(self, image_bgr: np.ndarray) -> np.ndarray:
         """Global descriptor [D] float32 (L2-normalised) of one image, in the map's space."""
-        return self._describe(as_bgr(image_bgr), {})
+        return self._aggregate(self.extractor.extract([as_bgr(image_bgr)])[0].flat, {})
 
     def localize(
         self,
@@ -55,12 +55,41 @@ class Localizer:
         ``submap`` (map ids) restricts the search, e.g. to a radius around a prior position.
         Raises ImageError for unusable images; re-ranker failures only add notes.
         """
+        return self.localize_batch([image_bgr], submap, time_budget_s)[0]
+
+    def localize_batch(
+        self,
+        images_bgr: list[np.ndarray],
+        submap: np.ndarray | None = None,
+        time_budget_s: float | None = None,
+    ) -> list[LocalizationResult]:
+        """Localise several images (one per camera, say) with one batched feature extraction
+        (up to ``runtime.batch_size`` images of one size per forward pass); the rest runs per
+        image, as in :meth:`localize`. Each result's ``extract`` time is the whole batch's,
+        the time its image waited for it."""
+        start = time.perf_counter()
+        images = [as_bgr(image) for image in images_bgr]
+        local = self.extractor.extract(images)
+        extract_ms = _ms(start)
+        results = []
+        for image, features in zip(images, local):
+            timing = {'extract': extract_ms}
+            descriptor = self._aggregate(features.flat, timing)
+            results.append(self._search_and_rerank(image, descriptor, timing, submap,
+                                                   time_budget_s, start))
+        return results
+
+    def _search_and_rerank(
+        self,
+        image: np.ndarray,
+        descriptor: np.ndarray,
+        timing: dict[str, float],
+        submap: np.ndarray | None,
+        time_budget_s: float | None,
+        start: float,
+    ) -> LocalizationResult:
         from vlm_vpr.backends.rerank import Query
 
-        start = time.perf_counter()
-        timing: dict[str, float] = {}
-        image = as_bgr(image_bgr)
-        descriptor = self._describe(image, timing)
         budget = self.config.rerank.time_budget_s if time_budget_s is None else time_budget_s
         query = Query(image, descriptor, time.monotonic() + budget)
 
@@ -98,10 +127,8 @@ class Localizer:
             candidates, pose, covariance, confidence, timing, query.notes, evidence, descriptor
         )
 
-    def _describe(self, image: np.ndarray, timing: dict[str, float]) -> np.ndarray:
-        t = time.perf_counter()
-        local = self.extractor.extract([image])[0].flat
-        timing['extract'] = _ms(t)
+    def _aggregate(self, local: np.ndarray, timing: dict[str, float]) -> np.ndarray:
+        """Global descriptor [D] of local features [M x D_local]: VLAD, then the map's PCA."""
         t = time.perf_counter()
         vlad = aggregate_vlad(local, self.map.content.codebook, self.map.build_config.vlad)
         descriptor = project_descriptor(vlad, self.map).reshape(-1)

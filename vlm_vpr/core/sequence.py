@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from vlm_vpr.core.localizer import Localizer
 
 _COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
+_PROGRESS_LOOKBACK = 3  # progress_error compares the winner with those of the last 3 L frames
 
 
 def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
@@ -103,12 +104,17 @@ class SequenceMatcher:
         self.descriptors = localizer.map.content.descriptors.astype(np.float32)
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
+        # (route coordinate of the sequence winner, distance moved since the frame before)
+        self.winners: deque[tuple[float, float]] = deque(
+            maxlen=_PROGRESS_LOOKBACK * self.config.length
+        )
         self.column_sum = np.zeros(len(self.descriptors))  # [N] sum of past frames' scores
         self.count = 0  # frames seen since the last reset
 
     def reset(self) -> None:
         """Forget the past frames (after a jump: kidnapping, a new session, a long gap)."""
         self.frames.clear()
+        self.winners.clear()
         self.column_sum[:] = 0.0
         self.count = 0
 
@@ -165,10 +171,12 @@ class SequenceMatcher:
             for j in order
         ]
         evidence = collect_evidence(result.candidates, candidates, self.localizer.config.fusion)
-        evidence.update(
-            self._evidence(seq, int(order[0]), velocities[best_v[order[0]]], offsets, frames)
-        )
+        velocity = velocities[best_v[order[0]]]
+        evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
+        step = steps[0] if steps else self.spacing  # moved since the frame before
+        evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
         frames[0].winner = float(self.route[order[0]])
+        self.winners.appendleft((frames[0].winner, step))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -182,6 +190,24 @@ class SequenceMatcher:
             timing_ms=timing,
             evidence=evidence,
         )
+
+    def _progress_error(self, best: int, velocity: float, step: float) -> float:
+        """How far the sequence winner moved along the route since each of the last
+        ``_PROGRESS_LOOKBACK * sequence.length`` frames, against how far the path's velocity
+        says the camera moved: the median over those frames of |moved - expected| / |expected|,
+        each capped at 1 (frames the camera moved less than the consistency radius from are
+        left out; 0 without any). About 0 on a true track; near 1 where the camera drives
+        through a stretch that is not in the map and the winner stays at the map's edge, drifts
+        or jumps. ``step``: distance the camera moved since the frame before."""
+        radius = self.config.consistency_radius_spacings * self.spacing
+        offset, errors = step, []
+        for winner, step in self.winners:  # newest first
+            expected = velocity * offset
+            if abs(expected) >= radius:
+                moved = self.route[best] - winner
+                errors.append(min(1.0, abs(moved - expected) / abs(expected)))
+            offset += step
+        return float(np.median(errors)) if errors else 0.0
 
     def _evidence(
         self,
@@ -199,12 +225,7 @@ class SequenceMatcher:
         is not in the map wins by aliasing, which jumps or stands still); seq_fill: frames
         voting / sequence.length; hubness: the winner's mean similarity to all frames since
         the last reset, as a z-score over the map images (an image that resembles every frame
-        under the current conditions wins by aliasing, not by place); progress_error: how far
-        the sequence winner moved along the route since the oldest past frame, against how
-        far the path says the camera moved, as |moved - expected| / |expected| capped at 1
-        (about 0 on a true track; near 1 where the camera drives through a stretch that is
-        not in the map and the winner stays at the map's edge or jumps; 0 when the path
-        moved less than the consistency radius or no past frame has a winner yet)."""
+        under the current conditions wins by aliasing, not by place)."""
         radius = self.config.consistency_radius_spacings * self.spacing
         elsewhere = np.abs(self.route - self.route[best]) > radius
         rivals = seq[elsewhere & np.isfinite(seq)]
@@ -214,7 +235,6 @@ class SequenceMatcher:
         winners = np.array([f.winner for f in frames[1:]])
         track = np.abs(winners - path[1:]) <= radius
         return {
-            'progress_error': _progress_error(self.route[best], winners, path, radius),
             'seq_score': float(seq[best]),
             'seq_margin': float(seq[best] - rivals.max()) if len(rivals) else float(seq[best]),
             'temporal_consistency': float(np.mean(np.abs(own - path) <= radius)),
@@ -222,16 +242,3 @@ class SequenceMatcher:
             'seq_fill': len(frames) / self.config.length,
             'hubness': float((past[best] - past.mean()) / max(float(past.std()), 1e-9)),
         }
-
-
-def _progress_error(now: float, winners: np.ndarray, path: np.ndarray, radius: float) -> float:
-    """|route distance from the oldest past winner to ``now`` - the path's distance between
-    those frames| / the path's distance, capped at 1 (see SequenceMatcher._evidence)."""
-    known = np.flatnonzero(np.isfinite(winners))
-    if not len(known):
-        return 0.0
-    oldest = int(known[-1])
-    expected = path[0] - path[oldest + 1]
-    if abs(expected) < radius:
-        return 0.0
-    return float(min(1.0, abs(now - winners[oldest] - expected) / abs(expected)))

@@ -82,6 +82,16 @@ class _Frame:
 
 
 @dataclass
+class _Prepared:
+    """A frame ready to localise."""
+
+    frame: _Frame
+    header: Any  # the image header (stamped with the receipt time if it had no stamp)
+    image: np.ndarray  # [H x W x 3] uint8 BGR, rectified where camera_info is used
+    base_in_camera: Pose  # the robot base in the camera frame
+
+
+@dataclass
 class _Waiter:
     """A `relocalize` call waiting for ``needed`` processed frames."""
 
@@ -371,46 +381,75 @@ class VprNode(LifecycleNode):
                     self._counts['ignored_on_demand'] += len(self._slots)
                     self._slots.clear()
                     continue
-                frame = self._slots.pop(min(self._slots, key=lambda t: self._slots[t].received_s))
+                # the newest frame of every camera that has one, oldest first: one batch
+                frames = sorted(self._slots.values(), key=lambda f: f.received_s)
+                self._slots.clear()
                 reset, self._reset_sequence = self._reset_sequence, False
             next_start = time.monotonic() + 1.0 / self._cfg.max_rate_hz
             if reset and self._matcher is not None:
                 self._matcher.reset()
             try:
-                self._process(frame)
+                self._process(frames)
             except Exception:  # noqa: BLE001 - a bug must not silence the node: log, count, go on
-                self._skip('internal_error', frame, traceback.format_exc())
+                for frame in frames:
+                    self._skip('internal_error', frame, traceback.format_exc())
 
-    def _process(self, frame: _Frame) -> None:
+    def _process(self, frames: list[_Frame]) -> None:
+        """Localise a batch of frames (one per camera) with one batched feature extraction;
+        a frame that cannot be used is skipped, the others go on."""
         cfg, query_cfg = self._cfg, self._query_cfg
+        ready = [prepared for frame in frames if (prepared := self._prepare(frame, cfg))]
+        if not ready:
+            return
+        for prepared, result in self._localize_batch(ready):
+            t_ns = stamp_ns(prepared.header)
+            with self._lock:  # robot motion since the last localised frame (None: no odometry)
+                previous = self._previous_stamp_ns
+                motion = self._odometry.motion(previous, t_ns) if previous is not None else None
+            try:
+                result = self._sequence_vote(result, motion)
+                pose, covariance = base_pose_from_camera(result.pose, result.covariance,
+                                                         prepared.base_in_camera)
+                check_output(pose, covariance)
+            except VprError as exc:  # FrameSkipped carries its own reason
+                self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
+                continue
+            self._previous_stamp_ns = t_ns
+            self._publish(prepared.frame, prepared.header, prepared.image, result, pose,
+                          covariance, prepared.base_in_camera, motion, cfg, query_cfg)
+
+    def _localize_batch(self, ready: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
+        """(frame, Localizer result) pairs; if the batch fails, each frame is tried alone, so
+        only the frame at fault is skipped (counted, logged)."""
+        try:
+            return list(zip(ready, self._localizer.localize_batch([p.image for p in ready])))
+        except VprError as exc:
+            if len(ready) == 1:
+                self._skip('localize_error', ready[0].frame, str(exc))
+                return []
+        pairs = []
+        for prepared in ready:
+            pairs += self._localize_batch([prepared])
+        return pairs
+
+    def _prepare(self, frame: _Frame, cfg: NodeConfig) -> _Prepared | None:
+        """The frame decoded (and rectified) with its header and camera mount; None
+        (counted, logged) if it cannot be used."""
         header = frame.msg.header
         if stamp_ns(header) == 0:  # a driver without stamps: the receipt time is the best guess
             header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
-        t_ns = stamp_ns(header)
-        with self._lock:  # robot motion since the last localised frame (None: no odometry)
-            previous = self._previous_stamp_ns
-            motion = self._odometry.motion(previous, t_ns) if previous is not None else None
         try:
             image = image_from_msg(frame.msg)
             if frame.topic in self._info_topics:
                 image = self._rectify(image, frame)
             base_in_camera = self._offsets.base_in_camera(cfg.camera_frame or header.frame_id)
-            result = self._localize(image, motion)
-            pose, covariance = base_pose_from_camera(result.pose, result.covariance,
-                                                     base_in_camera)
-            check_output(pose, covariance)
         except FrameSkipped as exc:
             self._skip(exc.reason, frame, str(exc))
-            return
+            return None
         except TransformUnavailable as exc:
             self._skip('no_transform', frame, str(exc))
-            return
-        except VprError as exc:
-            self._skip('localize_error', frame, str(exc))
-            return
-        self._previous_stamp_ns = t_ns
-        self._publish(frame, header, image, result, pose, covariance, base_in_camera, motion,
-                      cfg, query_cfg)
+            return None
+        return _Prepared(frame, header, image, base_in_camera)
 
     def _rectify(self, image: np.ndarray, frame: _Frame) -> np.ndarray:
         """The frame rectified with its camera's latest CameraInfo. Without one (yet), or with
@@ -437,12 +476,11 @@ class VprNode(LifecycleNode):
                     (time.perf_counter() - start) * 1000.0)
         return image
 
-    def _localize(self, image: np.ndarray, motion: Pose | None) -> LocalizationResult:
-        result = self._localizer.localize(image)
+    def _sequence_vote(self, result: LocalizationResult,
+                       motion: Pose | None) -> LocalizationResult:
         if self._matcher is None:
             return result
         travelled = math.hypot(motion.x, motion.y) if motion is not None else None
-        # the sequence vote needs the query descriptor, which localize() does not return
         return self._matcher.update(result, result.descriptor, travelled)
 
     def _publish(self, frame: _Frame, header: Any, image: np.ndarray, result: LocalizationResult,

@@ -72,7 +72,7 @@ class NodeConfig:
     base_frame: str = 'base_link'  # robot frame whose pose is published
     autostart: bool = False  # configure and activate at start-up (no lifecycle manager)
     mode: str = 'continuous'  # 'continuous', or 'on_demand' (only for `relocalize` calls)
-    max_rate_hz: float = 2.0  # frames localised per second at most (newest frame wins)
+    max_rate_hz: float = 2.0  # batches per second at most (the newest frame of each camera)
     min_confidence: float = 0.0  # `pose` is published only at or above this confidence
     use_tf: bool = False  # camera mount from TF (tf2_ros) instead of camera_offset.*
     camera_frame: str = ''  # TF frame of the camera (x forward); '' = the image's frame_id
