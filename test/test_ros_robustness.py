@@ -151,6 +151,26 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
         assert math.hypot(p.x - truth[0], p.y - truth[1]) <= 5.0
 
 
+def test_a_bug_while_publishing_costs_that_frame_only(harness: NodeHarness, good: np.ndarray,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    publish, failures = harness.node._publish, []
+
+    def fails_once(*args: Any) -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError('a bug')
+        publish(*args)
+
+    monkeypatch.setattr(harness.node, '_publish', fails_once)
+    before = harness.node.counts().get('skipped_internal_error', 0)
+    stamp = T0_NS + 2500 * 1_000_000_000
+    time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['image'].publish(camera_msg(good, stamp))
+    assert wait_until(
+        lambda: harness.node.counts().get('skipped_internal_error', 0) == before + 1, 10.0)
+    assert localise_good_frame(harness, good, stamp + 1) is not None
+
+
 def test_on_demand_mode_localises_only_for_a_relocalize_call(harness: NodeHarness,
                                                              good: np.ndarray) -> None:
     harness.node.set_parameters([Parameter('mode', value='on_demand')])

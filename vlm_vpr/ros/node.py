@@ -391,7 +391,7 @@ class VprNode(LifecycleNode):
             try:
                 self._process(frames)
             except Exception:  # noqa: BLE001 - a bug must not silence the node: log, count, go on
-                for frame in frames:
+                for frame in frames:  # failed before any frame was published (see _process)
                     self._skip('internal_error', frame, traceback.format_exc())
 
     def _process(self, frames: list[_Frame]) -> None:
@@ -402,21 +402,29 @@ class VprNode(LifecycleNode):
         if not ready:
             return
         for prepared, result in self._localize_batch(ready):
-            t_ns = stamp_ns(prepared.header)
-            with self._lock:  # robot motion since the last localised frame (None: no odometry)
-                previous = self._previous_stamp_ns
-                motion = self._odometry.motion(previous, t_ns) if previous is not None else None
             try:
-                result = self._sequence_vote(result, motion)
-                pose, covariance = base_pose_from_camera(result.pose, result.covariance,
-                                                         prepared.base_in_camera)
-                check_output(pose, covariance)
-            except VprError as exc:  # FrameSkipped carries its own reason
-                self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
-                continue
-            self._previous_stamp_ns = t_ns
-            self._publish(prepared.frame, prepared.header, prepared.image, result, pose,
-                          covariance, prepared.base_in_camera, motion, cfg, query_cfg)
+                self._finish(prepared, result, cfg, query_cfg)
+            except Exception:  # noqa: BLE001 - a bug costs this frame only: log, count, go on
+                self._skip('internal_error', prepared.frame, traceback.format_exc())
+
+    def _finish(self, prepared: _Prepared, result: LocalizationResult, cfg: NodeConfig,
+                query_cfg: LocalizerConfig) -> None:
+        """Sequence vote, camera-to-base offset, output checks and publishing of one frame."""
+        t_ns = stamp_ns(prepared.header)
+        with self._lock:  # robot motion since the last localised frame (None: no odometry)
+            previous = self._previous_stamp_ns
+            motion = self._odometry.motion(previous, t_ns) if previous is not None else None
+        try:
+            result = self._sequence_vote(result, motion)
+            pose, covariance = base_pose_from_camera(result.pose, result.covariance,
+                                                     prepared.base_in_camera)
+            check_output(pose, covariance)
+        except VprError as exc:  # FrameSkipped carries its own reason
+            self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
+            return
+        self._previous_stamp_ns = t_ns
+        self._publish(prepared.frame, prepared.header, prepared.image, result, pose,
+                      covariance, prepared.base_in_camera, motion, cfg, query_cfg)
 
     def _localize_batch(self, ready: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
         """(frame, Localizer result) pairs; if the batch fails, each frame is tried alone, so
