@@ -118,8 +118,10 @@ def build_map(
 ) -> Path:
     """Build and write a map; ``load_image(i)`` returns image i as [H x W x 3] uint8 BGR.
 
-    Memory stays bounded: the codebook is fitted on at most ``vlad.kmeans_max_images`` images
-    (evenly spread), then every image is read once more, aggregated and dropped.
+    Every image is read once. Memory stays bounded: the codebook is fitted on the local
+    features of at most ``vlad.kmeans_max_images`` images (evenly spread, kept until they are
+    aggregated); the other images are aggregated and dropped batch by batch; thumbnails are
+    kept as JPEG bytes.
     """
     from vlm_vpr.backends.features import create_extractor
 
@@ -135,30 +137,34 @@ def build_map(
         np.linspace(0, n - 1, min(n, config.vlad.kmeans_max_images)).astype(int)
     )
     batch = config.runtime.batch_size
+    size_px = config.thumbnail_size_px  # 0: no thumbnails
+    thumbnails: dict[int, bytes] = {}
+
+    def read(ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Images by id; their thumbnails are encoded now, so each image is read once."""
+        images = {int(i): load_image(int(i)) for i in ids}
+        if size_px:
+            thumbnails.update((i, encode_thumbnail(im, size_px)) for i, im in images.items())
+        return images
+
     sample_features = {}
     chunks = [sample_ids[i : i + batch] for i in range(0, len(sample_ids), batch)]
     for chunk in _progress(chunks, progress, 'codebook features'):
-        images = [load_image(int(i)) for i in chunk]
+        images = read(chunk)
         sample_features.update(
-            (int(i), feats.flat) for i, feats in zip(chunk, extractor.extract(images))
+            (i, feats.flat) for i, feats in zip(images, extractor.extract(list(images.values())))
         )
     codebook = fit_codebook(list(sample_features.values()), config.vlad)
 
     vlads = np.zeros((n, codebook.size), dtype=np.float16)  # halves build memory
-    thumbnails: list[bytes] | None = [] if config.thumbnail_size_px else None
     for start in _progress(range(0, n, batch), progress, 'map images', total=math.ceil(n / batch)):
         ids = range(start, min(n, start + batch))
-        images = {
-            i: load_image(i) for i in ids if i not in sample_features or thumbnails is not None
-        }
-        todo = [i for i in ids if i not in sample_features]
-        for i, feats in zip(todo, extractor.extract([images[i] for i in todo])):
+        images = read([i for i in ids if i not in sample_features])
+        for i, feats in zip(images, extractor.extract(list(images.values()))):
             vlads[i] = aggregate_vlad(feats.flat, codebook, config.vlad)
         for i in ids:
             if i in sample_features:
                 vlads[i] = aggregate_vlad(sample_features.pop(i), codebook, config.vlad)
-            if thumbnails is not None:
-                thumbnails.append(encode_thumbnail(images[i], config.thumbnail_size_px))
 
     pca = fit_pca(vlads, config.vlad)
     descriptors = project_in_chunks(vlads, *pca) if pca else vlads
@@ -170,7 +176,7 @@ def build_map(
         list(poses),
         pca[0] if pca else None,
         pca[1] if pca else None,
-        thumbnails,
+        [thumbnails[i] for i in range(n)] if size_px else None,
         source,
     )
     return write_map(content, out_dir, overwrite=overwrite)
