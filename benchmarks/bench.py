@@ -54,9 +54,10 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 START = time.perf_counter()
 
 import numpy as np  # noqa: E402
-from bench_dinov2 import ANYLOC_MS, ARCHITECTURES, square_crops, time_ms  # noqa: E402
+from bench_dinov2 import ANYLOC_MS, ARCHITECTURES, runtimes, square_crops, time_ms  # noqa: E402
 
 from vlm_vpr.core.config import (  # noqa: E402
+    APPROXIMATE_INDEX_TYPES,
     RUNTIME_DTYPES,
     FeatureConfig,
     IndexConfig,
@@ -313,11 +314,7 @@ def frame_rows(ws: Workspace) -> list[Row]:
 
 def dinov2_runtimes(args: argparse.Namespace) -> list[tuple[str, RuntimeConfig]]:
     """(label, batch-1 runtime) of float32 and each ``--dtypes`` value (and compiled ones)."""
-    variants = [('float32', False), *((d, False) for d in args.dtypes)]
-    variants += [(d, True) for d in args.dtypes] if args.compile else []
-    return [(dtype + ('+compile' if compiled else ''),
-             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=THREADS, compile=compiled))
-            for dtype, compiled in variants]
+    return runtimes(args.dtypes, args.compile, THREADS)
 
 
 def backbone_label(backbone: str) -> str:
@@ -445,6 +442,7 @@ def search_rows(ws: Workspace) -> list[Row]:
     localizer = Localizer(real, LocalizerConfig(runtime=RuntimeConfig(num_threads=THREADS)))
     queries = [apply_pca(localizer.describe(read_image(p)), *pca)[0]
                for p in day_right.image_paths[:ws.args.queries]]
+    limit_threads(THREADS)  # index builds on every thread (the Localizer set BLAS to one)
     sizes = [n for n in SEARCH_SIZES if n <= ws.args.max_map_size]
     kinds = {'exact': f'exact (flat float16, {base.shape[1]}-d)',
              **{k: approximate_label(k) for k in ws.args.approximate}}
@@ -458,7 +456,6 @@ def search_rows(ws: Workspace) -> list[Row]:
             exact = kind == 'exact'
             config = IndexConfig() if exact else IndexConfig(approximate_above=1,
                                                              approximate_type=kind)
-            limit_threads(THREADS)
             start = time.perf_counter()
             index = build_index(data, config, force_flat=exact)
             build_s = time.perf_counter() - start
@@ -642,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='frame and anyloc parts: also time those dtypes under torch.compile '
                         '(runtime.compile; about 40 s of compilation each, not timed)')
     parser.add_argument('--approximate', nargs='+', default=['ivf'],
-                        choices=['ivf', 'hnsw'], help='approximate index types to time')
+                        choices=APPROXIMATE_INDEX_TYPES, help='approximate index types to time')
     parser.add_argument('--search-dim', type=int, default=1024,
                         help='search part: PCA dimension of the descriptors (default 1024, the '
                         "issue's figure; maps default to vlad.pca_dim)")

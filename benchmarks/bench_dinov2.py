@@ -65,6 +65,17 @@ def time_ms(function, argument, runs: int) -> tuple[float, float, float]:
     return float(np.median(wall)), float(np.percentile(wall, 95)), float(np.median(cpu))
 
 
+def runtimes(dtypes: list[str], compile_too: bool,
+             threads: int) -> list[tuple[str, RuntimeConfig]]:
+    """(label, batch-1 runtime): float32, each of ``dtypes``, and with ``compile_too`` each of
+    ``dtypes`` under torch.compile (label 'DTYPE+compile')."""
+    variants = [('float32', False), *((d, False) for d in dtypes)]
+    variants += [(d, True) for d in dtypes] if compile_too else []
+    return [(dtype + ('+compile' if compiled else ''),
+             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=threads, compile=compiled))
+            for dtype, compiled in variants]
+
+
 def square_crops(folder: Path, count: int) -> list[np.ndarray]:
     """Centre square crops ([S x S x 3] uint8 BGR) of the first ``count`` JPEG/PNG photos."""
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))
@@ -119,11 +130,7 @@ def main() -> None:
                                          dinov2_layer=args.layer, dinov2_facet=args.facet,
                                          image_size_px=size)
                 reference = None
-                variants = [('float32', False), *((d, False) for d in args.dtypes)]
-                variants += [(d, True) for d in args.dtypes] if args.compile else []
-                for dtype, compiled in variants:
-                    runtime = RuntimeConfig(dtype=dtype, batch_size=1, num_threads=args.threads,
-                                            compile=compiled)
+                for label, runtime in runtimes(args.dtypes, args.compile, args.threads):
                     extractor = Dinov2Extractor(features, runtime)
                     timing = time_ms(extractor.extract, photos[:1], args.runs)
                     local = [f.flat for f in extractor.extract(photos)]
@@ -133,7 +140,6 @@ def main() -> None:
                                                                                    vlad)
                                 for r, x in zip(reference, local)]
                     patch_cos = min((r * x).sum(axis=1).min() for r, x in zip(reference, local))
-                    label = dtype + ('+compile' if runtime.compile else '')
                     print(f'ViT-{name:2} {size:4} {label:9} {timing[0]:10.1f} {timing[1]:7.1f} '
                           f'{timing[2]:7.1f} {target:7.0f} {np.mean(vlad_cos):14.4f} '
                           f'{np.min(vlad_cos):7.4f} {patch_cos:14.4f}')

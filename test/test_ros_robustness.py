@@ -20,6 +20,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from vlm_vpr.core.datasets import Traversal, read_traversal
+from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import stamp_ns
@@ -149,6 +150,35 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
     for stamp, truth in ((primer + 1, queries.xy[4]), (primer + 2, queries.xy[20])):
         p = poses[stamp].pose.pose.position
         assert math.hypot(p.x - truth[0], p.y - truth[1]) <= 5.0
+
+
+def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
+        harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    localizer = harness.node._localizer
+    localize_batch, batch_sizes = localizer.localize_batch, []
+    small = cv2.resize(good, (good.shape[1] // 2, good.shape[0] // 2))
+
+    def rejects_the_small_frame(images: list[np.ndarray], *args: Any) -> Any:
+        """Test double: the Localizer fails on any batch holding the half-size frame."""
+        batch_sizes.append(len(images))
+        if any(image.shape == small.shape for image in images):
+            raise ImageError('rejected by the test double')
+        return localize_batch(images, *args)
+
+    monkeypatch.setattr(localizer, 'localize_batch', rejects_the_small_frame)
+    before = harness.node.counts().get('skipped_localize_error', 0)
+    primer = T0_NS + 1700 * 1_000_000_000
+    time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['image'].publish(camera_msg(good, primer))
+    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer, 30.0) is not None
+    harness.pubs['image'].publish(camera_msg(good, primer + 1))  # both wait for the rate limit
+    harness.pubs['compressed'].publish(camera_msg(small, primer + 2, compressed=True))
+
+    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer + 1, 30.0) is not None
+    assert wait_until(
+        lambda: harness.node.counts().get('skipped_localize_error', 0) == before + 1, 10.0)
+    assert batch_sizes == [1, 2, 1, 1]  # the batch, then each frame alone
+    assert not [m for m in harness.messages('pose') if stamp_ns(m.header) == primer + 2]
 
 
 def test_a_bug_while_publishing_costs_that_frame_only(harness: NodeHarness, good: np.ndarray,

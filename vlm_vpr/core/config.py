@@ -16,6 +16,7 @@ BACKBONES = ('dense-rootsift', 'dinov2')
 DINOV2_FACETS = ('token', 'key', 'query', 'value')
 DTYPES = ('float32', 'bfloat16', 'float16')
 RUNTIME_DTYPES = (*DTYPES, 'int8')  # 'int8': dynamic int8 Linear layers (DINOv2, CPU)
+APPROXIMATE_INDEX_TYPES = ('ivf', 'hnsw')  # index.approximate_type values
 
 
 def _check(ok: bool, message: str) -> None:
@@ -111,7 +112,7 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.approximate_type in ('ivf', 'hnsw'),
+            self.approximate_type in APPROXIMATE_INDEX_TYPES,
             "index.approximate_type must be 'ivf' or 'hnsw'",
         )
         _check(self.approximate_above >= 1, 'index.approximate_above must be >= 1')

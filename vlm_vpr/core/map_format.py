@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 
 from vlm_vpr import __version__
-from vlm_vpr.core.config import MapBuildConfig, from_flat_dict, to_flat_dict
+from vlm_vpr.core.config import (
+    APPROXIMATE_INDEX_TYPES,
+    MapBuildConfig,
+    from_flat_dict,
+    to_flat_dict,
+)
 from vlm_vpr.core.errors import ConfigError, IncompatibleMapError, MapError
 from vlm_vpr.core.retrieval import build_index, configure_index, index_type
 from vlm_vpr.core.types import Pose
@@ -289,7 +294,7 @@ def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
 def _load_index(vpr_map: VprMap) -> Any:
     """The exact index is rebuilt from the descriptors (fast); approximate ones are read."""
     kind = vpr_map.manifest.get('index_type')
-    if kind not in ('flat', 'ivf', 'hnsw'):
+    if kind not in ('flat', *APPROXIMATE_INDEX_TYPES):
         raise MapError(f'{vpr_map.path} has unknown index_type {kind!r}; rebuild the map')
     if kind == 'flat':
         return build_index(

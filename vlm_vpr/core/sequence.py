@@ -16,6 +16,7 @@ matrix (SeqSLAM, Milford & Wyeth 2012) is the special case of an evenly spaced m
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -83,7 +84,6 @@ class _Frame:
     z: np.ndarray  # [N] float32 z-scored similarities, NaN where not searchable
     own_best: int  # the frame's own best map image
     travelled: float | None  # distance moved since the previous frame (map units), if known
-    winner: float = float('nan')  # route coordinate of the frame's sequence winner
 
 
 class SequenceMatcher:
@@ -104,7 +104,8 @@ class SequenceMatcher:
         self.descriptors = localizer.map.content.descriptors.astype(np.float32)
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
-        # (route coordinate of the sequence winner, distance moved since the frame before)
+        # past frames, newest first: (route coordinate of the frame's sequence winner, distance
+        # moved since the frame before it)
         self.winners: deque[tuple[float, float]] = deque(
             maxlen=_PROGRESS_LOOKBACK * self.config.length
         )
@@ -175,8 +176,7 @@ class SequenceMatcher:
         evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
         step = steps[0] if steps else self.spacing  # moved since the frame before
         evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
-        frames[0].winner = float(self.route[order[0]])
-        self.winners.appendleft((frames[0].winner, step))
+        self.winners.appendleft((float(self.route[order[0]]), step))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -201,12 +201,12 @@ class SequenceMatcher:
         or jumps. ``step``: distance the camera moved since the frame before."""
         radius = self.config.consistency_radius_spacings * self.spacing
         offset, errors = step, []
-        for winner, step in self.winners:  # newest first
+        for winner, winner_step in self.winners:
             expected = velocity * offset
             if abs(expected) >= radius:
                 moved = self.route[best] - winner
                 errors.append(min(1.0, abs(moved - expected) / abs(expected)))
-            offset += step
+            offset += winner_step
         return float(np.median(errors)) if errors else 0.0
 
     def _evidence(
@@ -232,7 +232,7 @@ class SequenceMatcher:
         path = self.route[best] - velocity * offsets
         own = self.route[[f.own_best for f in frames]]
         past = self.column_sum / self.count  # [N] mean similarity of each map image so far
-        winners = np.array([f.winner for f in frames[1:]])
+        winners = np.array([w for w, _ in itertools.islice(self.winners, len(frames) - 1)])
         track = np.abs(winners - path[1:]) <= radius
         return {
             'seq_score': float(seq[best]),

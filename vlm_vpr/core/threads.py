@@ -12,13 +12,13 @@ def limit_threads(num_threads: int, blas_threads: int | None = None) -> None:
     """Use ``num_threads`` threads in torch (when loaded), OpenCV and FAISS, and
     ``blas_threads`` (default ``num_threads``) in numpy's BLAS; 0 keeps a library's default.
 
-    The Localizer passes ``blas_threads=1``: its numpy work is small (VLAD assignment, PCA
-    projection), and OpenBLAS threads that spin-wait after each call take the cores from the
-    DINOv2 forward pass that follows (ViT-S/14 at 224 px: 70 ms with one BLAS thread, 130-150
-    ms with two, on 2 cores). BLAS is limited through threadpoolctl when it is installed
-    (scikit-learn, pulled in by sentence-transformers, brings it); without it, set
-    OPENBLAS_NUM_THREADS before Python starts. A single-query search runs on one thread
-    (retrieval.search).
+    The Localizer and the map build pass ``blas_threads=1``: their numpy work is small (VLAD
+    assignment, PCA projection), and OpenBLAS threads that spin-wait after each call take the
+    cores from the DINOv2 forward pass that follows (`make bench`, ViT-S/14 224 px float32
+    per frame on 2 cores: median 172 ms with two BLAS threads, 68-73 ms with one). BLAS is
+    limited through threadpoolctl when it is installed (scikit-learn, pulled in by
+    sentence-transformers, brings it); without it, set OPENBLAS_NUM_THREADS before Python
+    starts. A single-query search runs on one thread (retrieval.search).
     """
     import cv2
     import faiss

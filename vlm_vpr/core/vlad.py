@@ -107,15 +107,12 @@ def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarr
     vlads = vlads.astype(np.float32)
     mean = vlads.mean(axis=0)
     centred = vlads - mean
-    if n < d_vlad:  # eigenvectors u of X X^T give components u^T X / sigma
-        eigvals, eigvecs = np.linalg.eigh(centred @ centred.T)
-        top = eigvecs[:, ::-1][:, :dim]
-        singular = np.sqrt(np.maximum(eigvals[::-1][:dim], 0.0))
-        components = (top.T @ centred) / np.maximum(singular, _EPS)[:, None]
-    else:  # eigenvectors of X^T X are the components
-        eigvals, eigvecs = np.linalg.eigh(centred.T @ centred)
-        components = eigvecs[:, ::-1][:, :dim].T
-        singular = np.sqrt(np.maximum(eigvals[::-1][:dim], 0.0))
+    by_rows = n < d_vlad  # the smaller Gram matrix: X X^T (rows) or X^T X (columns)
+    eigvals, eigvecs = np.linalg.eigh(centred @ centred.T if by_rows else centred.T @ centred)
+    top = eigvecs[:, ::-1][:, :dim]
+    singular = np.sqrt(np.maximum(eigvals[::-1][:dim], 0.0))
+    # eigenvectors u of X X^T give the components u^T X / sigma; those of X^T X are them
+    components = (top.T @ centred) / np.maximum(singular, _EPS)[:, None] if by_rows else top.T
     components = l2_normalize(components, axis=1)
     signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
     components *= signs[:, None]
