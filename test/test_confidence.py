@@ -89,12 +89,54 @@ def test_fit_rejects_samples_of_one_outcome_only() -> None:
         Calibration.fit(evidence, np.ones(50, bool))
 
 
+def test_fit_drops_a_feature_whose_weight_goes_against_its_known_direction() -> None:
+    evidence, correct = synthetic_evidence(400, seed=7)
+    rng = np.random.default_rng(7)
+    for e, ok in zip(evidence, correct):  # a larger margin "means wrong" in this small sample
+        e['seq_margin'] = float(rng.normal(-0.5 if ok else 0.5, 1.0))
+    free = Calibration.fit([dict(e, free_score=e['seq_margin']) for e in evidence], correct)
+    fitted = Calibration.fit(evidence, correct)
+    assert free.weights['free_score'] < 0  # evidence of unknown meaning may take either sign
+    assert fitted.weights['seq_margin'] == 0.0
+    for key, weight in TRUE_WEIGHTS.items():
+        assert np.sign(fitted.weights[key]) == np.sign(weight), key
+
+
+def test_off_track_sequence_results_get_the_observed_accuracy_of_such_results() -> None:
+    evidence, correct = synthetic_evidence(600, seed=8)
+    rng = np.random.default_rng(8)
+    track = rng.random(600) < 0.7
+    for e, t in zip(evidence, track):
+        e['track_consistency'] = 1.0 if t else 0.2
+        e['progress_error'] = 0.1 if t else 0.9
+    # off the track, a strong coarse score and margin come from aliasing: mostly wrong
+    correct = np.where(track, correct, rng.random(600) < 0.1)
+    for e, t in zip(evidence, track):
+        if not t:
+            e['top1_score'], e['margin'] = 1.0, 0.3
+
+    fitted = Calibration.fit(evidence, correct)
+
+    expected = (correct[~track].sum() + 1) / ((~track).sum() + 2)
+    assert fitted.off_track == pytest.approx(expected)
+    off = next(e for e, t in zip(evidence, track) if not t)
+    assert fitted.confidence(off) == pytest.approx(expected) and expected < 0.2
+    on = [e for e, t in zip(evidence, track) if t]
+    assert len({round(fitted.confidence(e), 6) for e in on}) > 100  # the logistic model
+    assert Calibration.from_json(fitted.to_json()) == fitted
+    single_frame = {k: v for k, v in off.items() if k not in ('track_consistency',)}
+    assert fitted.confidence(single_frame) > 0.5  # no sequence evidence: no track gate
+    old = {k: v for k, v in fitted.to_json().items() if k != 'off_track'}
+    assert Calibration.from_json(old).off_track is None  # calibrations stored before the gate
+
+
 @pytest.mark.parametrize(
     ('data', 'match'),
     [
         ({'bias': 0.0}, 'malformed'),
         ({'weights': {'margin': 'x'}, 'bias': 0.0}, 'malformed'),
         ({'weights': {'margin': float('nan')}, 'bias': 0.0}, 'non-finite'),
+        ({'weights': {}, 'bias': 0.0, 'off_track': 1.5}, 'off_track'),
     ],
 )
 def test_calibration_from_json_rejects_bad_data(data: dict, match: str) -> None:

@@ -199,6 +199,30 @@ def test_track_evidence_is_good_along_the_route_and_poor_for_unmapped_places(
     assert np.mean([r.evidence['progress_error'] for r in stuck[5:]]) > 0.5
 
 
+def test_room_ahead_shrinks_towards_the_map_edge_in_the_direction_of_travel(
+    tmp_path: Path,
+) -> None:
+    xs = np.r_[0:25, 35:60].astype(float)  # a gap of 10 spacings after x = 24
+    map_dir, desc = make_route_map(tmp_path, xs)
+    rng = np.random.default_rng(6)
+    config = LocalizerConfig(sequence=SequenceConfig(length=4, column_centring=0.0))
+    localizer = Localizer(read_map(map_dir), config)
+
+    forward = run_matcher(localizer, noisy(desc[:25], 0.3, rng), [None] * 25)
+    room = [r.evidence['room_ahead'] for r in forward]
+    at = [r.candidates[0].map_index for r in forward]
+    assert at[-1] == 24 and room[-1] == 0.0  # at the gap's edge, driving into it
+    assert room[-3] == pytest.approx(2 / 3)  # 2 spacings left, consistency radius 3
+    assert all(r == 1.0 for r in room[4:21])
+
+    reverse = LocalizerConfig(sequence=SequenceConfig(length=4, velocities=(-1.0,)))
+    localizer = Localizer(read_map(map_dir), reverse)  # the camera drives the route backwards
+    backward = run_matcher(localizer, noisy(desc[49:24:-1], 0.3, rng), [None] * 25)
+    assert backward[-1].candidates[0].map_index == 25  # x = 35, the gap's other edge
+    assert backward[-1].evidence['room_ahead'] == 0.0
+    assert backward[5].evidence['room_ahead'] == 1.0
+
+
 def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     xs = np.arange(40, dtype=float)

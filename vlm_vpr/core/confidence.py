@@ -4,6 +4,18 @@ The model is fitted on a calibration split of posed images (``vlm-vpr calibrate`
 in the map as the extra ``calibration``; without one, conservative default weights are used.
 A calibration is only valid for the query settings it was fitted with (re-ranker chain and
 sequence length, recorded in ``fitted_with``); with other settings the defaults are used.
+
+Two rules keep a fit on a small calibration split from learning noise:
+
+- Evidence of known meaning keeps its direction (``EVIDENCE_SIGNS``): a larger margin never
+  lowers the confidence, a larger spread never raises it. A weight that comes out the wrong
+  way drops its feature and the model is refitted.
+- With sequence evidence, only results *on track* (the winner continues the path of the past
+  frames' winners: ``track_consistency`` >= 0.5 and ``progress_error`` <= 0.5) get the
+  logistic model. Every other result (the sequence still filling, a jump, a winner stuck at the
+  map's edge) gets one number: the smoothed accuracy of such results in the calibration split.
+  A linear model would let one strong feature (a large sequence margin by aliasing, say)
+  outvote all the evidence that the place is not on the map.
 """
 
 from __future__ import annotations
@@ -31,6 +43,26 @@ log = logging.getLogger(__name__)
 # each protocol they accept no out-of-map query at 0.9, also when that protocol is left out.
 _DEFAULT_WEIGHTS = {'top1_score': 22.1, 'margin': 14.4}
 _DEFAULT_BIAS = -11.9
+
+# +1: more of it means a correct result is more likely; -1: less likely. Fitted weights keep
+# these directions; evidence not listed here (re-rankers' raw scores) may take either.
+EVIDENCE_SIGNS = {
+    'top1_score': 1,
+    'margin': 1,
+    'spread': -1,
+    'rerank_agrees': 1,
+    'geometric_inliers': 1,
+    'seq_score': 1,
+    'seq_margin': 1,
+    'temporal_consistency': 1,
+    'track_consistency': 1,
+    'seq_fill': 1,
+    'hubness': -1,
+    'progress_error': -1,
+    'room_ahead': 1,
+}
+ON_TRACK_MIN_CONSISTENCY = 0.5  # track_consistency at or above this ...
+ON_TRACK_MAX_PROGRESS_ERROR = 0.5  # ... and progress_error at or below this: on track
 
 
 def collect_evidence(
@@ -74,27 +106,53 @@ def fitted_with(config: LocalizerConfig) -> dict[str, Any]:
     return {'rerank.chain': list(config.rerank.chain), 'sequence.length': config.sequence.length}
 
 
+def on_track(evidence: dict[str, float]) -> bool:
+    """Whether a sequence result's winner continues the path of the past frames' winners."""
+    return (
+        evidence.get('track_consistency', 0.0) >= ON_TRACK_MIN_CONSISTENCY
+        and evidence.get('progress_error', 1.0) <= ON_TRACK_MAX_PROGRESS_ERROR
+    )
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """confidence = sigmoid(bias + sum_k weights[k] * evidence[k]); a missing key counts 0."""
+    """confidence = sigmoid(bias + sum_k weights[k] * evidence[k]); a missing key counts 0.
+
+    off_track: the confidence of sequence results that are not :func:`on_track` (evidence with
+    ``track_consistency``); None = the logistic model for them too.
+    """
 
     weights: dict[str, float] = field(default_factory=lambda: dict(_DEFAULT_WEIGHTS))
     bias: float = _DEFAULT_BIAS
     fitted: bool = False  # False: the default weights, not fitted on this map
     settings: dict[str, Any] = field(default_factory=dict)  # fitted_with() of the fit
+    off_track: float | None = None
 
     def confidence(self, evidence: dict[str, float]) -> float:
+        if (
+            self.off_track is not None
+            and 'track_consistency' in evidence
+            and not on_track(evidence)
+        ):
+            return self.off_track
         z = self.bias + sum(w * evidence.get(k, 0.0) for k, w in self.weights.items())
         return float(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))))
 
     def to_json(self) -> dict[str, Any]:
-        return {'weights': self.weights, 'bias': self.bias, 'fitted_with': self.settings}
+        return {
+            'weights': self.weights,
+            'bias': self.bias,
+            'off_track': self.off_track,
+            'fitted_with': self.settings,
+        }
 
     @staticmethod
     def from_json(data: dict) -> Calibration:
         try:
             weights = {str(k): float(v) for k, v in data['weights'].items()}
             bias = float(data['bias'])
+            off_track = data.get('off_track')
+            off_track = None if off_track is None else float(off_track)
             settings = dict(data.get('fitted_with', {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MapError(
@@ -102,7 +160,9 @@ class Calibration:
             ) from exc
         if not all(np.isfinite(list(weights.values()) + [bias])):
             raise MapError('calibration has non-finite weights; run `vlm-vpr calibrate` again')
-        return Calibration(weights, bias, fitted=True, settings=settings)
+        if off_track is not None and not 0.0 <= off_track <= 1.0:
+            raise MapError('calibration off_track is not in [0, 1]; run `vlm-vpr calibrate` again')
+        return Calibration(weights, bias, fitted=True, settings=settings, off_track=off_track)
 
     @staticmethod
     def from_map(vpr_map: VprMap, config: LocalizerConfig | None = None) -> Calibration:
@@ -134,7 +194,11 @@ class Calibration:
 
         Features are standardised, fitted by Newton's method with a ridge penalty ``l2`` on
         the standardised weights (the bias is not penalised), and mapped back to raw units.
-        Constant features get weight 0. Raises DatasetError without both outcomes.
+        Constant features get weight 0, and so do features whose weight would go against
+        ``EVIDENCE_SIGNS`` (dropped one at a time, the largest offender first, then refitted).
+        With sequence evidence, the model is fitted on the :func:`on_track` samples and
+        ``off_track`` = (correct + 1) / (count + 2) of the others; if the on-track samples lack
+        either outcome, one model serves all. Raises DatasetError without both outcomes.
         """
         labels = np.asarray(correct, dtype=np.float64)
         if len(evidence) != len(labels) or not 0 < labels.sum() < len(labels):
@@ -142,28 +206,53 @@ class Calibration:
                 'calibration needs samples of both outcomes (correct and wrong); '
                 'use more posed images or hold out part of the map'
             )
+        off_track = None
+        if all('track_consistency' in e for e in evidence):
+            track = np.array([on_track(e) for e in evidence])
+            if 0 < labels[track].sum() < track.sum():
+                off = labels[~track]
+                off_track = float((off.sum() + 1.0) / (len(off) + 2.0))
+                evidence = [e for e, t in zip(evidence, track) if t]
+                labels = labels[track]
         keys = sorted({k for e in evidence for k in e})
         x = np.array([[e.get(k, 0.0) for k in keys] for e in evidence], dtype=np.float64)
-        mean, std = x.mean(axis=0), x.std(axis=0)
-        used = std > 1e-12
-        xs = np.hstack([np.ones((len(x), 1)), (x[:, used] - mean[used]) / std[used]])
-        beta = np.zeros(xs.shape[1])
-        penalty = np.full(xs.shape[1], float(l2))
-        penalty[0] = 0.0
-        for _ in range(100):
-            p = 1.0 / (1.0 + np.exp(-np.clip(xs @ beta, -50, 50)))
-            gradient = xs.T @ (p - labels) + penalty * beta
-            hessian = (xs.T * (p * (1 - p) + 1e-9)) @ xs + np.diag(penalty + 1e-9)
-            step = np.linalg.solve(hessian, gradient)
-            beta -= step
-            if np.abs(step).max() < 1e-9:
+        signs = np.array([EVIDENCE_SIGNS.get(k, 0) for k in keys])
+        used = x.std(axis=0) > 1e-12
+        while True:
+            raw, bias, scaled = _fit_logistic(x[:, used], labels, l2)
+            wrong = signs[used] * raw < 0
+            if not wrong.any():
                 break
-        raw = np.zeros(len(keys))
-        raw[used] = beta[1:] / std[used]
-        bias = float(beta[0] - raw[used] @ mean[used])
+            worst = np.flatnonzero(used)[np.argmax(np.where(wrong, np.abs(scaled), -1.0))]
+            used[worst] = False
+        weights = np.zeros(len(keys))
+        weights[used] = raw
         return Calibration(
-            {k: float(w) for k, w in zip(keys, raw)},
+            {k: float(w) for k, w in zip(keys, weights)},
             bias,
             fitted=True,
             settings=dict(settings or {}),
+            off_track=off_track,
         )
+
+
+def _fit_logistic(
+    x: np.ndarray, labels: np.ndarray, l2: float
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Ridge logistic regression on standardised columns of ``x`` [M x F] (non-constant).
+    Returns (weights [F] in raw units, bias, weights [F] on the standardised columns)."""
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    xs = np.hstack([np.ones((len(x), 1)), (x - mean) / std])
+    beta = np.zeros(xs.shape[1])
+    penalty = np.full(xs.shape[1], float(l2))
+    penalty[0] = 0.0
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xs @ beta, -50, 50)))
+        gradient = xs.T @ (p - labels) + penalty * beta
+        hessian = (xs.T * (p * (1 - p) + 1e-9)) @ xs + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hessian, gradient)
+        beta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    raw = beta[1:] / std
+    return raw, float(beta[0] - raw @ mean), beta[1:]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 _COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
 _PROGRESS_LOOKBACK = 3  # progress_error compares the winner with those of the last 3 L frames
+_PROGRESS_QUANTILE = 0.25  # ... and takes the lower quartile of the errors
 
 
 def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
@@ -103,6 +104,11 @@ class SequenceMatcher:
         self.config = localizer.config.sequence
         self.descriptors = localizer.map.content.descriptors.astype(np.float32)
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
+        # route coordinates where the mapped route ends, going forwards / backwards: the ends
+        # of the route and the edges of its gaps (held-out or never-mapped stretches)
+        gap = np.diff(self.route) > self.config.max_gap_spacings * self.spacing
+        self.ends_forward = self.route[np.flatnonzero(np.r_[gap, True])]
+        self.ends_backward = self.route[np.flatnonzero(np.r_[True, gap])]
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
         # moved since the frame before it)
@@ -176,6 +182,7 @@ class SequenceMatcher:
         evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
         step = steps[0] if steps else self.spacing  # moved since the frame before
         evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
+        evidence['room_ahead'] = self._room_ahead(int(order[0]), velocity)
         self.winners.appendleft((float(self.route[order[0]]), step))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
@@ -191,14 +198,29 @@ class SequenceMatcher:
             evidence=evidence,
         )
 
+    def _room_ahead(self, best: int, velocity: float) -> float:
+        """Mapped route left ahead of the winner in the direction of travel (to the route's
+        end or the next gap), over the consistency radius, capped at 1. Near 0 the camera may
+        already have driven past the map's edge while the winner stays at it."""
+        radius = self.config.consistency_radius_spacings * self.spacing
+        here = self.route[best]
+        if velocity > 0:
+            room = self.ends_forward[np.searchsorted(self.ends_forward, here)] - here
+        else:
+            behind = np.searchsorted(self.ends_backward, here, side='right') - 1
+            room = here - self.ends_backward[behind]
+        return float(min(room, radius) / radius)
+
     def _progress_error(self, best: int, velocity: float, step: float) -> float:
         """How far the sequence winner moved along the route since each of the last
         ``_PROGRESS_LOOKBACK * sequence.length`` frames, against how far the path's velocity
-        says the camera moved: the median over those frames of |moved - expected| / |expected|,
-        each capped at 1 (frames the camera moved less than the consistency radius from are
-        left out; 0 without any). About 0 on a true track; near 1 where the camera drives
-        through a stretch that is not in the map and the winner stays at the map's edge, drifts
-        or jumps. ``step``: distance the camera moved since the frame before."""
+        says the camera moved: the lower quartile over those frames of
+        |moved - expected| / |expected|, each capped at 1 (frames the camera moved less than the
+        consistency radius from are left out; 0 without any). About 0 on a true track; near 1
+        where the camera drives through a stretch that is not in the map and the winner stays
+        at the map's edge, drifts or jumps. The lower quartile (not the median) lets it fall
+        back within about 0.75 L frames once the camera is on the map again.
+        ``step``: distance the camera moved since the frame before."""
         radius = self.config.consistency_radius_spacings * self.spacing
         offset, errors = step, []
         for winner, winner_step in self.winners:
@@ -207,7 +229,7 @@ class SequenceMatcher:
                 moved = self.route[best] - winner
                 errors.append(min(1.0, abs(moved - expected) / abs(expected)))
             offset += winner_step
-        return float(np.median(errors)) if errors else 0.0
+        return float(np.quantile(errors, _PROGRESS_QUANTILE)) if errors else 0.0
 
     def _evidence(
         self,
