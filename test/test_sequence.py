@@ -102,7 +102,9 @@ def single_frame_result(localizer: Localizer, descriptor: np.ndarray) -> Localiz
         for s, i in zip(scores, ids)
     ]
     pose, covariance = fuse_poses(candidates, localizer.config.fusion)
-    return LocalizationResult(candidates, pose, covariance, 0.5, {'total': 1.0})
+    return LocalizationResult(
+        candidates, pose, covariance, 0.5, {'total': 1.0}, descriptor=descriptor
+    )
 
 
 def run_matcher(
@@ -113,7 +115,7 @@ def run_matcher(
 ) -> list[LocalizationResult]:
     matcher = SequenceMatcher(localizer)
     return [
-        matcher.update(single_frame_result(localizer, q), q, t, submap)
+        matcher.update(single_frame_result(localizer, q), t, submap)
         for q, t in zip(queries, travelled)
     ]
 
@@ -253,9 +255,9 @@ def test_reset_forgets_past_frames(tmp_path: Path) -> None:
     localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=4)))
     matcher = SequenceMatcher(localizer)
     for q in desc[:5]:
-        matcher.update(single_frame_result(localizer, q), q)
+        matcher.update(single_frame_result(localizer, q))
     matcher.reset()
-    result = matcher.update(single_frame_result(localizer, desc[7]), desc[7])
+    result = matcher.update(single_frame_result(localizer, desc[7]))
     assert result.evidence['seq_fill'] == 0.25 and matcher.count == 1
     assert result.candidates[0].map_index == 7
 

@@ -49,7 +49,7 @@ def evaluate_bag(map_dir: str | Path, bag_path: str | Path, image_topic: str, tr
     for frame in itertools.islice(frames, max_frames):
         result = localizer.localize(frame.image_bgr)
         if matcher is not None:
-            result = matcher.update(result, result.descriptor)
+            result = matcher.update(result)
         truth = frame.pose
         distances = [math.hypot(c.pose.x - truth.x, c.pose.y - truth.y)
                      for c in result.candidates]

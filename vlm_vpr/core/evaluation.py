@@ -173,7 +173,7 @@ def run_queries(
         image = read_image(queries.image_paths[i])
         result = localizer.localize(image, submap=searchable)
         if sequence is not None:
-            result = sequence.update(result, result.descriptor, submap=searchable)
+            result = sequence.update(result, submap=searchable)
         if i not in wanted:
             continue
         top = [c.map_index for c in result.candidates]

@@ -94,7 +94,7 @@ class SequenceMatcher:
 
         matcher = SequenceMatcher(localizer)
         result = localizer.localize(image)
-        result = matcher.update(result, result.descriptor, travelled=odom_m)
+        result = matcher.update(result, travelled=odom_m)
 
     Keeps a float32 copy of the map descriptors ([N x D], 4 bytes each) and L score vectors.
     """
@@ -128,18 +128,20 @@ class SequenceMatcher:
     def update(
         self,
         result: LocalizationResult,
-        query_descriptor: np.ndarray,
         travelled: float | None = None,
         submap: np.ndarray | None = None,
     ) -> LocalizationResult:
         """The result with candidates, pose, evidence and confidence from the sequence vote.
 
-        query_descriptor: [D] float32 L2-normalised global descriptor of the frame.
+        result: the frame's single-frame result; its ``descriptor`` ([D] float32, L2-normalised
+          global descriptor) is what votes.
         travelled: distance (map units) moved since the previous frame, from odometry; None
           assumes one map spacing. submap: map ids searchable for this frame (None = all).
         """
+        if result.descriptor is None:
+            raise ValueError('sequence matching needs the global descriptor of the frame')
         start = time.perf_counter()
-        scores = self.descriptors @ np.asarray(query_descriptor, np.float32).reshape(-1)
+        scores = self.descriptors @ np.asarray(result.descriptor, np.float32).reshape(-1)
         centred = scores - self.config.column_centring * self.column_sum / (
             self.count + _COLUMN_PRIOR_FRAMES
         )

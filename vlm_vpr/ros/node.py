@@ -489,7 +489,7 @@ class VprNode(LifecycleNode):
         if self._matcher is None:
             return result
         travelled = math.hypot(motion.x, motion.y) if motion is not None else None
-        return self._matcher.update(result, result.descriptor, travelled)
+        return self._matcher.update(result, travelled)
 
     def _publish(self, frame: _Frame, header: Any, image: np.ndarray, result: LocalizationResult,
                  pose: Pose, covariance: np.ndarray, base_in_camera: Pose, motion: Pose | None,
