@@ -27,6 +27,7 @@ from vlm_vpr.core.config import (
 )
 from vlm_vpr.core.errors import ConfigError, DatasetError, MapError
 from vlm_vpr.core.map_format import MapContent, read_map, write_map
+from vlm_vpr.core.map_format import write_extra as write_map_extra
 from vlm_vpr.core.types import Candidate, Pose
 
 TRUE_WEIGHTS = {'top1_score': 3.0, 'margin': 12.0, 'spread': -1.5}
@@ -181,7 +182,28 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: P
     assert report['open_set']['ece'] < 0.1
     other = LocalizerConfig(sequence=SequenceConfig(length=1))  # settings it was not fitted for
     assert not Calibration.from_map(read_map(map_dir, load_index=False), other).fitted
-    assert not Calibration.from_map(read_map(tiny_map(tmp_path / 'b'), load_index=False)).fitted
+    uncalibrated = read_map(tiny_map(tmp_path / 'b'), load_index=False)
+    assert not Calibration.from_map(uncalibrated, config).fitted
+
+    # a calibration for other settings is kept beside it; one for the same settings replaces it
+    calibrate({'per_query': per_query[:200]}, map_dir, other)
+    refit = calibrate({'per_query': per_query[200:]}, map_dir, config)
+    vpr_map = read_map(map_dir, load_index=False)
+    assert len(vpr_map.read_extra_json('calibration')['calibrations']) == 2
+    assert Calibration.from_map(vpr_map, other).settings == fitted_with(other)
+    assert Calibration.from_map(vpr_map, config).to_json() == refit['calibration']
+
+
+def test_a_calibration_stored_before_per_settings_storage_still_loads(tmp_path: Path) -> None:
+    map_dir = tiny_map(tmp_path)
+    config = LocalizerConfig(sequence=SequenceConfig(length=3))
+    old = {'weights': {'margin': 5.0}, 'bias': -1.0, 'fitted_with': fitted_with(config)}
+    write_map_extra(map_dir, 'calibration', old)
+    loaded = Calibration.from_map(read_map(map_dir, load_index=False), config)
+    assert loaded.fitted and loaded.weights == {'margin': 5.0} and loaded.off_track is None
+    write_map_extra(map_dir, 'calibration', {'calibrations': {'weights': {}}})
+    with pytest.raises(MapError, match='malformed'):
+        Calibration.from_map(read_map(map_dir, load_index=False), config)
 
 
 def candidate(index: int, x: float, score: float, **evidence: float) -> Candidate:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.confidence import Calibration, fitted_with
+from vlm_vpr.core.confidence import Calibration, fitted_with, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig
-from vlm_vpr.core.map_format import write_extra
+from vlm_vpr.core.map_format import read_map, write_extra
 
 RELIABILITY_BINS = 10
 
@@ -26,8 +26,10 @@ def calibrate(
     """Fit evidence -> P(top-1 correct) on the report's queries and store it in the map.
 
     ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) run
-    with ``config`` on the calibration split. The calibration is written as the map extra
-    ``calibration``; the returned report holds it (``calibration``) and is re-scored with it,
+    with ``config`` on the calibration split. The calibration goes into the map extra
+    ``calibration``, replacing one fitted with the same query settings (``fitted_with``) and
+    keeping those for other settings; the returned report holds it (``calibration``) and is
+    re-scored with it,
     so its ``open_set`` numbers (ECE included) are in-sample: measure on another split.
     Raises DatasetError when the split lacks correct or wrong queries.
     """
@@ -38,7 +40,10 @@ def calibrate(
         config.confidence.calibration_l2,
         fitted_with(config),
     )
-    write_extra(map_dir, 'calibration', calibration.to_json())
+    previous = read_map(map_dir, load_index=False).read_extra_json('calibration')
+    stored = stored_calibrations(previous)
+    kept = [c.to_json() for c in stored if c.settings != calibration.settings]
+    write_extra(map_dir, 'calibration', {'calibrations': [*kept, calibration.to_json()]})
     rescored = [dict(q, confidence=calibration.confidence(q['evidence'])) for q in per_query]
     return dict(
         report,

@@ -3,7 +3,8 @@
 The model is fitted on a calibration split of posed images (``vlm-vpr calibrate``) and stored
 in the map as the extra ``calibration``; without one, conservative default weights are used.
 A calibration is only valid for the query settings it was fitted with (re-ranker chain and
-sequence length, recorded in ``fitted_with``); with other settings the defaults are used.
+sequence length, recorded in ``fitted_with``): the map keeps one per settings, side by side
+(``{"calibrations": [...]}``), and a query with settings none was fitted for uses the defaults.
 
 Two rules keep a fit on a small calibration split from learning noise:
 
@@ -165,23 +166,22 @@ class Calibration:
         return Calibration(weights, bias, fitted=True, settings=settings, off_track=off_track)
 
     @staticmethod
-    def from_map(vpr_map: VprMap, config: LocalizerConfig | None = None) -> Calibration:
-        """The map's calibration; the defaults if it has none or ``config`` differs from it."""
-        data = vpr_map.read_extra_json('calibration')
-        if data is None:
-            return Calibration()
-        calibration = Calibration.from_json(data)
-        if config is not None and calibration.settings != fitted_with(config):
+    def from_map(vpr_map: VprMap, config: LocalizerConfig) -> Calibration:
+        """The map's calibration fitted with ``config``'s query settings; else the defaults."""
+        stored = stored_calibrations(vpr_map.read_extra_json('calibration'))
+        wanted = fitted_with(config)
+        for calibration in stored:
+            if calibration.settings == wanted:
+                return calibration
+        if stored:
             log.warning(
-                'the calibration of map %s was fitted with %s, the query uses %s: '
-                'using default confidence weights; run `vlm-vpr calibrate` with these '
-                'settings',
+                'map %s has calibrations fitted with %s, the query uses %s: using default '
+                'confidence weights; run `vlm-vpr calibrate` with these settings',
                 vpr_map.path,
-                calibration.settings,
-                fitted_with(config),
+                [c.settings for c in stored],
+                wanted,
             )
-            return Calibration()
-        return calibration
+        return Calibration()
 
     @staticmethod
     def fit(
@@ -234,6 +234,21 @@ class Calibration:
             settings=dict(settings or {}),
             off_track=off_track,
         )
+
+
+def stored_calibrations(data: Any) -> list[Calibration]:
+    """The calibrations of a map's ``calibration`` extra (None: none). Reads both the current
+    ``{"calibrations": [...]}`` and the single calibration that maps stored before it."""
+    if data is None:
+        return []
+    single = isinstance(data, dict) and 'weights' in data
+    entries = [data] if single else data.get('calibrations') if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise MapError(
+            'calibration data is malformed (no list of calibrations); '
+            'run `vlm-vpr calibrate` again'
+        )
+    return [Calibration.from_json(entry) for entry in entries]
 
 
 def _fit_logistic(

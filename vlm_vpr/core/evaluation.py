@@ -53,6 +53,7 @@ def evaluate(
     dataset = read_dataset(dataset_dir)
     proto = dataset.protocol(protocol)
     build_config = build_config or MapBuildConfig()
+    localizer_config = localizer_config or LocalizerConfig()
     with tempfile.TemporaryDirectory(prefix='vlm_vpr_eval_') as tmp:
         path = Path(map_dir) if map_dir is not None else Path(tmp) / 'map'
         if not (path / 'manifest.json').is_file():
