@@ -56,6 +56,7 @@ START = time.perf_counter()
 import numpy as np  # noqa: E402
 from bench_dinov2 import ANYLOC_MS, ARCHITECTURES, runtimes, square_crops, time_ms  # noqa: E402
 
+from vlm_vpr.backends.features.dinov2 import resolve_dtype  # noqa: E402
 from vlm_vpr.core.config import (  # noqa: E402
     APPROXIMATE_INDEX_TYPES,
     RUNTIME_DTYPES,
@@ -280,6 +281,12 @@ def write_replicated_map(real_dir: Path, out_dir: Path, count: int, thumbnails: 
     return write_map(copy, out_dir)
 
 
+def dtype_label(dtype: str) -> str:
+    """The dtype, marked where it is what the default runtime.dtype 'auto' picks here."""
+    default = dtype == resolve_dtype(RuntimeConfig(dtype='auto'))
+    return f'{dtype} (the default here)' if default else dtype
+
+
 def stats(values_ms: Any) -> str:
     return f'median {np.median(values_ms):.1f} ms, p95 {np.percentile(values_ms, 95):.1f} ms'
 
@@ -303,7 +310,8 @@ def frame_rows(ws: Workspace) -> list[Row]:
         for dtype in timed_dtypes:
             map_dir, build_s = ws.real_map(backbone, dtype)
             count = len(read_map(map_dir, load_index=False))
-            rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images ({dtype}, '
+            rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images '
+                            f'({dtype_label(dtype)}, '
                             'batch 8, codebook + thumbnails + write)',
                             f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
                             f'>= {target:.0f} images/s' if target else '',
@@ -357,7 +365,8 @@ def per_frame_rows(ws: Workspace, backbone: str) -> list[Row]:
         stages = stages[2:]  # time_ms warms up with two calls
         breakdown = ', '.join(f'{k} {np.median([s[k] for s in stages]):.1f}'
                               for k in ('decode', 'extract', 'aggregate', 'search', 'fuse'))
-        label = (f'{backbone_label(backbone)}{", " + dtype if dinov2 else ""}: {frame}, '
+        label = (f'{backbone_label(backbone)}{", " + dtype_label(dtype) if dinov2 else ""}: '
+                 f'{frame}, '
                  f'{count_label(len(vpr_map))}-image map ({dim})')
         measured = f'total median {median:.1f} ms, p95 {p95:.1f} ms (stage medians: {breakdown})'
         target = FRAME_TARGET_P95_MS.get(backbone)

@@ -17,7 +17,7 @@ from transformers import (
 )
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 
-from vlm_vpr.backends.features import create_extractor
+from vlm_vpr.backends.features import create_extractor, dinov2
 from vlm_vpr.backends.features.dinov2 import Dinov2Extractor
 from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig
 from vlm_vpr.core.errors import ConfigError
@@ -256,3 +256,32 @@ def test_fast_dtypes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root,
                           for f in extractor.extract(queries)])
         top1[name] = (query @ db.T).argmax(axis=1).tolist()
     assert top1[dtype] == top1['float32']
+
+
+@pytest.mark.parametrize(
+    ('cpuinfo', 'expected'),
+    [
+        ('flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n', 'bfloat16'),
+        ('flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n', 'bfloat16'),
+        ('Features\t: fp asimd bf16 i8mm\n', 'bfloat16'),  # Arm
+        ('flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n', 'float32'),
+        (None, 'float32'),  # no /proc/cpuinfo
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(
+    tmp_path, monkeypatch, cpuinfo, expected
+):
+    path = tmp_path / 'cpuinfo'
+    if cpuinfo is not None:
+        path.write_text('processor\t: 0\n' + cpuinfo)
+    monkeypatch.setattr(dinov2, 'CPUINFO', path)
+    assert dinov2.resolve_dtype(RuntimeConfig()) == expected  # the default is 'auto'
+    assert dinov2.resolve_dtype(RuntimeConfig(dtype='float32')) == 'float32'
+    assert dinov2.resolve_dtype(RuntimeConfig(dtype='int8')) == 'int8'
+
+
+def test_auto_dtype_on_cuda_asks_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for supported, expected in ((True, 'bfloat16'), (False, 'float32')):
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda s=supported: s)
+        assert dinov2.resolve_dtype(RuntimeConfig(device='cuda')) == expected

@@ -15,7 +15,7 @@ from vlm_vpr.core.errors import ConfigError
 BACKBONES = ('dense-rootsift', 'dinov2')
 DINOV2_FACETS = ('token', 'key', 'query', 'value')
 DTYPES = ('float32', 'bfloat16', 'float16')
-RUNTIME_DTYPES = (*DTYPES, 'int8')  # 'int8': dynamic int8 Linear layers (DINOv2, CPU)
+RUNTIME_DTYPES = ('auto', *DTYPES, 'int8')  # 'int8': dynamic int8 Linear layers (DINOv2, CPU)
 APPROXIMATE_INDEX_TYPES = ('ivf', 'hnsw')  # index.approximate_type values
 
 
@@ -59,7 +59,9 @@ class RuntimeConfig:
     """Where and how models run; free to differ between map build and query."""
 
     device: str = 'cpu'  # 'cpu', 'cuda', 'cuda:N'
-    dtype: str = 'float32'  # DINOv2 compute dtype; 'int8' = dynamic int8 Linear layers (CPU)
+    dtype: str = 'auto'  # DINOv2 compute dtype; auto = bfloat16 where native, else float32
+    # (native: a CPU with avx512_bf16 / amx_bf16 / Arm bf16, or a CUDA GPU that supports it);
+    # 'int8' = dynamic int8 Linear layers (CPU)
     batch_size: int = 8  # images per forward pass during map build
     num_threads: int = 0  # torch / OpenCV / BLAS threads; 0 keeps the library default
     compile: bool = False  # torch.compile DINOv2 (~0.8x time; ~40 s warm-up per image size)

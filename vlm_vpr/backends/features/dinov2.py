@@ -4,6 +4,8 @@ The forward pass stops at ``features.dinov2_layer``: only the patch embedding an
 blocks run, and for a key/query/value facet the chosen block runs only its first LayerNorm and
 that one projection. ``runtime.dtype`` picks the arithmetic:
 
+- 'auto' (default): 'bfloat16' where the hardware computes it natively (:func:`native_bfloat16`),
+  else 'float32'.
 - 'float32': the reference.
 - 'bfloat16' / 'float16': weights and activations in that type (float16 is slow on CPUs).
 - 'int8' (CPU): every Linear layer becomes an int8 x int8 -> int32 matrix product
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # DINOv2 was trained on inputs normalised with these
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 MODEL_TYPES = ('dinov2', 'dinov2_with_registers')  # transformers config.model_type accepted
+CPUINFO = Path('/proc/cpuinfo')  # where native_bfloat16 reads the CPU's flags (Linux)
 
 
 class Dinov2Extractor:
@@ -49,7 +52,8 @@ class Dinov2Extractor:
     """
 
     def __init__(self, features: FeatureConfig, runtime: RuntimeConfig) -> None:
-        if runtime.dtype == 'int8' and runtime.device != 'cpu':
+        dtype = resolve_dtype(runtime)
+        if dtype == 'int8' and runtime.device != 'cpu':
             raise ConfigError("runtime.dtype 'int8' runs on the CPU only: on CUDA use "
                               "'bfloat16' or 'float16'")
         if runtime.num_threads > 0:
@@ -59,9 +63,9 @@ class Dinov2Extractor:
         self._size_px = features.image_size_px
         self._batch_size = runtime.batch_size
         self._device = torch.device(runtime.device)
-        self._dtype = torch.float32 if runtime.dtype == 'int8' else getattr(torch, runtime.dtype)
+        self._dtype = torch.float32 if dtype == 'int8' else getattr(torch, dtype)
         self._net = _truncate(model, features.dinov2_layer, features.dinov2_facet)
-        if runtime.dtype == 'int8':
+        if dtype == 'int8':
             _quantize_linear_layers(self._net)
         self._net.to(self._device, self._dtype).eval()
         _cache_position_embeddings(model.embeddings)
@@ -71,7 +75,7 @@ class Dinov2Extractor:
         self._std = torch.tensor(IMAGENET_STD_RGB, device=self._device).view(1, 3, 1, 1)
         log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, compiled %s',
                  features.dinov2_model, features.dinov2_layer, model.config.num_hidden_layers,
-                 features.dinov2_facet, runtime.dtype, runtime.device, runtime.compile)
+                 features.dinov2_facet, dtype, runtime.device, runtime.compile)
 
     def extract(self, images_bgr: list[np.ndarray]) -> list[LocalFeatures]:
         resized = [resize_shorter_side(as_bgr(image), self._size_px, self._patch_px)
@@ -98,6 +102,31 @@ class Dinov2Extractor:
             patches = tokens[:, tokens.shape[1] - rows * cols:]  # drop CLS and register tokens
             patches = nn.functional.normalize(patches, dim=-1)
             return patches.reshape(b, rows, cols, -1).cpu().numpy()
+
+
+def resolve_dtype(runtime: RuntimeConfig) -> str:
+    """``runtime.dtype``, with 'auto' made 'bfloat16' where :func:`native_bfloat16`, else
+    'float32'."""
+    if runtime.dtype != 'auto':
+        return runtime.dtype
+    return 'bfloat16' if native_bfloat16(runtime.device) else 'float32'
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    with the avx512_bf16 or amx_bf16 (x86) or bf16 (Arm) flag in /proc/cpuinfo. Elsewhere
+    bfloat16 is emulated and slower than float32."""
+    if device.startswith('cuda'):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        cpuinfo = CPUINFO.read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith(('flags', 'features')):
+            flags.update(line.split(':', 1)[-1].split())
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
 def _load_model(name: str, layer: int) -> nn.Module:
