@@ -32,6 +32,8 @@ from vlm_vpr.ros.replay import replay_bag
 
 IMAGE_TOPIC = '/camera/image_raw/compressed'
 BIN = Path(sys.executable).parent
+# a name of its own: nodes of earlier tests in this process may linger in the DDS graph
+NODE_NAME = 'vpr_node_under_test'
 T0_NS = 1_700_000_000_000_000_000  # write_traversal_bag's first stamp
 RATE_HZ = 2.0
 
@@ -84,17 +86,18 @@ def test_console_script_node_localises_a_replayed_query_bag(
         tmp_path: Path) -> None:
     log = (tmp_path / 'node.log').open('w')
     node = subprocess.Popen(
-        [str(BIN / 'vpr_node'), '--ros-args', '-p', 'autostart:=true',
-         '-p', f'map_path:={campus_map}', '-p', f'image_topics:=[{IMAGE_TOPIC}]',
+        [str(BIN / 'vpr_node'), '--ros-args', '-r', f'__node:={NODE_NAME}',
+         '-p', 'autostart:=true', '-p', f'map_path:={campus_map}',
+         '-p', f'image_topics:=[{IMAGE_TOPIC}]',
          '-p', 'odom_topic:=/odom', '-p', 'max_rate_hz:=20.0'],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         contract = {'/pose', '/confidence', '/candidates', '/diagnostics'}
 
         def published_by_node() -> set[str]:
-            if 'vpr_node' not in listener.node.get_node_names():
+            if NODE_NAME not in listener.node.get_node_names():
                 return set()
-            names = listener.node.get_publisher_names_and_types_by_node('vpr_node', '/')
+            names = listener.node.get_publisher_names_and_types_by_node(NODE_NAME, '/')
             return {name for name, _ in names}
 
         assert wait_until(lambda: contract <= published_by_node()
@@ -126,7 +129,7 @@ def test_console_script_node_localises_a_replayed_query_bag(
         assert msg.header.frame_id == 'map' and np.isfinite(cov).all() and (np.diag(cov) > 0).all()
     assert np.mean(np.array(errors) <= 5.0) >= 0.8, np.round(errors, 1).tolist()
     statuses = [s for d in listener.diagnostics for s in d.status]
-    assert any(s.name == 'vpr_node: localization' for s in statuses)
+    assert any(s.name == f'{NODE_NAME}: localization' for s in statuses)
 
 
 def test_replay_rejects_topics_missing_from_the_bag_and_a_bad_rate(query_bag: Path) -> None:
