@@ -75,7 +75,9 @@ def send(harness: NodeHarness, queries: Traversal, i: int, stamp: int) -> Any:
 @pytest.fixture(scope='module')
 def stream(harness: NodeHarness, queries: Traversal) -> Stream:
     poses = [send(harness, queries, i, T0_NS + i * PERIOD_NS) for i in range(len(queries))]
-    time.sleep(0.3)
+    sent = sum(p is not None for p in poses)  # each pose is followed by these two messages
+    wait_until(lambda: min(len(harness.messages(t)) for t in ('confidence', 'candidates')) >= sent,
+               10.0)
     return Stream(poses, [m.data for m in harness.messages('confidence')],
                   harness.messages('candidates'), harness.messages('/initialpose'))
 
@@ -172,7 +174,7 @@ def test_rearm_service_lets_the_gate_publish_once_more(harness: NodeHarness, str
     stamps = [t0 + n * PERIOD_NS for n in range(GATE_FRAMES)]
     for n, i in enumerate(range(k - GATE_FRAMES + 1, k + 1)):  # the frames that passed before
         assert send(harness, queries, i, stamps[n]) is not None
-    time.sleep(0.3)
+    wait_until(lambda: len(harness.messages('/initialpose')) > before, 10.0)
     after = harness.messages('/initialpose')[before:]
     assert [stamp_ns(m.header) for m in after] == [stamps[-1]]
 
@@ -182,7 +184,7 @@ def test_relocalize_service_answers_with_the_result_of_the_next_frames(
     answer: list[Any] = []
     caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
     caller.start()
-    time.sleep(0.5)  # the request is waiting: the next frames answer it
+    assert wait_until(lambda: bool(harness.node._waiters), 30.0)  # the next frames answer it
     t0 = T0_NS + 200 * PERIOD_NS
     for n, i in enumerate(range(10, 13)):
         assert send(harness, queries, i, t0 + n * PERIOD_NS) is not None
