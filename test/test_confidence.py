@@ -204,6 +204,11 @@ def test_a_calibration_stored_before_per_settings_storage_still_loads(tmp_path: 
     write_map_extra(map_dir, 'calibration', {'calibrations': {'weights': {}}})
     with pytest.raises(MapError, match='malformed'):
         Calibration.from_map(read_map(map_dir, load_index=False), config)
+    evidence, correct = synthetic_evidence(200, seed=9)  # calibrating again replaces it
+    per_query = [{'evidence': e, 'confidence': 0.5, 'truth_xy': [0.0, 0.0],
+                  'first_correct_rank': 1 if ok else 3} for e, ok in zip(evidence, correct)]
+    calibrate({'per_query': per_query}, map_dir, config)
+    assert Calibration.from_map(read_map(map_dir, load_index=False), config).fitted
 
 
 def candidate(index: int, x: float, score: float, **evidence: float) -> Candidate:

@@ -8,6 +8,7 @@ map image within tolerance of their true place) are never correct.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,10 @@ import numpy as np
 
 from vlm_vpr.core.confidence import Calibration, fitted_with, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.errors import MapError
 from vlm_vpr.core.map_format import read_map, write_extra
+
+log = logging.getLogger(__name__)
 
 RELIABILITY_BINS = 10
 
@@ -28,9 +32,9 @@ def calibrate(
     ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) run
     with ``config`` on the calibration split. The calibration goes into the map extra
     ``calibration``, replacing one fitted with the same query settings (``fitted_with``) and
-    keeping those for other settings; the returned report holds it (``calibration``) and is
-    re-scored with it,
-    so its ``open_set`` numbers (ECE included) are in-sample: measure on another split.
+    keeping those for other settings (unreadable ones are replaced, with a warning); the
+    returned report holds it (``calibration``) and is re-scored with it, so its ``open_set``
+    numbers (ECE included) are in-sample: measure on another split.
     Raises DatasetError when the split lacks correct or wrong queries.
     """
     per_query = report['per_query']
@@ -40,8 +44,13 @@ def calibrate(
         config.confidence.calibration_l2,
         fitted_with(config),
     )
-    previous = read_map(map_dir, load_index=False).read_extra_json('calibration')
-    stored = stored_calibrations(previous)
+    try:
+        stored = stored_calibrations(
+            read_map(map_dir, load_index=False).read_extra_json('calibration')
+        )
+    except MapError as exc:
+        log.warning('replacing the unreadable calibrations of map %s: %s', map_dir, exc)
+        stored = []
     kept = [c.to_json() for c in stored if c.settings != calibration.settings]
     write_extra(map_dir, 'calibration', {'calibrations': [*kept, calibration.to_json()]})
     rescored = [dict(q, confidence=calibration.confidence(q['evidence'])) for q in per_query]
