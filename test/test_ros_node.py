@@ -214,6 +214,7 @@ def test_diagnostics_report_counts_latency_and_map_size(harness: NodeHarness) ->
     assert msg is not None
     values = {kv.key: kv.value for kv in msg.status[0].values}
     assert values['map_size'] == '36' and msg.status[0].name == 'vpr_node: localization'
+    assert values['confidence_calibration'].startswith('default weights')  # an uncalibrated map
     assert float(values['receipt_to_publish_median_ms']) > 0
     assert float(values['latency_extract_ms']) > 0
     latency = harness.node.latency_stats()

@@ -592,6 +592,12 @@ class VprNode(LifecycleNode):
         values['receipt_to_publish_p95_ms'] = f'{latency["p95_ms"]:.1f}'
         localizer = self._localizer
         values['map_size'] = str(len(localizer.map) if localizer is not None else 0)
+        calibration = localizer.calibration if localizer is not None else None
+        values['confidence_calibration'] = (
+            'none: no map' if calibration is None
+            else f'fitted for {calibration.settings}' if calibration.fitted
+            else 'default weights: the map has no calibration for these settings '
+                 '(run vlm-vpr calibrate with them)')
         values['map_path'] = self._cfg.map_path
         values['last_notes'] = '; '.join(notes)
         values['initial_pose_armed'] = str(self._gate.armed)
