@@ -104,6 +104,7 @@ BACKBONES = {  # name: (DINOv2 architecture in ARCHITECTURES, or None = dense Ro
 FRAME_TARGET_P95_MS = {'rootsift': 150.0, 'S224': 80.0, 'B224': 200.0}  # rootsift: extract+VLAD
 BUILD_TARGET_IMAGES_S = {'rootsift': 4.0, 'S224': 8.0}
 COSINE_TARGET = 0.995  # fast dtypes' descriptor against float32
+DEFAULT_DTYPE = resolve_dtype(RuntimeConfig())  # what runtime.dtype 'auto' picks on this machine
 ANYLOC_NAMES = {f'{arch}{px}': (arch, px) for arch, px in ANYLOC_MS}
 SEARCH_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 SEARCH_K = 100
@@ -282,9 +283,8 @@ def write_replicated_map(real_dir: Path, out_dir: Path, count: int, thumbnails: 
 
 
 def dtype_label(dtype: str) -> str:
-    """The dtype, marked where it is what the default runtime.dtype 'auto' picks here."""
-    default = dtype == resolve_dtype(RuntimeConfig(dtype='auto'))
-    return f'{dtype} (the default here)' if default else dtype
+    """A DINOv2 dtype, marked where it is what the default runtime.dtype 'auto' picks here."""
+    return f'{dtype} (the default here)' if dtype == DEFAULT_DTYPE else dtype
 
 
 def stats(values_ms: Any) -> str:
@@ -304,14 +304,13 @@ def frame_rows(ws: Workspace) -> list[Row]:
     rows = []
     for backbone in ws.args.backbones:
         target = BUILD_TARGET_IMAGES_S.get(backbone)
-        timed_dtypes = ['float32']
-        if BACKBONES[backbone][0] is not None and target:  # DINOv2 with a target
-            timed_dtypes += ws.args.dtypes
+        dinov2 = BACKBONES[backbone][0] is not None
+        timed_dtypes = ['float32', *(ws.args.dtypes if dinov2 and target else [])]
         for dtype in timed_dtypes:
             map_dir, build_s = ws.real_map(backbone, dtype)
             count = len(read_map(map_dir, load_index=False))
             rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images '
-                            f'({dtype_label(dtype)}, '
+                            f'({dtype_label(dtype) if dinov2 else dtype}, '
                             'batch 8, codebook + thumbnails + write)',
                             f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
                             f'>= {target:.0f} images/s' if target else '',
@@ -642,7 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--anyloc', nargs='+', choices=list(ANYLOC_NAMES),
                         help='anyloc part: architecture and size (default all; quick: S224)')
     parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'int8'],
-                        choices=[d for d in RUNTIME_DTYPES if d != 'float32'],
+                        choices=[d for d in RUNTIME_DTYPES if d not in ('float32', 'auto')],
                         help='DINOv2 runtime.dtype values timed beside float32')
     parser.add_argument('--compile', action='store_true',
                         help='frame and anyloc parts: also time those dtypes under torch.compile '

@@ -104,6 +104,7 @@ class SequenceMatcher:
         self.config = localizer.config.sequence
         self.descriptors = localizer.map.content.descriptors.astype(np.float32)
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
+        self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
         # route coordinates where the mapped route ends, going forwards / backwards: the ends
         # of the route and the edges of its gaps (held-out or never-mapped stretches)
         gap = np.diff(self.route) > self.config.max_gap_spacings * self.spacing
@@ -204,14 +205,13 @@ class SequenceMatcher:
         """Mapped route left ahead of the winner in the direction of travel (to the route's
         end or the next gap), over the consistency radius, capped at 1. Near 0 the camera may
         already have driven past the map's edge while the winner stays at it."""
-        radius = self.config.consistency_radius_spacings * self.spacing
         here = self.route[best]
         if velocity > 0:
             room = self.ends_forward[np.searchsorted(self.ends_forward, here)] - here
         else:
             behind = np.searchsorted(self.ends_backward, here, side='right') - 1
             room = here - self.ends_backward[behind]
-        return float(min(room, radius) / radius)
+        return float(min(room, self.radius) / self.radius)
 
     def _progress_error(self, best: int, velocity: float, step: float) -> float:
         """How far the sequence winner moved along the route since each of the last
@@ -223,11 +223,10 @@ class SequenceMatcher:
         at the map's edge, drifts or jumps. The lower quartile (not the median) lets it fall
         back within about 0.75 L frames once the camera is on the map again.
         ``step``: distance the camera moved since the frame before."""
-        radius = self.config.consistency_radius_spacings * self.spacing
         offset, errors = step, []
         for winner, winner_step in self.winners:
             expected = velocity * offset
-            if abs(expected) >= radius:
+            if abs(expected) >= self.radius:
                 moved = self.route[best] - winner
                 errors.append(min(1.0, abs(moved - expected) / abs(expected)))
             offset += winner_step
@@ -250,18 +249,17 @@ class SequenceMatcher:
         voting / sequence.length; hubness: the winner's mean similarity to all frames since
         the last reset, as a z-score over the map images (an image that resembles every frame
         under the current conditions wins by aliasing, not by place)."""
-        radius = self.config.consistency_radius_spacings * self.spacing
-        elsewhere = np.abs(self.route - self.route[best]) > radius
+        elsewhere = np.abs(self.route - self.route[best]) > self.radius
         rivals = seq[elsewhere & np.isfinite(seq)]
         path = self.route[best] - velocity * offsets
         own = self.route[[f.own_best for f in frames]]
         past = self.column_sum / self.count  # [N] mean similarity of each map image so far
         winners = np.array([w for w, _ in itertools.islice(self.winners, len(frames) - 1)])
-        track = np.abs(winners - path[1:]) <= radius
+        track = np.abs(winners - path[1:]) <= self.radius
         return {
             'seq_score': float(seq[best]),
             'seq_margin': float(seq[best] - rivals.max()) if len(rivals) else float(seq[best]),
-            'temporal_consistency': float(np.mean(np.abs(own - path) <= radius)),
+            'temporal_consistency': float(np.mean(np.abs(own - path) <= self.radius)),
             'track_consistency': float(track.sum()) / max(self.config.length - 1, 1),
             'seq_fill': len(frames) / self.config.length,
             'hubness': float((past[best] - past.mean()) / max(float(past.std()), 1e-9)),
