@@ -1,8 +1,8 @@
 """Time the DINOv2 extractor per image (batch 1) on real architecture sizes with random weights.
 
     .venv/bin/python benchmarks/bench_dinov2.py [--models S B] [--sizes 224 322]
-        [--dtypes bfloat16 int8] [--compile] [--runs 20] [--threads 2] [--photos FOLDER]
-        [--count 8]
+        [--dtypes bfloat16 int8] [--compile] [--engines torch openvino] [--runs 20]
+        [--threads 2] [--photos FOLDER] [--count 8]
 
 Inputs are square centre crops of the first ``--count`` photos of a folder (default: one from
 the shared data), resized to each size. For each model, size and runtime.dtype it prints the
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from transformers import Dinov2Config, Dinov2Model  # noqa: E402
 
 from vlm_vpr.backends.features.dinov2 import Dinov2Extractor  # noqa: E402
-from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig  # noqa: E402
+from vlm_vpr.core.config import ENGINES, FeatureConfig, RuntimeConfig, VladConfig  # noqa: E402
 from vlm_vpr.core.datasets import default_data_root  # noqa: E402
 from vlm_vpr.core.images import read_image, resize_shorter_side  # noqa: E402
 from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook  # noqa: E402
@@ -65,15 +65,19 @@ def time_ms(function, argument, runs: int) -> tuple[float, float, float]:
     return float(np.median(wall)), float(np.percentile(wall, 95)), float(np.median(cpu))
 
 
-def runtimes(dtypes: list[str], compile_too: bool,
-             threads: int) -> list[tuple[str, RuntimeConfig]]:
-    """(label, batch-1 runtime): float32, each of ``dtypes``, and with ``compile_too`` each of
-    ``dtypes`` under torch.compile (label 'DTYPE+compile')."""
-    variants = [('float32', False), *((d, False) for d in dtypes)]
-    variants += [(d, True) for d in dtypes] if compile_too else []
-    return [(dtype + ('+compile' if compiled else ''),
-             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=threads, compile=compiled))
-            for dtype, compiled in variants]
+def runtimes(dtypes: list[str], compile_too: bool, threads: int,
+             engines: list[str]) -> list[tuple[str, RuntimeConfig]]:
+    """(label, batch-1 runtime): torch float32, then each of ``dtypes`` on each of ``engines``
+    (label 'DTYPE' for torch, 'DTYPE OpenVINO'), and with ``compile_too`` each of ``dtypes``
+    under torch.compile ('DTYPE+compile')."""
+    variants = [('float32', 'torch', False)]
+    variants += [(d, engine, False) for engine in engines for d in dtypes]
+    variants += [(d, 'torch', True) for d in dtypes] if compile_too else []
+    return [(dtype + ('+compile' if compiled else '') + (' OpenVINO' if engine == 'openvino'
+                                                          else ''),
+             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=threads, compile=compiled,
+                           engine=engine))
+            for dtype, engine, compiled in variants]
 
 
 def square_crops(folder: Path, count: int) -> list[np.ndarray]:
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'int8'])
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the fast dtypes (runtime.compile)')
+    parser.add_argument('--engines', nargs='+', default=list(ENGINES), choices=ENGINES,
+                        help='runtime.engine values that run the fast dtypes')
     parser.add_argument('--layer', type=int, default=10)
     parser.add_argument('--facet', default='value')
     parser.add_argument('--runs', type=int, default=20)
@@ -130,7 +136,8 @@ def main() -> None:
                                          dinov2_layer=args.layer, dinov2_facet=args.facet,
                                          image_size_px=size)
                 reference = None
-                for label, runtime in runtimes(args.dtypes, args.compile, args.threads):
+                for label, runtime in runtimes(args.dtypes, args.compile, args.threads,
+                                               args.engines):
                     extractor = Dinov2Extractor(features, runtime)
                     timing = time_ms(extractor.extract, photos[:1], args.runs)
                     local = [f.flat for f in extractor.extract(photos)]

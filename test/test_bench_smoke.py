@@ -37,6 +37,7 @@ def test_bench_runs_every_part_on_tiny_sizes_and_reports_each_figure(bench, data
         (1, 'dense RootSIFT 240 px: Gardens Point 960x540 JPEG, 600-image map'),
         (2, 'ViT-S/14 224x224 descriptor, median vs AnyLoc 82 ms'),
         (2, 'ViT-S/14 224 px: cosine of the int8 descriptor to float32'),
+        (2, 'ViT-S/14 224 px: cosine of the int8 OpenVINO descriptor to float32'),
         (3, 'exact (flat float16, 1024-d), 1k images'),
         (3, 'IVF float16 (nlist sqrt(N), nprobe 32, trained on <= 100000 rows), 1k images'),
         (3, 'latency growth 1k -> 1k'),

@@ -63,12 +63,17 @@ def images() -> list[np.ndarray]:
 
 
 def make(folder: Path, layer: int = 3, facet: str = 'token', dtype: str = 'float32',
-         batch_size: int = 2, device: str = 'cpu', compile: bool = False) -> Dinov2Extractor:
+         batch_size: int = 2, device: str = 'cpu', compile: bool = False,
+         engine: str = 'torch') -> Dinov2Extractor:
     features = FeatureConfig(backbone='dinov2', dinov2_model=str(folder), dinov2_layer=layer,
                              dinov2_facet=facet, image_size_px=SIZE_PX)
     runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_threads=1,
-                            compile=compile)
+                            compile=compile, engine=engine)
     return Dinov2Extractor(features, runtime)
+
+
+FAST = [('torch', 'bfloat16'), ('torch', 'int8'), ('openvino', 'float32'),
+        ('openvino', 'bfloat16'), ('openvino', 'int8')]  # (engine, dtype) beside torch float32
 
 
 def hand_pixels(image_bgr: np.ndarray) -> torch.Tensor:
@@ -165,19 +170,24 @@ def test_register_tokens_are_dropped_from_the_patch_grid(tmp_path, images):
     np.testing.assert_allclose(got, unit_patch_grid(hidden[2], 4, 6), atol=1e-4)
 
 
-@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
-def test_fast_dtypes_keep_descriptors_close_to_float32(tiny_dir, images, dtype):
+@pytest.mark.parametrize(('engine', 'dtype'), FAST)
+def test_fast_runtimes_keep_descriptors_close_to_float32(tiny_dir, images, engine, dtype):
     reference = make(tiny_dir, facet='value', dtype='float32').extract(images)
-    fast = make(tiny_dir, facet='value', dtype=dtype).extract(images)
-    vlad = VladConfig(num_clusters=8, soft_assignment=False)
+    fast = make(tiny_dir, facet='value', dtype=dtype, engine=engine).extract(images)
+    # Soft assignment (eq. 1): with hard assignment one of these ~20 random-weight patches
+    # moving to the next centre changes the VLAD cosine by ~0.1 however small its error is
+    # (OpenVINO int8: patch cosine 0.9995, VLAD cosine 0.90 on one image); the top-1 test
+    # below checks the hard-assignment retrieval.
+    vlad = VladConfig(num_clusters=8, soft_assignment=True)
     codebook = fit_codebook([f.flat for f in reference], vlad)  # as a map build fits it
     for ref, got in zip(reference, fast):
         patch_cosine = (ref.flat * got.flat).sum(axis=1)
-        assert patch_cosine.min() >= 0.99
+        assert patch_cosine.min() >= 0.999
         vlad_cosine = aggregate_vlad(ref.flat, codebook, vlad) @ aggregate_vlad(got.flat,
                                                                                 codebook, vlad)
         assert vlad_cosine >= 0.995
-    assert not np.array_equal(reference[0].descriptors, fast[0].descriptors)
+    if (engine, dtype) != ('openvino', 'float32'):  # float32 may match to the last bit
+        assert not np.array_equal(reference[0].descriptors, fast[0].descriptors)
 
 
 def test_compiled_int8_forward_keeps_descriptors_close_to_eager_int8(tiny_dir, images):
@@ -187,6 +197,63 @@ def test_compiled_int8_forward_keeps_descriptors_close_to_eager_int8(tiny_dir, i
     assert extractor._net.__class__.__name__ == 'OptimizedModule'
     for ref, got in zip(eager, extractor.extract(same_size)):
         assert (ref.flat * got.flat).sum(axis=1).min() >= 0.999
+
+
+def test_openvino_engine_compiles_each_input_shape_once_and_matches_torch(tiny_dir, images,
+                                                                         full_model):
+    extractor = make(tiny_dir, layer=2, facet='value', engine='openvino', batch_size=2)
+    first = extractor.extract(images)  # 3 sizes; the two 100x150 images share a batch of 2
+    assert sorted(extractor._net._compiled) == [(1, 3, 56, 56), (1, 3, 70, 56), (2, 3, 56, 84)]
+    again = extractor.extract(images)
+    assert len(extractor._net._compiled) == 3
+    captured = []
+    hook = full_model.encoder.layer[1].attention.v_proj.register_forward_hook(
+        lambda module, args, out: captured.append(out))
+    try:
+        for image, got, repeat in zip(images, first, again):
+            with torch.no_grad():
+                full_model(hand_pixels(image))
+            rows, cols = got.descriptors.shape[:2]
+            np.testing.assert_allclose(got.descriptors,
+                                       unit_patch_grid(captured.pop(), rows, cols), atol=1e-4)
+            np.testing.assert_array_equal(got.descriptors, repeat.descriptors)
+    finally:
+        hook.remove()
+
+
+def test_openvino_int8_runs_every_linear_layer_with_int8_weights(tiny_dir, images):
+    extractor = make(tiny_dir, layer=3, facet='value', engine='openvino', dtype='int8')
+    extractor.extract(images[:1])
+    (request,) = extractor._net._compiled.values()
+    products = [op.get_rt_info()['runtimePrecision'].astype(str)
+                for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+                if op.get_rt_info()['layerType'].astype(str) == 'FullyConnected']
+    assert products == ['i8'] * (2 * 6 + 1)  # q, k, v, o, MLP in, out of 2 blocks + last v
+
+
+@pytest.mark.parametrize(('runtime', 'message'), [
+    (dict(engine='onnx'), 'runtime.engine must be one of'),
+    (dict(engine='openvino', device='cuda'), "'openvino' runs on the CPU"),
+    (dict(engine='openvino', compile=True), 'applies to runtime.engine'),
+])
+def test_impossible_engine_settings_are_rejected(runtime, message):
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig(**runtime)
+
+
+def test_openvino_engine_without_the_package_says_how_to_install_it(tiny_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, 'openvino', None)  # import openvino raises ImportError
+    with pytest.raises(ConfigError, match='pip install --no-deps openvino'):
+        make(tiny_dir, engine='openvino')
+
+
+def test_openvino_is_installed_without_its_telemetry_package():
+    import importlib.util
+
+    assert importlib.util.find_spec('openvino') is not None
+    assert importlib.util.find_spec('openvino_telemetry') is None  # see requirements-openvino
 
 
 def test_layer_beyond_the_model_depth_is_rejected(tiny_dir):
@@ -238,16 +305,17 @@ def test_int8_runs_every_linear_layer_as_one_int8_product(tiny_dir, images, monk
     assert calls == [(torch.int8, torch.int8)] * (2 * 4 + 1)
 
 
-@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
-def test_fast_dtypes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root, dtype):
+@pytest.mark.parametrize(('engine', 'dtype'), FAST)
+def test_fast_runtimes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root, engine,
+                                                              dtype):
     folder = data_root / 'gardens_point'
     names = [f'Image{i:03d}.jpg' for i in (5, 60, 120, 180)]
     database = [read_image(folder / 'day_left' / 'images' / n) for n in names]
     queries = [read_image(folder / 'day_right' / 'images' / n) for n in names]
     vlad = VladConfig(num_clusters=8, soft_assignment=False)
     top1, codebook = {}, None
-    for name in ('float32', dtype):
-        extractor = make(tiny_dir, facet='value', dtype=name)
+    for name, extractor in [('reference', make(tiny_dir, facet='value')),
+                            ('fast', make(tiny_dir, facet='value', dtype=dtype, engine=engine))]:
         db_local = [f.flat for f in extractor.extract(database)]
         if codebook is None:  # fitted on the float32 map, as a map build with float32 does
             codebook = fit_codebook(db_local, vlad)
@@ -255,7 +323,7 @@ def test_fast_dtypes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root,
         query = np.stack([aggregate_vlad(f.flat, codebook, vlad)
                           for f in extractor.extract(queries)])
         top1[name] = (query @ db.T).argmax(axis=1).tolist()
-    assert top1[dtype] == top1['float32']
+    assert top1['fast'] == top1['reference']
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ BACKBONES = ('dense-rootsift', 'dinov2')
 DINOV2_FACETS = ('token', 'key', 'query', 'value')
 DTYPES = ('float32', 'bfloat16', 'float16')
 RUNTIME_DTYPES = ('auto', *DTYPES, 'int8')  # 'int8': dynamic int8 Linear layers (DINOv2, CPU)
+ENGINES = ('torch', 'openvino')  # runtime.engine values: what runs the DINOv2 network
 APPROXIMATE_INDEX_TYPES = ('ivf', 'hnsw')  # index.approximate_type values
 
 
@@ -65,6 +66,7 @@ class RuntimeConfig:
     batch_size: int = 8  # images per forward pass during map build
     num_threads: int = 0  # torch / OpenCV / BLAS threads; 0 keeps the library default
     compile: bool = False  # torch.compile DINOv2 (~0.8x time; ~40 s warm-up per image size)
+    engine: str = 'torch'  # runs DINOv2: 'torch' or 'openvino' (CPU; pip package openvino)
 
     def __post_init__(self) -> None:
         _check(
@@ -74,6 +76,11 @@ class RuntimeConfig:
         _check(self.dtype in RUNTIME_DTYPES, f'runtime.dtype must be one of {RUNTIME_DTYPES}')
         _check(1 <= self.batch_size <= 256, 'runtime.batch_size must be in [1, 256]')
         _check(self.num_threads >= 0, 'runtime.num_threads must be >= 0')
+        _check(self.engine in ENGINES, f'runtime.engine must be one of {ENGINES}')
+        _check(self.engine == 'torch' or self.device == 'cpu',
+               "runtime.engine 'openvino' runs on the CPU: set runtime.device to 'cpu'")
+        _check(self.engine == 'torch' or not self.compile,
+               "runtime.compile is torch.compile: it applies to runtime.engine 'torch' only")
 
 
 @dataclass(frozen=True)
