@@ -21,9 +21,8 @@ took 0.81x / 0.83x the eager time, after about 40 s of compilation per input siz
 ``runtime.engine: openvino`` runs the truncated network with OpenVINO's CPU plugin instead of
 torch (:class:`OpenVinoNetwork`): 'float32' / 'bfloat16' / 'float16' become its inference
 precision; 'int8' stores the Linear weights as int8 and lets the plugin quantise the
-activations per token at run time for int8 x int8 products, everything else in bfloat16 where
-native, else float32. With random ViT-S/B weights on two AVX512-BF16 cores this took 0.55-0.65x
-the time of torch in bfloat16 and 0.25-0.3x AnyLoc's float32 (``make bench``).
+activations at run time (one scale per D values of a token) for int8 x int8 products,
+everything else in bfloat16 where native, else float32 (timings: README, ``make bench``).
 
 This module imports torch at load time; ``create_extractor`` imports it only for 'dinov2'.
 """
@@ -42,6 +41,7 @@ from vlm_vpr.core.config import FeatureConfig, RuntimeConfig
 from vlm_vpr.core.errors import ConfigError
 from vlm_vpr.core.images import as_bgr, resize_shorter_side
 from vlm_vpr.core.types import LocalFeatures
+from vlm_vpr.core.vlad import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,6 @@ class Dinov2Extractor:
             _cache_position_embeddings(model.embeddings)
             if runtime.compile:  # compiled lazily: the first image of each size waits for it
                 self._net = torch.compile(self._net)
-        self._mean = torch.tensor(IMAGENET_MEAN_RGB, device=self._device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD_RGB, device=self._device).view(1, 3, 1, 1)
         log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, engine %s, '
                  'compiled %s', features.dinov2_model, features.dinov2_layer,
                  model.config.num_hidden_layers, features.dinov2_facet, dtype, runtime.device,
@@ -106,16 +104,24 @@ class Dinov2Extractor:
         return [by_index[i] for i in range(len(resized))]
 
     def _describe(self, batch_bgr: np.ndarray) -> np.ndarray:
-        """[B x h x w x D] float32 unit descriptors of images [B x H x W x 3] uint8 BGR."""
-        with torch.inference_mode():
-            pixels = torch.from_numpy(batch_bgr).to(self._device).permute(0, 3, 1, 2).flip(1)
-            pixels = (pixels.float() / 255.0 - self._mean) / self._std
-            tokens = self._net(pixels.to(self._dtype)).float()  # [B x (prefix + h*w) x D]
-            b, _, height, width = pixels.shape
-            rows, cols = height // self._patch_px, width // self._patch_px
-            patches = tokens[:, tokens.shape[1] - rows * cols:]  # drop CLS and register tokens
-            patches = nn.functional.normalize(patches, dim=-1)
-            return patches.reshape(b, rows, cols, -1).cpu().numpy()
+        """[B x h x w x D] float32 unit descriptors of images [B x H x W x 3] uint8 BGR.
+
+        Pixels and patches are prepared with numpy, not torch: around OpenVINO's threads,
+        torch's idle OpenMP workers would spin on the same cores.
+        """
+        rgb = batch_bgr[..., ::-1].astype(np.float32) / np.float32(255.0)
+        pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
+        pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # [B x 3 x H x W]
+        if isinstance(self._net, OpenVinoNetwork):
+            tokens = self._net(pixels)
+        else:
+            with torch.inference_mode():
+                inputs = torch.from_numpy(pixels).to(self._device, self._dtype)
+                tokens = self._net(inputs).float().cpu().numpy()  # [B x (prefix + h*w) x D]
+        b, _, height, width = pixels.shape
+        rows, cols = height // self._patch_px, width // self._patch_px
+        patches = tokens[:, tokens.shape[1] - rows * cols:]  # drop CLS and register tokens
+        return l2_normalize(patches).reshape(b, rows, cols, -1)
 
 
 def resolve_dtype(runtime: RuntimeConfig) -> str:
@@ -302,20 +308,19 @@ class OpenVinoNetwork:
             self._model = openvino.convert_model(net, example_input=torch.zeros(1, 3, 224, 224),
                                                  input=[(-1, 3, -1, -1)])
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Tokens [B x T x D] float32 of normalised pixels [B x 3 x H x W] float32."""
-        shape = tuple(pixels.shape)
-        request = self._compiled.get(shape)
+        request = self._compiled.get(pixels.shape)
         if request is None:
             import openvino
 
             if len(self._compiled) >= self._max_shapes:
                 self._compiled.pop(next(iter(self._compiled)))
             model = self._model.clone()
-            model.reshape({0: openvino.PartialShape(list(shape))})
+            model.reshape({0: openvino.PartialShape(list(pixels.shape))})
             request = self._core.compile_model(model, 'CPU', self._config).create_infer_request()
-            self._compiled[shape] = request
-        return torch.from_numpy(request.infer([pixels.contiguous().numpy()])[0].copy())
+            self._compiled[pixels.shape] = request
+        return request.infer([pixels])[0].copy()  # the request reuses its output buffer
 
 
 def _dequantize_int8_in_graph(module: nn.Module) -> None:
