@@ -10,6 +10,7 @@ import pytest
 
 from vlm_vpr.core.calibration import (
     calibrate,
+    ece_if_calibrated,
     expected_calibration_error,
     open_set_report,
     plot_precision_recall,
@@ -250,6 +251,20 @@ def test_reliability_and_ece_match_a_direct_computation() -> None:
         assert curve[b]['accuracy'] == pytest.approx(correct[inside].mean())
         ece += inside.sum() / 300 * abs(correct[inside].mean() - confidence[inside].mean())
     assert expected_calibration_error(confidence, correct, bins=5) == pytest.approx(ece)
+
+
+def test_ece_if_calibrated_is_the_ece_of_outcomes_drawn_from_the_confidences() -> None:
+    rng = np.random.default_rng(7)
+    confidence = rng.random(16)
+    median, p90 = ece_if_calibrated(confidence, draws=400, seed=3)
+    draws = np.random.default_rng(3).random((400, 16)) < confidence  # the same seeded draws
+    direct = [expected_calibration_error(confidence, c) for c in draws]
+    assert median == pytest.approx(np.median(direct))
+    assert p90 == pytest.approx(np.percentile(direct, 90))
+    assert 0.05 < median < p90  # 16 queries: a perfect model's ECE is far from 0
+    big = ece_if_calibrated(rng.random(4000), draws=200)
+    assert big[1] < 0.03  # and shrinks with the number of queries
+    assert ece_if_calibrated(np.array([])) == (0.0, 0.0)
 
 
 def test_precision_recall_curve_groups_tied_confidences() -> None:

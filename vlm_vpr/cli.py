@@ -590,7 +590,8 @@ def format_open_set_line(report: dict[str, Any]) -> str:
         f'{o["num_out_of_map"]} out  accepted in map {o["accepted_in_map"]:.3f}  '
         f'false accepts {o["false_accept_rate"]:.3f}  precision {o["precision"]:.3f}  '
         f'recall {o["recall"]:.3f}  recall@100%P {o["recall_at_full_precision"]:.3f}  '
-        f'ECE {o["ece"]:.3f}'
+        f'ECE {o["ece"]:.3f} (if perfectly calibrated: median {o["ece_if_calibrated"][0]:.3f}, '
+        f'90th percentile {o["ece_if_calibrated"][1]:.3f})'
     )
 
 

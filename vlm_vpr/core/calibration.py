@@ -98,6 +98,24 @@ def expected_calibration_error(
     )
 
 
+def ece_if_calibrated(
+    confidence: np.ndarray, bins: int = RELIABILITY_BINS, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Median and 90th percentile of the ECE that a perfectly calibrated model with these
+    confidences would show on this many queries: outcomes drawn as correct with probability
+    equal to the confidence (seeded). An observed ECE inside that range is sampling noise;
+    on a few dozen queries the median alone can exceed 0.1."""
+    confidence = np.asarray(confidence, float)
+    if not len(confidence):
+        return 0.0, 0.0
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    one_hot = np.eye(bins)[which]  # [M x bins]
+    outcomes = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
+    # ECE = sum over bins of |sum_i (correct_i - confidence_i)| / M
+    ece = np.abs((outcomes - confidence) @ one_hot).sum(axis=1) / len(confidence)
+    return float(np.median(ece)), float(np.percentile(ece, 90))
+
+
 def precision_recall_curve(
     confidence: np.ndarray, correct: np.ndarray, num_in_map: int
 ) -> np.ndarray:
@@ -139,6 +157,7 @@ def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[s
         'recall': _ratio((accepted & correct).sum(), in_map.sum()),
         'recall_at_full_precision': float(perfect[:, 2].max()) if len(perfect) else 0.0,
         'ece': round(expected_calibration_error(confidence, correct), 4),
+        'ece_if_calibrated': [round(v, 4) for v in ece_if_calibrated(confidence)],
         'reliability': reliability_curve(confidence, correct),
         'pr_curve': [[round(float(v), 4) for v in row] for row in curve],
     }
