@@ -444,7 +444,8 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
         for dtype in list(locals_)[1:]:
             soft, hard_cos = cosines['soft'][dtype], cosines['hard'][dtype]
             rows.append(Row(2, f'ViT-{arch}/14 {size_px} px: cosine of the {dtype} descriptor to '
-                            f'float32 (min, mean over {len(photos)} photos; hard assignment)',
+                            f'float32 (min, mean over {len(photos)} photos, soft assignment; '
+                            'hard)',
                             f'{min(soft):.4f}, {np.mean(soft):.4f}; hard {min(hard_cos):.4f}, '
                             f'{np.mean(hard_cos):.4f}',
                             f'>= {COSINE_TARGET}', min(soft) >= COSINE_TARGET))
