@@ -73,7 +73,6 @@ class Dinov2Extractor:
         self._device = torch.device(runtime.device)
         net = _truncate(model, features.dinov2_layer, features.dinov2_facet).eval()
         if runtime.engine == 'openvino':
-            self._dtype = torch.float32  # OpenVINO takes float32 pixels whatever it computes in
             self._net = OpenVinoNetwork(net, dtype, runtime.num_threads,
                                         int(model.config.hidden_size))
         else:
