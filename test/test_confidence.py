@@ -104,6 +104,18 @@ def test_fit_drops_a_feature_whose_weight_goes_against_its_known_direction() -> 
         assert np.sign(fitted.weights[key]) == np.sign(weight), key
 
 
+def test_the_off_track_accuracy_leaves_out_frames_before_the_sequence_filled() -> None:
+    def frame(on: bool, fill: float) -> dict[str, float]:
+        return {'top1_score': 0.5, 'track_consistency': 1.0 if on else 0.2,
+                'progress_error': 0.1 if on else 0.9, 'seq_fill': fill}
+
+    evidence = [frame(True, 1.0)] * 8 + [frame(False, 0.3)] * 9 + [frame(False, 1.0)] * 4
+    correct = [True] * 6 + [False] * 2 + [True] * 9 + [True] + [False] * 3
+    assert Calibration.fit(evidence, correct).off_track == pytest.approx((1 + 1) / (4 + 2))
+    warming_up_only = evidence[:17]  # no full-sequence off-track sample: all off-track ones
+    assert Calibration.fit(warming_up_only, correct[:17]).off_track == pytest.approx(10 / 11)
+
+
 def test_off_track_sequence_results_get_the_observed_accuracy_of_such_results() -> None:
     evidence, correct = synthetic_evidence(600, seed=8)
     rng = np.random.default_rng(8)

@@ -197,7 +197,11 @@ class Calibration:
         Constant features get weight 0, and so do features whose weight would go against
         ``EVIDENCE_SIGNS`` (dropped one at a time, the largest offender first, then refitted).
         With sequence evidence, the model is fitted on the :func:`on_track` samples and
-        ``off_track`` = (correct + 1) / (count + 2) of the others; if the on-track samples lack
+        ``off_track`` = (correct + 1) / (count + 2) of the others whose sequence was full
+        (``seq_fill`` 1; all others if none was): the first L - 1 frames after a start or a
+        reset cannot be on track yet, are over-represented in a short calibration traversal
+        and are as often right as single frames are, which is not what an off-track result is
+        (at run time they get the off-track confidence too). If the on-track samples lack
         either outcome, one model serves all. Raises DatasetError without both outcomes.
         """
         labels = np.asarray(correct, dtype=np.float64)
@@ -210,7 +214,8 @@ class Calibration:
         if all('track_consistency' in e for e in evidence):
             track = np.array([on_track(e) for e in evidence])
             if 0 < labels[track].sum() < track.sum():
-                off = labels[~track]
+                settled = ~track & np.array([e.get('seq_fill', 1.0) >= 1.0 for e in evidence])
+                off = labels[settled] if settled.any() else labels[~track]
                 off_track = float((off.sum() + 1.0) / (len(off) + 2.0))
                 evidence = [e for e, t in zip(evidence, track) if t]
                 labels = labels[track]
