@@ -159,11 +159,12 @@ def test_forward_pass_stops_at_the_chosen_layer(tiny_dir, images, monkeypatch, f
     assert len(calls) == blocks_run  # of 4; a value facet runs only LayerNorm + v_proj of block 3
 
 
-def test_register_tokens_are_dropped_from_the_patch_grid(tmp_path, images):
+@pytest.mark.parametrize('engine', ['torch', 'openvino'])
+def test_register_tokens_are_dropped_from_the_patch_grid(tmp_path, images, engine):
     torch.manual_seed(1)
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY, num_register_tokens=4))
     model.save_pretrained(tmp_path)
-    got = make(tmp_path, layer=2).extract([images[0]])[0].descriptors
+    got = make(tmp_path, layer=2, engine=engine).extract([images[0]])[0].descriptors
     with torch.no_grad():
         hidden = model.eval()(hand_pixels(images[0]), output_hidden_states=True).hidden_states
     assert hidden[2].shape[1] == 1 + 4 + 4 * 6  # CLS, 4 registers, patches

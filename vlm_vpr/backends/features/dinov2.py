@@ -72,15 +72,15 @@ class Dinov2Extractor:
         self._batch_size = runtime.batch_size
         self._device = torch.device(runtime.device)
         net = _truncate(model, features.dinov2_layer, features.dinov2_facet).eval()
+        _cache_position_embeddings(model.embeddings)
         if runtime.engine == 'openvino':
-            self._net = OpenVinoNetwork(net, dtype, runtime.num_threads,
+            self._net = OpenVinoNetwork(net, model.embeddings, dtype, runtime.num_threads,
                                         int(model.config.hidden_size))
         else:
             self._dtype = torch.float32 if dtype == 'int8' else getattr(torch, dtype)
             if dtype == 'int8':
                 _quantize_linear_layers(net)
             self._net = net.to(self._device, self._dtype)
-            _cache_position_embeddings(model.embeddings)
             if runtime.compile:  # compiled lazily: the first image of each size waits for it
                 self._net = torch.compile(self._net)
         log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, engine %s, '
@@ -201,7 +201,7 @@ def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> No
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def cached(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        key = (tokens.shape[1], height, width)
+        key = (int(tokens.shape[1]), int(height), int(width))  # sizes are tensors in a trace
         if key not in cache:
             if len(cache) >= max_sizes:
                 cache.clear()
@@ -275,16 +275,17 @@ class Int8Attention(nn.Module):
 class OpenVinoNetwork:
     """The truncated network run by OpenVINO's CPU plugin (``runtime.engine: openvino``).
 
-    Converted from torch once, with the batch and image size left open, then compiled for each
-    input shape when it first comes (about 0.5 s; the shape's position-embedding resampling is
-    folded into constants then); the last ``max_shapes`` shapes stay compiled. For 'int8' every
+    Converted from torch and compiled for each input shape when it first comes (about 2 s for
+    ViT-S/14 at 224 px); the last ``max_shapes`` shapes stay compiled. The position embeddings
+    of that shape are resampled by torch and enter the graph as constants: OpenVINO's bicubic
+    resampling differs from torch's antialiased one (DINOv2 with registers). For 'int8' every
     Linear weight is stored as int8 with one scale per output channel
     (:class:`DequantizedInt8Linear`, the form the plugin reads as compressed weights) and the
     plugin quantises the activations at run time in groups of ``hidden`` values per token.
     """
 
-    def __init__(self, net: nn.Module, dtype: str, num_threads: int, hidden: int,
-                 max_shapes: int = 8) -> None:
+    def __init__(self, net: nn.Module, embeddings: nn.Module, dtype: str, num_threads: int,
+                 hidden: int, max_shapes: int = 8) -> None:
         try:
             import openvino
         except ImportError as exc:
@@ -299,27 +300,31 @@ class OpenVinoNetwork:
         self._config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': 'LATENCY',
                         **({'INFERENCE_NUM_THREADS': num_threads} if num_threads > 0 else {}),
                         **({'DYNAMIC_QUANTIZATION_GROUP_SIZE': hidden} if dtype == 'int8' else {})}
+        self._openvino = openvino
         self._core = openvino.Core()
+        self._net = net
+        self._embeddings = embeddings
         self._max_shapes = max_shapes
         self._compiled: dict[tuple[int, ...], object] = {}
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # the tracer's notes on shape-dependent Python code
-            self._model = openvino.convert_model(net, example_input=torch.zeros(1, 3, 224, 224),
-                                                 input=[(-1, 3, -1, -1)])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Tokens [B x T x D] float32 of normalised pixels [B x 3 x H x W] float32."""
         request = self._compiled.get(pixels.shape)
         if request is None:
-            import openvino
-
             if len(self._compiled) >= self._max_shapes:
                 self._compiled.pop(next(iter(self._compiled)))
-            model = self._model.clone()
-            model.reshape({0: openvino.PartialShape(list(pixels.shape))})
-            request = self._core.compile_model(model, 'CPU', self._config).create_infer_request()
+            request = self._compile(pixels.shape)
             self._compiled[pixels.shape] = request
         return request.infer([pixels])[0].copy()  # the request reuses its output buffer
+
+    def _compile(self, shape: tuple[int, ...]) -> object:
+        example = torch.zeros(shape)
+        with torch.no_grad(), warnings.catch_warnings():
+            self._embeddings(example)  # eagerly: fills the position-embedding cache
+            warnings.simplefilter('ignore')  # the tracer's notes on shape-dependent Python code
+            model = self._openvino.convert_model(self._net, example_input=example,
+                                                 input=[shape])
+        return self._core.compile_model(model, 'CPU', self._config).create_infer_request()
 
 
 def _dequantize_int8_in_graph(module: nn.Module) -> None:
