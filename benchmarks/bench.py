@@ -63,7 +63,11 @@ START = time.perf_counter()
 import numpy as np  # noqa: E402
 from bench_dinov2 import ANYLOC_MS, ARCHITECTURES, runtimes, square_crops, time_ms  # noqa: E402
 
-from vlm_vpr.backends.features.dinov2 import resolve_dtype  # noqa: E402
+from vlm_vpr.backends.features.dinov2 import (  # noqa: E402
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
+    resolve_dtype,
+)
 from vlm_vpr.core.config import (  # noqa: E402
     APPROXIMATE_INDEX_TYPES,
     ENGINES,
@@ -464,7 +468,7 @@ def time_full_forward(folder: str, photo: np.ndarray, codebook: np.ndarray,
     model.encoder.layer[9].attention.v_proj.register_forward_hook(
         lambda module, args, out: captured.append(out))
     rgb = photo[..., ::-1].astype(np.float32) / 255.0
-    pixels = (rgb - np.float32((0.485, 0.456, 0.406))) / np.float32((0.229, 0.224, 0.225))
+    pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
     pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)[None]))
 
     def describe(x: Any) -> np.ndarray:

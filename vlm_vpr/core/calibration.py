@@ -68,7 +68,7 @@ def reliability_curve(
     """One entry per non-empty equal-width confidence bin: its range, count, mean confidence
     and observed accuracy. confidence [M] float in [0, 1], correct [M] bool."""
     confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    which = _bin_of(confidence, bins)
     curve = []
     for b in range(bins):
         inside = which == b
@@ -83,6 +83,11 @@ def reliability_curve(
                 }
             )
     return curve
+
+
+def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Index [M] of each confidence's equal-width bin in [0, 1] (1.0 in the last)."""
+    return np.minimum((confidence * bins).astype(int), bins - 1)
 
 
 def expected_calibration_error(
@@ -108,8 +113,7 @@ def ece_if_calibrated(
     confidence = np.asarray(confidence, float)
     if not len(confidence):
         return 0.0, 0.0
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    one_hot = np.eye(bins)[which]  # [M x bins]
+    one_hot = np.eye(bins)[_bin_of(confidence, bins)]  # [M x bins]
     outcomes = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
     # ECE = sum over bins of |sum_i (correct_i - confidence_i)| / M
     ece = np.abs((outcomes - confidence) @ one_hot).sum(axis=1) / len(confidence)

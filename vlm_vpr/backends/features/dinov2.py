@@ -30,6 +30,7 @@ This module imports torch at load time; ``create_extractor`` imports it only for
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class Dinov2Extractor:
         net = _truncate(model, features.dinov2_layer, features.dinov2_facet).eval()
         _cache_position_embeddings(model.embeddings)
         if runtime.engine == 'openvino':
-            self._net = OpenVinoNetwork(net, model.embeddings, dtype, runtime.num_threads,
+            self._net = OpenVinoNetwork(net, dtype, runtime.num_threads,
                                         int(model.config.hidden_size))
         else:
             self._dtype = torch.float32 if dtype == 'int8' else getattr(torch, dtype)
@@ -195,7 +196,8 @@ def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> No
     """Memoise the bicubic resampling of the position embeddings per input size.
 
     transformers resamples them at every forward pass (about 3% of a ViT-S/14 pass at 224 px);
-    the result depends only on the token count and the image size, not on the pixels.
+    the result depends only on the token count and the image size, not on the pixels. A cached
+    tensor is also what :class:`OpenVinoNetwork` traces as a constant.
     """
     resample = embeddings.interpolate_pos_encoding
     cache: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -284,8 +286,10 @@ class OpenVinoNetwork:
     plugin quantises the activations at run time in groups of ``hidden`` values per token.
     """
 
-    def __init__(self, net: nn.Module, embeddings: nn.Module, dtype: str, num_threads: int,
-                 hidden: int, max_shapes: int = 8) -> None:
+    def __init__(self, net: nn.Module, dtype: str, num_threads: int, hidden: int,
+                 max_shapes: int = 8) -> None:
+        """net: :func:`_truncate`'s network (its first module is the embeddings), with
+        :func:`_cache_position_embeddings` applied."""
         try:
             import openvino
         except ImportError as exc:
@@ -303,7 +307,6 @@ class OpenVinoNetwork:
         self._openvino = openvino
         self._core = openvino.Core()
         self._net = net
-        self._embeddings = embeddings
         self._max_shapes = max_shapes
         self._compiled: dict[tuple[int, ...], object] = {}
 
@@ -318,13 +321,17 @@ class OpenVinoNetwork:
         return request.infer([pixels])[0].copy()  # the request reuses its output buffer
 
     def _compile(self, shape: tuple[int, ...]) -> object:
+        start = time.perf_counter()
         example = torch.zeros(shape)
         with torch.no_grad(), warnings.catch_warnings():
-            self._embeddings(example)  # eagerly: fills the position-embedding cache
+            self._net[0](example)  # the embeddings, eagerly: fills the position-embedding cache
             warnings.simplefilter('ignore')  # the tracer's notes on shape-dependent Python code
             model = self._openvino.convert_model(self._net, example_input=example,
                                                  input=[shape])
-        return self._core.compile_model(model, 'CPU', self._config).create_infer_request()
+        request = self._core.compile_model(model, 'CPU', self._config).create_infer_request()
+        log.info('OpenVINO: DINOv2 compiled for input %s in %.1f s', shape,
+                 time.perf_counter() - start)
+        return request
 
 
 def _dequantize_int8_in_graph(module: nn.Module) -> None:
