@@ -20,8 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-openvino.txt setup.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check vlm_vpr test benchmarks
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -61,7 +61,13 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 START = time.perf_counter()
 
 import numpy as np  # noqa: E402
-from bench_dinov2 import ANYLOC_MS, ARCHITECTURES, runtimes, square_crops, time_ms  # noqa: E402
+from bench_dinov2 import (  # noqa: E402
+    ANYLOC_MS,
+    random_dinov2,
+    runtimes,
+    square_crops,
+    time_ms,
+)
 
 from vlm_vpr.backends.features.dinov2 import (  # noqa: E402
     IMAGENET_MEAN_RGB,
@@ -128,11 +134,19 @@ RSS_MB_TARGET = 1000.0
 PCA_FIT_ROWS = 1100  # replicated rows the PCA of a large map is fitted on (> pca_dim)
 FRAME_IMAGES = 8  # distinct query frames cycled through in the per-frame timing
 # (full run, --quick) defaults of the size options
-DEFAULTS = {'runs': (30, 8), 'build_images': (200, 24), 'map_images': (10_000, 2_000),
-            'max_map_size': (1_000_000, 10_000), 'memory_map_size': (100_000, 20_000),
-            'queries': (50, 10), 'photos': (8, 4), 'rerank_queries': (3, 1),
-            'node_frames': (20, 5), 'backbones': (list(BACKBONES), ['rootsift', 'S224']),
-            'anyloc': (list(ANYLOC_NAMES), ['S224'])}
+DEFAULTS = {
+    'runs': (30, 8),
+    'build_images': (200, 24),
+    'map_images': (10_000, 2_000),
+    'max_map_size': (1_000_000, 10_000),
+    'memory_map_size': (100_000, 20_000),
+    'queries': (50, 10),
+    'photos': (8, 4),
+    'rerank_queries': (3, 1),
+    'node_frames': (20, 5),
+    'backbones': (list(BACKBONES), ['rootsift', 'S224']),
+    'anyloc': (list(ANYLOC_NAMES), ['S224']),
+}
 RSS_CHILD = """
 import sys
 from vlm_vpr.core.images import read_image
@@ -178,16 +192,8 @@ class Workspace:
         """A random-weight DINOv2 of the real ViT-``arch``/14 architecture, saved to a folder."""
 
         def make() -> str:
-            import torch
-            from transformers import Dinov2Config, Dinov2Model
-
-            hidden, layers, heads = ARCHITECTURES[arch]
-            torch.manual_seed(0)
-            model = Dinov2Model(Dinov2Config(hidden_size=hidden, num_hidden_layers=layers,
-                                             num_attention_heads=heads, patch_size=14,
-                                             image_size=518))
             folder = self.root / f'dinov2_vit{arch.lower()}14'
-            model.save_pretrained(folder)
+            random_dinov2(arch).save_pretrained(folder)
             return str(folder)
 
         return self._once(f'dinov2 {arch}', make)
@@ -196,8 +202,9 @@ class Workspace:
         arch, size_px = BACKBONES[backbone]
         if arch is None:
             return FeatureConfig(image_size_px=size_px)
-        return FeatureConfig(backbone='dinov2', dinov2_model=self.dinov2_folder(arch),
-                             image_size_px=size_px)
+        return FeatureConfig(
+            backbone='dinov2', dinov2_model=self.dinov2_folder(arch), image_size_px=size_px
+        )
 
     def real_map(self, backbone: str, dtype: str = 'float32') -> tuple[Path, float]:
         """(map folder, build seconds) from the first ``--build-images`` day_left images,
@@ -207,23 +214,35 @@ class Workspace:
         def make() -> tuple[Path, float]:
             traversal = read_traversal(self.args.data / 'gardens_point' / 'day_left')
             count = min(self.args.build_images, len(traversal))
-            config = MapBuildConfig(features=self.features(backbone),
-                                    runtime=RuntimeConfig(num_threads=THREADS, dtype=dtype))
+            config = MapBuildConfig(
+                features=self.features(backbone),
+                runtime=RuntimeConfig(num_threads=THREADS, dtype=dtype),
+            )
             note(f'building a {count}-image {name} map')
             start = time.perf_counter()
-            path = build_map([p.name for p in traversal.image_paths[:count]],
-                             [traversal.pose(i) for i in range(count)],
-                             lambda i: read_image(traversal.image_paths[i]),
-                             self.root / f'real_{name}', config, progress=False)
+            path = build_map(
+                [p.name for p in traversal.image_paths[:count]],
+                [traversal.pose(i) for i in range(count)],
+                lambda i: read_image(traversal.image_paths[i]),
+                self.root / f'real_{name}',
+                config,
+                progress=False,
+            )
             return path, time.perf_counter() - start
 
         return self._once(f'real {name}', make)
 
     def big_map(self, backbone: str) -> Path:
         """The ``--map-images`` map replicated from ``real_map`` (thumbnails for rootsift)."""
-        return self._once(f'big {backbone}', lambda: write_replicated_map(
-            self.real_map(backbone)[0], self.root / f'big_{backbone}', self.args.map_images,
-            thumbnails=backbone == 'rootsift'))
+        return self._once(
+            f'big {backbone}',
+            lambda: write_replicated_map(
+                self.real_map(backbone)[0],
+                self.root / f'big_{backbone}',
+                self.args.map_images,
+                thumbnails=backbone == 'rootsift',
+            ),
+        )
 
 
 def note(message: str) -> None:
@@ -242,9 +261,14 @@ def replication_noise(descriptors: np.ndarray) -> float:
     return float(np.sqrt(1.0 / adjacent - 1.0))
 
 
-def replicate(base: np.ndarray, count: int, noise: float, seed: int,
-              project: Callable[[np.ndarray], np.ndarray] | None = None,
-              chunk_rows: int = 16384) -> np.ndarray:
+def replicate(
+    base: np.ndarray,
+    count: int,
+    noise: float,
+    seed: int,
+    project: Callable[[np.ndarray], np.ndarray] | None = None,
+    chunk_rows: int = 16384,
+) -> np.ndarray:
     """[count x D'] float16, L2-normalised: row i is ``base[i % N]`` plus isotropic Gaussian
     noise of expected norm ``noise``, re-normalised, then mapped by ``project`` ([n x D] ->
     [n x D'] float32, e.g. a PCA). ``base`` is [N x D] L2-normalised; memory stays bounded."""
@@ -253,17 +277,25 @@ def replicate(base: np.ndarray, count: int, noise: float, seed: int,
     out = None
     for start in range(0, count, chunk_rows):
         rows = base[np.arange(start, min(count, start + chunk_rows)) % len(base)]
-        rows = l2_normalize(rows + rng.standard_normal(rows.shape, dtype=np.float32)
-                            * np.float32(noise / np.sqrt(base.shape[1])))
+        rows = l2_normalize(
+            rows
+            + rng.standard_normal(rows.shape, dtype=np.float32)
+            * np.float32(noise / np.sqrt(base.shape[1]))
+        )
         rows = project(rows) if project is not None else rows
         if out is None:
             out = np.empty((count, rows.shape[1]), dtype=np.float16)
-        out[start:start + len(rows)] = rows
+        out[start : start + len(rows)] = rows
     return out
 
 
-def write_replicated_map(real_dir: Path, out_dir: Path, count: int, thumbnails: bool,
-                         pca: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+def write_replicated_map(
+    real_dir: Path,
+    out_dir: Path,
+    count: int,
+    thumbnails: bool,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
     """A ``count``-image map whose rows are noisy copies of a small real map's (see module doc).
 
     The real map must be small enough to hold raw VLAD vectors (no PCA); the copy gets the
@@ -277,20 +309,27 @@ def write_replicated_map(real_dir: Path, out_dir: Path, count: int, thumbnails: 
     noise = replication_noise(vlads)
     note(f'replicating {real_dir.name} ({len(vlads)} x {vlads.shape[1]}) to {count} images')
     if pca is None:
-        pca = fit_pca(replicate(vlads, min(count, PCA_FIT_ROWS), noise, seed=1),
-                      real.build_config.vlad)
-    descriptors = replicate(vlads, count, noise, seed=2,
-                            project=(lambda rows: apply_pca(rows, *pca)) if pca else None)
+        pca = fit_pca(
+            replicate(vlads, min(count, PCA_FIT_ROWS), noise, seed=1), real.build_config.vlad
+        )
+    descriptors = replicate(
+        vlads, count, noise, seed=2, project=(lambda rows: apply_pca(rows, *pca)) if pca else None
+    )
     n = len(vlads)
     jpegs = None
     if thumbnails:
         jpegs = [(real.path / 'thumbnails' / f'{i:06d}.jpg').read_bytes() for i in range(n)]
-    copy = MapContent(real.build_config, content.codebook, descriptors,
-                      [f'{i:07d}_{content.image_names[i % n]}' for i in range(count)],
-                      [content.poses[i % n] for i in range(count)],
-                      pca[0] if pca else None, pca[1] if pca else None,
-                      [jpegs[i % n] for i in range(count)] if jpegs else None,
-                      f'{count} noisy copies of {real_dir}')
+    copy = MapContent(
+        real.build_config,
+        content.codebook,
+        descriptors,
+        [f'{i:07d}_{content.image_names[i % n]}' for i in range(count)],
+        [content.poses[i % n] for i in range(count)],
+        pca[0] if pca else None,
+        pca[1] if pca else None,
+        [jpegs[i % n] for i in range(count)] if jpegs else None,
+        f'{count} noisy copies of {real_dir}',
+    )
     return write_map(copy, out_dir)
 
 
@@ -312,6 +351,7 @@ def count_label(n: int) -> str:
 
 # ---- part: frame (sections 1 and 4) ----------------------------------------------------------
 
+
 def frame_rows(ws: Workspace) -> list[Row]:
     rows = []
     for backbone in ws.args.backbones:
@@ -321,12 +361,17 @@ def frame_rows(ws: Workspace) -> list[Row]:
         for dtype in timed_dtypes:
             map_dir, build_s = ws.real_map(backbone, dtype)
             count = len(read_map(map_dir, load_index=False))
-            rows.append(Row(4, f'map build, {backbone_label(backbone)}, {count} images '
-                            f'({dtype_label(dtype) if dinov2 else dtype}, '
-                            'batch 8, codebook + thumbnails + write)',
-                            f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
-                            f'>= {target:.0f} images/s' if target else '',
-                            count / build_s >= target if target else None))
+            rows.append(
+                Row(
+                    4,
+                    f'map build, {backbone_label(backbone)}, {count} images '
+                    f'({dtype_label(dtype) if dinov2 else dtype}, '
+                    'batch 8, codebook + thumbnails + write)',
+                    f'{count / build_s:.1f} images/s ({build_s:.0f} s)',
+                    f'>= {target:.0f} images/s' if target else '',
+                    count / build_s >= target if target else None,
+                )
+            )
         rows.extend(per_frame_rows(ws, backbone))
     return rows
 
@@ -365,8 +410,12 @@ def per_frame_rows(ws: Workspace, backbone: str) -> list[Row]:
         stages = []
         frames = itertools.cycle(jpegs)
 
-        def per_frame(_: object, localizer: Localizer = localizer,
-                      stages: list[dict[str, float]] = stages, frames: Any = frames) -> None:
+        def per_frame(
+            _: object,
+            localizer: Localizer = localizer,
+            stages: list[dict[str, float]] = stages,
+            frames: Any = frames,
+        ) -> None:
             start = time.perf_counter()
             image = decode_image(next(frames))
             decode_ms = (time.perf_counter() - start) * 1000.0
@@ -374,25 +423,43 @@ def per_frame_rows(ws: Workspace, backbone: str) -> list[Row]:
 
         median, p95, _ = time_ms(per_frame, None, ws.args.runs)
         stages = stages[2:]  # time_ms warms up with two calls
-        breakdown = ', '.join(f'{k} {np.median([s[k] for s in stages]):.1f}'
-                              for k in ('decode', 'extract', 'aggregate', 'search', 'fuse'))
-        label = (f'{backbone_label(backbone)}{", " + dtype_label(dtype) if dinov2 else ""}: '
-                 f'{frame}, '
-                 f'{count_label(len(vpr_map))}-image map ({dim})')
+        breakdown = ', '.join(
+            f'{k} {np.median([s[k] for s in stages]):.1f}'
+            for k in ('decode', 'extract', 'aggregate', 'search', 'fuse')
+        )
+        label = (
+            f'{backbone_label(backbone)}{", " + dtype_label(dtype) if dinov2 else ""}: '
+            f'{frame}, '
+            f'{count_label(len(vpr_map))}-image map ({dim})'
+        )
         measured = f'total median {median:.1f} ms, p95 {p95:.1f} ms (stage medians: {breakdown})'
         target = FRAME_TARGET_P95_MS.get(backbone)
         if dinov2:
-            rows.append(Row(1, label, measured, f'p95 <= {target:.0f} ms' if target else '',
-                            p95 <= target if target else None))
+            rows.append(
+                Row(
+                    1,
+                    label,
+                    measured,
+                    f'p95 <= {target:.0f} ms' if target else '',
+                    p95 <= target if target else None,
+                )
+            )
         else:
             extract_vlad = [s['extract'] + s['aggregate'] for s in stages]
-            rows.append(Row(1, label, f'extract + VLAD {stats(extract_vlad)}; {measured}',
-                            f'extract + VLAD <= {target:.0f} ms',
-                            float(np.percentile(extract_vlad, 95)) <= target))
+            rows.append(
+                Row(
+                    1,
+                    label,
+                    f'extract + VLAD {stats(extract_vlad)}; {measured}',
+                    f'extract + VLAD <= {target:.0f} ms',
+                    float(np.percentile(extract_vlad, 95)) <= target,
+                )
+            )
     return rows
 
 
 # ---- part: anyloc (section 2) ----------------------------------------------------------------
+
 
 def anyloc_rows(ws: Workspace) -> list[Row]:
     from vlm_vpr.backends.features import create_extractor
@@ -407,8 +474,13 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
     rows = []
     for name in ws.args.anyloc:
         arch, size_px = ANYLOC_NAMES[name]
-        features = FeatureConfig(backbone='dinov2', dinov2_model=ws.dinov2_folder(arch),
-                                 dinov2_layer=10, dinov2_facet='value', image_size_px=size_px)
+        features = FeatureConfig(
+            backbone='dinov2',
+            dinov2_model=ws.dinov2_folder(arch),
+            dinov2_layer=10,
+            dinov2_facet='value',
+            image_size_px=size_px,
+        )
         photos = [resize_shorter_side(crop, size_px) for crop in crops]
         timing, locals_ = {}, {}
         for dtype, runtime in dinov2_runtimes(ws.args):
@@ -418,46 +490,71 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
             if dtype == 'float32':  # the codebook a float32 map build would fit
                 codebook = fit_codebook(locals_[dtype], vlad)
 
-            def describe(photo: np.ndarray, extractor: Any = extractor,
-                         codebook: np.ndarray = codebook) -> np.ndarray:
+            def describe(
+                photo: np.ndarray, extractor: Any = extractor, codebook: np.ndarray = codebook
+            ) -> np.ndarray:
                 return aggregate_vlad(extractor.extract([photo])[0].flat, codebook, vlad)
 
             timing[dtype] = time_ms(describe, photos[0], ws.args.runs)[:2]
         reference_ms = ANYLOC_MS[(arch, size_px)]
-        full_ms = time_full_forward(ws.dinov2_folder(arch), photos[0], codebook, hard,
-                                    ws.args.runs)
-        cosines = {assignment: {d: [float(aggregate_vlad(a, codebook, config)
-                                          @ aggregate_vlad(b, codebook, config))
-                                    for a, b in zip(locals_['float32'], locals_[d])]
-                                for d in locals_}
-                   for assignment, config in (('soft', vlad), ('hard', hard))}
+        full_ms = time_full_forward(
+            ws.dinov2_folder(arch), photos[0], codebook, hard, ws.args.runs
+        )
+        cosines = {
+            assignment: {
+                d: [
+                    float(
+                        aggregate_vlad(a, codebook, config) @ aggregate_vlad(b, codebook, config)
+                    )
+                    for a, b in zip(locals_['float32'], locals_[d])
+                ]
+                for d in locals_
+            }
+            for assignment, config in (('soft', vlad), ('hard', hard))
+        }
         # the target counts only descriptors within cosine 0.995 of float32 (float32 itself)
         faithful = [d for d in timing if min(cosines['soft'][d]) >= COSINE_TARGET]
         fastest = min(faithful, key=lambda d: timing[d][0])
-        spread = '; '.join(f'{d} {timing[d][0]:.1f} ({timing[d][0] / reference_ms:.2f}x'
-                           f'{"" if d in faithful else ", cosine too low"})'
-                           for d in timing if d != fastest)
-        rows.append(Row(
-            2, f'ViT-{arch}/14 {size_px}x{size_px} descriptor, median vs AnyLoc {reference_ms} '
-            f'ms (fastest within cosine {COSINE_TARGET} of float32)',
-            f'{fastest} {timing[fastest][0]:.1f} ms = {timing[fastest][0] / reference_ms:.2f}x '
-            f'(p95 {timing[fastest][1]:.1f}); {spread}; AnyLoc-like descriptor timed in this '
-            f'run (whole float32 model, hard assignment) {full_ms:.1f} ms: fastest '
-            f'{timing[fastest][0] / full_ms:.2f}x of it',
-            f'<= {reference_ms / 3:.1f} ms (1/3)', timing[fastest][0] <= reference_ms / 3))
+        spread = '; '.join(
+            f'{d} {timing[d][0]:.1f} ({timing[d][0] / reference_ms:.2f}x'
+            f'{"" if d in faithful else ", cosine too low"})'
+            for d in timing
+            if d != fastest
+        )
+        rows.append(
+            Row(
+                2,
+                f'ViT-{arch}/14 {size_px}x{size_px} descriptor, median vs AnyLoc {reference_ms} '
+                f'ms (fastest within cosine {COSINE_TARGET} of float32)',
+                f'{fastest} {timing[fastest][0]:.1f} ms = '
+                f'{timing[fastest][0] / reference_ms:.2f}x (p95 {timing[fastest][1]:.1f}); '
+                f'{spread}; AnyLoc-like descriptor timed in this '
+                f'run (whole float32 model, hard assignment) {full_ms:.1f} ms: fastest '
+                f'{timing[fastest][0] / full_ms:.2f}x of it',
+                f'<= {reference_ms / 3:.1f} ms (1/3)',
+                timing[fastest][0] <= reference_ms / 3,
+            )
+        )
         for dtype in list(locals_)[1:]:
             soft, hard_cos = cosines['soft'][dtype], cosines['hard'][dtype]
-            rows.append(Row(2, f'ViT-{arch}/14 {size_px} px: cosine of the {dtype} descriptor to '
-                            f'float32 (min, mean over {len(photos)} photos, soft assignment; '
-                            'hard)',
-                            f'{min(soft):.4f}, {np.mean(soft):.4f}; hard {min(hard_cos):.4f}, '
-                            f'{np.mean(hard_cos):.4f}',
-                            f'>= {COSINE_TARGET}', min(soft) >= COSINE_TARGET))
+            rows.append(
+                Row(
+                    2,
+                    f'ViT-{arch}/14 {size_px} px: cosine of the {dtype} descriptor to '
+                    f'float32 (min, mean over {len(photos)} photos, soft assignment; '
+                    'hard)',
+                    f'{min(soft):.4f}, {np.mean(soft):.4f}; hard {min(hard_cos):.4f}, '
+                    f'{np.mean(hard_cos):.4f}',
+                    f'>= {COSINE_TARGET}',
+                    min(soft) >= COSINE_TARGET,
+                )
+            )
     return rows
 
 
-def time_full_forward(folder: str, photo: np.ndarray, codebook: np.ndarray,
-                      vlad: VladConfig, runs: int) -> float:
+def time_full_forward(
+    folder: str, photo: np.ndarray, codebook: np.ndarray, vlad: VladConfig, runs: int
+) -> float:
     """Median ms of an AnyLoc-like descriptor timed beside ours: the whole DINOv2 model in
     float32 (all blocks, as AnyLoc runs it), block 10's value captured by a hook, then VLAD."""
     import torch
@@ -466,7 +563,8 @@ def time_full_forward(folder: str, photo: np.ndarray, codebook: np.ndarray,
     model = Dinov2Model.from_pretrained(folder, dtype=torch.float32).eval()
     captured = []
     model.encoder.layer[9].attention.v_proj.register_forward_hook(
-        lambda module, args, out: captured.append(out))
+        lambda module, args, out: captured.append(out)
+    )
     rgb = photo[..., ::-1].astype(np.float32) / 255.0
     pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
     pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)[None]))
@@ -482,6 +580,7 @@ def time_full_forward(folder: str, photo: np.ndarray, codebook: np.ndarray,
 
 # ---- part: search (section 3) ----------------------------------------------------------------
 
+
 def search_rows(ws: Workspace) -> list[Row]:
     """Exact and approximate search over replicated real descriptors in ``--search-dim``
     dimensions; indexes are built with ``THREADS`` FAISS threads and searched with one, as
@@ -490,18 +589,24 @@ def search_rows(ws: Workspace) -> list[Row]:
 
     real = read_map(ws.real_map('rootsift')[0], load_index=False)
     vlads = real.content.descriptors.astype(np.float32)  # [N x K*D_local]: no PCA below pca_dim
-    pca = fit_pca(replicate(vlads, PCA_FIT_ROWS, replication_noise(vlads), seed=1),
-                  VladConfig(pca_dim=ws.args.search_dim))
+    pca = fit_pca(
+        replicate(vlads, PCA_FIT_ROWS, replication_noise(vlads), seed=1),
+        VladConfig(pca_dim=ws.args.search_dim),
+    )
     base = apply_pca(vlads, *pca)
     noise = replication_noise(base)
     day_right = read_traversal(ws.args.data / 'gardens_point' / 'day_right')
     localizer = Localizer(real, LocalizerConfig(runtime=RuntimeConfig(num_threads=THREADS)))
-    queries = [apply_pca(localizer.describe(read_image(p)), *pca)[0]
-               for p in day_right.image_paths[:ws.args.queries]]
+    queries = [
+        apply_pca(localizer.describe(read_image(p)), *pca)[0]
+        for p in day_right.image_paths[: ws.args.queries]
+    ]
     limit_threads(THREADS)  # index builds on every thread (the Localizer set BLAS to one)
     sizes = [n for n in SEARCH_SIZES if n <= ws.args.max_map_size]
-    kinds = {'exact': f'exact (flat float16, {base.shape[1]}-d)',
-             **{k: approximate_label(k) for k in ws.args.approximate}}
+    kinds = {
+        'exact': f'exact (flat float16, {base.shape[1]}-d)',
+        **{k: approximate_label(k) for k in ws.args.approximate},
+    }
     medians: dict[str, list[float]] = {kind: [] for kind in kinds}
     rows = []
     for size in sizes:
@@ -510,8 +615,9 @@ def search_rows(ws: Workspace) -> list[Row]:
         for kind, label in kinds.items():
             note(f'search: {kind} over {count_label(size)}')
             exact = kind == 'exact'
-            config = IndexConfig() if exact else IndexConfig(approximate_above=1,
-                                                             approximate_type=kind)
+            config = (
+                IndexConfig() if exact else IndexConfig(approximate_above=1, approximate_type=kind)
+            )
             start = time.perf_counter()
             index = build_index(data, config, force_flat=exact)
             build_s = time.perf_counter() - start
@@ -519,48 +625,74 @@ def search_rows(ws: Workspace) -> list[Row]:
             del index
             median_ms = float(np.median(times_ms))
             medians[kind].append(median_ms)
-            row = Row(3, f'{label}, {count_label(size)} images',
-                      f'{stats(times_ms)}; build {build_s:.1f} s')
+            row = Row(
+                3,
+                f'{label}, {count_label(size)} images',
+                f'{stats(times_ms)}; build {build_s:.1f} s',
+            )
             if exact:
                 exact_ids = ids
                 if size == EXACT_TARGET_SIZE:
                     row.target = f'<= {EXACT_TARGET_MS:.0f} ms'
                     row.ok = median_ms <= EXACT_TARGET_MS
             else:
-                recall = float(np.mean([len(np.intersect1d(a, e)) / len(e)
-                                        for a, e in zip(ids, exact_ids)]))
+                recall = float(
+                    np.mean([len(np.intersect1d(a, e)) / len(e) for a, e in zip(ids, exact_ids)])
+                )
                 row.measured += f'; recall@{SEARCH_K} {recall:.3f}'
                 if size == APPROX_TARGET_SIZE:
                     row.target = APPROX_TARGET
                     row.ok = median_ms <= APPROX_TARGET_MS and recall >= APPROX_TARGET_RECALL
             rows.append(row)
         del data
-    growth = '; '.join(f'{kind} {m[0]:.2f} -> {m[-1]:.2f} ms (x{m[-1] / m[0]:.1f})'
-                       for kind, m in medians.items())
-    rows.append(Row(3, f'latency growth {count_label(sizes[0])} -> {count_label(sizes[-1])} '
-                    '(median)', growth))
+    growth = '; '.join(
+        f'{kind} {m[0]:.2f} -> {m[-1]:.2f} ms (x{m[-1] / m[0]:.1f})' for kind, m in medians.items()
+    )
+    rows.append(
+        Row(
+            3,
+            f'latency growth {count_label(sizes[0])} -> {count_label(sizes[-1])} (median)',
+            growth,
+        )
+    )
     if sizes[-1] < APPROX_TARGET_SIZE:
-        rows.append(Row(3, 'approximate search at 1M images', f'not run (--max-map-size '
-                        f'{ws.args.max_map_size}); target there: {APPROX_TARGET}'))
-    rows.append(Row(3, 'search set', f'{len(base)} real day_left descriptors (16384-d VLAD, '
-                    f'PCA to {base.shape[1]}-d) + noise (norm {noise:.2f}); {len(queries)} real '
-                    'day_right queries; maps at or above index.approximate_above '
-                    f'({IndexConfig().approximate_above}) use index.approximate_type '
-                    f'({IndexConfig().approximate_type})'))
+        rows.append(
+            Row(
+                3,
+                'approximate search at 1M images',
+                f'not run (--max-map-size {ws.args.max_map_size}); target there: {APPROX_TARGET}',
+            )
+        )
+    rows.append(
+        Row(
+            3,
+            'search set',
+            f'{len(base)} real day_left descriptors (16384-d VLAD, '
+            f'PCA to {base.shape[1]}-d) + noise (norm {noise:.2f}); {len(queries)} real '
+            'day_right queries; maps at or above index.approximate_above '
+            f'({IndexConfig().approximate_above}) use index.approximate_type '
+            f'({IndexConfig().approximate_type})',
+        )
+    )
     return rows
 
 
 def approximate_label(kind: str) -> str:
     config = IndexConfig()
     if kind == 'hnsw':
-        return (f'HNSW float16 (M {config.hnsw_m}, efConstruction '
-                f'{config.hnsw_ef_construction}, efSearch {config.hnsw_ef_search})')
-    return (f'IVF float16 (nlist {config.ivf_nlist or "sqrt(N)"}, nprobe {config.ivf_nprobe}, '
-            f'trained on <= {config.train_max_rows} rows)')
+        return (
+            f'HNSW float16 (M {config.hnsw_m}, efConstruction '
+            f'{config.hnsw_ef_construction}, efSearch {config.hnsw_ef_search})'
+        )
+    return (
+        f'IVF float16 (nlist {config.ivf_nlist or "sqrt(N)"}, nprobe {config.ivf_nprobe}, '
+        f'trained on <= {config.train_max_rows} rows)'
+    )
 
 
-def time_search(index: Any, data: np.ndarray,
-                queries: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+def time_search(
+    index: Any, data: np.ndarray, queries: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """(ms per query [Q], top-k map ids per query) searching one query at a time, warm."""
     search(index, data, queries[0], SEARCH_K)
     times_ms, ids = [], []
@@ -573,37 +705,51 @@ def time_search(index: Any, data: np.ndarray,
 
 # ---- part: memory (section 5) ----------------------------------------------------------------
 
+
 def memory_rows(ws: Workspace) -> list[Row]:
     from vlm_vpr.cli import map_summary
 
     big = ws.big_map('rootsift')
     summary = map_summary(big)
     n = summary['num_images']
-    parts = ', '.join(f'{k} {v:.1f}' for k, v in summary['size_mb'].items()
-                      if k not in ('thumbnails', 'extras'))
-    rows = [Row(5, f'map size per 10k images (`vlm-vpr map info` '
-                f'retrieval_mb_per_10k_images of a {count_label(n)}-image map)',
-                f'{summary["retrieval_mb_per_10k_images"]:.1f} MB ({summary["descriptor_dim"]}-d '
-                f'float16; {count_label(n)} map MB: {parts}); thumbnails '
-                f'{summary["thumbnails_mb"] * 10_000 / n:.0f} MB per 10k separately',
-                f'<= {MAP_MB_PER_10K_TARGET:.0f} MB',
-                summary['retrieval_mb_per_10k_images'] <= MAP_MB_PER_10K_TARGET)]
+    parts = ', '.join(
+        f'{k} {v:.1f}' for k, v in summary['size_mb'].items() if k not in ('thumbnails', 'extras')
+    )
+    rows = [
+        Row(
+            5,
+            f'map size per 10k images (`vlm-vpr map info` '
+            f'retrieval_mb_per_10k_images of a {count_label(n)}-image map)',
+            f'{summary["retrieval_mb_per_10k_images"]:.1f} MB ({summary["descriptor_dim"]}-d '
+            f'float16; {count_label(n)} map MB: {parts}); thumbnails '
+            f'{summary["thumbnails_mb"] * 10_000 / n:.0f} MB per 10k separately',
+            f'<= {MAP_MB_PER_10K_TARGET:.0f} MB',
+            summary['retrieval_mb_per_10k_images'] <= MAP_MB_PER_10K_TARGET,
+        )
+    ]
     size = ws.args.memory_map_size
     content = read_map(big, load_index=False).content
     pca = (content.pca_mean, content.pca_components) if content.pca_mean is not None else None
-    map_dir = write_replicated_map(ws.real_map('rootsift')[0], ws.root / 'memory_map', size,
-                                   thumbnails=False, pca=pca)
+    map_dir = write_replicated_map(
+        ws.real_map('rootsift')[0], ws.root / 'memory_map', size, thumbnails=False, pca=pca
+    )
     note(f'resident memory with a {count_label(size)}-image map')
     image = read_traversal(ws.args.data / 'gardens_point' / 'day_right').image_paths[0]
-    child = subprocess.run([sys.executable, '-c', RSS_CHILD, str(map_dir), str(image)],
-                           capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, '-c', RSS_CHILD, str(map_dir), str(image)], capture_output=True, text=True
+    )
     if child.returncode != 0:
         raise RuntimeError(f'memory child process failed: {child.stderr.strip()[-500:]}')
     rss_mb, peak_mb, load_s = (float(v) for v in child.stdout.split())
-    rows.append(Row(5, f'resident memory of a process holding a {count_label(size)}-image map '
-                    '(read_map + Localizer, no VLM, one localize)',
-                    f'peak {peak_mb:.0f} MB (VmHWM), {rss_mb:.0f} MB after; read_map (exact '
-                    f'index rebuilt from descriptors.npy) {load_s:.2f} s'))
+    rows.append(
+        Row(
+            5,
+            f'resident memory of a process holding a {count_label(size)}-image map '
+            '(read_map + Localizer, no VLM, one localize)',
+            f'peak {peak_mb:.0f} MB (VmHWM), {rss_mb:.0f} MB after; read_map (exact '
+            f'index rebuilt from descriptors.npy) {load_s:.2f} s',
+        )
+    )
     if size == 100_000:
         rows[-1].target, rows[-1].ok = f'peak <= {RSS_MB_TARGET:.0f} MB', peak_mb <= RSS_MB_TARGET
     return rows
@@ -611,20 +757,29 @@ def memory_rows(ws: Workspace) -> list[Row]:
 
 # ---- part: rerank (section 6) ----------------------------------------------------------------
 
+
 def rerank_rows(ws: Workspace) -> list[Row]:
     from bench_rerank import measure_rerank
 
     note('re-ranking cost')
     result = measure_rerank([10, 50, 100], ws.args.generation_s, ws.args.rerank_queries)
-    return [Row(6, f'K = {row["k"]}, map descriptions precomputed (stand-in VLM '
-                f'{ws.args.generation_s:.2f} s/call)',
-                f'{row["precomputed_calls"]:.0f} VLM call(s), {row["precomputed_ms"]:.0f} ms '
-                f'per query (described online: {row["online_calls"]:.0f} calls, '
-                f'{row["online_ms"]:.0f} ms)', '1 VLM call per query',
-                row['precomputed_calls'] == 1) for row in result['rows']]
+    return [
+        Row(
+            6,
+            f'K = {row["k"]}, map descriptions precomputed (stand-in VLM '
+            f'{ws.args.generation_s:.2f} s/call)',
+            f'{row["precomputed_calls"]:.0f} VLM call(s), {row["precomputed_ms"]:.0f} ms '
+            f'per query (described online: {row["online_calls"]:.0f} calls, '
+            f'{row["online_ms"]:.0f} ms)',
+            '1 VLM call per query',
+            row['precomputed_calls'] == 1,
+        )
+        for row in result['rows']
+    ]
 
 
 # ---- part: node (section 7) ------------------------------------------------------------------
+
 
 def node_rows(ws: Workspace) -> list[Row]:
     from vlm_vpr.ros.demo_replay import measure_node_latency
@@ -633,22 +788,35 @@ def node_rows(ws: Workspace) -> list[Row]:
     size = count_label(len(read_map(big, load_index=False)))
     note('node latency')
     latency = measure_node_latency(big, ws.args.data, num_frames=ws.args.node_frames)
-    return [Row(7, f'image receipt -> pose publish, {size}-image dense RootSIFT map, '
-                f'campus_loop 426x240 frames one at a time ({latency["count"]:.0f})',
-                f'median {latency["median_ms"]:.1f} ms, p95 {latency["p95_ms"]:.1f} ms')]
+    return [
+        Row(
+            7,
+            f'image receipt -> pose publish, {size}-image dense RootSIFT map, '
+            f'campus_loop 426x240 frames one at a time ({latency["count"]:.0f})',
+            f'median {latency["median_ms"]:.1f} ms, p95 {latency["p95_ms"]:.1f} ms',
+        )
+    ]
 
 
-PART_ROWS = {'frame': frame_rows, 'anyloc': anyloc_rows, 'search': search_rows,
-             'memory': memory_rows, 'rerank': rerank_rows, 'node': node_rows}
+PART_ROWS = {
+    'frame': frame_rows,
+    'anyloc': anyloc_rows,
+    'search': search_rows,
+    'memory': memory_rows,
+    'rerank': rerank_rows,
+    'node': node_rows,
+}
 
 
 # ---- table -----------------------------------------------------------------------------------
 
+
 def format_table(rows: list[Row]) -> str:
     """The markdown table, rows grouped by section under a bold heading row."""
     lines = ['| figure | measured | target | ok? |', '|---|---|---|---|']
-    for section, group in itertools.groupby(sorted(rows, key=lambda r: r.section),
-                                            key=lambda r: r.section):
+    for section, group in itertools.groupby(
+        sorted(rows, key=lambda r: r.section), key=lambda r: r.section
+    ):
         lines.append(f'| **{section}. {SECTIONS[section]}** | | | |')
         for row in group:
             ok = {True: 'yes', False: '**NO**', None: ''}[row.ok]
@@ -663,48 +831,93 @@ def machine_description() -> str:
     import transformers
 
     lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-    model = next((line.split(':', 1)[1].strip() for line in lscpu.splitlines()
-                  if line.startswith('Model name')), platform.processor())
+    model = next(
+        (
+            line.split(':', 1)[1].strip()
+            for line in lscpu.splitlines()
+            if line.startswith('Model name')
+        ),
+        platform.processor(),
+    )
     flags = Path('/proc/cpuinfo').read_text().split('flags', 2)[1].split('\n')[0].split()
     wanted = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8')
     memory_kb = int(Path('/proc/meminfo').read_text().split()[1])
     present = ', '.join(f for f in wanted if f in flags)
-    return (f'{model}, {len(os.sched_getaffinity(0))} cores ({present}), '
-            f'{memory_kb / 1e6:.0f} GB RAM, {THREADS} threads; '
-            f'Python {platform.python_version()}, '
-            f'torch {torch.__version__}, numpy {np.__version__}, faiss {faiss.__version__}, '
-            f'OpenCV {cv2.__version__}, transformers {transformers.__version__}')
+    return (
+        f'{model}, {len(os.sched_getaffinity(0))} cores ({present}), '
+        f'{memory_kb / 1e6:.0f} GB RAM, {THREADS} threads; '
+        f'Python {platform.python_version()}, '
+        f'torch {torch.__version__}, numpy {np.__version__}, faiss {faiss.__version__}, '
+        f'OpenCV {cv2.__version__}, transformers {transformers.__version__}'
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', type=Path, default=default_data_root(),
-                        help='shared data folder (default $VLM_VPR_DATA or ../shared/data)')
-    parser.add_argument('--quick', action='store_true',
-                        help='smaller maps, fewer runs and backbones (a few minutes)')
+    parser.add_argument(
+        '--data',
+        type=Path,
+        default=default_data_root(),
+        help='shared data folder (default $VLM_VPR_DATA or ../shared/data)',
+    )
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smaller maps, fewer runs and backbones (a few minutes)',
+    )
     parser.add_argument('--skip', nargs='+', default=[], choices=PARTS, help='parts to leave out')
-    parser.add_argument('--backbones', nargs='+', choices=list(BACKBONES),
-                        help='frame part: backbones to build and time (default all; quick: '
-                        'rootsift S224)')
-    parser.add_argument('--anyloc', nargs='+', choices=list(ANYLOC_NAMES),
-                        help='anyloc part: architecture and size (default all; quick: S224)')
-    parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'int8'],
-                        choices=[d for d in RUNTIME_DTYPES if d not in ('float32', 'auto')],
-                        help='DINOv2 runtime.dtype values timed beside float32')
-    parser.add_argument('--compile', action='store_true',
-                        help='frame and anyloc parts: also time those dtypes under torch.compile '
-                        '(runtime.compile; about 40 s of compilation each, not timed)')
-    parser.add_argument('--engines', nargs='+', default=list(ENGINES), choices=ENGINES,
-                        help='frame and anyloc parts: runtime.engine values that run those '
-                        'dtypes (openvino needs requirements-openvino.txt)')
-    parser.add_argument('--approximate', nargs='+', default=['ivf'],
-                        choices=APPROXIMATE_INDEX_TYPES, help='approximate index types to time')
-    parser.add_argument('--search-dim', type=int, default=1024,
-                        help='search part: PCA dimension of the descriptors (default 1024, the '
-                        "issue's figure; maps default to vlad.pca_dim)")
-    parser.add_argument('--max-map-size', type=int,
-                        help='largest search set of 1k, 10k, 100k, 1M (default 1000000; '
-                        'quick: 10000)')
+    parser.add_argument(
+        '--backbones',
+        nargs='+',
+        choices=list(BACKBONES),
+        help='frame part: backbones to build and time (default all; quick: rootsift S224)',
+    )
+    parser.add_argument(
+        '--anyloc',
+        nargs='+',
+        choices=list(ANYLOC_NAMES),
+        help='anyloc part: architecture and size (default all; quick: S224)',
+    )
+    parser.add_argument(
+        '--dtypes',
+        nargs='+',
+        default=['bfloat16', 'int8'],
+        choices=[d for d in RUNTIME_DTYPES if d not in ('float32', 'auto')],
+        help='DINOv2 runtime.dtype values timed beside float32',
+    )
+    parser.add_argument(
+        '--compile',
+        action='store_true',
+        help='frame and anyloc parts: also time those dtypes under torch.compile '
+        '(runtime.compile; about 40 s of compilation each, not timed)',
+    )
+    parser.add_argument(
+        '--engines',
+        nargs='+',
+        default=list(ENGINES),
+        choices=ENGINES,
+        help='frame and anyloc parts: runtime.engine values that run those '
+        'dtypes (openvino needs requirements-openvino.txt)',
+    )
+    parser.add_argument(
+        '--approximate',
+        nargs='+',
+        default=['ivf'],
+        choices=APPROXIMATE_INDEX_TYPES,
+        help='approximate index types to time',
+    )
+    parser.add_argument(
+        '--search-dim',
+        type=int,
+        default=1024,
+        help='search part: PCA dimension of the descriptors (default 1024, the '
+        "issue's figure; maps default to vlad.pca_dim)",
+    )
+    parser.add_argument(
+        '--max-map-size',
+        type=int,
+        help='largest search set of 1k, 10k, 100k, 1M (default 1000000; quick: 10000)',
+    )
     parser.add_argument('--runs', type=int, help='timed repetitions per figure (default 30)')
     parser.add_argument('--build-images', type=int, help='real map images (default 200)')
     parser.add_argument('--map-images', type=int, help='per-frame map size (default 10000)')
@@ -712,8 +925,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--queries', type=int, help='search queries (default 50)')
     parser.add_argument('--photos', type=int, help='anyloc cosine photos (default 8)')
     parser.add_argument('--rerank-queries', type=int, help='re-ranked queries per K (default 3)')
-    parser.add_argument('--generation-s', type=float, default=0.1,
-                        help='stand-in VLM generation time per call (s)')
+    parser.add_argument(
+        '--generation-s', type=float, default=0.1, help='stand-in VLM generation time per call (s)'
+    )
     parser.add_argument('--node-frames', type=int, help='frames sent to the node (default 20)')
     args = parser.parse_args(argv)
     for name, (full, quick) in DEFAULTS.items():
@@ -744,10 +958,24 @@ def run(args: argparse.Namespace) -> list[Row]:
                 note(f'{part} part done')
             except Exception as exc:  # one broken part must not lose the others' figures
                 traceback.print_exc()
-                section = {'frame': 1, 'anyloc': 2, 'search': 3, 'memory': 5, 'rerank': 6,
-                           'node': 7}[part]
-                rows.append(Row(section, f'{part} part', f'FAILED: {type(exc).__name__}: '
-                                f'{str(exc).splitlines()[0] if str(exc) else ""}', '', False))
+                section = {
+                    'frame': 1,
+                    'anyloc': 2,
+                    'search': 3,
+                    'memory': 5,
+                    'rerank': 6,
+                    'node': 7,
+                }[part]
+                rows.append(
+                    Row(
+                        section,
+                        f'{part} part',
+                        f'FAILED: {type(exc).__name__}: '
+                        f'{str(exc).splitlines()[0] if str(exc) else ""}',
+                        '',
+                        False,
+                    )
+                )
     return rows
 
 
@@ -755,10 +983,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
     rows = run(args)
-    print(f'Machine: {machine_description()}; load average {load_before:.1f} before, '
-          f'{os.getloadavg()[0]:.1f} after; {time.perf_counter() - START:.0f} s for '
-          f'`{" ".join(["benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])}`'
-          '\n')
+    print(
+        f'Machine: {machine_description()}; load average {load_before:.1f} before, '
+        f'{os.getloadavg()[0]:.1f} after; {time.perf_counter() - START:.0f} s for '
+        f'`{" ".join(["benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])])}`'
+        '\n'
+    )
     print(format_table(rows))
 
 

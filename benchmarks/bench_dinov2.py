@@ -65,19 +65,41 @@ def time_ms(function, argument, runs: int) -> tuple[float, float, float]:
     return float(np.median(wall)), float(np.percentile(wall, 95)), float(np.median(cpu))
 
 
-def runtimes(dtypes: list[str], compile_too: bool, threads: int,
-             engines: list[str]) -> list[tuple[str, RuntimeConfig]]:
+def random_dinov2(arch: str) -> Dinov2Model:
+    """DINOv2 of the real ViT-``arch``/14 architecture with random weights (seed 0), eval mode."""
+    hidden, layers, heads = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=14,
+        image_size=518,
+        attn_implementation='sdpa',
+    )
+    return Dinov2Model(config).eval()
+
+
+def runtimes(
+    dtypes: list[str], compile_too: bool, threads: int, engines: list[str]
+) -> list[tuple[str, RuntimeConfig]]:
     """(label, batch-1 runtime): torch float32, then each of ``dtypes`` on each of ``engines``
     (label 'DTYPE' for torch, 'DTYPE OpenVINO'), and with ``compile_too`` each of ``dtypes``
     under torch.compile ('DTYPE+compile')."""
     variants = [('float32', 'torch', False)]
     variants += [(d, engine, False) for engine in engines for d in dtypes]
     variants += [(d, 'torch', True) for d in dtypes] if compile_too else []
-    return [(dtype + ('+compile' if compiled else '') + (' OpenVINO' if engine == 'openvino'
-                                                          else ''),
-             RuntimeConfig(dtype=dtype, batch_size=1, num_threads=threads, compile=compiled,
-                           engine=engine))
-            for dtype, engine, compiled in variants]
+    return [
+        (
+            dtype
+            + ('+compile' if compiled else '')
+            + (' OpenVINO' if engine == 'openvino' else ''),
+            RuntimeConfig(
+                dtype=dtype, batch_size=1, num_threads=threads, compile=compiled, engine=engine
+            ),
+        )
+        for dtype, engine, compiled in variants
+    ]
 
 
 def square_crops(folder: Path, count: int) -> list[np.ndarray]:
@@ -88,7 +110,7 @@ def square_crops(folder: Path, count: int) -> list[np.ndarray]:
         photo = read_image(path)
         side = min(photo.shape[:2])
         top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
-        crops.append(photo[top:top + side, left:left + side])
+        crops.append(photo[top : top + side, left : left + side])
     return crops
 
 
@@ -97,31 +119,38 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', default=['S', 'B'], choices=list(ARCHITECTURES))
     parser.add_argument('--sizes', nargs='+', type=int, default=[224, 322])
     parser.add_argument('--dtypes', nargs='+', default=['bfloat16', 'int8'])
-    parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the fast dtypes (runtime.compile)')
-    parser.add_argument('--engines', nargs='+', default=list(ENGINES), choices=ENGINES,
-                        help='runtime.engine values that run the fast dtypes')
+    parser.add_argument(
+        '--compile', action='store_true', help='torch.compile the fast dtypes (runtime.compile)'
+    )
+    parser.add_argument(
+        '--engines',
+        nargs='+',
+        default=list(ENGINES),
+        choices=ENGINES,
+        help='runtime.engine values that run the fast dtypes',
+    )
     parser.add_argument('--layer', type=int, default=10)
     parser.add_argument('--facet', default='value')
     parser.add_argument('--runs', type=int, default=20)
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--photos', type=Path,
-                        default=default_data_root() / 'gardens_point/day_left/images')
+    parser.add_argument(
+        '--photos', type=Path, default=default_data_root() / 'gardens_point/day_left/images'
+    )
     parser.add_argument('--count', type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     crops = square_crops(args.photos, args.count)
-    print(f'torch {torch.__version__}, {args.threads} threads, load average '
-          f'{os.getloadavg()[0]:.1f}, layer {args.layer} {args.facet}, batch 1, '
-          f'{len(crops)} photos')
-    print(f'{"model":6} {"px":>4} {"dtype":9} {"median ms":>10} {"p95 ms":>7} {"CPU ms":>7} '
-          f'{"target":>7} {"VLAD cos mean":>14} {"min":>7} {"patch cos min":>14}')
+    print(
+        f'torch {torch.__version__}, {args.threads} threads, load average '
+        f'{os.getloadavg()[0]:.1f}, layer {args.layer} {args.facet}, batch 1, '
+        f'{len(crops)} photos'
+    )
+    print(
+        f'{"model":6} {"px":>4} {"dtype":9} {"median ms":>10} {"p95 ms":>7} {"CPU ms":>7} '
+        f'{"target":>7} {"VLAD cos mean":>14} {"min":>7} {"patch cos min":>14}'
+    )
     for name in args.models:
-        hidden, layers, heads = ARCHITECTURES[name]
-        torch.manual_seed(0)
-        model = Dinov2Model(Dinov2Config(hidden_size=hidden, num_hidden_layers=layers,
-                                         num_attention_heads=heads, patch_size=14,
-                                         image_size=518, attn_implementation='sdpa')).eval()
+        model = random_dinov2(name)
         vlad = VladConfig(num_clusters=32, soft_assignment=False)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
@@ -130,26 +159,36 @@ def main() -> None:
                 target = ANYLOC_MS.get((name, size), 0) / 3
                 with torch.inference_mode():
                     timing = time_ms(model, torch.randn(1, 3, size, size), args.runs)
-                print(f'ViT-{name:2} {size:4} {"hf-full":9} {timing[0]:10.1f} {timing[1]:7.1f} '
-                      f'{timing[2]:7.1f} {target:7.0f}')
-                features = FeatureConfig(backbone='dinov2', dinov2_model=folder,
-                                         dinov2_layer=args.layer, dinov2_facet=args.facet,
-                                         image_size_px=size)
+                print(
+                    f'ViT-{name:2} {size:4} {"hf-full":9} {timing[0]:10.1f} {timing[1]:7.1f} '
+                    f'{timing[2]:7.1f} {target:7.0f}'
+                )
+                features = FeatureConfig(
+                    backbone='dinov2',
+                    dinov2_model=folder,
+                    dinov2_layer=args.layer,
+                    dinov2_facet=args.facet,
+                    image_size_px=size,
+                )
                 reference = None
-                for label, runtime in runtimes(args.dtypes, args.compile, args.threads,
-                                               args.engines):
+                for label, runtime in runtimes(
+                    args.dtypes, args.compile, args.threads, args.engines
+                ):
                     extractor = Dinov2Extractor(features, runtime)
                     timing = time_ms(extractor.extract, photos[:1], args.runs)
                     local = [f.flat for f in extractor.extract(photos)]
                     if reference is None:
                         reference, codebook = local, fit_codebook(local, vlad)
-                    vlad_cos = [aggregate_vlad(r, codebook, vlad) @ aggregate_vlad(x, codebook,
-                                                                                   vlad)
-                                for r, x in zip(reference, local)]
+                    vlad_cos = [
+                        aggregate_vlad(r, codebook, vlad) @ aggregate_vlad(x, codebook, vlad)
+                        for r, x in zip(reference, local)
+                    ]
                     patch_cos = min((r * x).sum(axis=1).min() for r, x in zip(reference, local))
-                    print(f'ViT-{name:2} {size:4} {label:9} {timing[0]:10.1f} {timing[1]:7.1f} '
-                          f'{timing[2]:7.1f} {target:7.0f} {np.mean(vlad_cos):14.4f} '
-                          f'{np.min(vlad_cos):7.4f} {patch_cos:14.4f}')
+                    print(
+                        f'ViT-{name:2} {size:4} {label:9} {timing[0]:10.1f} {timing[1]:7.1f} '
+                        f'{timing[2]:7.1f} {target:7.0f} {np.mean(vlad_cos):14.4f} '
+                        f'{np.min(vlad_cos):7.4f} {patch_cos:14.4f}'
+                    )
 
 
 if __name__ == '__main__':

@@ -14,8 +14,10 @@ def data_root() -> Path:
     """The shared data folder; CI has it, so its absence fails the test instead of skipping."""
     root = default_data_root()
     if not (root / 'campus_loop' / 'dataset.yaml').is_file():
-        pytest.fail(f'shared data not found at {root}: set VLM_VPR_DATA to the shared data folder '
-                    '(the one holding campus_loop/, gardens_point/ ...)')
+        pytest.fail(
+            f'shared data not found at {root}: set VLM_VPR_DATA to the shared data folder '
+            '(the one holding campus_loop/, gardens_point/ ...)'
+        )
     return root
 
 

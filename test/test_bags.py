@@ -21,8 +21,13 @@ from vlm_vpr.core.types import Pose
 T0_NS = 1_700_000_000_000_000_000
 IMAGE_TOPIC = '/camera/image_raw'
 STORAGES = [('mcap', '.mcap'), ('sqlite3', '.db3')]
-POSE_SOURCES = [bags.POSE_STAMPED, bags.POSE_WITH_COVARIANCE_STAMPED, bags.ODOMETRY, 'tf',
-                'tf_chain']
+POSE_SOURCES = [
+    bags.POSE_STAMPED,
+    bags.POSE_WITH_COVARIANCE_STAMPED,
+    bags.ODOMETRY,
+    'tf',
+    'tf_chain',
+]
 CAMERA_PITCH_RAD = 0.2
 
 
@@ -34,8 +39,9 @@ def ns(t_s: float) -> int:
 def query(data_root: Path) -> Traversal:
     """The first 4 images of campus_loop/query with their true poses."""
     full = read_traversal(data_root / 'campus_loop' / 'query')
-    return replace(full, image_paths=full.image_paths[:4], xy=full.xy[:4],
-                   yaw_rad=full.yaw_rad[:4])
+    return replace(
+        full, image_paths=full.image_paths[:4], xy=full.xy[:4], yaw_rad=full.yaw_rad[:4]
+    )
 
 
 @pytest.fixture(scope='module')
@@ -43,9 +49,14 @@ def images(query: Traversal) -> list[np.ndarray]:
     return [read_image(p) for p in query.image_paths]
 
 
-def write_pose_bag(path: Path, images: list[np.ndarray], image_times_s: list[float],
-                   poses: list[tuple[float, float, float, float, float]], source: str,
-                   storage: str = 'mcap') -> None:
+def write_pose_bag(
+    path: Path,
+    images: list[np.ndarray],
+    image_times_s: list[float],
+    poses: list[tuple[float, float, float, float, float]],
+    source: str,
+    storage: str = 'mcap',
+) -> None:
     """Images on IMAGE_TOPIC and poses ``(t_s, x, y, z, yaw)`` of base_link in map, written as
     ``source``; 'tf_chain' writes them as odom->base_link under a moving map->odom (10, -5)
     -> (14, -5) at yaw pi/2 (t = 0 s and 4 s) and a static base_link->camera 0.5 m ahead,
@@ -80,23 +91,35 @@ def truncate(bag_folder: Path, suffix: str, fraction: float) -> Path:
     [storage_file] = bag_folder.glob(f'*{suffix}')
     data = storage_file.read_bytes()
     out = bag_folder.parent / f'truncated{suffix}'
-    out.write_bytes(data[:int(len(data) * fraction)])
+    out.write_bytes(data[: int(len(data) * fraction)])
     return out
 
 
 @pytest.mark.parametrize('compressed', [False, True])
 @pytest.mark.parametrize(('storage', 'suffix'), STORAGES)
-def test_traversal_bag_round_trips_images_and_ground_truth(tmp_path, query, images, storage,
-                                                           suffix, compressed):
-    bag = write_traversal_bag(query, tmp_path / 'bag', compressed=compressed, rate_hz=4.0,
-                              odom_topic='/odom', storage=storage)
+def test_traversal_bag_round_trips_images_and_ground_truth(
+    tmp_path, query, images, storage, suffix, compressed
+):
+    bag = write_traversal_bag(
+        query,
+        tmp_path / 'bag',
+        compressed=compressed,
+        rate_hz=4.0,
+        odom_topic='/odom',
+        storage=storage,
+    )
     assert len(list(bag.glob(f'*{suffix}'))) == 1
     assert bags.list_topics(bag) == {
         IMAGE_TOPIC: bags.COMPRESSED_IMAGE if compressed else bags.IMAGE,
-        '/ground_truth/pose': bags.POSE_STAMPED, '/odom': bags.ODOMETRY}
+        '/ground_truth/pose': bags.POSE_STAMPED,
+        '/odom': bags.ODOMETRY,
+    }
     for pose_topic in ('/ground_truth/pose', '/odom'):
-        frames = list(read_posed_images(bag, IMAGE_TOPIC, pose_topic, min_distance_m=0.0,
-                                        min_rotation_rad=0.0))
+        frames = list(
+            read_posed_images(
+                bag, IMAGE_TOPIC, pose_topic, min_distance_m=0.0, min_rotation_rad=0.0
+            )
+        )
         assert [f.stamp_ns for f in frames] == [T0_NS + i * 250_000_000 for i in range(4)]
         assert len({f.name for f in frames}) == 4
         for i, frame in enumerate(frames):
@@ -125,28 +148,51 @@ def test_image_encodings_read_back_as_bgr(tmp_path, images, encoding):
 
 @pytest.mark.parametrize(('storage', 'suffix'), STORAGES)
 @pytest.mark.parametrize('source', POSE_SOURCES)
-def test_poses_are_interpolated_at_image_stamps_for_every_pose_source(tmp_path, images, caplog,
-                                                                      source, storage, suffix):
-    poses = [(0.0, 0.0, 0.0, 0.0, 0.0), (1.0, 2.0, 0.0, 0.0, math.pi / 2),
-             (2.0, 2.0, 4.0, 0.0, math.pi / 2), (3.0, 2.0, 4.0, 1.0, math.pi),
-             (4.0, 2.0, 4.0, 1.0, -3 * math.pi / 4)]  # the last turn crosses +-pi
+def test_poses_are_interpolated_at_image_stamps_for_every_pose_source(
+    tmp_path, images, caplog, source, storage, suffix
+):
+    poses = [
+        (0.0, 0.0, 0.0, 0.0, 0.0),
+        (1.0, 2.0, 0.0, 0.0, math.pi / 2),
+        (2.0, 2.0, 4.0, 0.0, math.pi / 2),
+        (3.0, 2.0, 4.0, 1.0, math.pi),
+        (4.0, 2.0, 4.0, 1.0, -3 * math.pi / 4),
+    ]  # the last turn crosses +-pi
     image_times = [-0.5, 0.25, 1.5, 2.75, 3.5, 4.5]  # the first and last lie outside the poses
     write_pose_bag(tmp_path / 'bag', images + images[:2], image_times, poses, source, storage)
     pose_topic = '/tf' if source.startswith('tf') else '/pose'
     base_frame = 'camera' if source == 'tf_chain' else 'base_link'
     with caplog.at_level(logging.INFO, logger='vlm_vpr.core.bags'):
-        frames = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, pose_topic,
-                                        base_frame=base_frame, min_distance_m=0.0,
-                                        max_pose_gap_s=4.0))
+        frames = list(
+            read_posed_images(
+                tmp_path / 'bag',
+                IMAGE_TOPIC,
+                pose_topic,
+                base_frame=base_frame,
+                min_distance_m=0.0,
+                max_pose_gap_s=4.0,
+            )
+        )
     # By hand: linear position, yaw along the shorter arc between the two surrounding poses.
-    expected = [(0.25, 0.5, 0.0, 0.0, math.pi / 8), (1.5, 2.0, 2.0, 0.0, math.pi / 2),
-                (2.75, 2.0, 4.0, 0.75, 7 * math.pi / 8), (3.5, 2.0, 4.0, 1.0, 9 * math.pi / 8)]
+    expected = [
+        (0.25, 0.5, 0.0, 0.0, math.pi / 8),
+        (1.5, 2.0, 2.0, 0.0, math.pi / 2),
+        (2.75, 2.0, 4.0, 0.75, 7 * math.pi / 8),
+        (3.5, 2.0, 4.0, 1.0, 9 * math.pi / 8),
+    ]
     pitch = 0.0
     if source == 'tf_chain':  # map->odom = (10 + t, -5) at yaw pi/2; then camera 0.5 m ahead
         pitch = CAMERA_PITCH_RAD
-        expected = [(t, 10.0 + t - y + 0.5 * math.cos(math.pi / 2 + yaw),
-                     -5.0 + x + 0.5 * math.sin(math.pi / 2 + yaw), z, math.pi / 2 + yaw)
-                    for t, x, y, z, yaw in expected]
+        expected = [
+            (
+                t,
+                10.0 + t - y + 0.5 * math.cos(math.pi / 2 + yaw),
+                -5.0 + x + 0.5 * math.sin(math.pi / 2 + yaw),
+                z,
+                math.pi / 2 + yaw,
+            )
+            for t, x, y, z, yaw in expected
+        ]
     assert [f.stamp_ns for f in frames] == [ns(e[0]) for e in expected]
     for frame, (_, x, y, z, yaw) in zip(frames, expected, strict=True):
         assert (frame.pose.x, frame.pose.y, frame.pose.z) == pytest.approx((x, y, z), abs=1e-9)
@@ -163,12 +209,18 @@ def test_images_in_a_gap_between_poses_are_skipped(tmp_path, images, caplog):
     poses = [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0), (5.0, 5, 0, 0, 0), (6.0, 6, 0, 0, 0)]
     write_pose_bag(tmp_path / 'bag', images[:3], [0.5, 3.0, 5.5], poses, bags.POSE_STAMPED)
     with caplog.at_level(logging.INFO, logger='vlm_vpr.core.bags'):
-        strict = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose',
-                                        min_distance_m=0.0, max_pose_gap_s=1.5))
+        strict = list(
+            read_posed_images(
+                tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0, max_pose_gap_s=1.5
+            )
+        )
     assert [f.pose.x for f in strict] == pytest.approx([0.5, 5.5])
     assert "'in a gap between poses': 1" in caplog.text
-    loose = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0,
-                                   max_pose_gap_s=4.0))
+    loose = list(
+        read_posed_images(
+            tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0, max_pose_gap_s=4.0
+        )
+    )
     assert [f.pose.x for f in loose] == pytest.approx([0.5, 3.0, 5.5])
 
 
@@ -178,14 +230,20 @@ def test_keyframes_are_chosen_by_distance_and_rotation(tmp_path, images):
     times = [float(i) for i in range(len(path))]
     poses = [(t, x, 0.0, 0.0, yaw) for t, (x, yaw) in zip(times, path, strict=True)]
     write_pose_bag(tmp_path / 'bag', images * 5, times, poses, bags.POSE_STAMPED)
-    frames = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=1.0,
-                                    min_rotation_rad=0.25))
+    frames = list(
+        read_posed_images(
+            tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=1.0, min_rotation_rad=0.25
+        )
+    )
     kept = [round((f.stamp_ns - T0_NS) / 1e9) for f in frames]
     # distance from the last keyframe reaches 1.2 m every 3 steps; the turn 0.3 rad every 3
     assert kept == [0, 3, 6, 9, 12, 15, 18]
     assert frames[0].name.startswith('000000_')
-    every = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0,
-                                   min_rotation_rad=0.0))
+    every = list(
+        read_posed_images(
+            tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0, min_rotation_rad=0.0
+        )
+    )
     assert len(every) == len(path)
 
 
@@ -201,16 +259,22 @@ def test_undecodable_compressed_image_is_skipped_and_the_rest_kept(tmp_path, ima
         pose_conn = writer.add_connection('/pose', bags.POSE_STAMPED, typestore=store)
         for i, data in enumerate([jpeg, jpeg[:200], jpeg]):  # the middle JPEG is truncated
             header = types['std_msgs/msg/Header'](
-                types['builtin_interfaces/msg/Time'](1000 + i, 0), 'camera')
+                types['builtin_interfaces/msg/Time'](1000 + i, 0), 'camera'
+            )
             msg = types[bags.COMPRESSED_IMAGE](header, 'jpeg', data)
             writer.write(image_conn, ns(i), store.serialize_cdr(msg, bags.COMPRESSED_IMAGE))
-            pose = types[bags.POSE_STAMPED](header, types['geometry_msgs/msg/Pose'](
-                types['geometry_msgs/msg/Point'](float(i), 0.0, 0.0),
-                types['geometry_msgs/msg/Quaternion'](0.0, 0.0, 0.0, 1.0)))
+            pose = types[bags.POSE_STAMPED](
+                header,
+                types['geometry_msgs/msg/Pose'](
+                    types['geometry_msgs/msg/Point'](float(i), 0.0, 0.0),
+                    types['geometry_msgs/msg/Quaternion'](0.0, 0.0, 0.0, 1.0),
+                ),
+            )
             writer.write(pose_conn, ns(i), store.serialize_cdr(pose, bags.POSE_STAMPED))
     with caplog.at_level(logging.WARNING, logger='vlm_vpr.core.bags'):
-        frames = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose',
-                                        min_distance_m=0.0))
+        frames = list(
+            read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0.0)
+        )
     assert [f.pose.x for f in frames] == [0.0, 2.0]
     assert 'message 1: cannot convert the image' in caplog.text
 
@@ -227,12 +291,17 @@ def test_ros1_bag_gives_posed_images_but_no_raw_replay(tmp_path, images):
         pose_conn = writer.add_connection('/pose', bags.POSE_STAMPED, typestore=store)
         for i in range(2):
             header = types['std_msgs/msg/Header'](
-                i, types['builtin_interfaces/msg/Time'](1000 + i, 0), '/map')
+                i, types['builtin_interfaces/msg/Time'](1000 + i, 0), '/map'
+            )
             msg = types[bags.IMAGE](header, 240, 426, 'bgr8', 0, 426 * 3, images[i].reshape(-1))
             writer.write(image_conn, ns(i), store.serialize_ros1(msg, bags.IMAGE))
-            pose = types[bags.POSE_STAMPED](header, types['geometry_msgs/msg/Pose'](
-                types['geometry_msgs/msg/Point'](float(i), 0.0, 0.0),
-                types['geometry_msgs/msg/Quaternion'](0.0, 0.0, 0.0, 1.0)))
+            pose = types[bags.POSE_STAMPED](
+                header,
+                types['geometry_msgs/msg/Pose'](
+                    types['geometry_msgs/msg/Point'](float(i), 0.0, 0.0),
+                    types['geometry_msgs/msg/Quaternion'](0.0, 0.0, 0.0, 1.0),
+                ),
+            )
             writer.write(pose_conn, ns(i), store.serialize_ros1(pose, bags.POSE_STAMPED))
     frames = list(read_posed_images(bag, IMAGE_TOPIC, '/pose', min_distance_m=0.0))
     assert [f.pose.x for f in frames] == [0.0, 1.0]
@@ -257,8 +326,9 @@ def test_raw_messages_deserialize_with_rclpy(tmp_path, query):
         assert msg.header.frame_id == ('camera' if topic == IMAGE_TOPIC else 'map')
     first_pose = deserialize_message(messages[1][3], PoseStamped).pose.position
     assert (first_pose.x, first_pose.y) == pytest.approx(tuple(query.xy[0]))
-    jpeg = np.frombuffer(bytes(deserialize_message(messages[0][3], CompressedImage).data),
-                         np.uint8)
+    jpeg = np.frombuffer(
+        bytes(deserialize_message(messages[0][3], CompressedImage).data), np.uint8
+    )
     assert cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (240, 426, 3)
 
 
@@ -281,8 +351,11 @@ def test_folder_without_metadata_is_not_a_bag(tmp_path):
 
 
 def test_missing_topic_lists_the_available_ones(small_bag):
-    with pytest.raises(BagError, match=r'topic /nope is not in the bag; available topics: '
-                                       r'/camera/image_raw \[sensor_msgs/msg/Image\]'):
+    with pytest.raises(
+        BagError,
+        match=r'topic /nope is not in the bag; available topics: '
+        r'/camera/image_raw \[sensor_msgs/msg/Image\]',
+    ):
         read_posed_images(small_bag, '/nope', '/ground_truth/pose')
     with pytest.raises(BagError, match='topic /odom is not in the bag'):
         read_posed_images(small_bag, IMAGE_TOPIC, '/odom')
@@ -291,11 +364,17 @@ def test_missing_topic_lists_the_available_ones(small_bag):
 
 
 def test_wrong_message_type_on_a_topic_is_reported(small_bag):
-    with pytest.raises(BagError, match='/ground_truth/pose carries geometry_msgs/msg/PoseStamped; '
-                                       'expected one of sensor_msgs/msg/Image'):
+    with pytest.raises(
+        BagError,
+        match='/ground_truth/pose carries geometry_msgs/msg/PoseStamped; '
+        'expected one of sensor_msgs/msg/Image',
+    ):
         read_posed_images(small_bag, '/ground_truth/pose', '/ground_truth/pose')
-    with pytest.raises(BagError, match='/camera/image_raw carries sensor_msgs/msg/Image; '
-                                       'expected one of nav_msgs/msg/Odometry'):
+    with pytest.raises(
+        BagError,
+        match='/camera/image_raw carries sensor_msgs/msg/Image; '
+        'expected one of nav_msgs/msg/Odometry',
+    ):
         read_posed_images(small_bag, IMAGE_TOPIC, IMAGE_TOPIC)
 
 
@@ -324,8 +403,9 @@ def test_pose_topic_without_messages_means_no_poses(tmp_path):
 
 
 def test_nan_poses_mean_no_poses(tmp_path, images):
-    write_pose_bag(tmp_path / 'bag', images[:1], [0.0], [(0.0, math.nan, 0.0, 0.0, 0.0)],
-                   bags.ODOMETRY)
+    write_pose_bag(
+        tmp_path / 'bag', images[:1], [0.0], [(0.0, math.nan, 0.0, 0.0, 0.0)], bags.ODOMETRY
+    )
     with pytest.raises(BagError, match='no poses on /pose: every map->base_link pose is NaN'):
         read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose')
 
@@ -333,9 +413,12 @@ def test_nan_poses_mean_no_poses(tmp_path, images):
 def test_tf_without_a_chain_to_the_base_frame_means_no_poses(tmp_path, images):
     poses = [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0)]
     write_pose_bag(tmp_path / 'bag', images[:2], [0.0, 1.0], poses, 'tf')
-    with pytest.raises(BagError, match=r"no poses: TF on /tf has no chain map -> base_footprint "
-                                       r"\(no parent of 'base_footprint'; transforms: "
-                                       r"map->base_link\)"):
+    with pytest.raises(
+        BagError,
+        match=r'no poses: TF on /tf has no chain map -> base_footprint '
+        r"\(no parent of 'base_footprint'; transforms: "
+        r'map->base_link\)',
+    ):
         read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='base_footprint')
 
 
@@ -343,8 +426,11 @@ def test_images_that_all_miss_the_pose_time_range_are_reported(tmp_path, images)
     poses = [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0)]
     write_pose_bag(tmp_path / 'bag', images[:2], [5.0, 6.0], poses, bags.POSE_STAMPED)
     frames = read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose')
-    with pytest.raises(BagError, match=r"no image on /camera/image_raw has a pose \(2 images; "
-                                       r"skipped: \{'outside the pose time range': 2\}\)"):
+    with pytest.raises(
+        BagError,
+        match=r'no image on /camera/image_raw has a pose \(2 images; '
+        r"skipped: \{'outside the pose time range': 2\}\)",
+    ):
         list(frames)
 
 
@@ -355,8 +441,10 @@ def test_writer_refuses_existing_paths_and_unknown_choices(tmp_path, query, imag
         write_traversal_bag(query, tmp_path / 'a', storage='rosbag')
     with pytest.raises(BagError, match='rate_hz must be > 0'):
         write_traversal_bag(query, tmp_path / 'b', rate_hz=0.0)
-    with pytest.raises(BagError, match="image encoding 'rgb16' is not one of"), \
-            BagWriter(tmp_path / 'c') as writer:
+    with (
+        pytest.raises(BagError, match="image encoding 'rgb16' is not one of"),
+        BagWriter(tmp_path / 'c') as writer,
+    ):
         writer.write_image(IMAGE_TOPIC, ns(0), images[0], encoding='rgb16')
     assert not (tmp_path / 'c').exists()  # a failed write leaves no half bag behind
     with pytest.raises(BagError, match='min_distance_m and min_rotation_rad must be >= 0'):

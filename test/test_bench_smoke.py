@@ -10,10 +10,35 @@ import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
-TINY = ['--quick', '--build-images', '8', '--map-images', '600', '--memory-map-size', '800',
-        '--max-map-size', '1000', '--runs', '2', '--queries', '3', '--photos', '2',
-        '--rerank-queries', '1', '--generation-s', '0', '--node-frames', '2',
-        '--backbones', 'rootsift', '--anyloc', 'S224', '--dtypes', 'int8']
+TINY = [
+    '--quick',
+    '--build-images',
+    '8',
+    '--map-images',
+    '600',
+    '--memory-map-size',
+    '800',
+    '--max-map-size',
+    '1000',
+    '--runs',
+    '2',
+    '--queries',
+    '3',
+    '--photos',
+    '2',
+    '--rerank-queries',
+    '1',
+    '--generation-s',
+    '0',
+    '--node-frames',
+    '2',
+    '--backbones',
+    'rootsift',
+    '--anyloc',
+    'S224',
+    '--dtypes',
+    'int8',
+]
 
 
 @pytest.fixture(scope='module')
@@ -61,11 +86,13 @@ def test_bench_runs_every_part_on_tiny_sizes_and_reports_each_figure(bench, data
 
 
 def test_a_failing_part_gives_a_failed_row_and_the_next_part_still_runs(bench, tmp_path: Path):
-    rows = bench.run(bench.parse_args([*TINY, '--data', str(tmp_path), '--skip', 'anyloc',
-                                       'memory', 'rerank', 'node']))
+    rows = bench.run(
+        bench.parse_args(
+            [*TINY, '--data', str(tmp_path), '--skip', 'anyloc', 'memory', 'rerank', 'node']
+        )
+    )
     assert [(row.section, row.figure) for row in rows] == [(1, 'frame part'), (3, 'search part')]
-    assert all(row.measured.startswith('FAILED: DatasetError') and row.ok is False
-               for row in rows)
+    assert all(row.measured.startswith('FAILED: DatasetError') and row.ok is False for row in rows)
 
 
 def test_replicated_rows_are_unit_vectors_as_similar_as_adjacent_rows(bench):

@@ -106,8 +106,12 @@ def test_fit_drops_a_feature_whose_weight_goes_against_its_known_direction() -> 
 
 def test_the_off_track_accuracy_leaves_out_frames_before_the_sequence_filled() -> None:
     def frame(on: bool, fill: float) -> dict[str, float]:
-        return {'top1_score': 0.5, 'track_consistency': 1.0 if on else 0.2,
-                'progress_error': 0.1 if on else 0.9, 'seq_fill': fill}
+        return {
+            'top1_score': 0.5,
+            'track_consistency': 1.0 if on else 0.2,
+            'progress_error': 0.1 if on else 0.9,
+            'seq_fill': fill,
+        }
 
     evidence = [frame(True, 1.0)] * 8 + [frame(False, 0.3)] * 9 + [frame(False, 1.0)] * 4
     correct = [True] * 6 + [False] * 2 + [True] * 9 + [True] + [False] * 3
@@ -171,10 +175,9 @@ def tiny_map(tmp_path: Path) -> Path:
     return write_map(content, tmp_path / 'map')
 
 
-def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: Path) -> None:
-    map_dir = tiny_map(tmp_path)
-    evidence, correct = synthetic_evidence(400, seed=5)
-    per_query = [
+def in_map_rows(evidence: list[dict[str, float]], correct: np.ndarray) -> list[dict]:
+    """Report rows of in-map queries with this evidence, top-1 correct or not."""
+    return [
         {
             'evidence': e,
             'confidence': 0.5,
@@ -183,6 +186,12 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: P
         }
         for e, ok in zip(evidence, correct)
     ]
+
+
+def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: Path) -> None:
+    map_dir = tiny_map(tmp_path)
+    evidence, correct = synthetic_evidence(400, seed=5)
+    per_query = in_map_rows(evidence, correct)
     config = LocalizerConfig(sequence=SequenceConfig(length=3))
 
     report = calibrate({'per_query': per_query}, map_dir, config)
@@ -218,8 +227,7 @@ def test_a_calibration_stored_before_per_settings_storage_still_loads(tmp_path: 
     with pytest.raises(MapError, match='malformed'):
         Calibration.from_map(read_map(map_dir, load_index=False), config)
     evidence, correct = synthetic_evidence(200, seed=9)  # calibrating again replaces it
-    per_query = [{'evidence': e, 'confidence': 0.5, 'truth_xy': [0.0, 0.0],
-                  'first_correct_rank': 1 if ok else 3} for e, ok in zip(evidence, correct)]
+    per_query = in_map_rows(evidence, correct)
     calibrate({'per_query': per_query}, map_dir, config)
     assert Calibration.from_map(read_map(map_dir, load_index=False), config).fitted
 

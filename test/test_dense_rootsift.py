@@ -84,12 +84,14 @@ def test_dense_sift_equals_a_direct_per_point_computation() -> None:
     got = dense_sift(channels, ys, xs, cell_px=5)
     for r, y in enumerate(ys):
         for c, x in enumerate(xs):
-            np.testing.assert_allclose(got[r, c], reference_sift(channels, y, x, 5), rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                got[r, c], reference_sift(channels, y, x, 5), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_descriptors_of_real_images_equal_the_direct_computation_and_keep_top1(
-        data_root: Path) -> None:
+    data_root: Path,
+) -> None:
     """The vectorised extractor against :func:`reference_sift` on sampled grid points of real
     images (cosine >= 0.9999), and day_right -> day_left VLAD top-1 on Gardens Point."""
     import cv2

@@ -25,8 +25,14 @@ from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook, l2_normalize
 
 SIZE_PX = 56  # shorter side: 4 patches of 14 px
-TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, patch_size=14,
-            image_size=SIZE_PX, initializer_range=0.3)  # large init: each block changes tokens
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    patch_size=14,
+    image_size=SIZE_PX,
+    initializer_range=0.3,
+)  # large init: each block changes tokens
 
 
 @pytest.fixture(autouse=True)
@@ -58,22 +64,47 @@ def images() -> list[np.ndarray]:
     import cv2
 
     rng = np.random.default_rng(0)
-    return [cv2.GaussianBlur(rng.integers(0, 256, size, dtype=np.uint8), (0, 0), 2)
-            for size in [(100, 150, 3), (80, 80, 3), (100, 150, 3), (120, 90, 3)]]
+    return [
+        cv2.GaussianBlur(rng.integers(0, 256, size, dtype=np.uint8), (0, 0), 2)
+        for size in [(100, 150, 3), (80, 80, 3), (100, 150, 3), (120, 90, 3)]
+    ]
 
 
-def make(folder: Path, layer: int = 3, facet: str = 'token', dtype: str = 'float32',
-         batch_size: int = 2, device: str = 'cpu', compile: bool = False,
-         engine: str = 'torch') -> Dinov2Extractor:
-    features = FeatureConfig(backbone='dinov2', dinov2_model=str(folder), dinov2_layer=layer,
-                             dinov2_facet=facet, image_size_px=SIZE_PX)
-    runtime = RuntimeConfig(device=device, dtype=dtype, batch_size=batch_size, num_threads=1,
-                            compile=compile, engine=engine)
+def make(
+    folder: Path,
+    layer: int = 3,
+    facet: str = 'token',
+    dtype: str = 'float32',
+    batch_size: int = 2,
+    device: str = 'cpu',
+    compile: bool = False,
+    engine: str = 'torch',
+) -> Dinov2Extractor:
+    features = FeatureConfig(
+        backbone='dinov2',
+        dinov2_model=str(folder),
+        dinov2_layer=layer,
+        dinov2_facet=facet,
+        image_size_px=SIZE_PX,
+    )
+    runtime = RuntimeConfig(
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        num_threads=1,
+        compile=compile,
+        engine=engine,
+    )
     return Dinov2Extractor(features, runtime)
 
 
-FAST = [('torch', 'bfloat16'), ('torch', 'int8'), ('openvino', 'float32'),
-        ('openvino', 'bfloat16'), ('openvino', 'int8')]  # (engine, dtype) beside torch float32
+FAST = [
+    ('torch', 'bfloat16'),
+    ('torch', 'int8'),
+    ('openvino', 'float32'),
+    ('openvino', 'bfloat16'),
+    ('openvino', 'int8'),
+]  # (engine, dtype) beside torch float32
 
 
 def hand_pixels(image_bgr: np.ndarray) -> torch.Tensor:
@@ -85,13 +116,14 @@ def hand_pixels(image_bgr: np.ndarray) -> torch.Tensor:
 
 def unit_patch_grid(tokens: torch.Tensor, rows: int, cols: int) -> np.ndarray:
     """[rows x cols x D] unit rows from [1 x T x D] tokens whose last rows*cols are patches."""
-    patches = tokens[0, -rows * cols:].detach().numpy()
+    patches = tokens[0, -rows * cols :].detach().numpy()
     return l2_normalize(patches).reshape(rows, cols, -1)
 
 
 def test_extract_returns_a_unit_norm_patch_grid_per_image_in_input_order(tiny_dir, images):
-    features = FeatureConfig(backbone='dinov2', dinov2_model=str(tiny_dir), dinov2_layer=2,
-                             image_size_px=SIZE_PX)
+    features = FeatureConfig(
+        backbone='dinov2', dinov2_model=str(tiny_dir), dinov2_layer=2, image_size_px=SIZE_PX
+    )
     extractor = create_extractor(features, RuntimeConfig(batch_size=2, num_threads=1))
     out = extractor.extract(images)
     # shorter side 56 px, longer side scaled and rounded down to 14 px: 150 -> 84, 120 -> 70
@@ -107,7 +139,8 @@ def test_extract_returns_a_unit_norm_patch_grid_per_image_in_input_order(tiny_di
 
 @pytest.mark.parametrize('layer', [1, 3])
 def test_token_facet_equals_the_full_model_hidden_state_of_the_chosen_layer(
-        tiny_dir, full_model, images, layer):
+    tiny_dir, full_model, images, layer
+):
     got = make(tiny_dir, layer=layer).extract([images[0]])[0].descriptors
     with torch.no_grad():
         hidden = full_model(hand_pixels(images[0]), output_hidden_states=True).hidden_states
@@ -117,7 +150,8 @@ def test_token_facet_equals_the_full_model_hidden_state_of_the_chosen_layer(
 
 
 def test_extract_feeds_the_model_rgb_normalised_with_imagenet_mean_and_std(
-        tiny_dir, full_model, images):
+    tiny_dir, full_model, images
+):
     got = make(tiny_dir, layer=4).extract([images[1]])[0].descriptors
     pixels = hand_pixels(images[1])
     with torch.no_grad():
@@ -131,7 +165,8 @@ def test_extract_feeds_the_model_rgb_normalised_with_imagenet_mean_and_std(
 
 @pytest.mark.parametrize('facet', ['key', 'query', 'value'])
 def test_attention_facets_equal_the_projection_captured_in_the_full_model(
-        tiny_dir, full_model, images, facet):
+    tiny_dir, full_model, images, facet
+):
     layer = 3
     projection = getattr(full_model.encoder.layer[layer - 1].attention, f'{facet[0]}_proj')
     captured = []
@@ -144,8 +179,7 @@ def test_attention_facets_equal_the_projection_captured_in_the_full_model(
 
 
 @pytest.mark.parametrize(('facet', 'blocks_run'), [('token', 3), ('value', 2)])
-def test_forward_pass_stops_at_the_chosen_layer(tiny_dir, images, monkeypatch, facet,
-                                                 blocks_run):
+def test_forward_pass_stops_at_the_chosen_layer(tiny_dir, images, monkeypatch, facet, blocks_run):
     extractor = make(tiny_dir, layer=3, facet=facet)
     calls = []
     block_forward = Dinov2Layer.forward
@@ -184,8 +218,9 @@ def test_fast_runtimes_keep_descriptors_close_to_float32(tiny_dir, images, engin
     for ref, got in zip(reference, fast):
         patch_cosine = (ref.flat * got.flat).sum(axis=1)
         assert patch_cosine.min() >= 0.999
-        vlad_cosine = aggregate_vlad(ref.flat, codebook, vlad) @ aggregate_vlad(got.flat,
-                                                                                codebook, vlad)
+        vlad_cosine = aggregate_vlad(ref.flat, codebook, vlad) @ aggregate_vlad(
+            got.flat, codebook, vlad
+        )
         assert vlad_cosine >= 0.995
     if (engine, dtype) != ('openvino', 'float32'):  # float32 may match to the last bit
         assert not np.array_equal(reference[0].descriptors, fast[0].descriptors)
@@ -200,8 +235,9 @@ def test_compiled_int8_forward_keeps_descriptors_close_to_eager_int8(tiny_dir, i
         assert (ref.flat * got.flat).sum(axis=1).min() >= 0.999
 
 
-def test_openvino_engine_compiles_each_input_shape_once_and_matches_torch(tiny_dir, images,
-                                                                         full_model):
+def test_openvino_engine_compiles_each_input_shape_once_and_matches_torch(
+    tiny_dir, images, full_model
+):
     extractor = make(tiny_dir, layer=2, facet='value', engine='openvino', batch_size=2)
     first = extractor.extract(images)  # 3 sizes; the two 100x150 images share a batch of 2
     assert sorted(extractor._net._compiled) == [(1, 3, 56, 56), (1, 3, 70, 56), (2, 3, 56, 84)]
@@ -209,14 +245,16 @@ def test_openvino_engine_compiles_each_input_shape_once_and_matches_torch(tiny_d
     assert len(extractor._net._compiled) == 3
     captured = []
     hook = full_model.encoder.layer[1].attention.v_proj.register_forward_hook(
-        lambda module, args, out: captured.append(out))
+        lambda module, args, out: captured.append(out)
+    )
     try:
         for image, got, repeat in zip(images, first, again):
             with torch.no_grad():
                 full_model(hand_pixels(image))
             rows, cols = got.descriptors.shape[:2]
-            np.testing.assert_allclose(got.descriptors,
-                                       unit_patch_grid(captured.pop(), rows, cols), atol=1e-4)
+            np.testing.assert_allclose(
+                got.descriptors, unit_patch_grid(captured.pop(), rows, cols), atol=1e-4
+            )
             np.testing.assert_array_equal(got.descriptors, repeat.descriptors)
     finally:
         hook.remove()
@@ -226,17 +264,22 @@ def test_openvino_int8_runs_every_linear_layer_with_int8_weights(tiny_dir, image
     extractor = make(tiny_dir, layer=3, facet='value', engine='openvino', dtype='int8')
     extractor.extract(images[:1])
     (request,) = extractor._net._compiled.values()
-    products = [op.get_rt_info()['runtimePrecision'].astype(str)
-                for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
-                if op.get_rt_info()['layerType'].astype(str) == 'FullyConnected']
+    products = [
+        op.get_rt_info()['runtimePrecision'].astype(str)
+        for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()['layerType'].astype(str) == 'FullyConnected'
+    ]
     assert products == ['i8'] * (2 * 6 + 1)  # q, k, v, o, MLP in, out of 2 blocks + last v
 
 
-@pytest.mark.parametrize(('runtime', 'message'), [
-    (dict(engine='onnx'), 'runtime.engine must be one of'),
-    (dict(engine='openvino', device='cuda'), "'openvino' runs on the CPU"),
-    (dict(engine='openvino', compile=True), 'applies to runtime.engine'),
-])
+@pytest.mark.parametrize(
+    ('runtime', 'message'),
+    [
+        (dict(engine='onnx'), 'runtime.engine must be one of'),
+        (dict(engine='openvino', device='cuda'), "'openvino' runs on the CPU"),
+        (dict(engine='openvino', compile=True), 'applies to runtime.engine'),
+    ],
+)
 def test_impossible_engine_settings_are_rejected(runtime, message):
     with pytest.raises(ConfigError, match=message):
         RuntimeConfig(**runtime)
@@ -279,8 +322,14 @@ def test_model_folder_without_weights_is_rejected(tiny_dir, tmp_path):
 
 
 def test_a_model_that_is_not_dinov2_is_rejected(tmp_path):
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, image_size=28, patch_size=14)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+    )
     ViTModel(config).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="is a 'vit' model, not DINOv2"):
         make(tmp_path)
@@ -307,22 +356,24 @@ def test_int8_runs_every_linear_layer_as_one_int8_product(tiny_dir, images, monk
 
 
 @pytest.mark.parametrize(('engine', 'dtype'), FAST)
-def test_fast_runtimes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root, engine,
-                                                              dtype):
+def test_fast_runtimes_keep_the_float32_top1_on_gardens_point(tiny_dir, data_root, engine, dtype):
     folder = data_root / 'gardens_point'
     names = [f'Image{i:03d}.jpg' for i in (5, 60, 120, 180)]
     database = [read_image(folder / 'day_left' / 'images' / n) for n in names]
     queries = [read_image(folder / 'day_right' / 'images' / n) for n in names]
     vlad = VladConfig(num_clusters=8, soft_assignment=False)
     top1, codebook = {}, None
-    for name, extractor in [('reference', make(tiny_dir, facet='value')),
-                            ('fast', make(tiny_dir, facet='value', dtype=dtype, engine=engine))]:
+    for name, extractor in [
+        ('reference', make(tiny_dir, facet='value')),
+        ('fast', make(tiny_dir, facet='value', dtype=dtype, engine=engine)),
+    ]:
         db_local = [f.flat for f in extractor.extract(database)]
         if codebook is None:  # fitted on the float32 map, as a map build with float32 does
             codebook = fit_codebook(db_local, vlad)
         db = np.stack([aggregate_vlad(x, codebook, vlad) for x in db_local])
-        query = np.stack([aggregate_vlad(f.flat, codebook, vlad)
-                          for f in extractor.extract(queries)])
+        query = np.stack(
+            [aggregate_vlad(f.flat, codebook, vlad) for f in extractor.extract(queries)]
+        )
         top1[name] = (query @ db.T).argmax(axis=1).tolist()
     assert top1['fast'] == top1['reference']
 

@@ -50,7 +50,7 @@ LINE_ROW = 60  # a horizontal line near the top edge, where the distortion bends
 def ideal_image() -> np.ndarray:
     """A pinhole (undistorted) [H x W] uint8 view: white, one black horizontal line."""
     image = np.full((HEIGHT, WIDTH), 255, np.uint8)
-    image[LINE_ROW - 2: LINE_ROW + 3] = 0
+    image[LINE_ROW - 2 : LINE_ROW + 3] = 0
     return image
 
 
@@ -64,13 +64,12 @@ def distort(image: np.ndarray, model: str, d: np.ndarray) -> np.ndarray:
     else:
         ideal = cv2.undistortPoints(pixels, K, d, P=K)
     maps = ideal.reshape(HEIGHT, WIDTH, 2).astype(np.float32)
-    return cv2.remap(image, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR,
-                     borderValue=255)
+    return cv2.remap(image, maps[..., 0], maps[..., 1], cv2.INTER_LINEAR, borderValue=255)
 
 
 def line_rows(image: np.ndarray) -> np.ndarray:
     """Row centroid of the dark line in each column of the middle half (sub-pixel)."""
-    band = 255.0 - image[: LINE_ROW + 60, WIDTH // 4: 3 * WIDTH // 4].astype(np.float64)
+    band = 255.0 - image[: LINE_ROW + 60, WIDTH // 4 : 3 * WIDTH // 4].astype(np.float64)
     rows = np.arange(band.shape[0])[:, None]
     return (band * rows).sum(axis=0) / band.sum(axis=0)
 
@@ -110,20 +109,49 @@ def test_rectify_image_returns_the_frame_itself_without_distortion() -> None:
     assert rectify_image(image, K, np.zeros(5), P, 'plumb_bob', 320, 240) is image  # any size
 
 
-@pytest.mark.parametrize(('size', 'model', 'd', 'k', 'message'), [
-    ((320, 240), 'plumb_bob', DISTORTIONS['plumb_bob'], K,
-     'image of 640x480 does not match its calibration of 320x240'),
-    ((WIDTH, HEIGHT), 'kannala_brandt', DISTORTIONS['plumb_bob'], K,
-     "distortion model 'kannala_brandt' is not one of"),
-    ((WIDTH, HEIGHT), 'equidistant', DISTORTIONS['plumb_bob'], K,
-     r'equidistant needs 4 finite distortion coefficients, got \[-0.3, '),
-    ((WIDTH, HEIGHT), 'plumb_bob', np.array([np.nan, 0.1, 0.0, 0.0, 0.0]), K,
-     r'plumb_bob needs 5 finite distortion coefficients, got \[nan, '),
-    ((WIDTH, HEIGHT), 'plumb_bob', DISTORTIONS['plumb_bob'], np.zeros((3, 3)),
-     'camera matrix K has no positive focal lengths'),
-])
+@pytest.mark.parametrize(
+    ('size', 'model', 'd', 'k', 'message'),
+    [
+        (
+            (320, 240),
+            'plumb_bob',
+            DISTORTIONS['plumb_bob'],
+            K,
+            'image of 640x480 does not match its calibration of 320x240',
+        ),
+        (
+            (WIDTH, HEIGHT),
+            'kannala_brandt',
+            DISTORTIONS['plumb_bob'],
+            K,
+            "distortion model 'kannala_brandt' is not one of",
+        ),
+        (
+            (WIDTH, HEIGHT),
+            'equidistant',
+            DISTORTIONS['plumb_bob'],
+            K,
+            r'equidistant needs 4 finite distortion coefficients, got \[-0.3, ',
+        ),
+        (
+            (WIDTH, HEIGHT),
+            'plumb_bob',
+            np.array([np.nan, 0.1, 0.0, 0.0, 0.0]),
+            K,
+            r'plumb_bob needs 5 finite distortion coefficients, got \[nan, ',
+        ),
+        (
+            (WIDTH, HEIGHT),
+            'plumb_bob',
+            DISTORTIONS['plumb_bob'],
+            np.zeros((3, 3)),
+            'camera matrix K has no positive focal lengths',
+        ),
+    ],
+)
 def test_rectify_image_rejects_a_calibration_that_does_not_fit(
-        size: tuple[int, int], model: str, d: np.ndarray, k: np.ndarray, message: str) -> None:
+    size: tuple[int, int], model: str, d: np.ndarray, k: np.ndarray, message: str
+) -> None:
     from vlm_vpr.core.images import rectify_image
 
     with pytest.raises(ImageError, match=message):

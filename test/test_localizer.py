@@ -122,7 +122,8 @@ def test_a_batch_gives_the_results_of_one_image_at_a_time(
     assert len(batch) == 3
     for b, a in zip(batch, alone):
         assert [c.map_index for c in b.candidates] == [c.map_index for c in a.candidates]
-        np.testing.assert_allclose([c.score for c in b.candidates],
-                                   [c.score for c in a.candidates], atol=1e-5)
+        np.testing.assert_allclose(
+            [c.score for c in b.candidates], [c.score for c in a.candidates], atol=1e-5
+        )
         assert b.confidence == pytest.approx(a.confidence, abs=1e-5)
     assert batch[0].candidates[0].map_index != batch[2].candidates[0].map_index

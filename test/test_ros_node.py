@@ -46,17 +46,23 @@ def queries(data_root: Path) -> Traversal:
 @pytest.fixture(scope='module')
 def harness(campus_map: Path) -> NodeHarness:
     parameters = {
-        'map_path': str(campus_map), 'autostart': True,
-        'image_topics': ['image', COMPRESSED_TOPIC], 'odom_topic': 'odom',
-        'max_rate_hz': 50.0, 'initial_pose.enabled': True,
+        'map_path': str(campus_map),
+        'autostart': True,
+        'image_topics': ['image', COMPRESSED_TOPIC],
+        'odom_topic': 'odom',
+        'max_rate_hz': 50.0,
+        'initial_pose.enabled': True,
         'initial_pose.consecutive_frames': GATE_FRAMES,
-        'initial_pose.max_distance_m': GATE_DISTANCE_M, 'initial_pose.max_yaw_deg': GATE_YAW_DEG,
+        'initial_pose.max_distance_m': GATE_DISTANCE_M,
+        'initial_pose.max_yaw_deg': GATE_YAW_DEG,
         'confidence.initial_pose_threshold': GATE_CONFIDENCE,
     }
     with NodeHarness(parameters) as running:
-        running.pubs = {'image': running.publisher(Image, 'image'),
-                        'compressed': running.publisher(CompressedImage, COMPRESSED_TOPIC),
-                        'odom': running.publisher(Odometry, 'odom')}
+        running.pubs = {
+            'image': running.publisher(Image, 'image'),
+            'compressed': running.publisher(CompressedImage, COMPRESSED_TOPIC),
+            'odom': running.publisher(Odometry, 'odom'),
+        }
         yield running
 
 
@@ -68,7 +74,8 @@ def send(harness: NodeHarness, queries: Traversal, i: int, stamp: int) -> Any:
     assert wait_until(lambda: harness.node.counts().get('odometry', 0) > odometry, 10.0)
     compressed = i % 2 == 1
     harness.pubs['compressed' if compressed else 'image'].publish(
-        camera_msg(read_image(queries.image_paths[i]), stamp, compressed))
+        camera_msg(read_image(queries.image_paths[i]), stamp, compressed)
+    )
     return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
 
 
@@ -76,10 +83,15 @@ def send(harness: NodeHarness, queries: Traversal, i: int, stamp: int) -> Any:
 def stream(harness: NodeHarness, queries: Traversal) -> Stream:
     poses = [send(harness, queries, i, T0_NS + i * PERIOD_NS) for i in range(len(queries))]
     sent = sum(p is not None for p in poses)  # each pose is followed by these two messages
-    wait_until(lambda: min(len(harness.messages(t)) for t in ('confidence', 'candidates')) >= sent,
-               10.0)
-    return Stream(poses, [m.data for m in harness.messages('confidence')],
-                  harness.messages('candidates'), harness.messages('/initialpose'))
+    wait_until(
+        lambda: min(len(harness.messages(t)) for t in ('confidence', 'candidates')) >= sent, 10.0
+    )
+    return Stream(
+        poses,
+        [m.data for m in harness.messages('confidence')],
+        harness.messages('candidates'),
+        harness.messages('/initialpose'),
+    )
 
 
 def check_covariance(msg: Any) -> None:
@@ -95,19 +107,25 @@ def xy_yaw(msg: Any) -> tuple[float, float, float]:
 
 
 def test_node_localises_the_queries_sent_as_image_and_compressed_image(
-        stream: Stream, queries: Traversal) -> None:
+    stream: Stream, queries: Traversal
+) -> None:
     assert all(p is not None for p in stream.poses), 'a frame got no pose within 30 s'
-    errors = np.array([math.hypot(p.pose.pose.position.x - queries.xy[i, 0],
-                                  p.pose.pose.position.y - queries.xy[i, 1])
-                       for i, p in enumerate(stream.poses)])
+    errors = np.array(
+        [
+            math.hypot(
+                p.pose.pose.position.x - queries.xy[i, 0],
+                p.pose.pose.position.y - queries.xy[i, 1],
+            )
+            for i, p in enumerate(stream.poses)
+        ]
+    )
     assert np.mean(errors <= 5.0) >= 0.8, f'errors (m): {np.round(errors, 1).tolist()}'
     for transport in (0, 1):  # Image (even frames) and CompressedImage (odd) both localise
         assert np.mean(errors[transport::2] <= 5.0) >= 0.7
     assert all(p.header.frame_id == 'map' for p in stream.poses)
 
 
-def test_pose_is_stamped_with_the_image_stamp_and_has_a_valid_covariance(
-        stream: Stream) -> None:
+def test_pose_is_stamped_with_the_image_stamp_and_has_a_valid_covariance(stream: Stream) -> None:
     for i, msg in enumerate(stream.poses):
         assert stamp_ns(msg.header) == T0_NS + i * PERIOD_NS
         check_covariance(msg)
@@ -115,10 +133,12 @@ def test_pose_is_stamped_with_the_image_stamp_and_has_a_valid_covariance(
     assert all(0.0 <= c <= 1.0 for c in stream.confidences)
 
 
-def test_candidates_are_the_top_k_map_poses_in_the_map_frame(stream: Stream,
-                                                               harness: NodeHarness) -> None:
+def test_candidates_are_the_top_k_map_poses_in_the_map_frame(
+    stream: Stream, harness: NodeHarness
+) -> None:
     assert [stamp_ns(c.header) for c in stream.candidates] == [
-        stamp_ns(p.header) for p in stream.poses]
+        stamp_ns(p.header) for p in stream.poses
+    ]
     assert all(c.header.frame_id == 'map' and len(c.poses) == 10 for c in stream.candidates)
     markers = harness.messages('candidate_markers')[-1].markers
     assert markers[0].action == markers[0].DELETEALL and len(markers) == 1 + 2 * 10
@@ -139,9 +159,10 @@ def first_gate_frame(stream: Stream, queries: Traversal) -> int | None:
             ex = px + math.cos(pyaw) * fx - math.sin(pyaw) * fy
             ey = py + math.sin(pyaw) * fx + math.cos(pyaw) * fy
             turn = pyaw + queries.yaw_rad[i] - queries.yaw_rad[i - 1] - yaw
-            agrees = (math.hypot(x - ex, y - ey) <= GATE_DISTANCE_M and
-                      abs(math.degrees(math.atan2(math.sin(turn), math.cos(turn))))
-                      <= GATE_YAW_DEG)
+            agrees = (
+                math.hypot(x - ex, y - ey) <= GATE_DISTANCE_M
+                and abs(math.degrees(math.atan2(math.sin(turn), math.cos(turn)))) <= GATE_YAW_DEG
+            )
         if stream.confidences[i] < GATE_CONFIDENCE:
             run = 0
             continue
@@ -152,7 +173,8 @@ def first_gate_frame(stream: Stream, queries: Traversal) -> int | None:
 
 
 def test_initialpose_is_published_once_only_after_n_agreeing_confident_frames(
-        stream: Stream, queries: Traversal) -> None:
+    stream: Stream, queries: Traversal
+) -> None:
     k = first_gate_frame(stream, queries)
     assert k is not None, f'no {GATE_FRAMES} agreeing frames: confidences {stream.confidences}'
     print('GATE', k)
@@ -164,8 +186,9 @@ def test_initialpose_is_published_once_only_after_n_agreeing_confident_frames(
     check_covariance(initial)
 
 
-def test_rearm_service_lets_the_gate_publish_once_more(harness: NodeHarness, stream: Stream,
-                                                        queries: Traversal) -> None:
+def test_rearm_service_lets_the_gate_publish_once_more(
+    harness: NodeHarness, stream: Stream, queries: Traversal
+) -> None:
     k = first_gate_frame(stream, queries)
     before = len(harness.messages('/initialpose'))
     response = harness.call(Trigger, 'rearm_initial_pose')
@@ -180,7 +203,8 @@ def test_rearm_service_lets_the_gate_publish_once_more(harness: NodeHarness, str
 
 
 def test_relocalize_service_answers_with_the_result_of_the_next_frames(
-        harness: NodeHarness, queries: Traversal) -> None:
+    harness: NodeHarness, queries: Traversal
+) -> None:
     answer: list[Any] = []
     caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
     caller.start()
@@ -209,8 +233,11 @@ def test_relocalize_without_frames_fails_after_its_timeout(harness: NodeHarness)
 
 def test_diagnostics_report_counts_latency_and_map_size(harness: NodeHarness) -> None:
     harness.node.publish_diagnostics()
-    msg = harness.wait_for('/diagnostics', lambda m: any(
-        kv.key == 'localized' and int(kv.value) >= 36 for kv in m.status[0].values), 5.0)
+    msg = harness.wait_for(
+        '/diagnostics',
+        lambda m: any(kv.key == 'localized' and int(kv.value) >= 36 for kv in m.status[0].values),
+        5.0,
+    )
     assert msg is not None
     values = {kv.key: kv.value for kv in msg.status[0].values}
     assert values['map_size'] == '36' and msg.status[0].name == 'vpr_node: localization'

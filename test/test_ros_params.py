@@ -32,8 +32,9 @@ def context() -> Iterator[Any]:
 
 
 def make_node(context: Any, **overrides: Any) -> VprNode:
-    return VprNode(context=context,
-                   parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    return VprNode(
+        context=context, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()]
+    )
 
 
 def yaml_keys(path: Path) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def load_launch_module() -> Any:
 
 
 def test_params_yaml_keys_are_exactly_the_node_parameters_and_load_with_their_types(
-        context: Any) -> None:
+    context: Any,
+) -> None:
     node = VprNode(context=context, cli_args=['--ros-args', '--params-file', str(PARAMS_YAML)])
     declared = own_parameters(node, context)
     keys = yaml_keys(PARAMS_YAML)
@@ -92,8 +94,9 @@ def test_parameters_carry_descriptions_and_ranges(context: Any) -> None:
     node = make_node(context)
     names = [spec.name for spec in params.param_specs()]
     descriptors = dict(zip(names, node.describe_parameters(names)))
-    assert all(d.description and d.description != name for name, d in descriptors.items()), \
+    assert all(d.description and d.description != name for name, d in descriptors.items()), (
         'every parameter needs a one-line description (a comment on its dataclass field)'
+    )
     rate = descriptors['max_rate_hz'].floating_point_range[0]
     assert (rate.from_value, rate.to_value) == params.RANGES['max_rate_hz']
     frames = descriptors['initial_pose.consecutive_frames'].integer_range[0]
@@ -103,17 +106,21 @@ def test_parameters_carry_descriptions_and_ranges(context: Any) -> None:
     node.destroy_node()
 
 
-@pytest.mark.parametrize(('name', 'value', 'reason'), [
-    ('max_rate_hz', 1000.0, 'out of range'),
-    ('initial_pose.consecutive_frames', 0, 'out of range'),
-    ('fusion.top_n', 0, 'fusion.top_n must be >= 1'),
-    ('mode', 'sometimes', 'mode must be one of'),
-    ('rerank.chain', 'no-such-reranker,geometric', None),  # valid for the config: a list
-    ('image_topics', [''], 'image_topics must name at least one topic'),
-    ('confidence.initial_pose_threshold', 0.0, 'initial_pose_threshold must be in'),
-])
-def test_setting_a_parameter_validates_it(context: Any, name: str, value: Any,
-                                          reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ('name', 'value', 'reason'),
+    [
+        ('max_rate_hz', 1000.0, 'out of range'),
+        ('initial_pose.consecutive_frames', 0, 'out of range'),
+        ('fusion.top_n', 0, 'fusion.top_n must be >= 1'),
+        ('mode', 'sometimes', 'mode must be one of'),
+        ('rerank.chain', 'no-such-reranker,geometric', None),  # valid for the config: a list
+        ('image_topics', [''], 'image_topics must name at least one topic'),
+        ('confidence.initial_pose_threshold', 0.0, 'initial_pose_threshold must be in'),
+    ],
+)
+def test_setting_a_parameter_validates_it(
+    context: Any, name: str, value: Any, reason: str | None
+) -> None:
     node = make_node(context)
     before = node.get_parameter(name).value
     (result,) = node.set_parameters([Parameter(name, value=value)])
@@ -129,10 +136,13 @@ def test_setting_a_parameter_validates_it(context: Any, name: str, value: Any,
 
 def test_live_thresholds_change_the_running_settings(context: Any) -> None:
     node = make_node(context)
-    results = node.set_parameters([
-        Parameter('initial_pose.max_distance_m', value=2.5),
-        Parameter('confidence.initial_pose_threshold', value=0.6),
-        Parameter('camera_offset.yaw_deg', value=90.0)])
+    results = node.set_parameters(
+        [
+            Parameter('initial_pose.max_distance_m', value=2.5),
+            Parameter('confidence.initial_pose_threshold', value=0.6),
+            Parameter('camera_offset.yaw_deg', value=90.0),
+        ]
+    )
     assert all(r.successful for r in results)
     node_config, query_config = node.settings
     assert node_config.initial_pose.max_distance_m == 2.5
@@ -141,12 +151,16 @@ def test_live_thresholds_change_the_running_settings(context: Any) -> None:
     node.destroy_node()
 
 
-@pytest.mark.parametrize(('map_path', 'message'), [
-    ('', 'map_path is empty'),
-    ('/nonexistent/map', '/nonexistent/map does not exist'),
-])
-def test_configure_fails_cleanly_without_a_usable_map(context: Any, map_path: str,
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ('map_path', 'message'),
+    [
+        ('', 'map_path is empty'),
+        ('/nonexistent/map', '/nonexistent/map does not exist'),
+    ],
+)
+def test_configure_fails_cleanly_without_a_usable_map(
+    context: Any, map_path: str, message: str
+) -> None:
     from rclpy.lifecycle import TransitionCallbackReturn
 
     node = make_node(context, map_path=map_path)
@@ -171,7 +185,11 @@ def test_configure_fails_cleanly_with_an_incompatible_map(context: Any, tmp_path
 
 def test_console_script_exits_with_a_message_on_a_bad_parameter() -> None:
     script = Path(sys.executable).with_name('vpr_node')
-    run = subprocess.run([str(script), '--ros-args', '-p', 'max_rate_hz:=1000.0'],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [str(script), '--ros-args', '-p', 'max_rate_hz:=1000.0'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1
     assert 'max_rate_hz' in run.stdout + run.stderr

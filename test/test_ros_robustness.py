@@ -44,11 +44,18 @@ def good(queries: Traversal) -> np.ndarray:
 
 @pytest.fixture(scope='module')
 def harness(campus_map: Path) -> NodeHarness:
-    with NodeHarness({'map_path': str(campus_map), 'autostart': True,
-                      'image_topics': ['image', COMPRESSED_TOPIC],
-                      'max_rate_hz': MAX_RATE_HZ}) as running:
-        running.pubs = {'image': running.publisher(Image, 'image'),
-                        'compressed': running.publisher(CompressedImage, COMPRESSED_TOPIC)}
+    with NodeHarness(
+        {
+            'map_path': str(campus_map),
+            'autostart': True,
+            'image_topics': ['image', COMPRESSED_TOPIC],
+            'max_rate_hz': MAX_RATE_HZ,
+        }
+    ) as running:
+        running.pubs = {
+            'image': running.publisher(Image, 'image'),
+            'compressed': running.publisher(CompressedImage, COMPRESSED_TOPIC),
+        }
         yield running
 
 
@@ -79,15 +86,22 @@ def huge_png(image: np.ndarray) -> CompressedImage:
     return CompressedImage(header=header_at(T0_NS, 'camera'), format='png', data=data)
 
 
-@pytest.mark.parametrize(('make', 'reason'), [
-    (wrong_encoding, 'bad_encoding'),
-    (zero_size, 'empty'),
-    (truncated_jpeg, 'corrupt'),
-    (huge_png, 'too_large'),
-])
+@pytest.mark.parametrize(
+    ('make', 'reason'),
+    [
+        (wrong_encoding, 'bad_encoding'),
+        (zero_size, 'empty'),
+        (truncated_jpeg, 'corrupt'),
+        (huge_png, 'too_large'),
+    ],
+)
 def test_a_bad_frame_is_logged_counted_and_skipped_and_the_next_good_frame_localised(
-        harness: NodeHarness, good: np.ndarray, make: Any, reason: str,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    harness: NodeHarness,
+    good: np.ndarray,
+    make: Any,
+    reason: str,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     key = f'skipped_{reason}'
     before = harness.node.counts().get(key, 0)
     msg = make(good)
@@ -97,13 +111,17 @@ def test_a_bad_frame_is_logged_counted_and_skipped_and_the_next_good_frame_local
     assert harness.node.counts().get(key, 0) == before + 1
     assert f'frame skipped ({reason})' in capfd.readouterr().err
     harness.node.publish_diagnostics()
-    diagnostics = harness.wait_for('/diagnostics', lambda m: any(
-        kv.key == key and int(kv.value) == before + 1 for kv in m.status[0].values), 5.0)
+    diagnostics = harness.wait_for(
+        '/diagnostics',
+        lambda m: any(kv.key == key and int(kv.value) == before + 1 for kv in m.status[0].values),
+        5.0,
+    )
     assert diagnostics is not None
 
 
 def test_a_100_hz_flood_drops_stale_frames_keeps_the_rate_and_localises_the_newest(
-        harness: NodeHarness, good: np.ndarray) -> None:
+    harness: NodeHarness, good: np.ndarray
+) -> None:
     before = harness.node.counts()
     start = T0_NS + 1000 * 1_000_000_000
     frames = [camera_msg(good, start + n * 10_000_000) for n in range(100)]
@@ -137,12 +155,13 @@ class HoldFirstCall:
         if self.calls == 1:
             self.entered.set()
             assert wait_until(
-                lambda: self.harness.node.counts().get('received', 0) >= self.target, 30.0)
+                lambda: self.harness.node.counts().get('received', 0) >= self.target, 30.0
+            )
 
 
 def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
-        harness: NodeHarness, good: np.ndarray, queries: Traversal,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    harness: NodeHarness, good: np.ndarray, queries: Traversal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     extractor = harness.node._localizer.extractor
     batch_sizes: list[int] = []
     hold = HoldFirstCall(harness, frames=3)
@@ -160,8 +179,10 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
     other = read_image(queries.image_paths[20])
     harness.pubs['image'].publish(camera_msg(good, primer + 1))
     harness.pubs['compressed'].publish(camera_msg(other, primer + 2, compressed=True))
-    poses = {stamp: harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
-             for stamp in (primer, primer + 1, primer + 2)}
+    poses = {
+        stamp: harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+        for stamp in (primer, primer + 1, primer + 2)
+    }
 
     assert batch_sizes == [1, 2]
     assert all(p is not None for p in poses.values())
@@ -171,7 +192,8 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
 
 
 def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
-        harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     localizer = harness.node._localizer
     localize_batch, batch_sizes = localizer.localize_batch, []
     small = cv2.resize(good, (good.shape[1] // 2, good.shape[0] // 2))
@@ -198,13 +220,15 @@ def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
 
     assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer + 1, 30.0) is not None
     assert wait_until(
-        lambda: harness.node.counts().get('skipped_localize_error', 0) == before + 1, 10.0)
+        lambda: harness.node.counts().get('skipped_localize_error', 0) == before + 1, 10.0
+    )
     assert batch_sizes == [1, 2, 1, 1]  # the batch, then each frame alone
     assert not [m for m in harness.messages('pose') if stamp_ns(m.header) == primer + 2]
 
 
-def test_a_bug_while_publishing_costs_that_frame_only(harness: NodeHarness, good: np.ndarray,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_while_publishing_costs_that_frame_only(
+    harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publish, failures = harness.node._publish, []
 
     def fails_once(*args: Any) -> None:
@@ -219,23 +243,27 @@ def test_a_bug_while_publishing_costs_that_frame_only(harness: NodeHarness, good
     time.sleep(1.0 / MAX_RATE_HZ)
     harness.pubs['image'].publish(camera_msg(good, stamp))
     assert wait_until(
-        lambda: harness.node.counts().get('skipped_internal_error', 0) == before + 1, 10.0)
+        lambda: harness.node.counts().get('skipped_internal_error', 0) == before + 1, 10.0
+    )
     assert localise_good_frame(harness, good, stamp + 1) is not None
 
 
-def test_on_demand_mode_localises_only_for_a_relocalize_call(harness: NodeHarness,
-                                                             good: np.ndarray) -> None:
+def test_on_demand_mode_localises_only_for_a_relocalize_call(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
     harness.node.set_parameters([Parameter('mode', value='on_demand')])
     try:
         idle = T0_NS + 2000 * 1_000_000_000
         ignored = harness.node.counts().get('ignored_on_demand', 0)
         harness.pubs['image'].publish(camera_msg(good, idle))
         assert wait_until(
-            lambda: harness.node.counts().get('ignored_on_demand', 0) > ignored, 30.0)
+            lambda: harness.node.counts().get('ignored_on_demand', 0) > ignored, 30.0
+        )
         assert not [m for m in harness.messages('pose') if stamp_ns(m.header) == idle]
         answer: list[Any] = []
         caller = threading.Thread(
-            target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
+            target=lambda: answer.append(harness.call(Trigger, 'relocalize'))
+        )
         caller.start()
         assert wait_until(lambda: bool(harness.node._waiters), 30.0)
         for n in range(3):  # relocalize_frames (default 3) frames answer the call
@@ -247,8 +275,9 @@ def test_on_demand_mode_localises_only_for_a_relocalize_call(harness: NodeHarnes
         harness.node.set_parameters([Parameter('mode', value='continuous')])
 
 
-def test_debug_image_shows_the_query_beside_its_best_match(harness: NodeHarness,
-                                                           good: np.ndarray) -> None:
+def test_debug_image_shows_the_query_beside_its_best_match(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
     harness.node.set_parameters([Parameter('debug_image', value=True)])
     stamp = T0_NS + 3000 * 1_000_000_000
     assert localise_good_frame(harness, good, stamp) is not None
@@ -272,10 +301,12 @@ class TfOffsetDouble:
 
 
 def test_a_missing_transform_skips_the_frame_until_tf_arrives(
-        campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]) -> None:
+    campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
     tf = TfOffsetDouble()
-    with NodeHarness({'map_path': str(campus_map), 'autostart': True}, offset_source=tf,
-                     namespace='tf_test') as harness:
+    with NodeHarness(
+        {'map_path': str(campus_map), 'autostart': True}, offset_source=tf, namespace='tf_test'
+    ) as harness:
         pub = harness.publisher(Image, 'image')
         pub.publish(camera_msg(good, T0_NS))
         assert harness.wait_for('pose', lambda m: True, timeout_s=3.0) is None
@@ -288,12 +319,16 @@ def test_a_missing_transform_skips_the_frame_until_tf_arrives(
 
 @pytest.mark.skipif(tf_available(), reason='tf2_ros is installed: the TF adapter is used')
 def test_use_tf_without_tf2_falls_back_to_the_camera_offset_parameters(
-        campus_map: Path, harness: NodeHarness, good: np.ndarray,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    campus_map: Path, harness: NodeHarness, good: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
     stamp = T0_NS + 5000 * 1_000_000_000
     plain = localise_good_frame(harness, good, stamp)  # camera_offset all zero
-    parameters = {'map_path': str(campus_map), 'autostart': True, 'use_tf': True,
-                  'camera_offset.x_m': 2.0}
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'use_tf': True,
+        'camera_offset.x_m': 2.0,
+    }
     with NodeHarness(parameters, namespace='no_tf2_test') as fallback:
         fallback.publisher(Image, 'image').publish(camera_msg(good, stamp))
         moved = fallback.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
@@ -303,12 +338,18 @@ def test_use_tf_without_tf2_falls_back_to_the_camera_offset_parameters(
     assert math.hypot(a.x - b.x, a.y - b.y) == pytest.approx(2.0, abs=1e-6)  # 2 m lever arm
 
 
-def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(campus_map: Path,
-                                                         queries: Traversal) -> None:
+def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
+    campus_map: Path, queries: Traversal
+) -> None:
     """Frames 10..13 then a frame of a place 50 m away (query 30) where odometry says the
     robot reached query 14's place: the voted pose stays on the robot's route."""
-    parameters = {'map_path': str(campus_map), 'autostart': True, 'odom_topic': 'odom',
-                  'max_rate_hz': 50.0, 'sequence.length': 4}
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'odom_topic': 'odom',
+        'max_rate_hz': 50.0,
+        'sequence.length': 4,
+    }
     with NodeHarness(parameters, namespace='sequence_test') as harness:
         pubs = (harness.publisher(Image, 'image'), harness.publisher(Odometry, 'odom'))
         route = [(i, i) for i in range(10, 14)] + [(30, 14)]  # (image shown, true place)
@@ -316,8 +357,9 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(campus_map: Path,
             stamp = T0_NS + n * 1_000_000_000
             odometry = harness.node.counts().get('odometry', 0)
             pubs[1].publish(odometry_msg(queries.pose(place), stamp))
-            assert wait_until(lambda o=odometry: harness.node.counts().get('odometry', 0) > o,
-                              10.0)
+            assert wait_until(
+                lambda o=odometry: harness.node.counts().get('odometry', 0) > o, 10.0
+            )
             pubs[0].publish(camera_msg(read_image(queries.image_paths[shown]), stamp))
             msg = harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
             assert msg is not None
@@ -328,7 +370,8 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(campus_map: Path,
 
 
 def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_again(
-        harness: NodeHarness, good: np.ndarray) -> None:
+    harness: NodeHarness, good: np.ndarray
+) -> None:
     from rclpy.lifecycle import TransitionCallbackReturn
 
     node, pub = harness.node, harness.pubs['image']

@@ -18,14 +18,23 @@ from vlm_vpr.backends.vlm.tasks import describe_image
 from vlm_vpr.core.config import VlmConfig
 from vlm_vpr.core.errors import VlmOutputError
 
-GOOD = ('{"descriptions": [{"text": "a glass atrium", "weight": 3}, '
-        '{"text": "a tall palm", "weight": 1}]}')
+GOOD = (
+    '{"descriptions": [{"text": "a glass atrium", "weight": 3}, '
+    '{"text": "a tall palm", "weight": 1}]}'
+)
 
 
 def client_for(server: FakeOpenAIServer, **overrides: object) -> OpenAiVlm:
-    fields = dict(backend='openai', model='tiny-vlm', base_url=server.base_url, timeout_s=5.0,
-                  retries=0, retry_backoff_s=0.01, image_size_px=64,
-                  api_key_env='VLM_VPR_TEST_KEY')
+    fields = dict(
+        backend='openai',
+        model='tiny-vlm',
+        base_url=server.base_url,
+        timeout_s=5.0,
+        retries=0,
+        retry_backoff_s=0.01,
+        image_size_px=64,
+        api_key_env='VLM_VPR_TEST_KEY',
+    )
     fields.update(overrides)
     client = create_vlm_client(VlmConfig(**fields))
     assert isinstance(client, OpenAiVlm)
@@ -33,7 +42,8 @@ def client_for(server: FakeOpenAIServer, **overrides: object) -> OpenAiVlm:
 
 
 def test_openai_client_returns_validated_descriptions_and_sends_the_image_as_base64_jpeg(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv('VLM_VPR_TEST_KEY', 'sk-secret-123')
     caplog.set_level(logging.DEBUG)
     with FakeOpenAIServer([(200, chat_reply(GOOD), 0.0)]) as server:
@@ -48,7 +58,7 @@ def test_openai_client_returns_validated_descriptions_and_sends_the_image_as_bas
     assert text_part['type'] == 'text' and '"descriptions"' in text_part['text']
     prefix = 'data:image/jpeg;base64,'
     assert image_part['image_url']['url'].startswith(prefix)
-    jpeg = base64.b64decode(image_part['image_url']['url'][len(prefix):])
+    jpeg = base64.b64decode(image_part['image_url']['url'][len(prefix) :])
     sent = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert max(sent.shape[:2]) == 64  # shrunk to vlm.image_size_px
     assert 'sk-secret-123' not in caplog.text
@@ -99,8 +109,9 @@ def test_openai_client_stops_retrying_when_the_callers_budget_is_spent() -> None
 
 
 def test_openai_client_retries_an_http_500_and_returns_the_next_answer() -> None:
-    with FakeOpenAIServer([(500, b'overloaded', 0.0), (200, chat_reply('{"score": 9}'), 0.0)]
-                          ) as server:
+    with FakeOpenAIServer(
+        [(500, b'overloaded', 0.0), (200, chat_reply('{"score": 9}'), 0.0)]
+    ) as server:
         answer = client_for(server, retries=1).ask_json('rate', [colour_image(0)], 5.0)
     assert answer == {'score': 9}
     assert len(server.requests) == 2
@@ -124,7 +135,12 @@ def test_openai_client_reports_a_refused_connection() -> None:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
-    config = VlmConfig(backend='openai', model='m', base_url=f'http://127.0.0.1:{port}/v1',
-                       retries=1, retry_backoff_s=0.01)
+    config = VlmConfig(
+        backend='openai',
+        model='m',
+        base_url=f'http://127.0.0.1:{port}/v1',
+        retries=1,
+        retry_backoff_s=0.01,
+    )
     with pytest.raises(VlmUnavailableError, match='cannot reach .*start the server'):
         OpenAiVlm(config).ask_json('rate', [colour_image(0)], 5.0)

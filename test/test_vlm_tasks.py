@@ -51,16 +51,30 @@ def test_prepare_image_rgb_keeps_small_images_and_expands_grey() -> None:
 
 
 def test_describe_image_renormalises_weights_and_keeps_at_most_n() -> None:
-    vlm = answering({'descriptions': [{'text': 'a', 'weight': 2}, {'text': 'b', 'weight': 6},
-                                      {'text': 'c', 'weight': 9}]})
+    vlm = answering(
+        {
+            'descriptions': [
+                {'text': 'a', 'weight': 2},
+                {'text': 'b', 'weight': 6},
+                {'text': 'c', 'weight': 9},
+            ]
+        }
+    )
     described = describe_image(vlm, colour_image(0), 2, 1.0)
     assert [(d.text, d.weight) for d in described] == [('a', 0.25), ('b', 0.75)]
     assert vlm.calls[0][0] == describe_prompt(2) and '2 short' in vlm.calls[0][0]
 
 
 def test_describe_image_drops_empty_texts_and_gives_equal_weights_when_all_are_zero() -> None:
-    vlm = answering({'descriptions': [{'text': '  ', 'weight': 5}, {'text': 'x', 'weight': 0},
-                                      {'text': ' y  z ', 'weight': 0}]})
+    vlm = answering(
+        {
+            'descriptions': [
+                {'text': '  ', 'weight': 5},
+                {'text': 'x', 'weight': 0},
+                {'text': ' y  z ', 'weight': 0},
+            ]
+        }
+    )
     described = describe_image(vlm, colour_image(0), 3, 1.0)
     assert [(d.text, d.weight) for d in described] == [('x', 0.5), ('y z', 0.5)]
 
@@ -69,13 +83,16 @@ def test_describe_image_returns_nothing_for_an_empty_list() -> None:
     assert describe_image(answering({'descriptions': []}), colour_image(0), 3, 1.0) == []
 
 
-@pytest.mark.parametrize('answer, match', [
-    ({'text': 'no list'}, "no list 'descriptions'"),
-    ({'descriptions': ['just a string']}, 'is not {"text"'),
-    ({'descriptions': [{'text': 'a', 'weight': -1}]}, r'outside \[0.0'),
-    ({'descriptions': [{'text': 'a', 'weight': 'heavy'}]}, 'is not a number'),
-    ({'descriptions': [{'text': 'a', 'weight': True}]}, 'is not a number'),
-])
+@pytest.mark.parametrize(
+    'answer, match',
+    [
+        ({'text': 'no list'}, "no list 'descriptions'"),
+        ({'descriptions': ['just a string']}, 'is not {"text"'),
+        ({'descriptions': [{'text': 'a', 'weight': -1}]}, r'outside \[0.0'),
+        ({'descriptions': [{'text': 'a', 'weight': 'heavy'}]}, 'is not a number'),
+        ({'descriptions': [{'text': 'a', 'weight': True}]}, 'is not a number'),
+    ],
+)
 def test_describe_image_rejects_answers_off_the_schema(answer: dict[str, Any], match: str) -> None:
     with pytest.raises(VlmOutputError, match=match):
         describe_image(answering(answer), colour_image(0), 3, 1.0)
@@ -85,14 +102,23 @@ def test_compare_pair_shows_query_then_a_then_b_and_reads_the_choice() -> None:
     vlm = answering({'same_place': ' b '})
     assert compare_pair(vlm, colour_image(0), colour_image(1), colour_image(2), 1.0) == 'B'
     assert vlm.calls[0][1] == [0, 1, 2]
-    assert compare_pair(answering({'same_place': 'None'}), colour_image(0), colour_image(1),
-                        colour_image(2), 1.0) == 'none'
+    assert (
+        compare_pair(
+            answering({'same_place': 'None'}),
+            colour_image(0),
+            colour_image(1),
+            colour_image(2),
+            1.0,
+        )
+        == 'none'
+    )
 
 
 def test_compare_pair_rejects_an_unknown_choice() -> None:
     with pytest.raises(VlmOutputError, match='same_place must be'):
-        compare_pair(answering({'same_place': 'C'}), colour_image(0), colour_image(1),
-                     colour_image(2), 1.0)
+        compare_pair(
+            answering({'same_place': 'C'}), colour_image(0), colour_image(1), colour_image(2), 1.0
+        )
 
 
 def test_score_candidate_reads_a_rating_and_rejects_one_out_of_range() -> None:
@@ -117,11 +143,14 @@ def test_pick_regions_returns_none_when_the_model_is_unsure_or_picks_nothing() -
     assert pick_regions(empty, colour_image(0), ['a', 'b'], 2, 1.0) is None
 
 
-@pytest.mark.parametrize('answer, match', [
-    ({'regions': [5], 'confident': True}, r'not an index in \[0, 1\]'),
-    ({'regions': [True], 'confident': True}, 'not an index'),
-    ({'regions': [0], 'confident': 'yes'}, "no bool 'confident'"),
-])
+@pytest.mark.parametrize(
+    'answer, match',
+    [
+        ({'regions': [5], 'confident': True}, r'not an index in \[0, 1\]'),
+        ({'regions': [True], 'confident': True}, 'not an index'),
+        ({'regions': [0], 'confident': 'yes'}, "no bool 'confident'"),
+    ],
+)
 def test_pick_regions_rejects_answers_off_the_schema(answer: dict[str, Any], match: str) -> None:
     with pytest.raises(VlmOutputError, match=match):
         pick_regions(answering(answer), colour_image(0), ['a', 'b'], 2, 1.0)
@@ -132,14 +161,17 @@ def test_create_vlm_client_without_a_backend_says_how_to_configure_one() -> None
         create_vlm_client(VlmConfig())
 
 
-@pytest.mark.parametrize('fields, match', [
-    ({'backend': 'llama'}, 'vlm.backend must be one of'),
-    ({'backend': 'openai'}, 'vlm.model must name a model'),
-    ({'backend': 'openai', 'model': 'm', 'base_url': 'localhost:8000'}, 'vlm.base_url'),
-    ({'timeout_s': 0}, 'vlm.timeout_s must be > 0'),
-    ({'quantization': 'gptq'}, 'vlm.quantization must be one of'),
-    ({'dtype': 'int8'}, 'vlm.dtype must be one of'),
-])
+@pytest.mark.parametrize(
+    'fields, match',
+    [
+        ({'backend': 'llama'}, 'vlm.backend must be one of'),
+        ({'backend': 'openai'}, 'vlm.model must name a model'),
+        ({'backend': 'openai', 'model': 'm', 'base_url': 'localhost:8000'}, 'vlm.base_url'),
+        ({'timeout_s': 0}, 'vlm.timeout_s must be > 0'),
+        ({'quantization': 'gptq'}, 'vlm.quantization must be one of'),
+        ({'dtype': 'int8'}, 'vlm.dtype must be one of'),
+    ],
+)
 def test_vlm_config_rejects_invalid_values(fields: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         VlmConfig(**fields)

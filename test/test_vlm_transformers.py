@@ -20,12 +20,15 @@ from vlm_vpr.core.errors import ConfigError, VlmOutputError
 
 torch = pytest.importorskip('torch')
 
-ANSWER = ('{"descriptions": [{"text": "red brick arch", "weight": 2}, '
-          '{"text": "stone fountain", "weight": 1}]}')
+ANSWER = (
+    '{"descriptions": [{"text": "red brick arch", "weight": 2}, '
+    '{"text": "stone fountain", "weight": 1}]}'
+)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
-    "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    '{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}'
+)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -54,29 +57,55 @@ def build_tiny_llava(folder: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000,
-                                  special_tokens=['<pad>', '<s>', '</s>', '<image>'],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=['<pad>', '<s>', '</s>', '<image>'],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator([ANSWER, describe_prompt(3)] * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<s>', eos_token='</s>',
-                                        pad_token='<pad>',
-                                        extra_special_tokens={'image_token': '<image>'})
-    image_processor = CLIPImageProcessor(size={'shortest_edge': 32},
-                                         crop_size={'height': 32, 'width': 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy='default',
-                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token='<s>',
+        eos_token='</s>',
+        pad_token='<pad>',
+        extra_special_tokens={'image_token': '<image>'},
+    )
+    image_processor = CLIPImageProcessor(
+        size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy='default',
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
-                                num_hidden_layers=2, num_attention_heads=2,
-                                num_key_value_heads=2, max_position_embeddings=512,
-                                pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids('<image>'), vision_feature_layer=-1,
-        vision_feature_select_strategy='default')
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids('<image>'),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy='default',
+    )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -89,25 +118,37 @@ def teach_answer(client: TransformersVlm, prompt: str, answer: str, folder: Path
 
     model, processor = client.model, client.processor
     rng = np.random.default_rng(0)
-    answer_ids = processor.tokenizer(answer + '</s>', add_special_tokens=False,
-                                     return_tensors='pt')['input_ids']
+    answer_ids = processor.tokenizer(
+        answer + '</s>', add_special_tokens=False, return_tensors='pt'
+    )['input_ids']
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for step in range(150):  # noise or flat colours, one or two images: any test input is familiar
         content: list[dict[str, object]] = []
         for _ in range(1 + step % 3 // 2):
             shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90)), 3)
-            pixels = (rng.integers(0, 255, shape) if step % 2 else
-                      np.broadcast_to(rng.integers(0, 255, 3), shape))
+            pixels = (
+                rng.integers(0, 255, shape)
+                if step % 2
+                else np.broadcast_to(rng.integers(0, 255, 3), shape)
+            )
             content.append({'type': 'image', 'image': Image.fromarray(pixels.astype(np.uint8))})
         inputs = processor.apply_chat_template(
             [{'role': 'user', 'content': [*content, {'type': 'text', 'text': prompt}]}],
-            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors='pt')
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors='pt',
+        )
         ids = torch.cat([inputs['input_ids'], answer_ids], dim=1)
         labels = ids.clone()
-        labels[:, :inputs['input_ids'].shape[1]] = -100
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                     pixel_values=inputs['pixel_values'], labels=labels).loss
+        labels[:, : inputs['input_ids'].shape[1]] = -100
+        loss = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs['pixel_values'],
+            labels=labels,
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -135,7 +176,8 @@ def config_for(folder: Path, **overrides: object) -> VlmConfig:
 
 
 def test_transformers_client_turns_garbage_generation_into_an_output_error(
-        tiny_llava: Path) -> None:
+    tiny_llava: Path,
+) -> None:
     client = create_vlm_client(config_for(tiny_llava))
     assert isinstance(client, TransformersVlm)
     with pytest.raises(VlmOutputError, match='VLM answer'):
@@ -143,7 +185,8 @@ def test_transformers_client_turns_garbage_generation_into_an_output_error(
 
 
 def test_transformers_client_returns_validated_descriptions_from_a_model_that_answers_json(
-        taught_llava: Path) -> None:
+    taught_llava: Path,
+) -> None:
     client = create_vlm_client(config_for(taught_llava))
     described = describe_image(client, colour_image(4, (120, 90)), 3, 30.0)
     assert [d.text for d in described] == ['red brick arch', 'stone fountain']
@@ -152,13 +195,15 @@ def test_transformers_client_returns_validated_descriptions_from_a_model_that_an
 
 def test_transformers_client_accepts_several_images_in_one_prompt(taught_llava: Path) -> None:
     client = create_vlm_client(config_for(taught_llava))
-    answer = client.ask_json(describe_prompt(3), [colour_image(0), colour_image(5, (30, 300))],
-                             30.0)
+    answer = client.ask_json(
+        describe_prompt(3), [colour_image(0), colour_image(5, (30, 300))], 30.0
+    )
     assert answer['descriptions'][0] == {'text': 'red brick arch', 'weight': 2}
 
 
 def test_transformers_client_reports_a_timeout_when_generation_hits_the_budget(
-        tiny_llava: Path) -> None:
+    tiny_llava: Path,
+) -> None:
     client = create_vlm_client(config_for(tiny_llava, max_new_tokens=4096))
     with pytest.raises(VlmTimeoutError, match='time limit'):
         client.ask_json('describe', [colour_image(0)], 0.05)
@@ -171,8 +216,9 @@ def test_transformers_client_reports_a_missing_model_folder(tmp_path: Path) -> N
         TransformersVlm(config_for(tmp_path / 'no_such_model'))
 
 
-def test_transformers_client_rejects_a_model_without_chat_template(tiny_llava: Path,
-                                                                    tmp_path: Path) -> None:
+def test_transformers_client_rejects_a_model_without_chat_template(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / 'no_template'
     shutil.copytree(tiny_llava, folder)
     (folder / 'chat_template.jinja').unlink()
@@ -185,26 +231,33 @@ def test_bnb_4bit_quantization_needs_a_cuda_device(tiny_llava: Path) -> None:
         TransformersVlm(config_for(tiny_llava, quantization='bnb-4bit'))
 
 
-@pytest.mark.parametrize('quantization, device, package', [
-    ('bnb-4bit', 'cuda', 'bitsandbytes'), ('torchao-int8', 'cpu', 'torchao')])
+@pytest.mark.parametrize(
+    'quantization, device, package',
+    [('bnb-4bit', 'cuda', 'bitsandbytes'), ('torchao-int8', 'cpu', 'torchao')],
+)
 def test_quantization_without_its_package_names_the_package_to_install(
-        tiny_llava: Path, monkeypatch: pytest.MonkeyPatch, quantization: str, device: str,
-        package: str) -> None:
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch, quantization: str, device: str, package: str
+) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == package else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        'find_spec',
+        lambda name, *a: None if name == package else real_find_spec(name, *a),
+    )
     with pytest.raises(ConfigError, match=f"needs the '{package}' package: pip install {package}"):
         TransformersVlm(config_for(tiny_llava, quantization=quantization, device=device))
 
 
 def test_a_reranker_on_the_garbage_model_notes_the_failure_and_keeps_the_coarse_order(
-        tiny_llava: Path, tmp_path: Path) -> None:
+    tiny_llava: Path, tmp_path: Path
+) -> None:
     vpr_map = make_map(tmp_path, [(0, 0), (5, 0), (10, 0)])
     cfg = LocalizerConfig(rerank=RerankConfig(chain=('pairwise',)), vlm=config_for(tiny_llava))
     (reranker,) = create_rerankers(cfg, vpr_map)
     query = make_query(9)
-    ranked = reranker.rerank(query, make_candidates(vpr_map, [2, 0, 1], [0.5, 0.49, 0.48]),
-                             vpr_map)
+    ranked = reranker.rerank(
+        query, make_candidates(vpr_map, [2, 0, 1], [0.5, 0.49, 0.48]), vpr_map
+    )
     assert [c.map_index for c in ranked] == [2, 0, 1]
     assert query.notes[0].startswith('pairwise: VlmOutputError: VLM answer')
     assert reranker.stats['vlm_calls'] == 1 and reranker.stats['failures'] == 1

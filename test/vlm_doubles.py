@@ -19,8 +19,9 @@ from vlm_vpr.core.config import MapBuildConfig
 from vlm_vpr.core.map_format import MapContent, VprMap, read_map, write_map
 from vlm_vpr.core.types import Candidate, Pose
 
-PALETTE = np.array([(b, g, r) for b in (0, 120, 240) for g in (0, 120, 240) for r in (0, 240)],
-                   dtype=np.uint8)  # 18 well-separated BGR colours
+PALETTE = np.array(
+    [(b, g, r) for b in (0, 120, 240) for g in (0, 120, 240) for r in (0, 240)], dtype=np.uint8
+)  # 18 well-separated BGR colours
 
 
 def colour_image(index: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -34,8 +35,12 @@ def image_index(image_bgr: np.ndarray) -> int:
     return int(np.argmin(((PALETTE.astype(np.float64) - mean) ** 2).sum(axis=1)))
 
 
-def make_map(tmp_path: Path, positions_xy: Sequence[tuple[float, float]],
-             thumbnails: bool = True, dim: int = 8) -> VprMap:
+def make_map(
+    tmp_path: Path,
+    positions_xy: Sequence[tuple[float, float]],
+    thumbnails: bool = True,
+    dim: int = 8,
+) -> VprMap:
     """A written-and-read map; map image j has thumbnail colour j and a random descriptor."""
     n = len(positions_xy)
     rng = np.random.default_rng(0)
@@ -44,11 +49,13 @@ def make_map(tmp_path: Path, positions_xy: Sequence[tuple[float, float]],
     codebook = rng.normal(size=(4, 3)).astype(np.float32)
     codebook /= np.linalg.norm(codebook, axis=1, keepdims=True)
     content = MapContent(
-        build_config=MapBuildConfig(), codebook=codebook,
+        build_config=MapBuildConfig(),
+        codebook=codebook,
         descriptors=descriptors.astype(np.float16),
         image_names=[f'{j:03d}.jpg' for j in range(n)],
         poses=[Pose.from_yaw(x, y, 0.0) for x, y in positions_xy],
-        thumbnails=[_jpeg(colour_image(j)) for j in range(n)] if thumbnails else None)
+        thumbnails=[_jpeg(colour_image(j)) for j in range(n)] if thumbnails else None,
+    )
     return read_map(write_map(content, tmp_path / 'map'))
 
 
@@ -64,14 +71,16 @@ class ScriptedVlm:
 
     model_name = 'scripted-vlm'
 
-    def __init__(self, answer: Callable[[str, list[np.ndarray]], dict[str, Any]],
-                 delay_s: float = 0.0) -> None:
+    def __init__(
+        self, answer: Callable[[str, list[np.ndarray]], dict[str, Any]], delay_s: float = 0.0
+    ) -> None:
         self.answer = answer
         self.delay_s = delay_s
         self.calls: list[tuple[str, list[int], float]] = []  # prompt, image indices, timeout
 
-    def ask_json(self, prompt: str, images_bgr: Sequence[np.ndarray],
-                 timeout_s: float) -> dict[str, Any]:
+    def ask_json(
+        self, prompt: str, images_bgr: Sequence[np.ndarray], timeout_s: float
+    ) -> dict[str, Any]:
         self.calls.append((prompt, [image_index(i) for i in images_bgr], timeout_s))
         time.sleep(self.delay_s)
         return self.answer(prompt, list(images_bgr))
@@ -112,8 +121,9 @@ class FakeOpenAIServer:
         self._httpd = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self._httpd.daemon_threads = True
         self.base_url = f'http://127.0.0.1:{self._httpd.server_address[1]}/v1'
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), daemon=True
+        )
 
     def __enter__(self) -> FakeOpenAIServer:
         self._thread.start()
@@ -126,16 +136,29 @@ class FakeOpenAIServer:
 
 def chat_reply(content: str, **message: Any) -> dict[str, Any]:
     """An OpenAI chat-completion response whose first message has ``content``."""
-    return {'id': 'x', 'object': 'chat.completion',
-            'choices': [{'index': 0, 'finish_reason': 'stop',
-                         'message': {'role': 'assistant', 'content': content, **message}}]}
+    return {
+        'id': 'x',
+        'object': 'chat.completion',
+        'choices': [
+            {
+                'index': 0,
+                'finish_reason': 'stop',
+                'message': {'role': 'assistant', 'content': content, **message},
+            }
+        ],
+    }
 
 
-def make_candidates(vpr_map: VprMap, ids: Sequence[int],
-                    coarse_scores: Sequence[float]) -> list[Candidate]:
+def make_candidates(
+    vpr_map: VprMap, ids: Sequence[int], coarse_scores: Sequence[float]
+) -> list[Candidate]:
     """Candidates for map ids ``ids`` with the given coarse scores (score = coarse score)."""
-    return [Candidate(int(j), vpr_map.content.image_names[j], vpr_map.content.poses[j], float(s),
-                      float(s)) for j, s in zip(ids, coarse_scores)]
+    return [
+        Candidate(
+            int(j), vpr_map.content.image_names[j], vpr_map.content.poses[j], float(s), float(s)
+        )
+        for j, s in zip(ids, coarse_scores)
+    ]
 
 
 def make_query(colour: int, budget_s: float = 30.0, dim: int = 8) -> Query:

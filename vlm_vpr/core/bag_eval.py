@@ -21,10 +21,19 @@ from vlm_vpr.core.sequence import SequenceMatcher
 RECALL_KS = (1, 5, 10)
 
 
-def evaluate_bag(map_dir: str | Path, bag_path: str | Path, image_topic: str, truth_topic: str,
-                 config: LocalizerConfig | None = None, *, tolerance_m: float = 5.0,
-                 confidence_threshold: float | None = None, base_frame: str = 'base_link',
-                 max_frames: int | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_bag(
+    map_dir: str | Path,
+    bag_path: str | Path,
+    image_topic: str,
+    truth_topic: str,
+    config: LocalizerConfig | None = None,
+    *,
+    tolerance_m: float = 5.0,
+    confidence_threshold: float | None = None,
+    base_frame: str = 'base_link',
+    max_frames: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Localise every image on ``image_topic`` and compare with the truth on ``truth_topic``.
 
     The truth (Odometry, PoseStamped, PoseWithCovarianceStamped or /tf down to
@@ -39,59 +48,88 @@ def evaluate_bag(map_dir: str | Path, bag_path: str | Path, image_topic: str, tr
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
     localizer = Localizer(read_map(map_dir), config)
     config = localizer.config
-    threshold = (config.confidence.initial_pose_threshold if confidence_threshold is None
-                 else confidence_threshold)
+    threshold = (
+        config.confidence.initial_pose_threshold
+        if confidence_threshold is None
+        else confidence_threshold
+    )
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
-    frames = read_posed_images(bag_path, image_topic, truth_topic,
-                               map_frame=localizer.map.frame_id, base_frame=base_frame,
-                               min_distance_m=0.0, min_rotation_rad=0.0, progress=progress)
+    frames = read_posed_images(
+        bag_path,
+        image_topic,
+        truth_topic,
+        map_frame=localizer.map.frame_id,
+        base_frame=base_frame,
+        min_distance_m=0.0,
+        min_rotation_rad=0.0,
+        progress=progress,
+    )
     per_frame = []
     for frame in itertools.islice(frames, max_frames):
         result = localizer.localize(frame.image_bgr)
         if matcher is not None:
             result = matcher.update(result)
         truth = frame.pose
-        distances = [math.hypot(c.pose.x - truth.x, c.pose.y - truth.y)
-                     for c in result.candidates]
+        distances = [math.hypot(c.pose.x - truth.x, c.pose.y - truth.y) for c in result.candidates]
         hits = [d <= tolerance_m for d in distances]
         yaw_error = None
         if result.pose.yaw_known and truth.yaw_known:
             yaw_error = abs(math.degrees(_wrap(result.pose.yaw_rad - truth.yaw_rad)))
-        per_frame.append({
-            'name': frame.name, 'stamp_ns': frame.stamp_ns,
-            'truth': [truth.x, truth.y, truth.yaw_rad if truth.yaw_known else None],
-            'pose': [result.pose.x, result.pose.y,
-                     result.pose.yaw_rad if result.pose.yaw_known else None],
-            'error_m': math.hypot(result.pose.x - truth.x, result.pose.y - truth.y),
-            'yaw_error_deg': yaw_error,
-            'confidence': result.confidence,
-            'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
-            'top_names': [c.image_name for c in result.candidates],
-            'timing_ms': result.timing_ms, 'notes': result.notes,
-        })
+        per_frame.append(
+            {
+                'name': frame.name,
+                'stamp_ns': frame.stamp_ns,
+                'truth': [truth.x, truth.y, truth.yaw_rad if truth.yaw_known else None],
+                'pose': [
+                    result.pose.x,
+                    result.pose.y,
+                    result.pose.yaw_rad if result.pose.yaw_known else None,
+                ],
+                'error_m': math.hypot(result.pose.x - truth.x, result.pose.y - truth.y),
+                'yaw_error_deg': yaw_error,
+                'confidence': result.confidence,
+                'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
+                'top_names': [c.image_name for c in result.candidates],
+                'timing_ms': result.timing_ms,
+                'notes': result.notes,
+            }
+        )
     frames.close()  # stop reading the bag when max_frames is reached
-    return summarize_bag(per_frame, tolerance_m, threshold, {
-        'map': str(map_dir), 'bag': str(bag_path), 'image_topic': image_topic,
-        'truth_topic': truth_topic, 'rerank_chain': list(config.rerank.chain),
-        'sequence_length': config.sequence.length})
+    return summarize_bag(
+        per_frame,
+        tolerance_m,
+        threshold,
+        {
+            'map': str(map_dir),
+            'bag': str(bag_path),
+            'image_topic': image_topic,
+            'truth_topic': truth_topic,
+            'rerank_chain': list(config.rerank.chain),
+            'sequence_length': config.sequence.length,
+        },
+    )
 
 
-def summarize_bag(per_frame: list[dict[str, Any]], tolerance_m: float, threshold: float,
-                  source: dict[str, Any]) -> dict[str, Any]:
+def summarize_bag(
+    per_frame: list[dict[str, Any]], tolerance_m: float, threshold: float, source: dict[str, Any]
+) -> dict[str, Any]:
     """The report of :func:`evaluate_bag` from its per-frame records."""
     n = len(per_frame)
     ranks = [f['first_correct_rank'] for f in per_frame]
     errors = np.array([f['error_m'] for f in per_frame], dtype=np.float64)
-    yaw_errors = np.array([f['yaw_error_deg'] for f in per_frame
-                           if f['yaw_error_deg'] is not None], dtype=np.float64)
+    yaw_errors = np.array(
+        [f['yaw_error_deg'] for f in per_frame if f['yaw_error_deg'] is not None], dtype=np.float64
+    )
     correct = errors <= tolerance_m
     accepted = np.array([f['confidence'] >= threshold for f in per_frame], dtype=bool)
     stages = sorted({s for f in per_frame for s in f['timing_ms']})
     return {
         **source,
-        'num_frames': n, 'tolerance_m': tolerance_m,
-        'recall': {str(k): _fraction(sum(r is not None and r <= k for r in ranks), n)
-                   for k in RECALL_KS},
+        'num_frames': n,
+        'tolerance_m': tolerance_m,
+        'recall': {
+            str(k): _fraction(sum(r is not None and r <= k for r in ranks), n) for k in RECALL_KS
+        },
         'position_error_m': _spread(errors),
         'yaw_error_deg': _spread(yaw_errors),
         'success_rate': _fraction(int(correct.sum()), n),
@@ -99,17 +137,23 @@ def summarize_bag(per_frame: list[dict[str, Any]], tolerance_m: float, threshold
             'confidence_threshold': threshold,
             'accepted_rate': _fraction(int(accepted.sum()), n),
             'accepted_correct_rate': _fraction(int((accepted & correct).sum()), n),
-            'false_positive_rate': _fraction(int((accepted & ~correct).sum()),
-                                             int(accepted.sum())),
+            'false_positive_rate': _fraction(
+                int((accepted & ~correct).sum()), int(accepted.sum())
+            ),
         },
-        'timing_ms': {s: _spread(np.array([f['timing_ms'][s] for f in per_frame
-                                           if s in f['timing_ms']])) for s in stages},
+        'timing_ms': {
+            s: _spread(np.array([f['timing_ms'][s] for f in per_frame if s in f['timing_ms']]))
+            for s in stages
+        },
         'per_frame': per_frame,
     }
 
 
-def write_bag_report(report: dict[str, Any], json_path: str | Path | None = None,
-                     plot_path: str | Path | None = None) -> None:
+def write_bag_report(
+    report: dict[str, Any],
+    json_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+) -> None:
     """Write the JSON report and the trajectory plot (each optional)."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +180,16 @@ def plot_trajectory(report: dict[str, Any], path: str | Path) -> None:
     for t, p, f in zip(truth, pose, report['per_frame']):
         if f['error_m'] > report['tolerance_m']:
             ax.plot([t[0], p[0]], [t[1], p[1]], '-', c='tab:red', lw=0.8)
-    points = ax.scatter(*pose.T, s=16, c=confidence, cmap='viridis', vmin=0, vmax=1,
-                        label='estimates', zorder=3)
+    points = ax.scatter(
+        *pose.T, s=16, c=confidence, cmap='viridis', vmin=0, vmax=1, label='estimates', zorder=3
+    )
     fig.colorbar(points, ax=ax, label='confidence', shrink=0.8)
     ax.set_aspect('equal')
-    ax.set_title(f"{Path(report['bag']).name}: success {report['success_rate']:.2f} "
-                 f"(<= {report['tolerance_m']:g} m)", fontsize=9)
+    ax.set_title(
+        f'{Path(report["bag"]).name}: success {report["success_rate"]:.2f} '
+        f'(<= {report["tolerance_m"]:g} m)',
+        fontsize=9,
+    )
     ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -152,9 +200,11 @@ def plot_trajectory(report: dict[str, Any], path: str | Path) -> None:
 def _spread(values: np.ndarray) -> dict[str, float | None]:
     if len(values) == 0:
         return {'median': None, 'mean': None, 'p95': None}
-    return {'median': round(float(np.median(values)), 3),
-            'mean': round(float(np.mean(values)), 3),
-            'p95': round(float(np.percentile(values, 95)), 3)}
+    return {
+        'median': round(float(np.median(values)), 3),
+        'mean': round(float(np.mean(values)), 3),
+        'p95': round(float(np.percentile(values, 95)), 3),
+    }
 
 
 def _fraction(num: int, den: int) -> float:

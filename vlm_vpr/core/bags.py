@@ -69,7 +69,8 @@ def list_topics(bag_path: str | Path) -> dict[str, str]:
 
 
 def iter_bag_messages(
-    bag_path: str | Path, topics: Sequence[str] | None = None,
+    bag_path: str | Path,
+    topics: Sequence[str] | None = None,
 ) -> Iterator[tuple[str, str, int, bytes]]:
     """Yield ``(topic, msgtype, stamp_ns, cdr_bytes)`` in bag-time order.
 
@@ -80,8 +81,10 @@ def iter_bag_messages(
     """
     with _open_bag(bag_path) as reader:
         if not reader.is2:
-            raise BagError(f'{bag_path} is a ROS 1 bag; convert it to rosbag2 first: '
-                           f'rosbags-convert --src {bag_path} --dst OUT_FOLDER')
+            raise BagError(
+                f'{bag_path} is a ROS 1 bag; convert it to rosbag2 first: '
+                f'rosbags-convert --src {bag_path} --dst OUT_FOLDER'
+            )
         connections = reader.connections
         if topics is not None:
             for topic in topics:
@@ -91,10 +94,18 @@ def iter_bag_messages(
             yield connection.topic, connection.msgtype, stamp_ns, bytes(raw)
 
 
-def read_posed_images(bag_path: str | Path, image_topic: str, pose_topic: str, *,
-                      map_frame: str = 'map', base_frame: str = 'base_link',
-                      min_distance_m: float = 1.0, min_rotation_rad: float = math.radians(15),
-                      max_pose_gap_s: float = 1.0, progress: bool = True) -> Iterator[PosedImage]:
+def read_posed_images(
+    bag_path: str | Path,
+    image_topic: str,
+    pose_topic: str,
+    *,
+    map_frame: str = 'map',
+    base_frame: str = 'base_link',
+    min_distance_m: float = 1.0,
+    min_rotation_rad: float = math.radians(15),
+    max_pose_gap_s: float = 1.0,
+    progress: bool = True,
+) -> Iterator[PosedImage]:
     """Keyframe images of ``image_topic`` with their poses from ``pose_topic``.
 
     The pose source is a ``nav_msgs/msg/Odometry``, ``geometry_msgs/msg/PoseStamped`` or
@@ -121,8 +132,14 @@ def read_posed_images(bag_path: str | Path, image_topic: str, pose_topic: str, *
         else:
             chain = [_read_pose_track(reader, pose_topic, map_frame, base_frame)]
     max_gap_ns = int(max_pose_gap_s * 1e9)
-    return _iter_keyframes(bag_path, image_topic, lambda t: _chain_at(chain, t, max_gap_ns),
-                           min_distance_m, min_rotation_rad, progress)
+    return _iter_keyframes(
+        bag_path,
+        image_topic,
+        lambda t: _chain_at(chain, t, max_gap_ns),
+        min_distance_m,
+        min_rotation_rad,
+        progress,
+    )
 
 
 @contextmanager
@@ -137,22 +154,34 @@ def _open_bag(bag_path: str | Path) -> Iterator[Any]:
 
     path = Path(bag_path)
     if not path.exists():
-        raise BagError(f'bag {path} does not exist; give a rosbag2 folder (with metadata.yaml), '
-                       'a .mcap or .db3 file, or a ROS 1 .bag file')
-    unreadable = (AnyReaderError, Ros1ReaderError, Ros2ReaderError, SerdeError, sqlite3.Error,
-                  OSError)
+        raise BagError(
+            f'bag {path} does not exist; give a rosbag2 folder (with metadata.yaml), '
+            'a .mcap or .db3 file, or a ROS 1 .bag file'
+        )
+    unreadable = (
+        AnyReaderError,
+        Ros1ReaderError,
+        Ros2ReaderError,
+        SerdeError,
+        sqlite3.Error,
+        OSError,
+    )
     try:
         reader = AnyReader([path], default_typestore=_typestore())
         reader.open()
     except unreadable as exc:
-        raise BagError(f'{path} is not a readable ROS bag ({exc}); give a rosbag2 folder with '
-                       'metadata.yaml or a complete .mcap, .db3 or ROS 1 .bag file (repair an '
-                       'unfinished recording with `mcap recover` or `ros2 bag reindex`)') from exc
+        raise BagError(
+            f'{path} is not a readable ROS bag ({exc}); give a rosbag2 folder with '
+            'metadata.yaml or a complete .mcap, .db3 or ROS 1 .bag file (repair an '
+            'unfinished recording with `mcap recover` or `ros2 bag reindex`)'
+        ) from exc
     try:
         yield reader
     except unreadable as exc:
-        raise BagError(f'{path} is corrupt or truncated ({exc}); repair it with '
-                       '`mcap recover` or `ros2 bag reindex`, or re-record it') from exc
+        raise BagError(
+            f'{path} is corrupt or truncated ({exc}); repair it with '
+            '`mcap recover` or `ros2 bag reindex`, or re-record it'
+        ) from exc
     finally:
         reader.close()
 
@@ -176,8 +205,7 @@ def _stamp_ns(header: Any) -> int:
 
 def _xyz_quat(point: Any, quaternion: Any) -> tuple[list[float], list[float]]:
     """``[x, y, z]`` and ``[qx, qy, qz, qw]`` of a Point / Vector3 and a Quaternion message."""
-    return ([point.x, point.y, point.z],
-            [quaternion.x, quaternion.y, quaternion.z, quaternion.w])
+    return ([point.x, point.y, point.z], [quaternion.x, quaternion.y, quaternion.z, quaternion.w])
 
 
 def _strip(frame: str) -> str:
@@ -194,12 +222,18 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
         samples.append((_stamp_ns(msg.header), *_xyz_quat(pose.position, pose.orientation)))
         frames[_strip(msg.header.frame_id)] += 1
     if not samples:
-        raise BagError(f'no poses on {topic}: the topic has no messages; record it or choose '
-                       'another pose topic')
+        raise BagError(
+            f'no poses on {topic}: the topic has no messages; record it or choose '
+            'another pose topic'
+        )
     frame = frames.most_common(1)[0][0]
     if frame != map_frame:
-        log.warning('poses on %s are in frame %r, not %r: the map will use them as they are',
-                    topic, frame, map_frame)
+        log.warning(
+            'poses on %s are in frame %r, not %r: the map will use them as they are',
+            topic,
+            frame,
+            map_frame,
+        )
     return _make_track(topic, map_frame, base_frame, samples, static=False)
 
 
@@ -222,9 +256,11 @@ def _read_tf_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> 
         if len(parents) != 1 or len(chain) > len(edges):
             seen = ', '.join(sorted({f'{p}->{c}' for p, c, _ in edges})) or 'none'
             problem = 'several parents' if len(parents) > 1 else f'no parent of {frame!r}'
-            raise BagError(f'no poses: TF on {topic} has no chain {map_frame} -> {base_frame} '
-                           f'({problem}; transforms: {seen}); set map_frame / base_frame to '
-                           'frames in the bag')
+            raise BagError(
+                f'no poses: TF on {topic} has no chain {map_frame} -> {base_frame} '
+                f'({problem}; transforms: {seen}); set map_frame / base_frame to '
+                'frames in the bag'
+            )
         parent, child, static = parents[0]
         chain.append(_make_track(topic, parent, child, edges[parents[0]], static))
         frame = parent
@@ -266,19 +302,30 @@ class _Track:
         return xyz, _slerp(self.quat[i - 1], self.quat[i], w)
 
 
-def _make_track(topic: str, parent: str, child: str,
-                samples: list[tuple[int, list[float], list[float]]], static: bool) -> _Track:
+def _make_track(
+    topic: str,
+    parent: str,
+    child: str,
+    samples: list[tuple[int, list[float], list[float]]],
+    static: bool,
+) -> _Track:
     stamps = np.array([s[0] for s in samples], dtype=np.int64)
     xyz = np.array([s[1] for s in samples], dtype=np.float64)
     quat = np.array([s[2] for s in samples], dtype=np.float64)
     norms = np.linalg.norm(quat, axis=1)
     valid = np.isfinite(xyz).all(axis=1) & np.isfinite(norms) & (norms > 1e-6)
     if not valid.all():
-        log.warning('%s: dropped %d %s->%s poses with NaN or a zero quaternion',
-                    topic, int((~valid).sum()), parent, child)
+        log.warning(
+            '%s: dropped %d %s->%s poses with NaN or a zero quaternion',
+            topic,
+            int((~valid).sum()),
+            parent,
+            child,
+        )
     if not valid.any():
-        raise BagError(f'no poses on {topic}: every {parent}->{child} pose is NaN or has a '
-                       'zero quaternion')
+        raise BagError(
+            f'no poses on {topic}: every {parent}->{child} pose is NaN or has a zero quaternion'
+        )
     order = np.argsort(stamps[valid], kind='stable')
     stamps, xyz = stamps[valid][order], xyz[valid][order]
     quat = (quat[valid] / norms[valid, None])[order]
@@ -286,8 +333,9 @@ def _make_track(topic: str, parent: str, child: str,
     return _Track(parent, child, stamps, xyz[first], quat[first], static)
 
 
-def _chain_at(chain: list[_Track], stamp_ns: int,
-              max_gap_ns: int) -> tuple[np.ndarray, np.ndarray]:
+def _chain_at(
+    chain: list[_Track], stamp_ns: int, max_gap_ns: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Pose (xyz, quat) of the last child in the first parent: T = T_0 * T_1 * ... ."""
     xyz, quat = np.zeros(3), np.array([0.0, 0.0, 0.0, 1.0])
     for track in chain:
@@ -301,10 +349,14 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product of (x, y, z, w) quaternions."""
     ax, ay, az, aw = a
     bx, by, bz, bw = b
-    return np.array([aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx,
-                     aw * bz + ax * by - ay * bx + az * bw,
-                     aw * bw - ax * bx - ay * by - az * bz])
+    return np.array(
+        [
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ]
+    )
 
 
 def _quat_rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -336,10 +388,14 @@ def _rotation_between(q0: np.ndarray, q1: np.ndarray) -> float:
 # Keyframes
 
 
-def _iter_keyframes(bag_path: str | Path, image_topic: str,
-                    pose_at: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                    min_distance_m: float, min_rotation_rad: float,
-                    progress: bool) -> Iterator[PosedImage]:
+def _iter_keyframes(
+    bag_path: str | Path,
+    image_topic: str,
+    pose_at: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    min_distance_m: float,
+    min_rotation_rad: float,
+    progress: bool,
+) -> Iterator[PosedImage]:
     from rosbags.image import ImageError as RosImageError
     from rosbags.image import message_to_cvimage
     from tqdm import tqdm
@@ -350,8 +406,13 @@ def _iter_keyframes(bag_path: str | Path, image_topic: str,
     with _open_bag(bag_path) as reader:
         connections = [c for c in reader.connections if c.topic == image_topic]
         total = sum(c.msgcount for c in connections)
-        messages = tqdm(reader.messages(connections=connections), total=total, unit='img',
-                        desc=f'reading {image_topic}', disable=None if progress else True)
+        messages = tqdm(
+            reader.messages(connections=connections),
+            total=total,
+            unit='img',
+            desc=f'reading {image_topic}',
+            disable=None if progress else True,
+        )
         for index, (connection, bag_ns, raw) in enumerate(messages):
             msg = reader.deserialize(raw, connection.msgtype)
             stamp_ns = _stamp_ns(msg.header) or bag_ns  # a zero header stamp: use bag time
@@ -360,8 +421,10 @@ def _iter_keyframes(bag_path: str | Path, image_topic: str,
             except _PoseUnavailable as exc:
                 skipped[exc.args[0]] += 1
                 continue
-            if last is not None and (np.linalg.norm(xyz - last[0]) < min_distance_m
-                                     and _rotation_between(last[1], quat) < min_rotation_rad):
+            if last is not None and (
+                np.linalg.norm(xyz - last[0]) < min_distance_m
+                and _rotation_between(last[1], quat) < min_rotation_rad
+            ):
                 skipped['not a keyframe'] += 1
                 continue
             try:
@@ -369,19 +432,26 @@ def _iter_keyframes(bag_path: str | Path, image_topic: str,
             # rosbags-image asserts on undecodable CompressedImage data and numpy raises
             # TypeError on an Image whose data is shorter than height * step
             except (RosImageError, ImageError, AssertionError, TypeError, ValueError) as exc:
-                log.warning('%s message %d: cannot convert the image (%s); skipped',
-                            image_topic, index, str(exc) or 'undecodable data')
+                log.warning(
+                    '%s message %d: cannot convert the image (%s); skipped',
+                    image_topic,
+                    index,
+                    str(exc) or 'undecodable data',
+                )
                 skipped['undecodable'] += 1
                 continue
             last = (xyz, quat)
             kept += 1
             pose = Pose(*(float(v) for v in xyz), *(float(v) for v in quat))
             yield PosedImage(f'{index:06d}_{stamp_ns}', stamp_ns, image, pose)
-    log.info('%s: kept %d of %d images; skipped: %s', image_topic, kept, total,
-             dict(skipped) or 'none')
+    log.info(
+        '%s: kept %d of %d images; skipped: %s', image_topic, kept, total, dict(skipped) or 'none'
+    )
     if kept == 0:
-        raise BagError(f'no image on {image_topic} has a pose ({total} images; skipped: '
-                       f'{dict(skipped)}); check that the pose topic covers the image stamps')
+        raise BagError(
+            f'no image on {image_topic} has a pose ({total} images; skipped: '
+            f'{dict(skipped)}); check that the pose topic covers the image stamps'
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +472,10 @@ class BagWriter:
             raise BagError(f'storage {storage!r} is not one of {STORAGES}')
         self.path = Path(out_path)
         if self.path.exists():
-            raise BagError(f'{self.path} exists; choose a new bag path or delete it '
-                           '(bags are never overwritten)')
+            raise BagError(
+                f'{self.path} exists; choose a new bag path or delete it '
+                '(bags are never overwritten)'
+            )
         plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
         self._writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=plugin)
         self._typestore = _typestore()
@@ -418,8 +490,15 @@ class BagWriter:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def write_image(self, topic: str, stamp_ns: int, image_bgr: np.ndarray, *,
-                    frame_id: str = 'camera', encoding: str = 'bgr8') -> None:
+    def write_image(
+        self,
+        topic: str,
+        stamp_ns: int,
+        image_bgr: np.ndarray,
+        *,
+        frame_id: str = 'camera',
+        encoding: str = 'bgr8',
+    ) -> None:
         """Write [H x W x 3] uint8 BGR ``image_bgr`` as an Image ('bgr8', 'mono8') or a
         CompressedImage ('jpeg', 'png')."""
         import cv2
@@ -436,14 +515,29 @@ class BagWriter:
             if encoding == 'mono8':
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
             image = np.ascontiguousarray(image)
-            msg = types[IMAGE](header, image.shape[0], image.shape[1], encoding, 0,
-                               image.strides[0], image.reshape(-1))
+            msg = types[IMAGE](
+                header,
+                image.shape[0],
+                image.shape[1],
+                encoding,
+                0,
+                image.strides[0],
+                image.reshape(-1),
+            )
         else:
             raise BagError(f'image encoding {encoding!r} is not one of {WRITE_ENCODINGS}')
         self._write(topic, stamp_ns, msg)
 
-    def write_pose(self, topic: str, stamp_ns: int, pose: Pose, *, msgtype: str = POSE_STAMPED,
-                   frame_id: str = 'map', child_frame_id: str = 'base_link') -> None:
+    def write_pose(
+        self,
+        topic: str,
+        stamp_ns: int,
+        pose: Pose,
+        *,
+        msgtype: str = POSE_STAMPED,
+        frame_id: str = 'map',
+        child_frame_id: str = 'base_link',
+    ) -> None:
         """Write ``pose`` (in ``frame_id``) as a PoseStamped, PoseWithCovarianceStamped or
         Odometry (zero twist); covariances say ``TRUTH_STD_M`` on every axis."""
         types = self._typestore.types
@@ -453,21 +547,25 @@ class BagWriter:
         if msgtype == POSE_STAMPED:
             msg = types[POSE_STAMPED](header, pose_msg)
         elif msgtype == POSE_WITH_COVARIANCE_STAMPED:
-            msg = types[msgtype](header, types['geometry_msgs/msg/PoseWithCovariance'](
-                pose_msg, covariance))
+            msg = types[msgtype](
+                header, types['geometry_msgs/msg/PoseWithCovariance'](pose_msg, covariance)
+            )
         elif msgtype == ODOMETRY:
             vector = types['geometry_msgs/msg/Vector3']
             twist = types['geometry_msgs/msg/Twist'](vector(0.0, 0.0, 0.0), vector(0.0, 0.0, 0.0))
             msg = types[ODOMETRY](
-                header, child_frame_id,
+                header,
+                child_frame_id,
                 types['geometry_msgs/msg/PoseWithCovariance'](pose_msg, covariance),
-                types['geometry_msgs/msg/TwistWithCovariance'](twist, covariance))
+                types['geometry_msgs/msg/TwistWithCovariance'](twist, covariance),
+            )
         else:
             raise BagError(f'pose message type {msgtype!r} is not one of {POSE_TYPES[:3]}')
         self._write(topic, stamp_ns, msg)
 
-    def write_transforms(self, stamp_ns: int, transforms: Iterable[tuple[str, str, Pose]], *,
-                         static: bool = False) -> None:
+    def write_transforms(
+        self, stamp_ns: int, transforms: Iterable[tuple[str, str, Pose]], *, static: bool = False
+    ) -> None:
         """Write ``(parent, child, pose of child in parent)`` triples as one TFMessage on
         ``/tf`` (or ``/tf_static``)."""
         types = self._typestore.types
@@ -475,22 +573,28 @@ class BagWriter:
         for parent, child, pose in transforms:
             transform = types['geometry_msgs/msg/Transform'](
                 types['geometry_msgs/msg/Vector3'](pose.x, pose.y, pose.z),
-                types['geometry_msgs/msg/Quaternion'](pose.qx, pose.qy, pose.qz, pose.qw))
-            stamped.append(types['geometry_msgs/msg/TransformStamped'](
-                self._header(stamp_ns, parent), child, transform))
+                types['geometry_msgs/msg/Quaternion'](pose.qx, pose.qy, pose.qz, pose.qw),
+            )
+            stamped.append(
+                types['geometry_msgs/msg/TransformStamped'](
+                    self._header(stamp_ns, parent), child, transform
+                )
+            )
         self._write(TF_STATIC_TOPIC if static else '/tf', stamp_ns, types[TF_MESSAGE](stamped))
 
     def _header(self, stamp_ns: int, frame_id: str) -> Any:
         types = self._typestore.types
         sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-        return types['std_msgs/msg/Header'](types['builtin_interfaces/msg/Time'](sec, nanosec),
-                                            frame_id)
+        return types['std_msgs/msg/Header'](
+            types['builtin_interfaces/msg/Time'](sec, nanosec), frame_id
+        )
 
     def _pose(self, pose: Pose) -> Any:
         types = self._typestore.types
         return types['geometry_msgs/msg/Pose'](
             types['geometry_msgs/msg/Point'](pose.x, pose.y, pose.z),
-            types['geometry_msgs/msg/Quaternion'](pose.qx, pose.qy, pose.qz, pose.qw))
+            types['geometry_msgs/msg/Quaternion'](pose.qx, pose.qy, pose.qz, pose.qw),
+        )
 
     def _write(self, topic: str, stamp_ns: int, msg: Any) -> None:
         msgtype = msg.__msgtype__
@@ -500,17 +604,26 @@ class BagWriter:
             self._connections[topic] = connection
         elif connection.msgtype != msgtype:
             raise BagError(f'topic {topic} already carries {connection.msgtype}, not {msgtype}')
-        self._writer.write(connection, int(stamp_ns),
-                           bytes(self._typestore.serialize_cdr(msg, msgtype)))
+        self._writer.write(
+            connection, int(stamp_ns), bytes(self._typestore.serialize_cdr(msg, msgtype))
+        )
 
 
-def write_traversal_bag(traversal: Traversal, out_path: str | Path, *,
-                        image_topic: str = '/camera/image_raw', compressed: bool = False,
-                        pose_topic: str = '/ground_truth/pose', odom_topic: str | None = None,
-                        frame_id: str = 'map', camera_frame: str = 'camera',
-                        base_frame: str = 'base_link', rate_hz: float = 2.0,
-                        start_ns: int = 1_700_000_000_000_000_000,
-                        storage: str = 'mcap') -> Path:
+def write_traversal_bag(
+    traversal: Traversal,
+    out_path: str | Path,
+    *,
+    image_topic: str = '/camera/image_raw',
+    compressed: bool = False,
+    pose_topic: str = '/ground_truth/pose',
+    odom_topic: str | None = None,
+    frame_id: str = 'map',
+    camera_frame: str = 'camera',
+    base_frame: str = 'base_link',
+    rate_hz: float = 2.0,
+    start_ns: int = 1_700_000_000_000_000_000,
+    storage: str = 'mcap',
+) -> Path:
     """Write a traversal as a bag: image ``i`` (Image 'bgr8', or CompressedImage 'jpeg' when
     ``compressed``) and its ground-truth PoseStamped on ``pose_topic`` (and an Odometry on
     ``odom_topic`` when given), both stamped ``start_ns + i / rate_hz``.
@@ -524,19 +637,31 @@ def write_traversal_bag(traversal: Traversal, out_path: str | Path, *,
     with BagWriter(out_path, storage=storage) as writer:
         for i, image_path in enumerate(traversal.image_paths):
             stamp_ns = start_ns + i * period_ns
-            writer.write_image(image_topic, stamp_ns, read_image(image_path),
-                               frame_id=camera_frame, encoding='jpeg' if compressed else 'bgr8')
+            writer.write_image(
+                image_topic,
+                stamp_ns,
+                read_image(image_path),
+                frame_id=camera_frame,
+                encoding='jpeg' if compressed else 'bgr8',
+            )
             if not np.isfinite(traversal.xy[i]).all():
                 no_pose += 1
                 continue
             pose = traversal.pose(i)
             writer.write_pose(pose_topic, stamp_ns, pose, frame_id=frame_id)
             if odom_topic:
-                writer.write_pose(odom_topic, stamp_ns, pose, msgtype=ODOMETRY,
-                                  frame_id=frame_id, child_frame_id=base_frame)
+                writer.write_pose(
+                    odom_topic,
+                    stamp_ns,
+                    pose,
+                    msgtype=ODOMETRY,
+                    frame_id=frame_id,
+                    child_frame_id=base_frame,
+                )
     if no_pose:
-        log.info('%s: %d images without a true position were written without a pose',
-                 out_path, no_pose)
+        log.info(
+            '%s: %d images without a true position were written without a pose', out_path, no_pose
+        )
     return writer.path
 
 

@@ -77,10 +77,14 @@ class RuntimeConfig:
         _check(1 <= self.batch_size <= 256, 'runtime.batch_size must be in [1, 256]')
         _check(self.num_threads >= 0, 'runtime.num_threads must be >= 0')
         _check(self.engine in ENGINES, f'runtime.engine must be one of {ENGINES}')
-        _check(self.engine == 'torch' or self.device == 'cpu',
-               "runtime.engine 'openvino' runs on the CPU: set runtime.device to 'cpu'")
-        _check(self.engine == 'torch' or not self.compile,
-               "runtime.compile is torch.compile: it applies to runtime.engine 'torch' only")
+        _check(
+            self.engine == 'torch' or self.device == 'cpu',
+            "runtime.engine 'openvino' runs on the CPU: set runtime.device to 'cpu'",
+        )
+        _check(
+            self.engine == 'torch' or not self.compile,
+            "runtime.compile is torch.compile: it applies to runtime.engine 'torch' only",
+        )
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,15 @@ def resize_shorter_side(image: np.ndarray, size_px: int, multiple: int = 1) -> n
 DISTORTION_COEFFS = {'plumb_bob': 5, 'rational_polynomial': 8, 'equidistant': 4}
 
 
-def rectify_image(image: np.ndarray, camera_matrix: np.ndarray, dist_coeffs: np.ndarray,
-                  projection: np.ndarray, model: str, width: int, height: int) -> np.ndarray:
+def rectify_image(
+    image: np.ndarray,
+    camera_matrix: np.ndarray,
+    dist_coeffs: np.ndarray,
+    projection: np.ndarray,
+    model: str,
+    width: int,
+    height: int,
+) -> np.ndarray:
     """Undistort a frame with its calibration, in sensor_msgs/CameraInfo conventions.
 
     ``image`` [H x W x C] uint8 of the calibrated size ``width`` x ``height``; ``camera_matrix``
@@ -101,21 +108,29 @@ def rectify_image(image: np.ndarray, camera_matrix: np.ndarray, dist_coeffs: np.
     if not d.any():
         return image
     if image.shape[0] != height or image.shape[1] != width:
-        raise ImageError(f'image of {image.shape[1]}x{image.shape[0]} does not match its '
-                         f'calibration of {width}x{height}; publish the camera_info of this '
-                         'resolution (or recalibrate)')
+        raise ImageError(
+            f'image of {image.shape[1]}x{image.shape[0]} does not match its '
+            f'calibration of {width}x{height}; publish the camera_info of this '
+            'resolution (or recalibrate)'
+        )
     if model not in DISTORTION_COEFFS:
-        raise ImageError(f'distortion model {model!r} is not one of {sorted(DISTORTION_COEFFS)};'
-                         ' calibrate with one of them')
+        raise ImageError(
+            f'distortion model {model!r} is not one of {sorted(DISTORTION_COEFFS)};'
+            ' calibrate with one of them'
+        )
     if d.size != DISTORTION_COEFFS[model] or not np.isfinite(d).all():
-        raise ImageError(f'{model} needs {DISTORTION_COEFFS[model]} finite distortion '
-                         f'coefficients, got {d.tolist()}; check the calibration file')
+        raise ImageError(
+            f'{model} needs {DISTORTION_COEFFS[model]} finite distortion '
+            f'coefficients, got {d.tolist()}; check the calibration file'
+        )
     if not p.any():
         p = k
     for name, matrix in (('K', k), ('P', p)):
         if not (np.isfinite(matrix).all() and matrix[0, 0] > 0 and matrix[1, 1] > 0):
-            raise ImageError(f'camera matrix {name} has no positive focal lengths '
-                             f'({matrix[0, 0]}, {matrix[1, 1]}): the camera is not calibrated')
+            raise ImageError(
+                f'camera matrix {name} has no positive focal lengths '
+                f'({matrix[0, 0]}, {matrix[1, 1]}): the camera is not calibrated'
+            )
     map_x, map_y = _rectify_maps(model, width, height, k.tobytes(), d.tobytes(), p.tobytes())
     import cv2
 
@@ -123,15 +138,18 @@ def rectify_image(image: np.ndarray, camera_matrix: np.ndarray, dist_coeffs: np.
 
 
 @functools.lru_cache(maxsize=8)
-def _rectify_maps(model: str, width: int, height: int, k: bytes, d: bytes,
-                  p: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _rectify_maps(
+    model: str, width: int, height: int, k: bytes, d: bytes, p: bytes
+) -> tuple[np.ndarray, np.ndarray]:
     """cv2.remap maps of one calibration (cached: a camera's calibration rarely changes)."""
     import cv2
 
     k_matrix, new_k = (np.frombuffer(b, np.float64).reshape(3, 3) for b in (k, p))
     coeffs = np.frombuffer(d, np.float64)
     if model == 'equidistant':
-        return cv2.fisheye.initUndistortRectifyMap(k_matrix, coeffs, np.eye(3), new_k,
-                                                   (width, height), cv2.CV_16SC2)
-    return cv2.initUndistortRectifyMap(k_matrix, coeffs, np.eye(3), new_k, (width, height),
-                                       cv2.CV_16SC2)
+        return cv2.fisheye.initUndistortRectifyMap(
+            k_matrix, coeffs, np.eye(3), new_k, (width, height), cv2.CV_16SC2
+        )
+    return cv2.initUndistortRectifyMap(
+        k_matrix, coeffs, np.eye(3), new_k, (width, height), cv2.CV_16SC2
+    )

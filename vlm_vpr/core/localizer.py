@@ -75,8 +75,9 @@ class Localizer:
         for image, features in zip(images, local):
             timing = {'extract': extract_ms}
             descriptor = self._aggregate(features.flat, timing)
-            results.append(self._search_and_rerank(image, descriptor, timing, submap,
-                                                   time_budget_s, start))
+            results.append(
+                self._search_and_rerank(image, descriptor, timing, submap, time_budget_s, start)
+            )
         return results
 
     def _search_and_rerank(

@@ -66,8 +66,13 @@ class MapRegions:
     region_of_image: np.ndarray  # [N] int32
 
 
-def describe_map(map_dir: str | Path, vlm: VlmConfig, rerank: RerankConfig,
-                 client: VlmClient | None = None, embedder: TextEmbedder | None = None) -> Path:
+def describe_map(
+    map_dir: str | Path,
+    vlm: VlmConfig,
+    rerank: RerankConfig,
+    client: VlmClient | None = None,
+    embedder: TextEmbedder | None = None,
+) -> Path:
     """Describe every map thumbnail with the VLM, embed the texts, store both in the map.
 
     ``client`` / ``embedder`` default to the ones ``vlm`` and ``rerank.text_embedder`` name.
@@ -80,8 +85,10 @@ def describe_map(map_dir: str | Path, vlm: VlmConfig, rerank: RerankConfig,
 
     vpr_map = read_map(map_dir, load_index=False)
     if not vpr_map.manifest.get('thumbnails'):
-        raise MapError(f'map {vpr_map.path} has no thumbnails to describe; rebuild it with '
-                       'thumbnail_size_px > 0')
+        raise MapError(
+            f'map {vpr_map.path} has no thumbnails to describe; rebuild it with '
+            'thumbnail_size_px > 0'
+        )
     client = client or create_vlm_client(vlm)
     embedder = embedder or TextEmbedder(rerank.text_embedder)
     timeout_s = vlm.timeout_s * (vlm.retries + 1)
@@ -96,34 +103,51 @@ def describe_map(map_dir: str | Path, vlm: VlmConfig, rerank: RerankConfig,
         try:
             described = describe_image(client, image, rerank.num_descriptions, timeout_s)
         except VlmError as exc:
-            log.warning('map image %d (%s): description failed: %s', j,
-                        vpr_map.content.image_names[j], exc)
+            log.warning(
+                'map image %d (%s): description failed: %s', j, vpr_map.content.image_names[j], exc
+            )
             failed.append(j)
             first_error = first_error or str(exc)
             described = []
         per_image.append([{'text': d.text, 'weight': d.weight} for d in described])
         if (j + 1) % 50 == 0:
-            log.info('described %d / %d map images (%.1f s)', j + 1, len(vpr_map),
-                     time.monotonic() - start)
+            log.info(
+                'described %d / %d map images (%.1f s)',
+                j + 1,
+                len(vpr_map),
+                time.monotonic() - start,
+            )
     if len(failed) == len(vpr_map):
-        raise VlmError(f'all {len(vpr_map)} map images failed to be described (first error: '
-                       f'{first_error}); check the VLM with one image first')
+        raise VlmError(
+            f'all {len(vpr_map)} map images failed to be described (first error: '
+            f'{first_error}); check the VLM with one image first'
+        )
     texts = [str(d['text']) for descriptions in per_image for d in descriptions]
-    owners = np.array([j for j, descriptions in enumerate(per_image) for _ in descriptions],
-                      dtype=np.int32)
+    owners = np.array(
+        [j for j, descriptions in enumerate(per_image) for _ in descriptions], dtype=np.int32
+    )
     embeddings = embedder.embed(texts)
     write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, embeddings)
     write_extra(vpr_map.path, DESCRIPTION_OWNERS_EXTRA, owners)
-    write_extra(vpr_map.path, DESCRIPTIONS_EXTRA, {
-        'model': client.model_name,
-        'prompt': describe_prompt(rerank.num_descriptions),
-        'text_embedder': embedder.model_name,
-        'embedding_dim': int(embeddings.shape[1]),
-        'failed': failed,
-        'images': per_image,
-    })
-    log.info('described %d map images (%d failed, %d descriptions) in %.1f s', len(vpr_map),
-             len(failed), len(texts), time.monotonic() - start)
+    write_extra(
+        vpr_map.path,
+        DESCRIPTIONS_EXTRA,
+        {
+            'model': client.model_name,
+            'prompt': describe_prompt(rerank.num_descriptions),
+            'text_embedder': embedder.model_name,
+            'embedding_dim': int(embeddings.shape[1]),
+            'failed': failed,
+            'images': per_image,
+        },
+    )
+    log.info(
+        'described %d map images (%d failed, %d descriptions) in %.1f s',
+        len(vpr_map),
+        len(failed),
+        len(texts),
+        time.monotonic() - start,
+    )
     return vpr_map.path
 
 
@@ -138,18 +162,31 @@ def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
         images = meta['images']
         texts = [[str(d['text']) for d in descriptions] for descriptions in images]
         weights = [[float(d['weight']) for d in descriptions] for descriptions in images]
-        result = MapDescriptions(str(meta['model']), str(meta['prompt']),
-                                 str(meta['text_embedder']), texts, weights,
-                                 np.asarray(embeddings, np.float32), np.asarray(owners, np.int32))
+        result = MapDescriptions(
+            str(meta['model']),
+            str(meta['prompt']),
+            str(meta['text_embedder']),
+            texts,
+            weights,
+            np.asarray(embeddings, np.float32),
+            np.asarray(owners, np.int32),
+        )
     except (KeyError, TypeError, ValueError) as exc:
-        raise MapError(f'map descriptions of {vpr_map.path} are invalid ({exc}); run '
-                       '`vlm-vpr map describe` again') from exc
+        raise MapError(
+            f'map descriptions of {vpr_map.path} are invalid ({exc}); run '
+            '`vlm-vpr map describe` again'
+        ) from exc
     expected = np.array([j for j, t in enumerate(texts) for _ in t], dtype=np.int32)
-    if (len(texts) != len(vpr_map) or result.embeddings.ndim != 2
-            or len(result.embeddings) != len(expected)
-            or not np.array_equal(result.owners, expected)):
-        raise MapError(f'map descriptions of {vpr_map.path} do not match the map (other image '
-                       'count or missing rows); run `vlm-vpr map describe` again')
+    if (
+        len(texts) != len(vpr_map)
+        or result.embeddings.ndim != 2
+        or len(result.embeddings) != len(expected)
+        or not np.array_equal(result.owners, expected)
+    ):
+        raise MapError(
+            f'map descriptions of {vpr_map.path} do not match the map (other image '
+            'count or missing rows); run `vlm-vpr map describe` again'
+        )
     return result
 
 
@@ -165,19 +202,26 @@ def build_regions(map_dir: str | Path, count: int, names: list[str] | None = Non
     num_regions = len(centres)
     if names:
         if len(names) != num_regions:
-            raise ConfigError(f'{len(names)} region names given for {num_regions} regions; give '
-                              f'exactly {num_regions} (in route order)')
+            raise ConfigError(
+                f'{len(names)} region names given for {num_regions} regions; give '
+                f'exactly {num_regions} (in route order)'
+            )
         labels, source = [str(n) for n in names], 'user'
     else:
         descriptions = load_map_descriptions(vpr_map)
         if descriptions is None:
-            raise ConfigError(f'map {vpr_map.path} has no descriptions to label regions with: '
-                              'run `vlm-vpr map describe` first or give region names')
+            raise ConfigError(
+                f'map {vpr_map.path} has no descriptions to label regions with: '
+                'run `vlm-vpr map describe` first or give region names'
+            )
         labels = _labels_from_descriptions(descriptions, region_of_image, num_regions)
         source = 'descriptions'
     write_extra(vpr_map.path, REGION_OF_IMAGE_EXTRA, region_of_image)
-    write_extra(vpr_map.path, REGIONS_EXTRA, {
-        'labels': labels, 'label_source': source, 'centres_xy': centres.tolist()})
+    write_extra(
+        vpr_map.path,
+        REGIONS_EXTRA,
+        {'labels': labels, 'label_source': source, 'centres_xy': centres.tolist()},
+    )
     log.info('stored %d regions for map %s (labels from %s)', num_regions, vpr_map.path, source)
     return vpr_map.path
 
@@ -192,12 +236,18 @@ def load_regions(vpr_map: VprMap) -> MapRegions | None:
         labels = [str(label) for label in meta['labels']]
         centres = np.asarray(meta['centres_xy'], dtype=np.float64).reshape(len(labels), 2)
     except (KeyError, TypeError, ValueError) as exc:
-        raise MapError(f'map regions of {vpr_map.path} are invalid ({exc}); run '
-                       '`vlm-vpr map regions` again') from exc
-    if (region_of_image is None or region_of_image.shape != (len(vpr_map),)
-            or region_of_image.min() < 0 or region_of_image.max() >= len(labels)):
-        raise MapError(f'map regions of {vpr_map.path} do not match the map; run '
-                       '`vlm-vpr map regions` again')
+        raise MapError(
+            f'map regions of {vpr_map.path} are invalid ({exc}); run `vlm-vpr map regions` again'
+        ) from exc
+    if (
+        region_of_image is None
+        or region_of_image.shape != (len(vpr_map),)
+        or region_of_image.min() < 0
+        or region_of_image.max() >= len(labels)
+    ):
+        raise MapError(
+            f'map regions of {vpr_map.path} do not match the map; run `vlm-vpr map regions` again'
+        )
     return MapRegions(labels, centres, region_of_image.astype(np.int32))
 
 
@@ -226,8 +276,12 @@ def cluster_positions(xy: np.ndarray, count: int, seed: int = 0) -> tuple[np.nda
         centres = np.vstack([centres, xy[rng.choice(len(xy), p=d2 / d2.sum())]])
     for _ in range(KMEANS_ITERATIONS):
         assignment = _squared_distances(xy, centres).argmin(axis=1)
-        updated = np.array([xy[assignment == r].mean(axis=0) if np.any(assignment == r)
-                            else centres[r] for r in range(k)])
+        updated = np.array(
+            [
+                xy[assignment == r].mean(axis=0) if np.any(assignment == r) else centres[r]
+                for r in range(k)
+            ]
+        )
         if np.allclose(updated, centres):
             break
         centres = updated
@@ -245,8 +299,9 @@ def _squared_distances(xy: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.maximum(d2, 0.0)
 
 
-def _labels_from_descriptions(descriptions: MapDescriptions, region_of_image: np.ndarray,
-                              num_regions: int) -> list[str]:
+def _labels_from_descriptions(
+    descriptions: MapDescriptions, region_of_image: np.ndarray, num_regions: int
+) -> list[str]:
     """Per region, the LABEL_TEXTS descriptions closest to the region's weighted mean
     embedding, preferring texts no earlier region uses."""
     weights = np.array([w for ws in descriptions.weights for w in ws], dtype=np.float32)
@@ -260,8 +315,10 @@ def _labels_from_descriptions(descriptions: MapDescriptions, region_of_image: np
             labels.append('(no description)')
             continue
         mean = weights[rows] @ descriptions.embeddings[rows]
-        ranked = [texts[i] for i in rows[np.argsort(-(descriptions.embeddings[rows] @ mean),
-                                                     kind='stable')]]
+        ranked = [
+            texts[i]
+            for i in rows[np.argsort(-(descriptions.embeddings[rows] @ mean), kind='stable')]
+        ]
         distinct = list(dict.fromkeys(ranked))
         chosen = sorted(distinct, key=lambda text: text in used)[:LABEL_TEXTS]
         used.update(chosen)

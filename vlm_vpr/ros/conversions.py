@@ -47,8 +47,11 @@ def image_from_msg(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         _check_raw_size(msg, max_pixels)
     image = _convert(msg, compressed)
     if image.shape[0] * image.shape[1] > max_pixels:
-        raise FrameSkipped('too_large', f'{_describe(msg)} decodes to {image.shape[1]}x'
-                           f'{image.shape[0]}, over {max_pixels} pixels; send a smaller image')
+        raise FrameSkipped(
+            'too_large',
+            f'{_describe(msg)} decodes to {image.shape[1]}x'
+            f'{image.shape[0]}, over {max_pixels} pixels; send a smaller image',
+        )
     try:
         return as_bgr(image, max_pixels)
     except ImageError as exc:
@@ -59,11 +62,16 @@ def _check_raw_size(msg: Any, max_pixels: int) -> None:
     if msg.height == 0 or msg.width == 0:
         raise FrameSkipped('empty', f'Image of {msg.width}x{msg.height} pixels')
     if msg.height * msg.width > max_pixels:
-        raise FrameSkipped('too_large', f'Image of {msg.width}x{msg.height} exceeds '
-                           f'{max_pixels} pixels; send a smaller image')
+        raise FrameSkipped(
+            'too_large',
+            f'Image of {msg.width}x{msg.height} exceeds {max_pixels} pixels; send a smaller image',
+        )
     if msg.step < msg.width or len(msg.data) < msg.step * msg.height:
-        raise FrameSkipped('corrupt', f'Image of {msg.width}x{msg.height}, step {msg.step}, '
-                           f'has {len(msg.data)} data bytes (truncated or inconsistent)')
+        raise FrameSkipped(
+            'corrupt',
+            f'Image of {msg.width}x{msg.height}, step {msg.step}, '
+            f'has {len(msg.data)} data bytes (truncated or inconsistent)',
+        )
 
 
 def _convert(msg: Any, compressed: bool) -> np.ndarray:
@@ -98,17 +106,28 @@ def _convert_rosbags(msg: Any, encoding: str) -> np.ndarray | None:
     if hasattr(msg, 'format'):
         return compressed_image_to_cvimage(msg, encoding)
     # rosbags-image reads rows as tightly packed: drop any row padding (step > row bytes)
-    row = image_to_cvimage(SimpleNamespace(
-        height=1, width=msg.width, encoding=msg.encoding, is_bigendian=msg.is_bigendian,
-        data=bytes(msg.data[: msg.step])))
+    row = image_to_cvimage(
+        SimpleNamespace(
+            height=1,
+            width=msg.width,
+            encoding=msg.encoding,
+            is_bigendian=msg.is_bigendian,
+            data=bytes(msg.data[: msg.step]),
+        )
+    )
     if row.nbytes > msg.step:
-        raise FrameSkipped('corrupt', f'{_describe(msg)}: step {msg.step} is shorter than a '
-                           f'row of {row.nbytes} bytes')
+        raise FrameSkipped(
+            'corrupt',
+            f'{_describe(msg)}: step {msg.step} is shorter than a row of {row.nbytes} bytes',
+        )
     data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
     packed = SimpleNamespace(
-        height=msg.height, width=msg.width, encoding=msg.encoding,
+        height=msg.height,
+        width=msg.width,
+        encoding=msg.encoding,
         is_bigendian=msg.is_bigendian,
-        data=data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes())
+        data=data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes(),
+    )
     return image_to_cvimage(packed, encoding)
 
 
@@ -139,15 +158,25 @@ def rectify_with_camera_info(image: np.ndarray, info: Any) -> tuple[np.ndarray, 
     FrameSkipped('bad_camera_info') when the frame does not fit the calibration."""
     roi = info.roi
     whole_frame = (roi.x_offset, roi.y_offset) == (0, 0) and (roi.width, roi.height) in (
-        (0, 0), (info.width, info.height))
+        (0, 0),
+        (info.width, info.height),
+    )
     if max(info.binning_x, info.binning_y) > 1 or not whole_frame:
         return image, 'roi_or_binning'
     try:
-        rectified = rectify_image(image, np.array(info.k), np.array(info.d), np.array(info.p),
-                                  info.distortion_model, info.width, info.height)
+        rectified = rectify_image(
+            image,
+            np.array(info.k),
+            np.array(info.d),
+            np.array(info.p),
+            info.distortion_model,
+            info.width,
+            info.height,
+        )
     except ImageError as exc:
-        raise FrameSkipped('bad_camera_info', f'{exc} (or set use_camera_info: false to '
-                           'localise unrectified)') from exc
+        raise FrameSkipped(
+            'bad_camera_info', f'{exc} (or set use_camera_info: false to localise unrectified)'
+        ) from exc
     return rectified, 'rectified' if rectified is not image else 'not_distorted'
 
 
@@ -155,8 +184,11 @@ def rectify_with_camera_info(image: np.ndarray, info: Any) -> tuple[np.ndarray, 
 # Camera mount
 
 
-def base_pose_from_camera(pose: Pose, covariance: np.ndarray, base_in_camera: Pose,
-                          ) -> tuple[Pose, np.ndarray]:
+def base_pose_from_camera(
+    pose: Pose,
+    covariance: np.ndarray,
+    base_in_camera: Pose,
+) -> tuple[Pose, np.ndarray]:
     """The base pose in the map from the camera's pose (planar): T_map_base = T_map_cam *
     T_cam_base, with the covariance [6 x 6] propagated through the lever arm. With an unknown
     camera yaw the lever arm's direction is unknown: its length is added to the x, y spread."""
@@ -181,13 +213,20 @@ def check_output(pose: Pose, covariance: np.ndarray) -> None:
     values = [pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw]
     norm = math.sqrt(sum(q * q for q in values[3:]))
     cov = np.asarray(covariance, dtype=np.float64)
-    ok = (all(math.isfinite(v) for v in values) and abs(norm - 1.0) < 1e-3
-          and cov.shape == (6, 6) and bool(np.isfinite(cov).all())
-          and bool((np.diag(cov) > 0).all()) and bool(np.allclose(cov, cov.T, atol=1e-9)))
+    ok = (
+        all(math.isfinite(v) for v in values)
+        and abs(norm - 1.0) < 1e-3
+        and cov.shape == (6, 6)
+        and bool(np.isfinite(cov).all())
+        and bool((np.diag(cov) > 0).all())
+        and bool(np.allclose(cov, cov.T, atol=1e-9))
+    )
     if not ok:
         diagonal = np.diag(cov).tolist() if cov.ndim == 2 else cov
-        raise FrameSkipped('invalid_output', f'refusing to publish pose {values} with '
-                           f'covariance diagonal {diagonal}')
+        raise FrameSkipped(
+            'invalid_output',
+            f'refusing to publish pose {values} with covariance diagonal {diagonal}',
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +241,9 @@ def pose_msg(pose: Pose) -> PoseMsg:
     return msg
 
 
-def pose_with_covariance_msg(pose: Pose, covariance: np.ndarray,
-                             header: Any) -> PoseWithCovarianceStamped:
+def pose_with_covariance_msg(
+    pose: Pose, covariance: np.ndarray, header: Any
+) -> PoseWithCovarianceStamped:
     msg = PoseWithCovarianceStamped(header=header)
     msg.pose.pose = pose_msg(pose)
     msg.pose.covariance = [float(v) for v in np.asarray(covariance, np.float64).reshape(36)]
@@ -220,15 +260,28 @@ def markers_msg(poses: list[Pose], scores: list[float], header: Any) -> MarkerAr
     markers = [Marker(header=header, ns=MARKER_NS, action=Marker.DELETEALL)]
     for rank, (pose, score) in enumerate(zip(poses, scores)):
         fade = 1.0 / (1.0 + rank)
-        arrow = Marker(header=header, ns=MARKER_NS, id=2 * rank, type=Marker.ARROW,
-                       action=Marker.ADD, pose=pose_msg(pose))
+        arrow = Marker(
+            header=header,
+            ns=MARKER_NS,
+            id=2 * rank,
+            type=Marker.ARROW,
+            action=Marker.ADD,
+            pose=pose_msg(pose),
+        )
         arrow.scale.x, arrow.scale.y, arrow.scale.z = 2.0, 0.4, 0.4
-        arrow.color.r, arrow.color.g, arrow.color.b = (0.1, 0.9, 0.1) if rank == 0 else (
-            1.0, 0.6, 0.0)
+        arrow.color.r, arrow.color.g, arrow.color.b = (
+            (0.1, 0.9, 0.1) if rank == 0 else (1.0, 0.6, 0.0)
+        )
         arrow.color.a = 0.3 + 0.7 * fade
-        text = Marker(header=header, ns=MARKER_NS, id=2 * rank + 1,
-                      type=Marker.TEXT_VIEW_FACING, action=Marker.ADD, pose=pose_msg(pose),
-                      text=f'{rank + 1}: {score:.3f}')
+        text = Marker(
+            header=header,
+            ns=MARKER_NS,
+            id=2 * rank + 1,
+            type=Marker.TEXT_VIEW_FACING,
+            action=Marker.ADD,
+            pose=pose_msg(pose),
+            text=f'{rank + 1}: {score:.3f}',
+        )
         text.pose.position.z += 1.0
         text.scale.z = 0.8
         text.color.r = text.color.g = text.color.b = text.color.a = 1.0
@@ -236,8 +289,9 @@ def markers_msg(poses: list[Pose], scores: list[float], header: Any) -> MarkerAr
     return MarkerArray(markers=markers)
 
 
-def debug_image(query_bgr: np.ndarray, match_bgr: np.ndarray | None, caption: str,
-                height_px: int = 240) -> np.ndarray:
+def debug_image(
+    query_bgr: np.ndarray, match_bgr: np.ndarray | None, caption: str, height_px: int = 240
+) -> np.ndarray:
     """[height_px x W x 3] uint8 BGR: the query beside its best match, captioned."""
     import cv2
 
@@ -257,9 +311,15 @@ def image_msg(image_bgr: np.ndarray, header: Any) -> Image:
         from cv_bridge import CvBridge
     except ImportError:
         image = np.ascontiguousarray(image_bgr)
-        return Image(header=header, height=image.shape[0], width=image.shape[1],
-                     encoding='bgr8', is_bigendian=0, step=image.strides[0],
-                     data=image.tobytes())
+        return Image(
+            header=header,
+            height=image.shape[0],
+            width=image.shape[1],
+            encoding='bgr8',
+            is_bigendian=0,
+            step=image.strides[0],
+            data=image.tobytes(),
+        )
     msg = CvBridge().cv2_to_imgmsg(image_bgr, 'bgr8')
     msg.header = header
     return msg

@@ -26,9 +26,15 @@ ODOM_TOPIC = '/odom'
 TOLERANCE_M = 5.0  # the campus_loop protocol's tolerance
 
 
-def run_node_demo(map_dir: str | Path, data_root: str | Path, out_dir: str | Path, *,
-                  bag_rate_hz: float = 1.0, replay_rate: float = 1.0,
-                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+def run_node_demo(
+    map_dir: str | Path,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    bag_rate_hz: float = 1.0,
+    replay_rate: float = 1.0,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Write campus_loop/query as a bag (images + odometry), start the node on ``map_dir``,
     replay the bag into it, print one line per published pose and a summary.
 
@@ -41,12 +47,18 @@ def run_node_demo(map_dir: str | Path, data_root: str | Path, out_dir: str | Pat
     queries = read_traversal(Path(data_root) / 'campus_loop' / 'query')
     bag = out_dir / 'campus_loop_query_bag'
     shutil.rmtree(bag, ignore_errors=True)
-    write_traversal_bag(queries, bag, image_topic=IMAGE_TOPIC, odom_topic=ODOM_TOPIC,
-                        rate_hz=bag_rate_hz)
+    write_traversal_bag(
+        queries, bag, image_topic=IMAGE_TOPIC, odom_topic=ODOM_TOPIC, rate_hz=bag_rate_hz
+    )
     start_ns = 1_700_000_000_000_000_000  # write_traversal_bag's default first stamp
     period_ns = round(1e9 / bag_rate_hz)
-    parameters = {'map_path': str(map_dir), 'autostart': True, 'image_topics': [IMAGE_TOPIC],
-                  'odom_topic': ODOM_TOPIC, 'max_rate_hz': 20.0}
+    parameters = {
+        'map_path': str(map_dir),
+        'autostart': True,
+        'image_topics': [IMAGE_TOPIC],
+        'odom_topic': ODOM_TOPIC,
+        'max_rate_hz': 20.0,
+    }
     with NodeHarness(parameters) as harness:
         wait_until(lambda: harness.node.count_subscribers(IMAGE_TOPIC) > 0, 10.0)
         sent = replay_bag(bag, rate=replay_rate, context=harness.context)
@@ -57,15 +69,18 @@ def run_node_demo(map_dir: str | Path, data_root: str | Path, out_dir: str | Pat
         latency = harness.node.latency_stats()
         counts = harness.node.counts()
     errors = []
-    print_fn(f'{"frame":>5} {"image":>14} {"x":>8} {"y":>8} {"true x":>8} {"true y":>8} '
-             f'{"error m":>8}')
+    print_fn(
+        f'{"frame":>5} {"image":>14} {"x":>8} {"y":>8} {"true x":>8} {"true y":>8} {"error m":>8}'
+    )
     for msg in poses:
         i = round((stamp_ns(msg.header) - start_ns) / period_ns)
         p = msg.pose.pose.position
         error = math.hypot(p.x - queries.xy[i, 0], p.y - queries.xy[i, 1])
         errors.append(error)
-        print_fn(f'{i:>5} {queries.image_paths[i].name:>14} {p.x:8.2f} {p.y:8.2f} '
-                 f'{queries.xy[i, 0]:8.2f} {queries.xy[i, 1]:8.2f} {error:8.2f}')
+        print_fn(
+            f'{i:>5} {queries.image_paths[i].name:>14} {p.x:8.2f} {p.y:8.2f} '
+            f'{queries.xy[i, 0]:8.2f} {queries.xy[i, 1]:8.2f} {error:8.2f}'
+        )
     summary = {
         'frames_sent': int(sent.get(IMAGE_TOPIC, 0)),
         'poses_published': len(poses),
@@ -75,23 +90,27 @@ def run_node_demo(map_dir: str | Path, data_root: str | Path, out_dir: str | Pat
         'latency_p95_ms': round(latency['p95_ms'], 1),
         'node_counts': counts,
     }
-    print_fn(f'node: {summary["poses_published"]}/{summary["frames_sent"]} frames localised, '
-             f'{100 * summary["within_5m"]:.0f}% within {TOLERANCE_M:.0f} m, median error '
-             f'{summary["median_error_m"]} m; latency image->pose median '
-             f'{summary["latency_median_ms"]} ms, p95 {summary["latency_p95_ms"]} ms; '
-             f'counters {counts}')
+    print_fn(
+        f'node: {summary["poses_published"]}/{summary["frames_sent"]} frames localised, '
+        f'{100 * summary["within_5m"]:.0f}% within {TOLERANCE_M:.0f} m, median error '
+        f'{summary["median_error_m"]} m; latency image->pose median '
+        f'{summary["latency_median_ms"]} ms, p95 {summary["latency_p95_ms"]} ms; '
+        f'counters {counts}'
+    )
     (out_dir / 'node_demo.json').write_text(json.dumps(summary, indent=1) + '\n')
     return summary
 
 
-def measure_node_latency(map_dir: str | Path, data_root: str | Path,
-                         num_frames: int = 20) -> dict[str, float]:
+def measure_node_latency(
+    map_dir: str | Path, data_root: str | Path, num_frames: int = 20
+) -> dict[str, float]:
     """Image receipt to pose publish inside the node (median_ms, p95_ms, count), one frame at
     a time (each published after the previous pose, so no frame waits behind another)."""
     queries = read_traversal(Path(data_root) / 'campus_loop' / 'query')
     ids = np.linspace(0, len(queries) - 1, min(num_frames, len(queries))).astype(int)
-    with NodeHarness({'map_path': str(map_dir), 'autostart': True,
-                      'max_rate_hz': 100.0}) as harness:
+    with NodeHarness(
+        {'map_path': str(map_dir), 'autostart': True, 'max_rate_hz': 100.0}
+    ) as harness:
         pub = harness.publisher(Image, 'image')
         for n, i in enumerate(ids):
             stamp = (n + 1) * 1_000_000_000

@@ -65,8 +65,14 @@ class InitialPoseGate:
         self.armed = True
         self._run.clear()
 
-    def update(self, pose: Pose, confidence: float, motion: Pose | None,
-               config: InitialPoseConfig, threshold: float) -> bool:
+    def update(
+        self,
+        pose: Pose,
+        confidence: float,
+        motion: Pose | None,
+        config: InitialPoseConfig,
+        threshold: float,
+    ) -> bool:
         """True when this frame completes the gate (publish /initialpose now)."""
         if not self.armed:
             return False
@@ -91,9 +97,11 @@ def _agree(previous: Pose, pose: Pose, motion: Pose | None, config: InitialPoseC
     expected, slack = previous, 0.0
     if motion is not None and previous.yaw_known:
         c, s = math.cos(previous.yaw_rad), math.sin(previous.yaw_rad)
-        expected = Pose.from_yaw(previous.x + c * motion.x - s * motion.y,
-                                 previous.y + s * motion.x + c * motion.y,
-                                 previous.yaw_rad + motion.yaw_rad)
+        expected = Pose.from_yaw(
+            previous.x + c * motion.x - s * motion.y,
+            previous.y + s * motion.x + c * motion.y,
+            previous.yaw_rad + motion.yaw_rad,
+        )
     elif motion is not None:  # heading unknown: only the distance travelled is known
         slack = math.hypot(motion.x, motion.y)
     if math.hypot(pose.x - expected.x, pose.y - expected.y) > config.max_distance_m + slack:

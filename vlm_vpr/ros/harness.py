@@ -43,8 +43,12 @@ class NodeHarness:
     ``h.received[topic]`` lists the messages the listener got on each of OUTPUTS. Harnesses
     running at once need distinct ``namespace`` values (relative topics live under it)."""
 
-    def __init__(self, parameters: dict[str, Any], offset_source: OffsetSource | None = None,
-                 namespace: str = '') -> None:
+    def __init__(
+        self,
+        parameters: dict[str, Any],
+        offset_source: OffsetSource | None = None,
+        namespace: str = '',
+    ) -> None:
         self.parameters = parameters
         self.namespace = namespace
         self.offset_source = offset_source
@@ -55,13 +59,19 @@ class NodeHarness:
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         overrides = [Parameter(k, value=v) for k, v in self.parameters.items()]
-        self.node = VprNode(context=self.context, parameter_overrides=overrides,
-                            offset_source=self.offset_source, namespace=self.namespace)
-        self.listener = rclpy.create_node('vpr_listener', context=self.context,
-                                          namespace=self.namespace)
+        self.node = VprNode(
+            context=self.context,
+            parameter_overrides=overrides,
+            offset_source=self.offset_source,
+            namespace=self.namespace,
+        )
+        self.listener = rclpy.create_node(
+            'vpr_listener', context=self.context, namespace=self.namespace
+        )
         for topic, msg_type in OUTPUTS.items():
-            self.listener.create_subscription(msg_type, topic,
-                                              lambda msg, t=topic: self._record(t, msg), 50)
+            self.listener.create_subscription(
+                msg_type, topic, lambda msg, t=topic: self._record(t, msg), 50
+            )
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.listener)
@@ -90,8 +100,9 @@ class NodeHarness:
         wait_until(lambda: pub.get_subscription_count() > 0, timeout_s)
         return pub
 
-    def wait_for(self, topic: str, predicate: Callable[[Any], bool],
-                 timeout_s: float = 20.0) -> Any | None:
+    def wait_for(
+        self, topic: str, predicate: Callable[[Any], bool], timeout_s: float = 20.0
+    ) -> Any | None:
         """The first message on ``topic`` matching ``predicate``, or None after the timeout."""
         found: list[Any] = []
 
@@ -121,8 +132,9 @@ def header_at(stamp_ns: int, frame_id: str) -> Header:
     return header
 
 
-def camera_msg(image_bgr: np.ndarray, stamp_ns: int, compressed: bool = False,
-               frame_id: str = 'camera') -> Any:
+def camera_msg(
+    image_bgr: np.ndarray, stamp_ns: int, compressed: bool = False, frame_id: str = 'camera'
+) -> Any:
     """An Image ('bgr8') or CompressedImage (JPEG) of [H x W x 3] uint8 BGR ``image_bgr``."""
     import cv2
 
@@ -133,8 +145,9 @@ def camera_msg(image_bgr: np.ndarray, stamp_ns: int, compressed: bool = False,
     return CompressedImage(header=header, format='jpeg', data=data.tobytes())
 
 
-def odometry_msg(pose: Pose, stamp_ns: int, frame_id: str = 'odom',
-                 child_frame_id: str = 'base_link') -> Odometry:
+def odometry_msg(
+    pose: Pose, stamp_ns: int, frame_id: str = 'odom', child_frame_id: str = 'base_link'
+) -> Odometry:
     msg = Odometry(header=header_at(stamp_ns, frame_id), child_frame_id=child_frame_id)
     msg.pose.pose = pose_msg(pose)
     return msg

@@ -135,8 +135,9 @@ class VprNode(LifecycleNode):
         self._previous_stamp_ns: int | None = None
         self._services_group = ReentrantCallbackGroup()
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self._diagnostics_timer = self.create_timer(self._cfg.diagnostics_period_s,
-                                                    self.publish_diagnostics)
+        self._diagnostics_timer = self.create_timer(
+            self._cfg.diagnostics_period_s, self.publish_diagnostics
+        )
         if self._cfg.autostart and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
@@ -150,8 +151,10 @@ class VprNode(LifecycleNode):
         cfg, query_cfg = self._cfg, self._query_cfg
         try:
             if not cfg.map_path:
-                raise ConfigError('map_path is empty: give the map folder built by `vlm-vpr map '
-                                  'build`, e.g. --ros-args -p map_path:=/path/to/map')
+                raise ConfigError(
+                    'map_path is empty: give the map folder built by `vlm-vpr map '
+                    'build`, e.g. --ros-args -p map_path:=/path/to/map'
+                )
             vpr_map = read_map(cfg.map_path)
             localizer = Localizer(vpr_map, query_cfg)
             matcher = None
@@ -164,48 +167,69 @@ class VprNode(LifecycleNode):
             self.get_logger().error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
         if vpr_map.frame_id != cfg.map_frame:
-            self.get_logger().warning(f'the map was built in frame {vpr_map.frame_id!r}; poses '
-                                      f'are published in map_frame {cfg.map_frame!r}')
+            self.get_logger().warning(
+                f'the map was built in frame {vpr_map.frame_id!r}; poses '
+                f'are published in map_frame {cfg.map_frame!r}'
+            )
         self._localizer, self._matcher = localizer, matcher
         self._offsets = self._offset_override or self._create_offset_source(cfg)
         self._create_outputs()
         self.destroy_timer(self._diagnostics_timer)
-        self._diagnostics_timer = self.create_timer(cfg.diagnostics_period_s,
-                                                    self.publish_diagnostics)
+        self._diagnostics_timer = self.create_timer(
+            cfg.diagnostics_period_s, self.publish_diagnostics
+        )
         with self._lock:
             self._counts.clear()
             self._latency_ms.clear()
             self._stage_ms.clear()
         self._status = (DiagnosticStatus.OK, 'inactive')
-        self.get_logger().info(f'map {cfg.map_path}: {len(vpr_map)} images, backbone '
-                               f'{vpr_map.build_config.features.backbone}; sequence length '
-                               f'{query_cfg.sequence.length}; re-rankers '
-                               f'{list(query_cfg.rerank.chain) or "none"}')
+        self.get_logger().info(
+            f'map {cfg.map_path}: {len(vpr_map)} images, backbone '
+            f'{vpr_map.build_config.features.backbone}; sequence length '
+            f'{query_cfg.sequence.length}; re-rankers '
+            f'{list(query_cfg.rerank.chain) or "none"}'
+        )
         return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         for topic in cfg.image_topics:
             msg_type = CompressedImage if topic.rstrip('/').endswith('/compressed') else Image
-            self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, t=topic: self._on_image(msg, t),
-                qos_profile_sensor_data))
-        self._info_topics = ({t: camera_info_topic(t) for t in cfg.image_topics}
-                             if cfg.use_camera_info else {})
+            self._subs.append(
+                self.create_subscription(
+                    msg_type,
+                    topic,
+                    lambda msg, t=topic: self._on_image(msg, t),
+                    qos_profile_sensor_data,
+                )
+            )
+        self._info_topics = (
+            {t: camera_info_topic(t) for t in cfg.image_topics} if cfg.use_camera_info else {}
+        )
         for topic in set(self._info_topics.values()):
-            self._subs.append(self.create_subscription(
-                CameraInfo, topic, lambda msg, t=topic: self._on_camera_info(msg, t),
-                qos_profile_sensor_data))
+            self._subs.append(
+                self.create_subscription(
+                    CameraInfo,
+                    topic,
+                    lambda msg, t=topic: self._on_camera_info(msg, t),
+                    qos_profile_sensor_data,
+                )
+            )
         if cfg.odom_topic:
-            self._subs.append(self.create_subscription(Odometry, cfg.odom_topic, self._on_odom,
-                                                       qos_profile_sensor_data))
+            self._subs.append(
+                self.create_subscription(
+                    Odometry, cfg.odom_topic, self._on_odom, qos_profile_sensor_data
+                )
+            )
         self._gate.rearm()
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
         self._status = (DiagnosticStatus.OK, 'active, waiting for images')
-        self.get_logger().info(f'active: localising {list(cfg.image_topics)} at most '
-                               f'{cfg.max_rate_hz} Hz ({cfg.mode})')
+        self.get_logger().info(
+            f'active: localising {list(cfg.image_topics)} at most '
+            f'{cfg.max_rate_hz} Hz ({cfg.mode})'
+        )
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -237,8 +261,9 @@ class VprNode(LifecycleNode):
         if cfg.use_tf and tf_available():
             return TfOffset(self, cfg.base_frame)
         if cfg.use_tf:
-            self.get_logger().warning('use_tf is true but tf2_ros is not installed: using the '
-                                      'camera_offset.* parameters')
+            self.get_logger().warning(
+                'use_tf is true but tf2_ros is not installed: using the camera_offset.* parameters'
+            )
         return FixedOffset(cfg.camera_offset)
 
     def _create_outputs(self) -> None:
@@ -252,10 +277,12 @@ class VprNode(LifecycleNode):
             'initialpose': pub(PoseWithCovarianceStamped, '/initialpose', 10),
         }
         self._services = [
-            self.create_service(Trigger, 'relocalize', self._on_relocalize,
-                                callback_group=self._services_group),
-            self.create_service(Trigger, 'rearm_initial_pose', self._on_rearm,
-                                callback_group=self._services_group),
+            self.create_service(
+                Trigger, 'relocalize', self._on_relocalize, callback_group=self._services_group
+            ),
+            self.create_service(
+                Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=self._services_group
+            ),
         ]
 
     def _stop_processing(self) -> None:
@@ -357,11 +384,14 @@ class VprNode(LifecycleNode):
         threshold = self._query_cfg.confidence.initial_pose_threshold
         response.success = bool(answered and last and last['confidence'] >= threshold)
         if last is None:
-            response.message = (f'no frame localised within {cfg.relocalize_timeout_s} s; '
-                                 f'check that images arrive on {list(cfg.image_topics)}')
+            response.message = (
+                f'no frame localised within {cfg.relocalize_timeout_s} s; '
+                f'check that images arrive on {list(cfg.image_topics)}'
+            )
         else:
-            response.message = json.dumps({**last, 'frames': len(waiter.results),
-                                           'confidence_threshold': threshold})
+            response.message = json.dumps(
+                {**last, 'frames': len(waiter.results), 'confidence_threshold': threshold}
+            )
         return response
 
     # -----------------------------------------------------------------------------------------
@@ -371,8 +401,7 @@ class VprNode(LifecycleNode):
         next_start = 0.0
         while True:
             with self._lock:
-                while not self._stopping and (not self._slots
-                                              or time.monotonic() < next_start):
+                while not self._stopping and (not self._slots or time.monotonic() < next_start):
                     delay = next_start - time.monotonic()
                     self._lock.wait(delay if self._slots and delay > 0 else None)
                 if self._stopping:
@@ -407,8 +436,13 @@ class VprNode(LifecycleNode):
             except Exception:  # noqa: BLE001 - a bug costs this frame only: log, count, go on
                 self._skip('internal_error', prepared.frame, traceback.format_exc())
 
-    def _finish(self, prepared: _Prepared, result: LocalizationResult, cfg: NodeConfig,
-                query_cfg: LocalizerConfig) -> None:
+    def _finish(
+        self,
+        prepared: _Prepared,
+        result: LocalizationResult,
+        cfg: NodeConfig,
+        query_cfg: LocalizerConfig,
+    ) -> None:
         """Sequence vote, camera-to-base offset, output checks and publishing of one frame."""
         t_ns = stamp_ns(prepared.header)
         with self._lock:  # robot motion since the last localised frame (None: no odometry)
@@ -416,15 +450,26 @@ class VprNode(LifecycleNode):
             motion = self._odometry.motion(previous, t_ns) if previous is not None else None
         try:
             result = self._sequence_vote(result, motion)
-            pose, covariance = base_pose_from_camera(result.pose, result.covariance,
-                                                     prepared.base_in_camera)
+            pose, covariance = base_pose_from_camera(
+                result.pose, result.covariance, prepared.base_in_camera
+            )
             check_output(pose, covariance)
         except VprError as exc:  # FrameSkipped carries its own reason
             self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
             return
         self._previous_stamp_ns = t_ns
-        self._publish(prepared.frame, prepared.header, prepared.image, result, pose,
-                      covariance, prepared.base_in_camera, motion, cfg, query_cfg)
+        self._publish(
+            prepared.frame,
+            prepared.header,
+            prepared.image,
+            result,
+            pose,
+            covariance,
+            prepared.base_in_camera,
+            motion,
+            cfg,
+            query_cfg,
+        )
 
     def _localize_batch(self, ready: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
         """(frame, Localizer result) pairs; if the batch fails, each frame is tried alone, so
@@ -470,56 +515,87 @@ class VprNode(LifecycleNode):
         start = time.perf_counter()
         if info is None:
             state = 'missing'
-            self._warn(f'camera_info_{state}', f'{frame.topic}: no CameraInfo on {topic} yet: '
-                       'localising the frame unrectified')
+            self._warn(
+                f'camera_info_{state}',
+                f'{frame.topic}: no CameraInfo on {topic} yet: localising the frame unrectified',
+            )
         else:
             image, state = rectify_with_camera_info(image, info)
         if state == 'roi_or_binning':
-            self._warn(f'camera_info_{state}', f'{frame.topic}: rectifying a region of interest '
-                       'or binned frames is not supported: localising the frame unrectified')
+            self._warn(
+                f'camera_info_{state}',
+                f'{frame.topic}: rectifying a region of interest '
+                'or binned frames is not supported: localising the frame unrectified',
+            )
         with self._lock:
             self._counts[f'camera_info_{state}'] += 1
             if state == 'rectified':
                 self._stage_ms.setdefault('rectify', deque(maxlen=STATS_WINDOW)).append(
-                    (time.perf_counter() - start) * 1000.0)
+                    (time.perf_counter() - start) * 1000.0
+                )
         return image
 
-    def _sequence_vote(self, result: LocalizationResult,
-                       motion: Pose | None) -> LocalizationResult:
+    def _sequence_vote(
+        self, result: LocalizationResult, motion: Pose | None
+    ) -> LocalizationResult:
         if self._matcher is None:
             return result
         travelled = math.hypot(motion.x, motion.y) if motion is not None else None
         return self._matcher.update(result, travelled)
 
-    def _publish(self, frame: _Frame, header: Any, image: np.ndarray, result: LocalizationResult,
-                 pose: Pose, covariance: np.ndarray, base_in_camera: Pose, motion: Pose | None,
-                 cfg: NodeConfig, query_cfg: LocalizerConfig) -> None:
+    def _publish(
+        self,
+        frame: _Frame,
+        header: Any,
+        image: np.ndarray,
+        result: LocalizationResult,
+        pose: Pose,
+        covariance: np.ndarray,
+        base_in_camera: Pose,
+        motion: Pose | None,
+        cfg: NodeConfig,
+        query_cfg: LocalizerConfig,
+    ) -> None:
         out = Header(stamp=header.stamp, frame_id=cfg.map_frame)
         pose_out = pose_with_covariance_msg(pose, covariance, out)
         published = result.confidence >= cfg.min_confidence
         if published:
             self._pubs['pose'].publish(pose_out)
         self._pubs['confidence'].publish(Float32(data=float(result.confidence)))
-        candidates = [base_pose_from_camera(c.pose, result.covariance, base_in_camera)[0]
-                      for c in result.candidates]
+        candidates = [
+            base_pose_from_camera(c.pose, result.covariance, base_in_camera)[0]
+            for c in result.candidates
+        ]
         self._pubs['candidates'].publish(pose_array_msg(candidates, out))
-        self._pubs['markers'].publish(markers_msg(candidates,
-                                                  [c.score for c in result.candidates], out))
+        self._pubs['markers'].publish(
+            markers_msg(candidates, [c.score for c in result.candidates], out)
+        )
         if cfg.debug_image and result.candidates:
             match = self._localizer.map.thumbnail(result.candidates[0].map_index)
             caption = f'{result.candidates[0].image_name}  conf {result.confidence:.2f}'
             self._pubs['debug_image'].publish(
-                image_msg(debug_image(image, match, caption), Header(stamp=header.stamp,
-                                                                     frame_id=header.frame_id)))
+                image_msg(
+                    debug_image(image, match, caption),
+                    Header(stamp=header.stamp, frame_id=header.frame_id),
+                )
+            )
         latency_ms = (time.monotonic() - frame.received_s) * 1000.0
-        summary = {'stamp_ns': stamp_ns(header), 'x': round(pose.x, 3), 'y': round(pose.y, 3),
-                   'yaw_rad': round(pose.yaw_rad, 4) if pose.yaw_known else None,
-                   'confidence': round(result.confidence, 4),
-                   'best': result.candidates[0].image_name if result.candidates else None}
+        summary = {
+            'stamp_ns': stamp_ns(header),
+            'x': round(pose.x, 3),
+            'y': round(pose.y, 3),
+            'yaw_rad': round(pose.yaw_rad, 4) if pose.yaw_known else None,
+            'confidence': round(result.confidence, 4),
+            'best': result.candidates[0].image_name if result.candidates else None,
+        }
         with self._lock:
             gate_passed = cfg.initial_pose.enabled and self._gate.update(
-                pose, result.confidence, motion, cfg.initial_pose,
-                query_cfg.confidence.initial_pose_threshold)
+                pose,
+                result.confidence,
+                motion,
+                cfg.initial_pose,
+                query_cfg.confidence.initial_pose_threshold,
+            )
             self._counts['localized'] += 1
             self._counts['published'] += int(published)
             self._counts['vlm_notes'] += len(result.notes)
@@ -534,9 +610,11 @@ class VprNode(LifecycleNode):
             self._waiters = [w for w in self._waiters if not w.done.is_set()]
         if gate_passed:
             self._pubs['initialpose'].publish(pose_out)
-            self.get_logger().info(f'published /initialpose x={pose.x:.2f} y={pose.y:.2f} '
-                                   f'(confidence {result.confidence:.2f}); the gate is shut '
-                                   'until rearm_initial_pose or relocalize is called')
+            self.get_logger().info(
+                f'published /initialpose x={pose.x:.2f} y={pose.y:.2f} '
+                f'(confidence {result.confidence:.2f}); the gate is shut '
+                'until rearm_initial_pose or relocalize is called'
+            )
         self._status = (DiagnosticStatus.OK, 'localising')
 
     def _skip(self, reason: str, frame: _Frame, message: str) -> None:
@@ -571,8 +649,11 @@ class VprNode(LifecycleNode):
             values = list(self._latency_ms)
         if not values:
             return {'count': 0, 'median_ms': math.nan, 'p95_ms': math.nan}
-        return {'count': len(values), 'median_ms': float(np.median(values)),
-                'p95_ms': float(np.percentile(values, 95))}
+        return {
+            'count': len(values),
+            'median_ms': float(np.median(values)),
+            'p95_ms': float(np.percentile(values, 95)),
+        }
 
     def counts(self) -> dict[str, int]:
         """Frames received, localised, published, dropped and skipped (by reason)."""
@@ -594,10 +675,13 @@ class VprNode(LifecycleNode):
         values['map_size'] = str(len(localizer.map) if localizer is not None else 0)
         calibration = localizer.calibration if localizer is not None else None
         values['confidence_calibration'] = (
-            'none: no map' if calibration is None
-            else f'fitted for {calibration.settings}' if calibration.fitted
+            'none: no map'
+            if calibration is None
+            else f'fitted for {calibration.settings}'
+            if calibration.fitted
             else 'default weights: the map has no calibration for these settings '
-                 '(run vlm-vpr calibrate with them)')
+            '(run vlm-vpr calibrate with them)'
+        )
         values['map_path'] = self._cfg.map_path
         values['last_notes'] = '; '.join(notes)
         values['initial_pose_armed'] = str(self._gate.armed)
@@ -605,10 +689,13 @@ class VprNode(LifecycleNode):
             values['camera_info_missing_on'] = ', '.join(no_info)
             if no_info and level == DiagnosticStatus.OK:
                 level, message = DiagnosticStatus.WARN, f'{message}; no camera_info on {no_info}'
-        status = DiagnosticStatus(level=level,
-                                  name=f'{self.get_name()}: localization',
-                                  message=message, hardware_id='vlm_vpr',
-                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        status = DiagnosticStatus(
+            level=level,
+            name=f'{self.get_name()}: localization',
+            message=message,
+            hardware_id='vlm_vpr',
+            values=[KeyValue(key=k, value=v) for k, v in values.items()],
+        )
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics_pub.publish(array)

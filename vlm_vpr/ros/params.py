@@ -42,8 +42,10 @@ class InitialPoseConfig:
     max_yaw_deg: float = 30.0  # Y: ... and within this yaw (skipped where yaw is unknown)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.consecutive_frames <= 100,
-               'initial_pose.consecutive_frames must be in [1, 100]')
+        _check(
+            1 <= self.consecutive_frames <= 100,
+            'initial_pose.consecutive_frames must be in [1, 100]',
+        )
         _check(self.max_distance_m > 0, 'initial_pose.max_distance_m must be > 0')
         _check(0 < self.max_yaw_deg <= 180, 'initial_pose.max_yaw_deg must be in (0, 180]')
 
@@ -58,8 +60,10 @@ class CameraOffsetConfig:
     yaw_deg: float = 0.0  # camera heading relative to the base heading (counter-clockwise)
 
     def __post_init__(self) -> None:
-        _check(all(math.isfinite(v) for v in (self.x_m, self.y_m, self.z_m, self.yaw_deg)),
-               'camera_offset.* must be finite numbers')
+        _check(
+            all(math.isfinite(v) for v in (self.x_m, self.y_m, self.z_m, self.yaw_deg)),
+            'camera_offset.* must be finite numbers',
+        )
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,14 @@ class NodeConfig:
     camera_offset: CameraOffsetConfig = field(default_factory=CameraOffsetConfig)
 
     def __post_init__(self) -> None:
-        _check(len(self.image_topics) >= 1 and all(self.image_topics),
-               'image_topics must name at least one topic')
-        _check(bool(self.map_frame) and bool(self.base_frame),
-               'map_frame and base_frame must not be empty')
+        _check(
+            len(self.image_topics) >= 1 and all(self.image_topics),
+            'image_topics must name at least one topic',
+        )
+        _check(
+            bool(self.map_frame) and bool(self.base_frame),
+            'map_frame and base_frame must not be empty',
+        )
         _check(self.mode in MODES, f'mode must be one of {MODES}')
         _check(0.01 <= self.max_rate_hz <= 100, 'max_rate_hz must be in [0.01, 100]')
         _check(0 <= self.min_confidence <= 1, 'min_confidence must be in [0, 1]')
@@ -112,12 +120,25 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 # Applied at once while the node runs; every other parameter takes effect at the next configure.
-LIVE = frozenset({
-    'mode', 'max_rate_hz', 'min_confidence', 'relocalize_frames', 'relocalize_timeout_s',
-    'debug_image', 'initial_pose.enabled', 'initial_pose.consecutive_frames',
-    'initial_pose.max_distance_m', 'initial_pose.max_yaw_deg', 'confidence.initial_pose_threshold',
-    'camera_offset.x_m', 'camera_offset.y_m', 'camera_offset.z_m', 'camera_offset.yaw_deg',
-})
+LIVE = frozenset(
+    {
+        'mode',
+        'max_rate_hz',
+        'min_confidence',
+        'relocalize_frames',
+        'relocalize_timeout_s',
+        'debug_image',
+        'initial_pose.enabled',
+        'initial_pose.consecutive_frames',
+        'initial_pose.max_distance_m',
+        'initial_pose.max_yaw_deg',
+        'confidence.initial_pose_threshold',
+        'camera_offset.x_m',
+        'camera_offset.y_m',
+        'camera_offset.z_m',
+        'camera_offset.yaw_deg',
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -147,22 +168,27 @@ def split_values(values: dict[str, Any]) -> tuple[NodeConfig, LocalizerConfig]:
     """Validated (NodeConfig, LocalizerConfig) from ``{dotted name: value}``; ConfigError."""
     node_keys = set(to_flat_dict(NodeConfig()))
     node = from_flat_dict(NodeConfig, {k: v for k, v in values.items() if k in node_keys})
-    query = from_flat_dict(LocalizerConfig,
-                           {k: v for k, v in values.items() if k not in node_keys})
+    query = from_flat_dict(
+        LocalizerConfig, {k: v for k, v in values.items() if k not in node_keys}
+    )
     return node, query
 
 
 def _field_comments(cls: type) -> dict[str, str]:
     """``{dotted field name: its trailing '# comment'}`` for a (nested) config dataclass."""
     pattern = re.compile(r'^\s+(\w+):[^#]*#\s*(.+)$')
-    own = {m.group(1): m.group(2).strip()
-           for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
+    own = {
+        m.group(1): m.group(2).strip()
+        for m in map(pattern.match, inspect.getsource(cls).splitlines())
+        if m
+    }
     comments: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         default = getattr(cls(), f.name)
         if dataclasses.is_dataclass(default):
-            comments.update({f'{f.name}.{k}': v
-                             for k, v in _field_comments(type(default)).items()})
+            comments.update(
+                {f'{f.name}.{k}': v for k, v in _field_comments(type(default)).items()}
+            )
         elif f.name in own:
             comments[f.name] = own[f.name]
     return comments
@@ -188,11 +214,13 @@ def _descriptor(spec: ParamSpec) -> Any:
     if spec.range is not None:
         low, high = spec.range
         if isinstance(spec.default, int):
-            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high),
-                                                     step=1)]
+            descriptor.integer_range = [
+                IntegerRange(from_value=int(low), to_value=int(high), step=1)
+            ]
         else:
-            descriptor.floating_point_range = [FloatingPointRange(
-                from_value=float(low), to_value=float(high), step=0.0)]
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=float(low), to_value=float(high), step=0.0)
+            ]
     return descriptor
 
 
@@ -213,8 +241,10 @@ def render_params_yaml() -> str:
     groups: list[str] = []
     for spec in param_specs():
         *path, key = spec.name.split('.')
-        common = next((i for i, (a, b) in enumerate(zip(groups, path)) if a != b),
-                      min(len(groups), len(path)))
+        common = next(
+            (i for i, (a, b) in enumerate(zip(groups, path)) if a != b),
+            min(len(groups), len(path)),
+        )
         lines += [f'    {"  " * i}{name}:' for i, name in enumerate(path) if i >= common]
         groups = path
         indent = '    ' + '  ' * len(path)

@@ -31,13 +31,21 @@ def message_class(msgtype: str) -> Any:
     try:
         return getattr(importlib.import_module(package.replace('/', '.')), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise BagError(f'message type {msgtype} is not installed ({exc}); install its ROS '
-                       'package (or PyPI wheel) or leave the topic out with --topics') from exc
+        raise BagError(
+            f'message type {msgtype} is not installed ({exc}); install its ROS '
+            'package (or PyPI wheel) or leave the topic out with --topics'
+        ) from exc
 
 
-def replay_bag(bag_path: str | Path, *, rate: float = 1.0, topics: Sequence[str] | None = None,
-               start_delay_s: float = 1.0, context: Any = None,
-               stop: threading.Event | None = None) -> dict[str, int]:
+def replay_bag(
+    bag_path: str | Path,
+    *,
+    rate: float = 1.0,
+    topics: Sequence[str] | None = None,
+    start_delay_s: float = 1.0,
+    context: Any = None,
+    stop: threading.Event | None = None,
+) -> dict[str, int]:
     """Publish the bag's messages (all topics, or ``topics``) at ``rate`` x recorded speed.
 
     Topics whose message type is not installed are skipped with a warning (e.g. /tf where
@@ -75,8 +83,9 @@ def replay_bag(bag_path: str | Path, *, rate: float = 1.0, topics: Sequence[str]
             rclpy.try_shutdown(context=context)
 
 
-def _play(bag_path: str | Path, publishers: dict[str, Any], rate: float,
-          stop: threading.Event) -> dict[str, int]:
+def _play(
+    bag_path: str | Path, publishers: dict[str, Any], rate: float, stop: threading.Event
+) -> dict[str, int]:
     sent: Counter[str] = Counter()
     first_ns: int | None = None
     start = time.monotonic()
@@ -94,6 +103,9 @@ def _play(bag_path: str | Path, publishers: dict[str, Any], rate: float,
 def _qos(topic: str) -> QoSProfile:
     """Reliable depth 10 (matches reliable and best-effort subscribers); latched /tf_static."""
     if topic == TF_STATIC_TOPIC:
-        return QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        return QoSProfile(
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
     return QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)

@@ -29,8 +29,9 @@ def base_in_camera_from_offset(offset: CameraOffsetConfig) -> Pose:
     """Invert the camera's pose in the base frame (planar) into the base's pose in the camera."""
     yaw = math.radians(offset.yaw_deg)
     c, s = math.cos(yaw), math.sin(yaw)
-    return Pose.from_yaw(-(c * offset.x_m + s * offset.y_m), -(-s * offset.x_m + c * offset.y_m),
-                         -yaw, -offset.z_m)
+    return Pose.from_yaw(
+        -(c * offset.x_m + s * offset.y_m), -(-s * offset.x_m + c * offset.y_m), -yaw, -offset.z_m
+    )
 
 
 class FixedOffset:
@@ -56,8 +57,12 @@ class TfOffset:
         self.base_frame = base_frame
         self.buffer = tf2_ros.Buffer()
         self.listener = tf2_ros.TransformListener(self.buffer, node)
-        self._errors = (tf2_ros.LookupException, tf2_ros.ConnectivityException,
-                        tf2_ros.ExtrapolationException, tf2_ros.InvalidArgumentException)
+        self._errors = (
+            tf2_ros.LookupException,
+            tf2_ros.ConnectivityException,
+            tf2_ros.ExtrapolationException,
+            tf2_ros.InvalidArgumentException,
+        )
 
     def base_in_camera(self, camera_frame: str) -> Pose:
         from rclpy.time import Time
@@ -67,7 +72,8 @@ class TfOffset:
         except self._errors as exc:
             raise TransformUnavailable(
                 f'no TF from {camera_frame!r} to {self.base_frame!r} ({exc}); publish the camera '
-                'mount (robot_state_publisher) or set use_tf: false and camera_offset.*') from exc
+                'mount (robot_state_publisher) or set use_tf: false and camera_offset.*'
+            ) from exc
         q = t.rotation
         return Pose(t.translation.x, t.translation.y, t.translation.z, q.x, q.y, q.z, q.w)
 

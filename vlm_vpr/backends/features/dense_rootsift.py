@@ -81,8 +81,13 @@ def orientation_channels(grey: np.ndarray) -> np.ndarray:
     return channels
 
 
-def dense_sift(channels: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell_px: int,
-               out: np.ndarray | None = None) -> np.ndarray:
+def dense_sift(
+    channels: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    cell_px: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Unnormalised SIFT vectors [len(ys) x len(xs) x 128] centred on the grid ys x xs.
 
     ``channels`` [H x W x 8] float32 is pooled with a triangular filter of half-width
@@ -95,10 +100,12 @@ def dense_sift(channels: np.ndarray, ys: np.ndarray, xs: np.ndarray, cell_px: in
     ramp = np.arange(1, cell_px + 1, dtype=np.float32)
     kernel = np.concatenate([ramp, ramp[-2::-1]]) / (cell_px * cell_px)
     pooled = cv2.sepFilter2D(channels, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT)
-    cy = np.clip(np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
-                 pooled.shape[0] - 1)  # [rows x 4]
-    cx = np.clip(np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0,
-                 pooled.shape[1] - 1)  # [cols x 4]
+    cy = np.clip(
+        np.rint(ys[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[0] - 1
+    )  # [rows x 4]
+    cx = np.clip(
+        np.rint(xs[:, None] + _CELL_OFFSETS * cell_px).astype(int), 0, pooled.shape[1] - 1
+    )  # [cols x 4]
     if out is None:
         out = np.empty((len(ys), len(xs), 128), np.float32)
     cells = out.reshape(len(ys), len(xs), 4, 4, _NUM_ORIENTATIONS)

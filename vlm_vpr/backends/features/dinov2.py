@@ -63,8 +63,9 @@ class Dinov2Extractor:
     def __init__(self, features: FeatureConfig, runtime: RuntimeConfig) -> None:
         dtype = resolve_dtype(runtime)
         if dtype == 'int8' and runtime.device != 'cpu':
-            raise ConfigError("runtime.dtype 'int8' runs on the CPU only: on CUDA use "
-                              "'bfloat16' or 'float16'")
+            raise ConfigError(
+                "runtime.dtype 'int8' runs on the CPU only: on CUDA use 'bfloat16' or 'float16'"
+            )
         if runtime.num_threads > 0:
             torch.set_num_threads(runtime.num_threads)
         model = _load_model(features.dinov2_model, features.dinov2_layer)
@@ -75,8 +76,9 @@ class Dinov2Extractor:
         net = _truncate(model, features.dinov2_layer, features.dinov2_facet).eval()
         _cache_position_embeddings(model.embeddings)
         if runtime.engine == 'openvino':
-            self._net = OpenVinoNetwork(net, dtype, runtime.num_threads,
-                                        int(model.config.hidden_size))
+            self._net = OpenVinoNetwork(
+                net, dtype, runtime.num_threads, int(model.config.hidden_size)
+            )
         else:
             self._dtype = torch.float32 if dtype == 'int8' else getattr(torch, dtype)
             if dtype == 'int8':
@@ -84,21 +86,30 @@ class Dinov2Extractor:
             self._net = net.to(self._device, self._dtype)
             if runtime.compile:  # compiled lazily: the first image of each size waits for it
                 self._net = torch.compile(self._net)
-        log.info('DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, engine %s, '
-                 'compiled %s', features.dinov2_model, features.dinov2_layer,
-                 model.config.num_hidden_layers, features.dinov2_facet, dtype, runtime.device,
-                 runtime.engine, runtime.compile)
+        log.info(
+            'DINOv2 %s: layer %d of %d, facet %s, dtype %s, device %s, engine %s, compiled %s',
+            features.dinov2_model,
+            features.dinov2_layer,
+            model.config.num_hidden_layers,
+            features.dinov2_facet,
+            dtype,
+            runtime.device,
+            runtime.engine,
+            runtime.compile,
+        )
 
     def extract(self, images_bgr: list[np.ndarray]) -> list[LocalFeatures]:
-        resized = [resize_shorter_side(as_bgr(image), self._size_px, self._patch_px)
-                   for image in images_bgr]
+        resized = [
+            resize_shorter_side(as_bgr(image), self._size_px, self._patch_px)
+            for image in images_bgr
+        ]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(resized):
             groups.setdefault(image.shape, []).append(i)
         by_index: dict[int, LocalFeatures] = {}
         for indices in groups.values():
             for start in range(0, len(indices), self._batch_size):
-                chunk = indices[start:start + self._batch_size]
+                chunk = indices[start : start + self._batch_size]
                 grids = self._describe(np.stack([resized[i] for i in chunk]))
                 by_index.update((i, LocalFeatures(grid)) for i, grid in zip(chunk, grids))
         return [by_index[i] for i in range(len(resized))]
@@ -120,7 +131,7 @@ class Dinov2Extractor:
                 tokens = self._net(inputs).float().cpu().numpy()  # [B x (prefix + h*w) x D]
         b, _, height, width = pixels.shape
         rows, cols = height // self._patch_px, width // self._patch_px
-        patches = tokens[:, tokens.shape[1] - rows * cols:]  # drop CLS and register tokens
+        patches = tokens[:, tokens.shape[1] - rows * cols :]  # drop CLS and register tokens
         return l2_normalize(patches).reshape(b, rows, cols, -1)
 
 
@@ -153,9 +164,11 @@ def _load_model(name: str, layer: int) -> nn.Module:
     """DINOv2 model ``name`` (hub id or folder) in float32, once ``layer`` is checked."""
     from transformers import AutoConfig, AutoModel
 
-    fix = ('set features.dinov2_model to a local folder holding config.json and '
-           'model.safetensors, or to a hub id (facebook/dinov2-small|base|large|giant) that is '
-           'in the Hugging Face cache or can be downloaded (network on, HF_HUB_OFFLINE unset)')
+    fix = (
+        'set features.dinov2_model to a local folder holding config.json and '
+        'model.safetensors, or to a hub id (facebook/dinov2-small|base|large|giant) that is '
+        'in the Hugging Face cache or can be downloaded (network on, HF_HUB_OFFLINE unset)'
+    )
     if name.startswith(('/', '.', '~')):  # a folder, not a hub id
         name = str(Path(name).expanduser())
         if not Path(name).is_dir():
@@ -163,19 +176,24 @@ def _load_model(name: str, layer: int) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f'cannot load the DINOv2 config of {name!r} '
-                          f'({str(exc).splitlines()[0]}): {fix}') from exc
+        raise ConfigError(
+            f'cannot load the DINOv2 config of {name!r} ({str(exc).splitlines()[0]}): {fix}'
+        ) from exc
     if config.model_type not in MODEL_TYPES:
-        raise ConfigError(f'{name!r} is a {config.model_type!r} model, not DINOv2 '
-                          f'{MODEL_TYPES}: {fix}')
+        raise ConfigError(
+            f'{name!r} is a {config.model_type!r} model, not DINOv2 {MODEL_TYPES}: {fix}'
+        )
     if layer > config.num_hidden_layers:
-        raise ConfigError(f'features.dinov2_layer is {layer} but {name!r} has only '
-                          f'{config.num_hidden_layers} layers: use 1..{config.num_hidden_layers}')
+        raise ConfigError(
+            f'features.dinov2_layer is {layer} but {name!r} has only '
+            f'{config.num_hidden_layers} layers: use 1..{config.num_hidden_layers}'
+        )
     try:
         return AutoModel.from_pretrained(name, dtype=torch.float32, attn_implementation='sdpa')
     except (OSError, ValueError) as exc:
-        raise ConfigError(f'cannot load the DINOv2 weights of {name!r} '
-                          f'({str(exc).splitlines()[0]}): {fix}') from exc
+        raise ConfigError(
+            f'cannot load the DINOv2 weights of {name!r} ({str(exc).splitlines()[0]}): {fix}'
+        ) from exc
 
 
 def _truncate(model: nn.Module, layer: int, facet: str) -> nn.Sequential:
@@ -259,15 +277,17 @@ class Int8Attention(nn.Module):
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features)
-                  for p in projections]
+        biases = [
+            p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections
+        ]
         self.qkv = Int8Linear(torch.cat([p.weight for p in projections]), torch.cat(biases))
         self.o_proj = Int8Linear(attention.o_proj.weight, attention.o_proj.bias)
         self.heads = attention.num_attention_heads
         self.scaling = attention.scaling
 
-    def forward(self, hidden: torch.Tensor, attention_mask: None = None,
-                **kwargs: object) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: None = None, **kwargs: object
+    ) -> tuple[torch.Tensor, None]:
         b, n, _ = hidden.shape
         qkv = self.qkv(hidden).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = nn.functional.scaled_dot_product_attention(*qkv.unbind(0), scale=self.scaling)
@@ -286,24 +306,29 @@ class OpenVinoNetwork:
     plugin quantises the activations at run time in groups of ``hidden`` values per token.
     """
 
-    def __init__(self, net: nn.Module, dtype: str, num_threads: int, hidden: int,
-                 max_shapes: int = 8) -> None:
+    def __init__(
+        self, net: nn.Module, dtype: str, num_threads: int, hidden: int, max_shapes: int = 8
+    ) -> None:
         """net: :func:`_truncate`'s network (its first module is the embeddings), with
         :func:`_cache_position_embeddings` applied."""
         try:
             import openvino
         except ImportError as exc:
-            raise ConfigError("runtime.engine 'openvino' needs the openvino package: pip install "
-                              "--no-deps openvino (without openvino-telemetry, see the README)"
-                              ) from exc
+            raise ConfigError(
+                "runtime.engine 'openvino' needs the openvino package: pip install "
+                '--no-deps openvino (without openvino-telemetry, see the README)'
+            ) from exc
         if dtype == 'int8':
             _dequantize_int8_in_graph(net)
             precision = 'bf16' if native_bfloat16('cpu') else 'f32'
         else:
             precision = {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16'}[dtype]
-        self._config = {'INFERENCE_PRECISION_HINT': precision, 'PERFORMANCE_HINT': 'LATENCY',
-                        **({'INFERENCE_NUM_THREADS': num_threads} if num_threads > 0 else {}),
-                        **({'DYNAMIC_QUANTIZATION_GROUP_SIZE': hidden} if dtype == 'int8' else {})}
+        self._config = {
+            'INFERENCE_PRECISION_HINT': precision,
+            'PERFORMANCE_HINT': 'LATENCY',
+            **({'INFERENCE_NUM_THREADS': num_threads} if num_threads > 0 else {}),
+            **({'DYNAMIC_QUANTIZATION_GROUP_SIZE': hidden} if dtype == 'int8' else {}),
+        }
         self._openvino = openvino
         self._core = openvino.Core()
         self._net = net
@@ -326,11 +351,11 @@ class OpenVinoNetwork:
         with torch.no_grad(), warnings.catch_warnings():
             self._net[0](example)  # the embeddings, eagerly: fills the position-embedding cache
             warnings.simplefilter('ignore')  # the tracer's notes on shape-dependent Python code
-            model = self._openvino.convert_model(self._net, example_input=example,
-                                                 input=[shape])
+            model = self._openvino.convert_model(self._net, example_input=example, input=[shape])
         request = self._core.compile_model(model, 'CPU', self._config).create_infer_request()
-        log.info('OpenVINO: DINOv2 compiled for input %s in %.1f s', shape,
-                 time.perf_counter() - start)
+        log.info(
+            'OpenVINO: DINOv2 compiled for input %s in %.1f s', shape, time.perf_counter() - start
+        )
         return request
 
 

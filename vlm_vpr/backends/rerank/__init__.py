@@ -40,8 +40,9 @@ class Query:
 class Reranker(Protocol):
     name: str
 
-    def rerank(self, query: Query, candidates: list[Candidate],
-               vpr_map: VprMap) -> list[Candidate]:
+    def rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         """Candidates in their new order, ``score`` updated and raw scores in ``evidence``.
 
         Must not raise on a failing model: log, add a note, and return the input order.
@@ -56,9 +57,12 @@ class SubmapSelector(Protocol):
         ...
 
 
-def create_rerankers(config: LocalizerConfig, vpr_map: VprMap,
-                     vlm_client: VlmClient | None = None,
-                     text_embedder: TextEmbedder | None = None) -> list[Reranker]:
+def create_rerankers(
+    config: LocalizerConfig,
+    vpr_map: VprMap,
+    vlm_client: VlmClient | None = None,
+    text_embedder: TextEmbedder | None = None,
+) -> list[Reranker]:
     """The re-rankers ``config.rerank.chain`` names, in order.
 
     VLM re-rankers share one client (``vlm_client``, else the one ``config.vlm`` names);
@@ -67,13 +71,16 @@ def create_rerankers(config: LocalizerConfig, vpr_map: VprMap,
     chain = config.rerank.chain
     unknown = [name for name in chain if name not in RERANKERS]
     if unknown:
-        raise ConfigError(f'unknown re-ranker(s) {unknown} in rerank.chain; choose from '
-                          f'{list(RERANKERS)}')
+        raise ConfigError(
+            f'unknown re-ranker(s) {unknown} in rerank.chain; choose from {list(RERANKERS)}'
+        )
     needs_vlm = [name for name in chain if name in VLM_RERANKERS]
     if needs_vlm and vlm_client is None:
         if config.vlm.backend == 'none':
-            raise ConfigError(f'rerank.chain names {needs_vlm}, which need a VLM: set '
-                              "vlm.backend to 'transformers' or 'openai' and vlm.model")
+            raise ConfigError(
+                f'rerank.chain names {needs_vlm}, which need a VLM: set '
+                "vlm.backend to 'transformers' or 'openai' and vlm.model"
+            )
         from vlm_vpr.backends.vlm import create_vlm_client
 
         vlm_client = create_vlm_client(config.vlm)

@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def description_scores(query_weights: np.ndarray, query_embeddings: np.ndarray,
-                       map_embeddings: np.ndarray, map_owners: np.ndarray,
-                       candidate_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def description_scores(
+    query_weights: np.ndarray,
+    query_embeddings: np.ndarray,
+    map_embeddings: np.ndarray,
+    map_owners: np.ndarray,
+    candidate_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """(S [C] float32, described [C] bool) for candidates ``candidate_ids`` [C] (map ids).
 
     query_weights [Q] summing to 1; query_embeddings [Q x E] and map_embeddings [M x E]
@@ -53,8 +57,9 @@ def description_scores(query_weights: np.ndarray, query_embeddings: np.ndarray,
     return scores, ends > starts
 
 
-def order_by_description_scores(scores: np.ndarray, described: np.ndarray,
-                                tau: float) -> list[int]:
+def order_by_description_scores(
+    scores: np.ndarray, described: np.ndarray, tau: float
+) -> list[int]:
     """Indices: described candidates with S > tau by S descending (ties keep input order),
     then all others in input order."""
     above = np.flatnonzero(described & (scores > tau))
@@ -66,24 +71,29 @@ def order_by_description_scores(scores: np.ndarray, described: np.ndarray,
 class DescriptionsReranker(VlmReranker):
     name = 'descriptions'
 
-    def __init__(self, config: LocalizerConfig, vpr_map: VprMap, client: VlmClient,
-                 embedder: TextEmbedder) -> None:
+    def __init__(
+        self, config: LocalizerConfig, vpr_map: VprMap, client: VlmClient, embedder: TextEmbedder
+    ) -> None:
         super().__init__(config, client)
         self.embedder = embedder
         self.map_descriptions = load_map_descriptions(vpr_map)
         if self.map_descriptions is None:
             require_thumbnails(vpr_map, self.name)
-            log.warning('map %s has no descriptions: each query describes all its candidates '
-                        'online (K + 1 VLM calls); run `vlm-vpr map describe` once instead',
-                        vpr_map.path)
+            log.warning(
+                'map %s has no descriptions: each query describes all its candidates '
+                'online (K + 1 VLM calls); run `vlm-vpr map describe` once instead',
+                vpr_map.path,
+            )
         elif self.map_descriptions.text_embedder != embedder.model_name:
             raise ConfigError(
                 f'map descriptions of {vpr_map.path} were embedded with '
                 f'{self.map_descriptions.text_embedder!r} but rerank.text_embedder is '
-                f'{embedder.model_name!r}; use the same model or run `vlm-vpr map describe` again')
+                f'{embedder.model_name!r}; use the same model or run `vlm-vpr map describe` again'
+            )
 
-    def _rerank(self, query: Query, candidates: list[Candidate],
-                vpr_map: VprMap) -> list[Candidate]:
+    def _rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         n = self.config.num_descriptions
         described = self.ask(describe_image, query, query.image_bgr, n)
         if not described:
@@ -103,7 +113,8 @@ class DescriptionsReranker(VlmReranker):
                     owner_list.append(candidate.map_index)
             map_embeddings = self.embedder.embed(texts)
             owners = np.array(owner_list, np.int64)
-        scores, has_rows = description_scores(query_weights, query_embeddings, map_embeddings,
-                                              owners, ids)
+        scores, has_rows = description_scores(
+            query_weights, query_embeddings, map_embeddings, owners, ids
+        )
         order = order_by_description_scores(scores, has_rows, self.config.tau)
         return self.reorder(candidates, order, {i: float(s) for i, s in enumerate(scores)})

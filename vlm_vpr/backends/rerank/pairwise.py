@@ -52,14 +52,16 @@ class PairwiseReranker(VlmReranker):
         super().__init__(config, client)
         require_thumbnails(vpr_map, self.name)
 
-    def _rerank(self, query: Query, candidates: list[Candidate],
-                vpr_map: VprMap) -> list[Candidate]:
+    def _rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         n = tournament_size(len(candidates), self.config.pairwise_top_n, self.config.max_vlm_calls)
         if n < 2:
             return candidates
         images = [candidate_image(vpr_map, c) for c in candidates[:n]]
-        votes = tournament_votes(n, lambda i, j: self.ask(compare_pair, query, query.image_bgr,
-                                                          images[i], images[j]))
+        votes = tournament_votes(
+            n, lambda i, j: self.ask(compare_pair, query, query.image_bgr, images[i], images[j])
+        )
         win_fraction = votes / (2 * (n - 1))  # in [0, 1]
         top = np.argsort(-win_fraction, kind='stable')
         order = [int(i) for i in top] + list(range(n, len(candidates)))

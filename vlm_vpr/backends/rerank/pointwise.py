@@ -30,12 +30,17 @@ class PointwiseReranker(VlmReranker):
         super().__init__(config, client)
         require_thumbnails(vpr_map, self.name)
 
-    def _rerank(self, query: Query, candidates: list[Candidate],
-                vpr_map: VprMap) -> list[Candidate]:
-        rated = candidates[:self.config.max_vlm_calls]
-        ratings = np.array([
-            self.ask(score_candidate, query, query.image_bgr, candidate_image(vpr_map, c)) / 10.0
-            for c in rated])
+    def _rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
+        rated = candidates[: self.config.max_vlm_calls]
+        ratings = np.array(
+            [
+                self.ask(score_candidate, query, query.image_bgr, candidate_image(vpr_map, c))
+                / 10.0
+                for c in rated
+            ]
+        )
         order = [int(i) for i in np.argsort(-ratings, kind='stable')]
         order += list(range(len(rated), len(candidates)))
         return self.reorder(candidates, order, {i: float(r) for i, r in enumerate(ratings)})

@@ -37,9 +37,11 @@ class RegionReranker(VlmReranker):
         super().__init__(config, client)
         regions = load_regions(vpr_map)
         if regions is None:
-            raise ConfigError(f'map {vpr_map.path} has no regions for the region re-ranker; run '
-                              '`vlm-vpr map regions` (after `vlm-vpr map describe`, or with '
-                              '--names)')
+            raise ConfigError(
+                f'map {vpr_map.path} has no regions for the region re-ranker; run '
+                '`vlm-vpr map regions` (after `vlm-vpr map describe`, or with '
+                '--names)'
+            )
         self.regions = regions
 
     def select_submap(self, query: Query, vpr_map: VprMap) -> np.ndarray | None:
@@ -52,8 +54,9 @@ class RegionReranker(VlmReranker):
             return None
         return np.flatnonzero(np.isin(self.regions.region_of_image, picks)).astype(np.int64)
 
-    def rerank(self, query: Query, candidates: list[Candidate],
-               vpr_map: VprMap) -> list[Candidate]:
+    def rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         if self.name not in query.scratch:  # select_submap was not called for this query
             self.stats['queries'] += 1
             self._pick(query, coarse_margin(candidates))
@@ -81,15 +84,21 @@ class RegionReranker(VlmReranker):
         picks = None
         if self.needs_vlm(margin):
             try:
-                picks = self.ask(pick_regions, query, query.image_bgr, self.regions.labels,
-                                 self.config.region_max_picks)
+                picks = self.ask(
+                    pick_regions,
+                    query,
+                    query.image_bgr,
+                    self.regions.labels,
+                    self.config.region_max_picks,
+                )
             except VlmError as exc:
                 self.note_failure(query, exc)
             else:
                 if picks is None:
                     self.stats['unsure'] += 1
-                    query.notes.append('region: the VLM is not sure of the region; the whole '
-                                       'map is used')
+                    query.notes.append(
+                        'region: the VLM is not sure of the region; the whole map is used'
+                    )
         else:
             self.stats['skipped'] += 1
         query.scratch[self.name] = picks

@@ -41,8 +41,9 @@ class VlmReranker:
         self.client = client
         self.stats: Counter[str] = Counter()
 
-    def rerank(self, query: Query, candidates: list[Candidate],
-               vpr_map: VprMap) -> list[Candidate]:
+    def rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         self.stats['queries'] += 1
         if len(candidates) < 2 or not self.needs_vlm(coarse_margin(candidates)):
             self.stats['skipped'] += 1
@@ -53,8 +54,9 @@ class VlmReranker:
             self.note_failure(query, exc)
             return candidates
 
-    def _rerank(self, query: Query, candidates: list[Candidate],
-                vpr_map: VprMap) -> list[Candidate]:
+    def _rerank(
+        self, query: Query, candidates: list[Candidate], vpr_map: VprMap
+    ) -> list[Candidate]:
         raise NotImplementedError
 
     def needs_vlm(self, margin: float) -> bool:
@@ -65,8 +67,9 @@ class VlmReranker:
         """``task(client, *args, timeout_s=...)`` within the query's remaining time budget."""
         remaining_s = query.deadline_s - time.monotonic()
         if remaining_s <= 0:
-            raise VlmTimeoutError(f'the re-ranking time budget ({self.config.time_budget_s} s) '
-                                  'is spent')
+            raise VlmTimeoutError(
+                f'the re-ranking time budget ({self.config.time_budget_s} s) is spent'
+            )
         self.stats['vlm_calls'] += 1
         return task(self.client, *args, timeout_s=remaining_s)
 
@@ -76,8 +79,13 @@ class VlmReranker:
         log.warning('%s', message)
         query.notes.append(message)
 
-    def reorder(self, candidates: list[Candidate], order: list[int],
-                raw_scores: dict[int, float], unscored: float = 0.0) -> list[Candidate]:
+    def reorder(
+        self,
+        candidates: list[Candidate],
+        order: list[int],
+        raw_scores: dict[int, float],
+        unscored: float = 0.0,
+    ) -> list[Candidate]:
         """``candidates`` in ``order`` with evidence[name] = raw score (where known) and
         ``score`` = running minimum of the raw scores (``unscored`` where unknown), so scores
         never increase down the list and a chained re-ranker sees a consistent order."""
@@ -103,14 +111,17 @@ def coarse_margin(candidates: list[Candidate]) -> float:
 def require_thumbnails(vpr_map: VprMap, name: str) -> None:
     """ConfigError unless the map stores thumbnails (the VLM re-rankers look at them)."""
     if not vpr_map.manifest.get('thumbnails'):
-        raise ConfigError(f're-ranker {name!r} needs map thumbnails; rebuild the map with '
-                          'thumbnail_size_px > 0')
+        raise ConfigError(
+            f're-ranker {name!r} needs map thumbnails; rebuild the map with thumbnail_size_px > 0'
+        )
 
 
 def candidate_image(vpr_map: VprMap, candidate: Candidate) -> np.ndarray:
     """The candidate's thumbnail [H x W x 3] uint8 BGR; VlmError if it cannot be read."""
     image = vpr_map.thumbnail(candidate.map_index)
     if image is None:
-        raise VlmError(f'thumbnail of map image {candidate.map_index} is missing or unreadable; '
-                       'rebuild the map')
+        raise VlmError(
+            f'thumbnail of map image {candidate.map_index} is missing or unreadable; '
+            'rebuild the map'
+        )
     return image

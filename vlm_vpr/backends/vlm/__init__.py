@@ -31,8 +31,9 @@ class VlmUnavailableError(VlmError):
 class VlmClient(Protocol):
     model_name: str  # what answers; stored with map-side descriptions
 
-    def ask_json(self, prompt: str, images_bgr: Sequence[np.ndarray],
-                 timeout_s: float) -> dict[str, Any]:
+    def ask_json(
+        self, prompt: str, images_bgr: Sequence[np.ndarray], timeout_s: float
+    ) -> dict[str, Any]:
         """The answer to ``prompt`` about ``images_bgr`` ([H x W x 3] uint8 BGR, shown in order).
 
         Raises VlmTimeoutError after ``timeout_s`` seconds, VlmUnavailableError when the model
@@ -51,8 +52,10 @@ def create_vlm_client(config: VlmConfig) -> VlmClient:
         from vlm_vpr.backends.vlm.openai_http import OpenAiVlm
 
         return OpenAiVlm(config)
-    raise ConfigError("no VLM configured: set vlm.backend to 'transformers' or 'openai' "
-                      '(and vlm.model) to use a VLM re-ranker or describe a map')
+    raise ConfigError(
+        "no VLM configured: set vlm.backend to 'transformers' or 'openai' "
+        '(and vlm.model) to use a VLM re-ranker or describe a map'
+    )
 
 
 def prepare_image_rgb(image_bgr: np.ndarray, max_side_px: int) -> np.ndarray:

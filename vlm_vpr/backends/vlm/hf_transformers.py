@@ -46,18 +46,26 @@ class TransformersVlm:
         except (OSError, ValueError) as exc:
             raise VlmUnavailableError(
                 f'cannot load VLM {config.model!r} ({exc}); give a local model folder or a hub '
-                'id that is already in the local Hugging Face cache') from exc
+                'id that is already in the local Hugging Face cache'
+            ) from exc
         if 'device_map' not in kwargs:
             self.model.to(config.device)
         self.model.eval()
         if not getattr(self.processor, 'chat_template', None):
-            raise ConfigError(f'VLM {config.model!r} has no chat template; use an instruction-'
-                              'tuned (chat) model')
-        log.info('loaded VLM %s on %s (%s, quantization %s)', config.model, config.device,
-                 config.dtype, config.quantization)
+            raise ConfigError(
+                f'VLM {config.model!r} has no chat template; use an instruction-tuned (chat) model'
+            )
+        log.info(
+            'loaded VLM %s on %s (%s, quantization %s)',
+            config.model,
+            config.device,
+            config.dtype,
+            config.quantization,
+        )
 
-    def ask_json(self, prompt: str, images_bgr: Sequence[np.ndarray],
-                 timeout_s: float) -> dict[str, Any]:
+    def ask_json(
+        self, prompt: str, images_bgr: Sequence[np.ndarray], timeout_s: float
+    ) -> dict[str, Any]:
         import torch
         from PIL import Image
 
@@ -67,18 +75,27 @@ class TransformersVlm:
         size_px = self.config.image_size_px
         content: list[dict[str, Any]] = [
             {'type': 'image', 'image': Image.fromarray(prepare_image_rgb(image, size_px))}
-            for image in images_bgr]
+            for image in images_bgr
+        ]
         content.append({'type': 'text', 'text': prompt})
         try:
             inputs = self.processor.apply_chat_template(
-                [{'role': 'user', 'content': content}], add_generation_prompt=True,
-                tokenize=True, return_dict=True, return_tensors='pt').to(self.model.device)
+                [{'role': 'user', 'content': content}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors='pt',
+            ).to(self.model.device)
             with torch.inference_mode():
-                output = self.model.generate(**inputs, max_new_tokens=self.config.max_new_tokens,
-                                             do_sample=False, max_time=timeout_s)
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=self.config.max_new_tokens,
+                    do_sample=False,
+                    max_time=timeout_s,
+                )
         except (RuntimeError, ValueError, TypeError) as exc:
             raise VlmError(f'VLM {self.model_name!r} failed to run ({exc})') from exc
-        new_tokens = output[:, inputs['input_ids'].shape[1]:]
+        new_tokens = output[:, inputs['input_ids'].shape[1] :]
         text = self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
         elapsed_s = time.monotonic() - start
         log.debug('VLM answered %d tokens in %.2f s', new_tokens.shape[1], elapsed_s)
@@ -94,13 +111,19 @@ def _quantization_kwargs(config: VlmConfig) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
         if not config.device.startswith('cuda'):
-            raise ConfigError("vlm.quantization 'bnb-4bit' needs a CUDA device: set vlm.device "
-                              "to 'cuda', or use 'torchao-int8' on CPU")
+            raise ConfigError(
+                "vlm.quantization 'bnb-4bit' needs a CUDA device: set vlm.device "
+                "to 'cuda', or use 'torchao-int8' on CPU"
+            )
         _require('bitsandbytes', 'bnb-4bit')
-        return {'quantization_config': BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type='nf4',
-                    bnb_4bit_compute_dtype=getattr(torch, config.dtype)),
-                'device_map': {'': config.device}}
+        return {
+            'quantization_config': BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type='nf4',
+                bnb_4bit_compute_dtype=getattr(torch, config.dtype),
+            ),
+            'device_map': {'': config.device},
+        }
     if config.quantization == 'torchao-int8':
         from transformers import TorchAoConfig
 
@@ -113,5 +136,7 @@ def _quantization_kwargs(config: VlmConfig) -> dict[str, Any]:
 
 def _require(package: str, quantization: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"vlm.quantization {quantization!r} needs the '{package}' package: "
-                          f"pip install {package}, or set vlm.quantization to 'none'")
+        raise ConfigError(
+            f"vlm.quantization {quantization!r} needs the '{package}' package: "
+            f"pip install {package}, or set vlm.quantization to 'none'"
+        )

@@ -52,8 +52,9 @@ class OpenAiVlm:
         self.model_name = config.model
         self.url = config.base_url.rstrip('/') + '/chat/completions'
 
-    def ask_json(self, prompt: str, images_bgr: Sequence[np.ndarray],
-                 timeout_s: float) -> dict[str, Any]:
+    def ask_json(
+        self, prompt: str, images_bgr: Sequence[np.ndarray], timeout_s: float
+    ) -> dict[str, Any]:
         body = json.dumps(self._request(prompt, images_bgr)).encode()
         deadline = time.monotonic() + timeout_s
         wait_s = self.config.retry_backoff_s
@@ -69,8 +70,9 @@ class OpenAiVlm:
                 return _parse_reply(self._post(body, min(self.config.timeout_s, remaining_s)))
             except _Transient as failure:
                 error = failure.error
-                log.warning('VLM request %d/%d failed: %s', attempt + 1,
-                            self.config.retries + 1, error)
+                log.warning(
+                    'VLM request %d/%d failed: %s', attempt + 1, self.config.retries + 1, error
+                )
         raise error
 
     def _request(self, prompt: str, images_bgr: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -78,8 +80,9 @@ class OpenAiVlm:
 
         content: list[dict[str, Any]] = []
         for image in images_bgr:
-            bgr = cv2.cvtColor(prepare_image_rgb(image, self.config.image_size_px),
-                               cv2.COLOR_RGB2BGR)
+            bgr = cv2.cvtColor(
+                prepare_image_rgb(image, self.config.image_size_px), cv2.COLOR_RGB2BGR
+            )
             ok, jpeg = cv2.imencode('.jpg', bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
             if not ok:
                 raise VlmError('could not JPEG-encode an image for the VLM request')
@@ -107,24 +110,31 @@ class OpenAiVlm:
                 return response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode('utf-8', 'replace')
-            error = VlmUnavailableError(f'{self.url} answered HTTP {exc.code}: '
-                                        f'{quote_answer(detail)}{_http_hint(exc.code)}')
+            error = VlmUnavailableError(
+                f'{self.url} answered HTTP {exc.code}: '
+                f'{quote_answer(detail)}{_http_hint(exc.code)}'
+            )
             if exc.code in _TRANSIENT_STATUS:
                 raise _Transient(error) from exc
             raise error from exc
         except TimeoutError as exc:
-            raise _Transient(VlmTimeoutError(
-                f'{self.url} did not answer within {timeout_s:.1f} s')) from exc
+            raise _Transient(
+                VlmTimeoutError(f'{self.url} did not answer within {timeout_s:.1f} s')
+            ) from exc
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError):
-                raise _Transient(VlmTimeoutError(
-                    f'{self.url} did not answer within {timeout_s:.1f} s')) from exc
-            raise _Transient(VlmUnavailableError(
-                f'cannot reach {self.url} ({exc.reason}); start the server or fix '
-                'vlm.base_url')) from exc
+                raise _Transient(
+                    VlmTimeoutError(f'{self.url} did not answer within {timeout_s:.1f} s')
+                ) from exc
+            raise _Transient(
+                VlmUnavailableError(
+                    f'cannot reach {self.url} ({exc.reason}); start the server or fix vlm.base_url'
+                )
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
-            raise _Transient(VlmUnavailableError(
-                f'connection to {self.url} failed ({exc!r}); check the server')) from exc
+            raise _Transient(
+                VlmUnavailableError(f'connection to {self.url} failed ({exc!r}); check the server')
+            ) from exc
 
 
 def _parse_reply(raw: bytes) -> dict[str, Any]:
@@ -133,11 +143,14 @@ def _parse_reply(raw: bytes) -> dict[str, Any]:
         reply = json.loads(raw)
         message = reply['choices'][0]['message']
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise VlmOutputError('server reply is not an OpenAI chat completion: '
-                             f'{quote_answer(raw.decode("utf-8", "replace"))}') from exc
+        raise VlmOutputError(
+            'server reply is not an OpenAI chat completion: '
+            f'{quote_answer(raw.decode("utf-8", "replace"))}'
+        ) from exc
     if not isinstance(message, dict):
-        raise VlmOutputError(f'chat completion message is not an object: '
-                             f'{quote_answer(str(message))}')
+        raise VlmOutputError(
+            f'chat completion message is not an object: {quote_answer(str(message))}'
+        )
     if message.get('refusal'):
         raise VlmOutputError(f'the model refused: {quote_answer(str(message["refusal"]))}')
     content = message.get('content')
