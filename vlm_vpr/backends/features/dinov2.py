@@ -58,6 +58,9 @@ class Dinov2Extractor:
     Images are resized so the shorter side is ``features.image_size_px`` (both sides rounded
     down to the patch size), converted to RGB and normalised with the ImageNet mean and std.
     Images of equal size after resizing share forward passes of up to ``runtime.batch_size``.
+    torch's thread count is set by :func:`vlm_vpr.core.threads.limit_threads` (the Localizer and
+    the map build call it after creating the extractor); the OpenVINO engine takes
+    ``runtime.num_threads`` itself.
     """
 
     def __init__(self, features: FeatureConfig, runtime: RuntimeConfig) -> None:
@@ -66,8 +69,6 @@ class Dinov2Extractor:
             raise ConfigError(
                 "runtime.dtype 'int8' runs on the CPU only: on CUDA use 'bfloat16' or 'float16'"
             )
-        if runtime.num_threads > 0:
-            torch.set_num_threads(runtime.num_threads)
         model = _load_model(features.dinov2_model, features.dinov2_layer)
         self._patch_px = int(model.config.patch_size)
         self._size_px = features.image_size_px
