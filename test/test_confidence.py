@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from vlm_vpr.core.calibration import (
+    SPLIT_BLOCK,
     calibrate,
+    cross_fit,
     ece_if_calibrated,
     expected_calibration_error,
     open_set_report,
@@ -214,6 +216,46 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: P
     assert len(vpr_map.read_extra_json('calibration')['calibrations']) == 2
     assert Calibration.from_map(vpr_map, other).settings == fitted_with(other)
     assert Calibration.from_map(vpr_map, config).to_json() == refit['calibration']
+
+
+@pytest.mark.parametrize('folds', [2, 3])
+def test_cross_fit_scores_each_block_with_a_fit_on_the_other_folds_only(folds: int) -> None:
+    evidence, correct = synthetic_evidence(205, seed=11)
+    rows = in_map_rows(evidence, correct)
+    config = LocalizerConfig()
+
+    report = cross_fit({'per_query': rows, 'split': None}, config, folds)
+
+    assert report['cross_fit']['folds'] == folds
+    for k in range(folds):  # direct: fit on the rows of every other fold, score this one
+        mine = [(i // SPLIT_BLOCK) % folds == k for i in range(len(rows))]
+        fit = Calibration.fit(
+            [e for e, m in zip(evidence, mine) if not m],
+            correct[~np.array(mine)],
+            config.confidence.calibration_l2,
+        )
+        assert report['cross_fit']['calibrations'][k]['weights'] == fit.weights
+        got = [q['confidence'] for q, m in zip(report['per_query'], mine) if m]
+        assert got == [fit.confidence(e) for e, m in zip(evidence, mine) if m]
+    confidence = np.array([q['confidence'] for q in report['per_query']])
+    assert report['open_set']['ece'] == round(expected_calibration_error(confidence, correct), 4)
+    assert [q['confidence'] for q in rows] == [0.5] * len(rows)  # the input report is kept
+
+
+def test_cross_fit_rejects_bad_folds_a_split_and_a_fold_without_both_outcomes() -> None:
+    evidence, correct = synthetic_evidence(40, seed=12)
+    report = {'per_query': in_map_rows(evidence, correct), 'split': None}
+    for folds in (1, 5):  # 40 queries are 4 blocks
+        with pytest.raises(ConfigError, match='2 to 4 folds'):
+            cross_fit(report, LocalizerConfig(), folds)
+    with pytest.raises(ConfigError, match='drop the split'):
+        cross_fit(dict(report, split='test'), LocalizerConfig(), 2)
+    lopsided = np.r_[np.ones(10, bool), np.zeros(30, bool)]  # all correct only in block 0
+    lopsided[20] = True
+    with pytest.raises(DatasetError, match='fold 1 of 2'):
+        cross_fit(
+            {'per_query': in_map_rows(evidence, lopsided), 'split': None}, LocalizerConfig(), 2
+        )
 
 
 def test_a_calibration_stored_before_per_settings_storage_still_loads(tmp_path: Path) -> None:

@@ -137,6 +137,31 @@ def test_eval_with_a_holdout_rebuilds_the_map_without_it_and_keeps_the_full_cali
     assert report['open_set']['false_accept_rate'] == 0.0
 
 
+def test_eval_cross_fit_scores_out_of_fold_and_leaves_the_map_alone(
+    calibrated_map: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    stored = (calibrated_map / 'extras' / 'calibration.json').read_bytes()
+    args = ['--dataset', str(data_root / 'campus_loop'), '--protocol', 'interleaved']
+    args += ['--map', str(calibrated_map), '--holdout-map-range', HOLDOUT]
+    out = tmp_path / 'cross.json'
+
+    assert main(['eval', *args, '--cross-fit', '2', '--json', str(out)]) == 0
+
+    report = json.loads(out.read_text())
+    rows = report['per_query']
+    assert report['cross_fit']['folds'] == 2 and report['open_set']['num_out_of_map'] > 0
+    for k, fit in enumerate(report['cross_fit']['calibrations']):
+        calibration = Calibration.from_json(fit)
+        mine = [q for i, q in enumerate(rows) if (i // 10) % 2 == k]
+        assert [q['confidence'] for q in mine] == [
+            calibration.confidence(q['evidence']) for q in mine
+        ]
+    assert 'cross-fitted' in capsys.readouterr().out
+    assert (calibrated_map / 'extras' / 'calibration.json').read_bytes() == stored
+    assert main(['eval', *args, '--cross-fit', '2', '--split', 'test']) == 1
+    assert '--cross-fit uses every query' in capsys.readouterr().err
+
+
 def test_holdout_map_rejects_a_map_of_another_traversal(campus_map: Path, data_root: Path) -> None:
     queries = read_dataset(data_root / 'campus_loop').traversal('query')
     with pytest.raises(DatasetError, match='was not built from query'):

@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         '--reliability-plot', type=Path, help='write the reliability plot (PNG) here'
     )
+    evaluate.add_argument(
+        '--cross-fit',
+        type=int,
+        metavar='K',
+        help='score every query with a calibration fitted on the other K-1 folds (blocks of '
+        "10 consecutive queries, round robin) instead of the map's; the map is not changed",
+    )
     _add_open_set_args(evaluate)
     _add_config_args(evaluate, backbone=True, rerank=True)
     evaluate.set_defaults(run=_cmd_eval)
@@ -481,9 +488,12 @@ def result_to_json(image: str, result: Any) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlm_vpr.core.calibration import cross_fit
     from vlm_vpr.core.evaluation import evaluate, write_report
 
     build_config, query_config = split_config(load_overrides(args))
+    if args.cross_fit is not None and args.split is not None:
+        raise ConfigError('--cross-fit uses every query: drop --split')
     report = evaluate(
         args.dataset,
         args.protocol,
@@ -495,9 +505,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         holdout=args.holdout_map_range,
         split=args.split,
     )
+    if args.cross_fit is not None:
+        report = cross_fit(report, query_config, args.cross_fit)
     write_report(report, args.json, args.plot, args.failures, args.pr_plot, args.reliability_plot)
     print(format_report_line(report))
-    print(format_open_set_line(report))
+    print(
+        format_open_set_line(report)
+        + (
+            f' (cross-fitted: each query scored by a calibration of the other '
+            f'{args.cross_fit - 1} of {args.cross_fit} folds)'
+            if args.cross_fit is not None
+            else ''
+        )
+    )
     return 0
 
 

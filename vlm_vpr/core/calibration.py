@@ -16,12 +16,13 @@ import numpy as np
 
 from vlm_vpr.core.confidence import Calibration, fitted_with, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig
-from vlm_vpr.core.errors import MapError
+from vlm_vpr.core.errors import ConfigError, DatasetError, MapError
 from vlm_vpr.core.map_format import read_map, write_extra
 
 log = logging.getLogger(__name__)
 
 RELIABILITY_BINS = 10
+SPLIT_BLOCK = 10  # consecutive queries per block: the fit / test split and the cross-fit folds
 
 
 def calibrate(
@@ -58,6 +59,56 @@ def calibrate(
         report,
         per_query=rescored,
         calibration=calibration.to_json(),
+        open_set=open_set_report(rescored, config.confidence.initial_pose_threshold),
+    )
+
+
+def cross_fit(report: dict[str, Any], config: LocalizerConfig, folds: int) -> dict[str, Any]:
+    """The report re-scored out of fold: every query's confidence comes from a calibration
+    fitted on the other folds only, so the ``open_set`` numbers (ECE included) are measured on
+    every query, none of them used to fit the confidence it gets.
+
+    Query row i is in fold (i // ``SPLIT_BLOCK``) % ``folds`` (blocks of consecutive queries:
+    neighbouring frames are alike, and sequence evidence needs the past frames); with 2 folds
+    the fit and test splits are the two folds. ``report`` comes from
+    :func:`vlm_vpr.core.evaluation.run_queries` on all queries (no split), run with
+    ``config``. The map's stored calibration is neither used nor changed.
+    Raises ConfigError for fewer than 2 folds or more folds than blocks, DatasetError when the
+    other folds of one lack correct or wrong queries.
+    """
+    per_query = report['per_query']
+    blocks = -(-len(per_query) // SPLIT_BLOCK)
+    if report.get('split') is not None:
+        raise ConfigError('cross-fitting uses every query: drop the split (--split)')
+    if not 2 <= folds <= blocks:
+        raise ConfigError(
+            f'cross-fitting needs 2 to {blocks} folds for {len(per_query)} queries '
+            f'(blocks of {SPLIT_BLOCK}), got {folds}'
+        )
+    fold_of = (np.arange(len(per_query)) // SPLIT_BLOCK) % folds
+    fits = []
+    for k in range(folds):
+        rows = [q for q, f in zip(per_query, fold_of) if f != k]
+        try:
+            fits.append(
+                Calibration.fit(
+                    [q['evidence'] for q in rows],
+                    [q['first_correct_rank'] == 1 for q in rows],
+                    config.confidence.calibration_l2,
+                    fitted_with(config),
+                )
+            )
+        except DatasetError as exc:
+            raise DatasetError(
+                f'cross-fit fold {k + 1} of {folds} (fitted on the others): {exc}'
+            ) from exc
+    rescored = [
+        dict(q, confidence=fits[f].confidence(q['evidence'])) for q, f in zip(per_query, fold_of)
+    ]
+    return dict(
+        report,
+        per_query=rescored,
+        cross_fit={'folds': folds, 'calibrations': [c.to_json() for c in fits]},
         open_set=open_set_report(rescored, config.confidence.initial_pose_threshold),
     )
 

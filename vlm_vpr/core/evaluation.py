@@ -10,7 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.calibration import open_set_report, plot_precision_recall, plot_reliability
+from vlm_vpr.core.calibration import (
+    SPLIT_BLOCK,
+    open_set_report,
+    plot_precision_recall,
+    plot_reliability,
+)
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import ConfidenceConfig, LocalizerConfig, MapBuildConfig
 from vlm_vpr.core.datasets import Dataset, Protocol, Traversal, read_dataset, read_poses_csv
@@ -23,7 +28,6 @@ from vlm_vpr.core.sequence import SequenceMatcher
 
 log = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
-SPLIT_BLOCK = 10  # queries per block of the fit / test split
 
 
 def evaluate(
