@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlm_vpr.core.confidence import on_track
 from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, SequenceConfig
 from vlm_vpr.core.errors import ConfigError
 from vlm_vpr.core.localizer import Localizer
@@ -223,6 +224,29 @@ def test_room_ahead_shrinks_towards_the_map_edge_in_the_direction_of_travel(
     assert backward[-1].candidates[0].map_index == 25  # x = 35, the gap's other edge
     assert backward[-1].evidence['room_ahead'] == 0.0
     assert backward[5].evidence['room_ahead'] == 1.0
+
+
+def test_edge_overrun_counts_the_distance_driven_past_the_map_edge(tmp_path: Path) -> None:
+    xs = np.r_[0:25, 35:60].astype(float)  # a gap of 10 spacings after x = 24
+    map_dir, desc = make_route_map(tmp_path, xs)
+    config = LocalizerConfig(
+        sequence=SequenceConfig(length=4, velocities=(1.0,), column_centring=0.0)
+    )
+    localizer = Localizer(read_map(map_dir), config)
+    # the camera drives to the gap's edge and on into the gap, where every frame looks like it
+    frames = noisy(
+        np.r_[desc[:25], np.repeat(desc[24:25], 5, axis=0)], 0.1, np.random.default_rng(7)
+    )
+
+    driving = run_matcher(localizer, frames, [None] * 30)  # one map spacing per frame
+    standing = run_matcher(localizer, frames, [None] * 25 + [0.0] * 5)  # odometry: stopped there
+
+    assert [r.candidates[0].map_index for r in driving[24:]] == [24] * 6
+    overrun = [r.evidence['edge_overrun'] for r in driving]
+    assert overrun[:24] == [0.0] * 24  # the winner has not reached the edge yet
+    assert overrun[24:] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 1])  # consistency radius: 3
+    assert on_track(driving[24].evidence) and not on_track(driving[27].evidence)
+    assert [r.evidence['edge_overrun'] for r in standing[24:]] == [0.0] * 6
 
 
 def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:

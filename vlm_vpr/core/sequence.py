@@ -118,6 +118,8 @@ class SequenceMatcher:
         )
         self.column_sum = np.zeros(len(self.descriptors))  # [N] sum of past frames' scores
         self.count = 0  # frames seen since the last reset
+        # distance moved since the sequence winner reached the map's edge (None: not there)
+        self.overrun: float | None = None
 
     def reset(self) -> None:
         """Forget the past frames (after a jump: kidnapping, a new session, a long gap)."""
@@ -125,6 +127,7 @@ class SequenceMatcher:
         self.winners.clear()
         self.column_sum[:] = 0.0
         self.count = 0
+        self.overrun = None
 
     def update(
         self,
@@ -185,7 +188,9 @@ class SequenceMatcher:
         evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
         step = steps[0] if steps else self.spacing  # moved since the frame before
         evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
-        evidence['room_ahead'] = self._room_ahead(int(order[0]), velocity)
+        room = self._room(int(order[0]), velocity)
+        evidence['room_ahead'] = float(min(room, self.radius) / self.radius)
+        evidence['edge_overrun'] = self._edge_overrun(room, step)
         self.winners.appendleft((float(self.route[order[0]]), step))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
@@ -201,17 +206,29 @@ class SequenceMatcher:
             evidence=evidence,
         )
 
-    def _room_ahead(self, best: int, velocity: float) -> float:
-        """Mapped route left ahead of the winner in the direction of travel (to the route's
-        end or the next gap), over the consistency radius, capped at 1. Near 0 the camera may
-        already have driven past the map's edge while the winner stays at it."""
+    def _room(self, best: int, velocity: float) -> float:
+        """Mapped route left ahead of the winner in the direction of travel, to the route's
+        end or the next gap (route units). ``room_ahead`` is it over the consistency radius,
+        capped at 1: near 0 the camera may already have driven past the map's edge while the
+        winner stays at it."""
         here = self.route[best]
         if velocity > 0:
-            room = self.ends_forward[np.searchsorted(self.ends_forward, here)] - here
-        else:
-            behind = np.searchsorted(self.ends_backward, here, side='right') - 1
-            room = here - self.ends_backward[behind]
-        return float(min(room, self.radius) / self.radius)
+            return float(self.ends_forward[np.searchsorted(self.ends_forward, here)] - here)
+        behind = np.searchsorted(self.ends_backward, here, side='right') - 1
+        return float(here - self.ends_backward[behind])
+
+    def _edge_overrun(self, room: float, step: float) -> float:
+        """How far the camera has moved since the sequence winner reached the map's edge (the
+        route's end or a gap: ``room`` under half a map spacing), while the winner stays
+        there, over the consistency radius, capped at 1. At 1 the camera has moved as far past
+        the edge as a track may stray from its path: it has most likely left the map, however
+        well the winner still matches (the first out-of-map frames look like the edge).
+        ``step``: distance moved since the frame before (0 when odometry says it stood)."""
+        if room >= 0.5 * self.spacing:
+            self.overrun = None
+            return 0.0
+        self.overrun = 0.0 if self.overrun is None else self.overrun + step
+        return float(min(self.overrun, self.radius) / self.radius)
 
     def _progress_error(self, best: int, velocity: float, step: float) -> float:
         """How far the sequence winner moved along the route since each of the last
