@@ -69,11 +69,7 @@ from bench_dinov2 import (  # noqa: E402
     time_ms,
 )
 
-from vlm_vpr.backends.features.dinov2 import (  # noqa: E402
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
-    resolve_dtype,
-)
+from vlm_vpr.backends.features.dinov2 import normalized_pixels, resolve_dtype  # noqa: E402
 from vlm_vpr.core.config import (  # noqa: E402
     APPROXIMATE_INDEX_TYPES,
     ENGINES,
@@ -500,18 +496,12 @@ def anyloc_rows(ws: Workspace) -> list[Row]:
         full_ms = time_full_forward(
             ws.dinov2_folder(arch), photos[0], codebook, hard, ws.args.runs
         )
-        cosines = {
-            assignment: {
-                d: [
-                    float(
-                        aggregate_vlad(a, codebook, config) @ aggregate_vlad(b, codebook, config)
-                    )
-                    for a, b in zip(locals_['float32'], locals_[d])
-                ]
-                for d in locals_
+        cosines = {}  # assignment -> dtype -> cosine to float32 per photo
+        for assignment, config in (('soft', vlad), ('hard', hard)):
+            vlads = {d: [aggregate_vlad(x, codebook, config) for x in locals_[d]] for d in locals_}
+            cosines[assignment] = {
+                d: [float(a @ b) for a, b in zip(vlads['float32'], vlads[d])] for d in vlads
             }
-            for assignment, config in (('soft', vlad), ('hard', hard))
-        }
         # the target counts only descriptors within cosine 0.995 of float32 (float32 itself)
         faithful = [d for d in timing if min(cosines['soft'][d]) >= COSINE_TARGET]
         fastest = min(faithful, key=lambda d: timing[d][0])
@@ -565,9 +555,7 @@ def time_full_forward(
     model.encoder.layer[9].attention.v_proj.register_forward_hook(
         lambda module, args, out: captured.append(out)
     )
-    rgb = photo[..., ::-1].astype(np.float32) / 255.0
-    pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
-    pixels = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)[None]))
+    pixels = torch.from_numpy(normalized_pixels(photo[None]))
 
     def describe(x: Any) -> np.ndarray:
         with torch.inference_mode():

@@ -509,15 +509,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = cross_fit(report, query_config, args.cross_fit)
     write_report(report, args.json, args.plot, args.failures, args.pr_plot, args.reliability_plot)
     print(format_report_line(report))
-    print(
-        format_open_set_line(report)
-        + (
+    open_set_line = format_open_set_line(report)
+    if args.cross_fit is not None:
+        open_set_line += (
             f' (cross-fitted: each query scored by a calibration of the other '
             f'{args.cross_fit - 1} of {args.cross_fit} folds)'
-            if args.cross_fit is not None
-            else ''
         )
-    )
+    print(open_set_line)
     return 0
 
 

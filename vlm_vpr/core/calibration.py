@@ -39,12 +39,7 @@ def calibrate(
     Raises DatasetError when the split lacks correct or wrong queries.
     """
     per_query = report['per_query']
-    calibration = Calibration.fit(
-        [q['evidence'] for q in per_query],
-        [q['first_correct_rank'] == 1 for q in per_query],
-        config.confidence.calibration_l2,
-        fitted_with(config),
-    )
+    calibration = fit_rows(per_query, config)
     try:
         stored = stored_calibrations(
             read_map(map_dir, load_index=False).read_extra_json('calibration')
@@ -60,6 +55,17 @@ def calibrate(
         per_query=rescored,
         calibration=calibration.to_json(),
         open_set=open_set_report(rescored, config.confidence.initial_pose_threshold),
+    )
+
+
+def fit_rows(per_query: list[dict[str, Any]], config: LocalizerConfig) -> Calibration:
+    """:meth:`Calibration.fit` on report rows (their ``evidence``; correct = top-1 within
+    tolerance), with ``config``'s ridge penalty and query settings."""
+    return Calibration.fit(
+        [q['evidence'] for q in per_query],
+        [q['first_correct_rank'] == 1 for q in per_query],
+        config.confidence.calibration_l2,
+        fitted_with(config),
     )
 
 
@@ -88,16 +94,8 @@ def cross_fit(report: dict[str, Any], config: LocalizerConfig, folds: int) -> di
     fold_of = (np.arange(len(per_query)) // SPLIT_BLOCK) % folds
     fits = []
     for k in range(folds):
-        rows = [q for q, f in zip(per_query, fold_of) if f != k]
         try:
-            fits.append(
-                Calibration.fit(
-                    [q['evidence'] for q in rows],
-                    [q['first_correct_rank'] == 1 for q in rows],
-                    config.confidence.calibration_l2,
-                    fitted_with(config),
-                )
-            )
+            fits.append(fit_rows([q for q, f in zip(per_query, fold_of) if f != k], config))
         except DatasetError as exc:
             raise DatasetError(
                 f'cross-fit fold {k + 1} of {folds} (fitted on the others): {exc}'

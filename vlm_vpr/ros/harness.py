@@ -57,7 +57,6 @@ class NodeHarness:
 
     def __enter__(self) -> NodeHarness:
         self.context = rclpy.Context()
-        self._clients: dict[str, Any] = {}  # service name -> client of the listener
         rclpy.init(context=self.context)
         overrides = [Parameter(k, value=v) for k, v in self.parameters.items()]
         self.node = VprNode(
@@ -122,16 +121,15 @@ class NodeHarness:
 
     def call(self, srv_type: Any, name: str, timeout_s: float = 30.0) -> Any | None:
         """Call a service of the node; the response, or None after the timeout."""
-        # clients live as long as the harness: destroying one while the executor thread may
-        # be waiting on it makes that wait fail ('destruction was requested') at exit
-        client = self._clients.get(name)
-        if client is None:
-            client = self._clients[name] = self.listener.create_client(srv_type, name)
-        if not client.wait_for_service(timeout_sec=timeout_s):
-            return None
-        future = client.call_async(srv_type.Request())
-        wait_until(future.done, timeout_s)
-        return future.result() if future.done() else None
+        client = self.listener.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=timeout_s):
+                return None
+            future = client.call_async(srv_type.Request())
+            wait_until(future.done, timeout_s)
+            return future.result() if future.done() else None
+        finally:
+            self.listener.destroy_client(client)
 
 
 def header_at(stamp_ns: int, frame_id: str) -> Header:

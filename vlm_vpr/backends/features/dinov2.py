@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,7 @@ class Dinov2Extractor:
         Pixels and patches are prepared with numpy, not torch: around OpenVINO's threads,
         torch's idle OpenMP workers would spin on the same cores.
         """
-        rgb = batch_bgr[..., ::-1].astype(np.float32) / np.float32(255.0)
-        pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
-        pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # [B x 3 x H x W]
+        pixels = normalized_pixels(batch_bgr)
         if isinstance(self._net, OpenVinoNetwork):
             tokens = self._net(pixels)
         else:
@@ -134,6 +133,14 @@ class Dinov2Extractor:
         rows, cols = height // self._patch_px, width // self._patch_px
         patches = tokens[:, tokens.shape[1] - rows * cols :]  # drop CLS and register tokens
         return l2_normalize(patches).reshape(b, rows, cols, -1)
+
+
+def normalized_pixels(batch_bgr: np.ndarray) -> np.ndarray:
+    """DINOv2's input [B x 3 x H x W] float32 (RGB, ImageNet mean and std) of images
+    [B x H x W x 3] uint8 BGR."""
+    rgb = batch_bgr[..., ::-1].astype(np.float32) / np.float32(255.0)
+    pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
 def resolve_dtype(runtime: RuntimeConfig) -> str:
@@ -234,13 +241,25 @@ def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> No
 
 def _quantize_linear_layers(module: nn.Module) -> None:
     """Make every Linear layer inside ``module`` int8; fuse each attention's q, k, v."""
-    for name, child in module.named_children():
+
+    def int8(child: nn.Module) -> nn.Module | None:
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child.weight, child.bias))
-        elif hasattr(child, 'o_proj'):  # a block's self-attention
-            setattr(module, name, Int8Attention(child))
+            return Int8Linear(child.weight, child.bias)
+        if hasattr(child, 'o_proj'):  # a block's self-attention
+            return Int8Attention(child)
+        return None
+
+    _swap_modules(module, int8)
+
+
+def _swap_modules(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> None:
+    """Replace each child of ``module`` by ``swap(child)``; where that is None, recurse."""
+    for name, child in module.named_children():
+        replacement = swap(child)
+        if replacement is None:
+            _swap_modules(child, swap)
         else:
-            _quantize_linear_layers(child)
+            setattr(module, name, replacement)
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,11 +381,13 @@ class OpenVinoNetwork:
 
 def _dequantize_int8_in_graph(module: nn.Module) -> None:
     """Make every Linear layer inside ``module`` a :class:`DequantizedInt8Linear`."""
-    for name, child in module.named_children():
+
+    def dequantized(child: nn.Module) -> nn.Module | None:
         if isinstance(child, nn.Linear):
-            setattr(module, name, DequantizedInt8Linear(child.weight, child.bias))
-        else:
-            _dequantize_int8_in_graph(child)
+            return DequantizedInt8Linear(child.weight, child.bias)
+        return None
+
+    _swap_modules(module, dequantized)
 
 
 class DequantizedInt8Linear(nn.Module):
