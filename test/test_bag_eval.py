@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +14,12 @@ import pytest
 from vlm_vpr.cli import main
 from vlm_vpr.core.bag_eval import evaluate_bag
 from vlm_vpr.core.bags import write_traversal_bag
+from vlm_vpr.core.confidence import Calibration
+from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.datasets import read_traversal
 from vlm_vpr.core.errors import BagError
+from vlm_vpr.core.evaluation import build_holdout_map, parse_map_range
+from vlm_vpr.core.map_format import read_map
 
 IMAGE_TOPIC, TRUTH_TOPIC = '/camera/image_raw', '/ground_truth/pose'
 
@@ -45,7 +50,7 @@ def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
         confidence_threshold=0.5,
         progress=False,
     )
-    frames = report['per_frame']
+    frames = report['per_query']
     assert report['num_frames'] == len(frames) == 6
     for f in frames:
         assert f['error_m'] == pytest.approx(
@@ -118,3 +123,57 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
         == 1
     )
     assert 'topic /nope is not in the bag' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def holdout_map(
+    campus_map: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The campus map rebuilt without its images 0.3:0.7 (a robot that drives off its map)."""
+    full = tmp_path_factory.mktemp('bag_calibration') / 'map'
+    shutil.copytree(campus_map, full)
+    vpr_map = read_map(full)
+    traversal = read_traversal(data_root / 'campus_loop' / 'map')
+    return build_holdout_map(
+        vpr_map, traversal, parse_map_range('0.3:0.7', len(vpr_map)), progress=False
+    )
+
+
+def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_map_frames(
+    holdout_map: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive = write_traversal_bag(
+        read_traversal(data_root / 'campus_loop' / 'query'), tmp_path / 'q'
+    )
+    topics = ['--image-topic', IMAGE_TOPIC, '--truth-topic', TRUTH_TOPIC]
+    calibrate = ['calibrate', '--map', str(holdout_map), '--bag', str(drive), *topics]
+    assert main([*calibrate, '--json', str(tmp_path / 'fit.json')]) == 0
+    assert 'calibration stored in' in capsys.readouterr().out
+
+    rows = json.loads((tmp_path / 'fit.json').read_text())['per_query']
+    out_of_map = [r for r in rows if r['truth_xy'] is None]
+    assert len(rows) == 36 and 5 <= len(out_of_map) <= 20  # the held-out stretch
+    assert all(r['first_correct_rank'] is None for r in out_of_map)
+    stored = Calibration.from_map(read_map(holdout_map), LocalizerConfig())
+    expected = Calibration.fit(
+        [r['evidence'] for r in rows],
+        [r['first_correct_rank'] == 1 for r in rows],
+        settings={'rerank.chain': [], 'sequence.length': 1},
+    )
+    assert stored == expected
+
+    report = evaluate_bag(holdout_map, drive, IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
+    for row in report['per_query']:
+        assert row['confidence'] == pytest.approx(expected.confidence(row['evidence']))
+    open_set = report['open_set']
+    assert open_set['num_out_of_map'] == len(out_of_map)
+    assert open_set['false_accept_rate'] == 0.0 and open_set['accepted_in_map'] > 0.3
+    in_map = [r for r in report['per_query'] if r['truth_xy'] is not None]
+    assert report['recall']['1'] == pytest.approx(
+        np.mean([r['first_correct_rank'] == 1 for r in in_map]), abs=1e-4
+    )
+
+    assert main([*calibrate, '--split', 'fit']) == 1
+    assert 'drop --split' in capsys.readouterr().err
+    assert main(['calibrate', '--map', str(holdout_map), '--bag', str(drive)]) == 1
+    assert '--bag needs --image-topic and --truth-topic' in capsys.readouterr().err

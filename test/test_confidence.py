@@ -122,6 +122,39 @@ def test_the_off_track_accuracy_leaves_out_frames_before_the_sequence_filled() -
     assert Calibration.fit(warming_up_only, correct[:17]).off_track == pytest.approx(10 / 11)
 
 
+def test_fit_warns_when_the_on_track_rule_or_the_off_track_confidence_lacks_samples(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def frame(on: bool, score: float) -> dict[str, float]:
+        return {
+            'top1_score': score,
+            'track_consistency': 1.0 if on else 0.2,
+            'progress_error': 0.1 if on else 0.9,
+            'seq_fill': 1.0,
+        }
+
+    on_track_all_correct = [frame(True, 0.6)] * 6 + [frame(False, 0.4)] * 6
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        fitted = Calibration.fit(on_track_all_correct, [True] * 6 + [True, False] * 3)
+    assert fitted.off_track is None
+    assert 'on-track results in the calibration split: 6, correct: 6' in caplog.text
+
+    caplog.clear()
+    only_on_track = [frame(True, 0.6)] * 4 + [frame(True, 0.4)] * 4
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        fitted = Calibration.fit(only_on_track, [True] * 4 + [False] * 4)
+    assert fitted.off_track == 0.5
+    assert 'no off-track result' in caplog.text
+
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        Calibration.fit(
+            on_track_all_correct[:2] + [frame(True, 0.4)] * 2 + [frame(False, 0.4)] * 2,
+            [True, True, False, False, True, False],
+        )
+    assert caplog.text == ''  # both outcomes on track, off-track samples present
+
+
 def test_off_track_sequence_results_get_the_observed_accuracy_of_such_results() -> None:
     evidence, correct = synthetic_evidence(600, seed=8)
     rng = np.random.default_rng(8)

@@ -145,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument('--dataset', type=Path, help='data set folder (with --protocol)')
     source.add_argument('--images', type=Path, help='query image folder (with --poses)')
+    source.add_argument(
+        '--bag',
+        type=Path,
+        help='ROS 2 bag with ground-truth poses (with --image-topic, --truth-topic)',
+    )
     calibrate.add_argument('--protocol', help='protocol name in dataset.yaml')
     calibrate.add_argument(
         '--poses', type=Path, help='CSV image,x,y[,yaw]; empty x,y = a place not in the map'
@@ -152,10 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         '--tolerance',
         type=float,
-        help='a top-1 this close to the truth is correct (with --images)',
+        help='a top-1 this close to the truth is correct (with --images; with --bag in m, '
+        'default 5)',
     )
     calibrate.add_argument(
         '--units', choices=['m', 'frames'], default='m', help='units of --poses and --tolerance'
+    )
+    calibrate.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
+    calibrate.add_argument(
+        '--truth-topic',
+        help='ground truth (with --bag): Odometry, PoseStamped, PoseWithCovarianceStamped, /tf',
+    )
+    calibrate.add_argument(
+        '--base-frame', default='base_link', help='robot frame for /tf truth (with --bag)'
     )
     calibrate.add_argument('--json', type=Path, help='write the report here')
     calibrate.add_argument(
@@ -540,6 +554,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             holdout=args.holdout_map_range,
             split=args.split,
         )
+    elif args.bag is not None:
+        from vlm_vpr.core.bag_eval import evaluate_bag
+
+        if not args.image_topic or not args.truth_topic:
+            raise ConfigError('--bag needs --image-topic and --truth-topic')
+        if args.split is not None or args.holdout_map_range is not None or args.units != 'm':
+            raise ConfigError(
+                '--bag calibrates on every frame (in metres): drop --split, '
+                '--holdout-map-range and --units; measure with `vlm-vpr eval-bag` on another bag'
+            )
+        report = evaluate_bag(
+            args.map,
+            args.bag,
+            args.image_topic,
+            args.truth_topic,
+            query_config,
+            tolerance_m=5.0 if args.tolerance is None else args.tolerance,
+            base_frame=args.base_frame,
+            progress=progress,
+        )
     else:
         if args.poses is None or args.tolerance is None:
             raise ConfigError('--images needs --poses CSV and --tolerance (in --units)')
@@ -559,7 +593,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     write_report(report, args.json, reliability_plot_path=args.reliability_plot)
     print(f'calibration stored in {args.map}: {json.dumps(report["calibration"])}')
     print(
-        format_open_set_line(report) + ' (in-sample: measure with `vlm-vpr eval` on another split)'
+        format_open_set_line(report)
+        + ' (in-sample: measure on other queries, `vlm-vpr eval --split test` or `eval-bag`)'
     )
     return 0
 
@@ -598,6 +633,7 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         f'FP rate {t["false_positive_rate"]:.3f} at confidence {t["confidence_threshold"]}  '
         f'latency median {report["timing_ms"]["total"]["median"]} ms'
     )
+    print(format_open_set_line(report))
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vlm_vpr.core.bags import read_posed_images
+from vlm_vpr.core.calibration import open_set_report
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.localizer import Localizer
@@ -38,11 +39,14 @@ def evaluate_bag(
 
     The truth (Odometry, PoseStamped, PoseWithCovarianceStamped or /tf down to
     ``base_frame``) is interpolated at each image stamp; images without a truth pose are left
-    out. With ``sequence.length`` > 1 the frames vote in bag order, as in the node (by frame
-    order: no odometry). ``confidence_threshold`` defaults to
+    out. A frame whose true place has no map image within ``tolerance_m`` is out of the map
+    (``truth_xy`` None in its row, as in :func:`vlm_vpr.core.evaluation.run_queries`): the
+    right answer is to reject it. With ``sequence.length`` > 1 the frames vote in bag order, as
+    in the node (by frame order: no odometry). ``confidence_threshold`` defaults to
     ``confidence.initial_pose_threshold``. Returns the report (see README): ``recall``,
-    ``position_error_m``, ``yaw_error_deg``, ``success_rate``, ``at_threshold``, ``timing_ms``
-    and ``per_frame``.
+    ``position_error_m``, ``yaw_error_deg``, ``success_rate``, ``at_threshold``, ``open_set``,
+    ``timing_ms`` and ``per_query`` (one row per frame, with its ``evidence``: ``vlm-vpr
+    calibrate --bag`` fits on them).
     """
     if not tolerance_m > 0:
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
@@ -54,6 +58,7 @@ def evaluate_bag(
         else confidence_threshold
     )
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
+    map_xy = localizer.map.positions_xyz[:, :2]
     frames = read_posed_images(
         bag_path,
         image_topic,
@@ -64,7 +69,7 @@ def evaluate_bag(
         min_rotation_rad=0.0,
         progress=progress,
     )
-    per_frame = []
+    per_query = []
     for frame in itertools.islice(frames, max_frames):
         result = localizer.localize(frame.image_bgr)
         if matcher is not None:
@@ -75,11 +80,13 @@ def evaluate_bag(
         yaw_error = None
         if result.pose.yaw_known and truth.yaw_known:
             yaw_error = abs(math.degrees(_wrap(result.pose.yaw_rad - truth.yaw_rad)))
-        per_frame.append(
+        in_map = bool(np.hypot(*(map_xy - (truth.x, truth.y)).T).min() <= tolerance_m)
+        per_query.append(
             {
                 'name': frame.name,
                 'stamp_ns': frame.stamp_ns,
                 'truth': [truth.x, truth.y, truth.yaw_rad if truth.yaw_known else None],
+                'truth_xy': [truth.x, truth.y] if in_map else None,
                 'pose': [
                     result.pose.x,
                     result.pose.y,
@@ -90,13 +97,14 @@ def evaluate_bag(
                 'confidence': result.confidence,
                 'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
                 'top_names': [c.image_name for c in result.candidates],
+                'evidence': result.evidence,
                 'timing_ms': result.timing_ms,
                 'notes': result.notes,
             }
         )
     frames.close()  # stop reading the bag when max_frames is reached
     return summarize_bag(
-        per_frame,
+        per_query,
         tolerance_m,
         threshold,
         {
@@ -111,24 +119,26 @@ def evaluate_bag(
 
 
 def summarize_bag(
-    per_frame: list[dict[str, Any]], tolerance_m: float, threshold: float, source: dict[str, Any]
+    per_query: list[dict[str, Any]], tolerance_m: float, threshold: float, source: dict[str, Any]
 ) -> dict[str, Any]:
-    """The report of :func:`evaluate_bag` from its per-frame records."""
-    n = len(per_frame)
-    ranks = [f['first_correct_rank'] for f in per_frame]
-    errors = np.array([f['error_m'] for f in per_frame], dtype=np.float64)
+    """The report of :func:`evaluate_bag` from its per-frame rows."""
+    n = len(per_query)
+    ranks = [f['first_correct_rank'] for f in per_query if f['truth_xy'] is not None]
+    errors = np.array([f['error_m'] for f in per_query], dtype=np.float64)
     yaw_errors = np.array(
-        [f['yaw_error_deg'] for f in per_frame if f['yaw_error_deg'] is not None], dtype=np.float64
+        [f['yaw_error_deg'] for f in per_query if f['yaw_error_deg'] is not None], dtype=np.float64
     )
     correct = errors <= tolerance_m
-    accepted = np.array([f['confidence'] >= threshold for f in per_frame], dtype=bool)
-    stages = sorted({s for f in per_frame for s in f['timing_ms']})
+    accepted = np.array([f['confidence'] >= threshold for f in per_query], dtype=bool)
+    stages = sorted({s for f in per_query for s in f['timing_ms']})
     return {
         **source,
         'num_frames': n,
+        'num_in_map': len(ranks),
         'tolerance_m': tolerance_m,
-        'recall': {
-            str(k): _fraction(sum(r is not None and r <= k for r in ranks), n) for k in RECALL_KS
+        'recall': {  # over the frames in the map, as in `vlm-vpr eval`
+            str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(ranks))
+            for k in RECALL_KS
         },
         'position_error_m': _spread(errors),
         'yaw_error_deg': _spread(yaw_errors),
@@ -141,11 +151,12 @@ def summarize_bag(
                 int((accepted & ~correct).sum()), int(accepted.sum())
             ),
         },
+        'open_set': open_set_report(per_query, threshold),
         'timing_ms': {
-            s: _spread(np.array([f['timing_ms'][s] for f in per_frame if s in f['timing_ms']]))
+            s: _spread(np.array([f['timing_ms'][s] for f in per_query if s in f['timing_ms']]))
             for s in stages
         },
-        'per_frame': per_frame,
+        'per_query': per_query,
     }
 
 
@@ -171,13 +182,13 @@ def plot_trajectory(report: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     map_xy = read_map(report['map'], load_index=False).positions_xyz[:, :2]
-    truth = np.array([f['truth'][:2] for f in report['per_frame']]).reshape(-1, 2)
-    pose = np.array([f['pose'][:2] for f in report['per_frame']]).reshape(-1, 2)
-    confidence = np.array([f['confidence'] for f in report['per_frame']])
+    truth = np.array([f['truth'][:2] for f in report['per_query']]).reshape(-1, 2)
+    pose = np.array([f['pose'][:2] for f in report['per_query']]).reshape(-1, 2)
+    confidence = np.array([f['confidence'] for f in report['per_query']])
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(*map_xy.T, s=8, c='0.75', label='map images')
     ax.plot(*truth.T, '-', c='k', lw=1, label='truth')
-    for t, p, f in zip(truth, pose, report['per_frame']):
+    for t, p, f in zip(truth, pose, report['per_query']):
         if f['error_m'] > report['tolerance_m']:
             ax.plot([t[0], p[0]], [t[1], p[1]], '-', c='tab:red', lw=0.8)
     points = ax.scatter(

@@ -30,8 +30,9 @@ def calibrate(
 ) -> dict[str, Any]:
     """Fit evidence -> P(top-1 correct) on the report's queries and store it in the map.
 
-    ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) run
-    with ``config`` on the calibration split. The calibration goes into the map extra
+    ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) on
+    the calibration split, or from :func:`vlm_vpr.core.bag_eval.evaluate_bag`, run with
+    ``config``. The calibration goes into the map extra
     ``calibration``, replacing one fitted with the same query settings (``fitted_with``) and
     keeping those for other settings (unreadable ones are replaced, with a warning); the
     returned report holds it (``calibration``) and is re-scored with it, so its ``open_set``

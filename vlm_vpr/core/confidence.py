@@ -207,7 +207,8 @@ class Calibration:
         reset cannot be on track yet, are over-represented in a short calibration traversal
         and are as often right as single frames are, which is not what an off-track result is
         (at run time they get the off-track confidence too). If the on-track samples lack
-        either outcome, one model serves all. Raises DatasetError without both outcomes.
+        either outcome, one model serves all (logged as a warning, as is an off-track
+        confidence from no off-track sample). Raises DatasetError without both outcomes.
         """
         labels = np.asarray(correct, dtype=np.float64)
         if len(evidence) != len(labels) or not 0 < labels.sum() < len(labels):
@@ -221,9 +222,24 @@ class Calibration:
             if 0 < labels[track].sum() < track.sum():
                 settled = ~track & np.array([e.get('seq_fill', 1.0) >= 1.0 for e in evidence])
                 off = labels[settled] if settled.any() else labels[~track]
+                if not len(off):
+                    log.warning(
+                        'the calibration split has no off-track result: off-track results '
+                        'will get confidence 0.5; calibrate on a traversal that leaves the '
+                        'map (--holdout-map-range)'
+                    )
                 off_track = float((off.sum() + 1.0) / (len(off) + 2.0))
                 evidence = [e for e, t in zip(evidence, track) if t]
                 labels = labels[track]
+            else:
+                log.warning(
+                    'on-track results in the calibration split: %d, correct: %d; the on-track '
+                    'rule needs both outcomes, so it is not applied: one logistic model serves '
+                    'all results and a consistent track at the wrong place is judged by its '
+                    'scores alone; calibrate on more posed queries',
+                    track.sum(),
+                    labels[track].sum(),
+                )
         keys = sorted({k for e in evidence for k in e})
         x = np.array([[e.get(k, 0.0) for k in keys] for e in evidence], dtype=np.float64)
         signs = np.array([EVIDENCE_SIGNS.get(k, 0) for k in keys])
