@@ -14,7 +14,7 @@ import pytest
 from vlm_vpr.cli import main
 from vlm_vpr.core.bag_eval import evaluate_bag
 from vlm_vpr.core.bags import write_traversal_bag
-from vlm_vpr.core.confidence import Calibration
+from vlm_vpr.core.confidence import Calibration, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.datasets import read_traversal
 from vlm_vpr.core.errors import BagError
@@ -172,6 +172,11 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     assert report['recall']['1'] == pytest.approx(
         np.mean([r['first_correct_rank'] == 1 for r in in_map]), abs=1e-4
     )
+
+    assert main([*calibrate, '--sequence', '3']) == 0  # frames vote in bag order
+    stored = stored_calibrations(read_map(holdout_map).read_extra_json('calibration'))
+    assert [c.settings['sequence.length'] for c in stored] == [1, 3]
+    assert stored[1].off_track is not None  # the sequence fit: on-track rule and constant
 
     assert main([*calibrate, '--split', 'fit']) == 1
     assert 'drop --split' in capsys.readouterr().err

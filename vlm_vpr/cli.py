@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         "10 consecutive queries, round robin) instead of the map's; the map is not changed",
     )
     _add_open_set_args(evaluate)
-    _add_config_args(evaluate, backbone=True, rerank=True)
+    _add_config_args(evaluate, backbone=True, rerank=True, sequence=True)
     evaluate.set_defaults(run=_cmd_eval)
 
     calibrate = sub.add_parser('calibrate', help="fit the map's confidence on posed queries")
@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
         '--reliability-plot', type=Path, help='write the (in-sample) reliability plot (PNG) here'
     )
     _add_open_set_args(calibrate)
-    _add_config_args(calibrate, backbone=True, rerank=True)
+    _add_config_args(calibrate, backbone=True, rerank=True, sequence=True)
     calibrate.set_defaults(run=_cmd_calibrate)
 
     replay = sub.add_parser(
@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     eval_bag.add_argument('--max-frames', type=int, help='only the first N images')
     eval_bag.add_argument('--json', type=Path, help='write the report here')
     eval_bag.add_argument('--plot', type=Path, help='write the trajectory plot (PNG) here')
-    _add_config_args(eval_bag, rerank=True)
+    _add_config_args(eval_bag, rerank=True, sequence=True)
     eval_bag.set_defaults(run=_cmd_eval_bag)
     return parser
 
@@ -245,17 +245,21 @@ def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
         choices=['fit', 'test'],
         help='use only even (fit) or odd (test) blocks of 10 consecutive queries',
     )
-    parser.add_argument(
-        '--sequence',
-        type=int,
-        metavar='L',
-        help='the last L frames vote (shortcut for --set sequence.length=L)',
-    )
 
 
 def _add_config_args(
-    parser: argparse.ArgumentParser, backbone: bool = False, rerank: bool = False
+    parser: argparse.ArgumentParser,
+    backbone: bool = False,
+    rerank: bool = False,
+    sequence: bool = False,
 ) -> None:
+    if sequence:
+        parser.add_argument(
+            '--sequence',
+            type=int,
+            metavar='L',
+            help='the last L frames vote (shortcut for --set sequence.length=L)',
+        )
     if backbone:
         parser.add_argument(
             '--backbone',
