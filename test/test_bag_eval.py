@@ -182,3 +182,6 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     assert 'drop --split' in capsys.readouterr().err
     assert main(['calibrate', '--map', str(holdout_map), '--bag', str(drive)]) == 1
     assert '--bag needs --image-topic and --truth-topic' in capsys.readouterr().err
+    images = str(data_root / 'campus_loop' / 'query' / 'images')
+    assert main(['calibrate', '--map', str(holdout_map), '--images', images, *topics]) == 1
+    assert '--image-topic and --truth-topic are for --bag' in capsys.readouterr().err

@@ -545,6 +545,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     build_config, query_config = split_config(load_overrides(args))
     progress = sys.stderr.isatty()
+    if args.bag is None and (args.image_topic or args.truth_topic):
+        raise ConfigError('--image-topic and --truth-topic are for --bag')
     if args.dataset is not None:
         if not args.protocol:
             raise ConfigError('--dataset needs --protocol (a name in its dataset.yaml)')
