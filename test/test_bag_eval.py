@@ -19,6 +19,7 @@ from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.datasets import read_traversal
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.evaluation import build_holdout_map, parse_map_range
+from vlm_vpr.core.initial_pose import InitialPoseConfig
 from vlm_vpr.core.map_format import read_map
 
 IMAGE_TOPIC, TRUTH_TOPIC = '/camera/image_raw', '/ground_truth/pose'
@@ -72,6 +73,36 @@ def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
     assert report['timing_ms']['total']['p95'] >= report['timing_ms']['total']['median'] > 0
 
 
+def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
+    campus_map: Path, bag: Path
+) -> None:
+    def run(frames: int, distance_m: float) -> dict:
+        return evaluate_bag(
+            campus_map,
+            bag,
+            IMAGE_TOPIC,
+            TRUTH_TOPIC,
+            confidence_threshold=0.0,
+            initial_pose=InitialPoseConfig(
+                consecutive_frames=frames, max_distance_m=distance_m, max_yaw_deg=180.0
+            ),
+            progress=False,
+        )
+
+    report = run(3, 1000.0)  # every frame confident and agreeing: a run of 3, re-armed
+    assert [r['initial_pose'] for r in report['per_query']] == [False, False, True] * 2
+    published = [r for r in report['per_query'] if r['initial_pose']]
+    assert report['initial_pose'] == {
+        'published': 2,
+        'wrong': sum(r['error_m'] > 5.0 for r in published),
+        'out_of_map': 0,
+    }
+    assert report['initial_pose_gate']['consecutive_frames'] == 3
+    # the six frames are spread along the loop, tens of metres apart: never agree within 1 m
+    assert run(2, 1.0)['initial_pose']['published'] == 0
+    assert run(1, 1.0)['initial_pose']['published'] == 6  # one frame needs no agreement
+
+
 def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
     campus_map: Path, bag: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,6 +118,8 @@ def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
             TRUTH_TOPIC,
             '--max-frames',
             '2',
+            '--set',
+            'initial_pose.consecutive_frames=1',
             '--json',
             str(tmp_path / 'r.json'),
             '--plot',
@@ -96,8 +129,10 @@ def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
     assert code == 0
     report = json.loads((tmp_path / 'r.json').read_text())
     assert report['num_frames'] == 2 and report['bag'] == str(bag)
+    assert report['initial_pose_gate']['consecutive_frames'] == 1
     assert (tmp_path / 'r.png').read_bytes()[:4] == b'\x89PNG'
-    assert 'R@1' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'R@1' in out and 'false accepts' in out and '/initialpose gate (1 frames' in out
 
 
 def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
@@ -168,6 +203,7 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     open_set = report['open_set']
     assert open_set['num_out_of_map'] == len(out_of_map)
     assert open_set['false_accept_rate'] == 0.0 and open_set['accepted_in_map'] > 0.3
+    assert report['initial_pose']['out_of_map'] == 0  # no /initialpose off the map
     in_map = [r for r in report['per_query'] if r['truth_xy'] is not None]
     assert report['recall']['1'] == pytest.approx(
         np.mean([r['first_correct_rank'] == 1 for r in in_map]), abs=1e-4

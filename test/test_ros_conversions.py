@@ -13,6 +13,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from vlm_vpr.core.images import read_image
+from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
@@ -24,8 +25,8 @@ from vlm_vpr.ros.conversions import (
     markers_msg,
     rectify_with_camera_info,
 )
-from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
-from vlm_vpr.ros.params import CameraOffsetConfig, InitialPoseConfig
+from vlm_vpr.ros.odometry import OdometryTrack
+from vlm_vpr.ros.params import CameraOffsetConfig
 from vlm_vpr.ros.tf_offset import FixedOffset, base_in_camera_from_offset
 
 

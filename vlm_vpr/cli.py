@@ -17,8 +17,10 @@ import yaml
 
 from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, from_flat_dict, to_flat_dict
 from vlm_vpr.core.errors import ConfigError, VprError
+from vlm_vpr.core.initial_pose import InitialPoseConfig
 
 log = logging.getLogger('vlm_vpr')
+INITIAL_POSE = 'initial_pose.'  # the node's /initialpose gate keys, which eval-bag also reads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
         'eval-bag',
         help='Recall@K, pose error, success and false '
         'positives of the Localizer on a bag with ground-truth poses',
+        description="The node's /initialpose gate runs on the frames too: set it with the "
+        "node's keys (--set initial_pose.consecutive_frames=5, or a --config ROS params file).",
     )
     eval_bag.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
     eval_bag.add_argument('--map', type=Path, required=True)
@@ -286,11 +290,12 @@ def _add_config_args(
     )
 
 
-def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Dotted config keys from --config, then --set, then the shortcut flags."""
+def load_overrides(args: argparse.Namespace, keep_initial_pose: bool = False) -> dict[str, Any]:
+    """Dotted config keys from --config, then --set, then the shortcut flags (see
+    :func:`read_config_yaml` for ``keep_initial_pose``)."""
     values: dict[str, Any] = {}
     if getattr(args, 'config', None):
-        values.update(read_config_yaml(args.config))
+        values.update(read_config_yaml(args.config, keep_initial_pose))
     for item in args.set:
         key, sep, text = item.partition('=')
         if not sep:
@@ -305,8 +310,9 @@ def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def read_config_yaml(path: Path) -> dict[str, Any]:
-    """Flat dotted keys from a YAML file (plain, nested, or a ROS 2 parameters file)."""
+def read_config_yaml(path: Path, keep_initial_pose: bool = False) -> dict[str, Any]:
+    """Flat dotted keys from a YAML file (plain, nested, or a ROS 2 parameters file; of the
+    node's own parameters only ``initial_pose.*`` are kept, and only if ``keep_initial_pose``)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -318,7 +324,11 @@ def read_config_yaml(path: Path) -> dict[str, Any]:
 
             node_keys = set(to_flat_dict(NodeConfig()))
             flat = _flatten(only['ros__parameters'])
-            return {k: v for k, v in flat.items() if k not in node_keys}
+            return {
+                k: v
+                for k, v in flat.items()
+                if k not in node_keys or (keep_initial_pose and k.startswith(INITIAL_POSE))
+            }
     return _flatten(data)
 
 
@@ -618,7 +628,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_eval_bag(args: argparse.Namespace) -> int:
     from vlm_vpr.core.bag_eval import evaluate_bag, write_bag_report
 
-    _, query_config = split_config(load_overrides(args))
+    values = load_overrides(args, keep_initial_pose=True)
+    gate = {
+        k[len(INITIAL_POSE) :]: values.pop(k) for k in list(values) if k.startswith(INITIAL_POSE)
+    }
+    _, query_config = split_config(values)
     report = evaluate_bag(
         args.map,
         args.bag,
@@ -629,6 +643,7 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         confidence_threshold=args.confidence_threshold,
         base_frame=args.base_frame,
         max_frames=args.max_frames,
+        initial_pose=from_flat_dict(InitialPoseConfig, gate),
         progress=sys.stderr.isatty(),
     )
     write_bag_report(report, args.json, args.plot)
@@ -640,6 +655,12 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         f'latency median {report["timing_ms"]["total"]["median"]} ms'
     )
     print(format_open_set_line(report))
+    g, p = report['initial_pose_gate'], report['initial_pose']
+    print(
+        f'/initialpose gate ({g["consecutive_frames"]} frames within {g["max_distance_m"]} m, '
+        f're-armed after each): {p["published"]} published, {p["wrong"]} wrong, '
+        f'{p["out_of_map"]} off the map'
+    )
     return 0
 
 

@@ -15,9 +15,11 @@ from vlm_vpr.core.bags import read_posed_images
 from vlm_vpr.core.calibration import open_set_report
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
+from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
+from vlm_vpr.core.types import wrap_angle
 
 RECALL_KS = (1, 5, 10)
 
@@ -33,6 +35,7 @@ def evaluate_bag(
     confidence_threshold: float | None = None,
     base_frame: str = 'base_link',
     max_frames: int | None = None,
+    initial_pose: InitialPoseConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Localise every image on ``image_topic`` and compare with the truth on ``truth_topic``.
@@ -43,10 +46,13 @@ def evaluate_bag(
     (``truth_xy`` None in its row, as in :func:`vlm_vpr.core.evaluation.run_queries`): the
     right answer is to reject it. With ``sequence.length`` > 1 the frames vote in bag order, as
     in the node (by frame order: no odometry). ``confidence_threshold`` defaults to
-    ``confidence.initial_pose_threshold``. Returns the report (see README): ``recall``,
-    ``position_error_m``, ``yaw_error_deg``, ``success_rate``, ``at_threshold``, ``open_set``,
-    ``timing_ms`` and ``per_query`` (one row per frame, with its ``evidence``: ``vlm-vpr
-    calibrate --bag`` fits on them).
+    ``confidence.initial_pose_threshold``. The node's /initialpose gate (``initial_pose``,
+    default :class:`InitialPoseConfig`; frames agree by distance alone, as the node does
+    without odometry; re-armed after each publication) runs on the frames at that threshold.
+    Returns the report (see README): ``recall``, ``position_error_m``, ``yaw_error_deg``,
+    ``success_rate``, ``at_threshold``, ``open_set``, ``initial_pose``, ``timing_ms`` and
+    ``per_query`` (one row per frame, with its ``evidence``: ``vlm-vpr calibrate --bag`` fits
+    on them).
     """
     if not tolerance_m > 0:
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
@@ -59,6 +65,7 @@ def evaluate_bag(
     )
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
     map_xy = localizer.map.positions_xyz[:, :2]
+    gate, initial_pose = InitialPoseGate(), initial_pose or InitialPoseConfig()
     frames = read_posed_images(
         bag_path,
         image_topic,
@@ -79,8 +86,11 @@ def evaluate_bag(
         hits = [d <= tolerance_m for d in distances]
         yaw_error = None
         if result.pose.yaw_known and truth.yaw_known:
-            yaw_error = abs(math.degrees(_wrap(result.pose.yaw_rad - truth.yaw_rad)))
+            yaw_error = abs(math.degrees(wrap_angle(result.pose.yaw_rad - truth.yaw_rad)))
         in_map = bool(np.hypot(*(map_xy - (truth.x, truth.y)).T).min() <= tolerance_m)
+        published = gate.update(result.pose, result.confidence, None, initial_pose, threshold)
+        if published:
+            gate.rearm()
         per_query.append(
             {
                 'name': frame.name,
@@ -95,6 +105,7 @@ def evaluate_bag(
                 'error_m': math.hypot(result.pose.x - truth.x, result.pose.y - truth.y),
                 'yaw_error_deg': yaw_error,
                 'confidence': result.confidence,
+                'initial_pose': published,
                 'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
                 'top_names': [c.image_name for c in result.candidates],
                 'evidence': result.evidence,
@@ -114,6 +125,11 @@ def evaluate_bag(
             'truth_topic': truth_topic,
             'rerank_chain': list(config.rerank.chain),
             'sequence_length': config.sequence.length,
+            'initial_pose_gate': {
+                'consecutive_frames': initial_pose.consecutive_frames,
+                'max_distance_m': initial_pose.max_distance_m,
+                'max_yaw_deg': initial_pose.max_yaw_deg,
+            },
         },
     )
 
@@ -130,6 +146,7 @@ def summarize_bag(
     )
     correct = errors <= tolerance_m
     accepted = np.array([f['confidence'] >= threshold for f in per_query], dtype=bool)
+    published = [f for f in per_query if f['initial_pose']]
     stages = sorted({s for f in per_query for s in f['timing_ms']})
     return {
         **source,
@@ -152,6 +169,11 @@ def summarize_bag(
             ),
         },
         'open_set': open_set_report(per_query, threshold),
+        'initial_pose': {  # publications of the gate, re-armed after each
+            'published': len(published),
+            'wrong': sum(f['error_m'] > tolerance_m for f in published),
+            'out_of_map': sum(f['truth_xy'] is None for f in published),
+        },
         'timing_ms': {
             s: _spread(np.array([f['timing_ms'][s] for f in per_query if s in f['timing_ms']]))
             for s in stages
@@ -220,7 +242,3 @@ def _spread(values: np.ndarray) -> dict[str, float | None]:
 
 def _fraction(num: int, den: int) -> float:
     return round(num / den, 4) if den else 0.0
-
-
-def _wrap(angle_rad: float) -> float:
-    return math.atan2(math.sin(angle_rad), math.cos(angle_rad))

@@ -81,3 +81,8 @@ class LocalizationResult:
     notes: list[str] = field(default_factory=list)  # diagnosed fallbacks (VLM timeout, ...)
     evidence: dict[str, float] = field(default_factory=dict)  # inputs to the confidence
     descriptor: np.ndarray | None = None  # [D] float32 global descriptor of the query
+
+
+def wrap_angle(angle_rad: float) -> float:
+    """The angle in (-pi, pi]."""
+    return math.atan2(math.sin(angle_rad), math.cos(angle_rad))

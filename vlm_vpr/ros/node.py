@@ -43,6 +43,7 @@ from visualization_msgs.msg import MarkerArray
 
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import ConfigError, VprError
+from vlm_vpr.core.initial_pose import InitialPoseGate
 from vlm_vpr.core.types import LocalizationResult, Pose
 from vlm_vpr.ros import params
 from vlm_vpr.ros.conversions import (
@@ -59,7 +60,7 @@ from vlm_vpr.ros.conversions import (
     rectify_with_camera_info,
     stamp_ns,
 )
-from vlm_vpr.ros.gating import InitialPoseGate, OdometryTrack
+from vlm_vpr.ros.odometry import OdometryTrack
 from vlm_vpr.ros.params import NodeConfig
 from vlm_vpr.ros.tf_offset import (
     FixedOffset,

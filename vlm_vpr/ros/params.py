@@ -22,6 +22,7 @@ from typing import Any
 
 from vlm_vpr.core.config import LocalizerConfig, from_flat_dict, to_flat_dict
 from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.initial_pose import InitialPoseConfig
 
 MODES = ('continuous', 'on_demand')
 
@@ -29,25 +30,6 @@ MODES = ('continuous', 'on_demand')
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class InitialPoseConfig:
-    """Gate for publishing /initialpose (AMCL): one publication per arming. The confidence each
-    agreeing frame needs is LocalizerConfig's ``confidence.initial_pose_threshold``."""
-
-    enabled: bool = False  # publish /initialpose once the gate passes; re-armed by a service
-    consecutive_frames: int = 3  # N: frames in a row that must agree on the place
-    max_distance_m: float = 5.0  # D: consecutive poses agree within this distance (after odom)
-    max_yaw_deg: float = 30.0  # Y: ... and within this yaw (skipped where yaw is unknown)
-
-    def __post_init__(self) -> None:
-        _check(
-            1 <= self.consecutive_frames <= 100,
-            'initial_pose.consecutive_frames must be in [1, 100]',
-        )
-        _check(self.max_distance_m > 0, 'initial_pose.max_distance_m must be > 0')
-        _check(0 < self.max_yaw_deg <= 180, 'initial_pose.max_yaw_deg must be in (0, 180]')
 
 
 @dataclass(frozen=True)

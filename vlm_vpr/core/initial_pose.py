@@ -1,50 +1,32 @@
-"""Pure-Python pieces of the node's temporal logic: odometry between frames and the
-/initialpose gate (no ROS imports, so they are tested directly)."""
+"""The /initialpose gate (AMCL): publish a pose prior only once N consecutive confident frames
+agree on the place. The ROS node runs it on live frames, ``vlm-vpr eval-bag`` on a bag's."""
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections import deque
+from dataclasses import dataclass
 
-from vlm_vpr.core.types import Pose
-from vlm_vpr.ros.params import InitialPoseConfig
-
-MAX_ODOM_SAMPLES = 5000
-MAX_ODOM_GAP_NS = 500_000_000  # an odometry sample further than this from a stamp is unusable
+from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.types import Pose, wrap_angle
 
 
-class OdometryTrack:
-    """Recent planar odometry poses (x, y, yaw in the odometry frame) by stamp."""
+@dataclass(frozen=True)
+class InitialPoseConfig:
+    """Gate for publishing /initialpose (AMCL): one publication per arming. The confidence each
+    agreeing frame needs is LocalizerConfig's ``confidence.initial_pose_threshold``."""
 
-    def __init__(self) -> None:
-        self._stamps: deque[int] = deque(maxlen=MAX_ODOM_SAMPLES)
-        self._poses: deque[tuple[float, float, float]] = deque(maxlen=MAX_ODOM_SAMPLES)
+    enabled: bool = False  # publish /initialpose once the gate passes; re-armed by a service
+    consecutive_frames: int = 3  # N: frames in a row that must agree on the place
+    max_distance_m: float = 5.0  # D: consecutive poses agree within this distance (after odom)
+    max_yaw_deg: float = 30.0  # Y: ... and within this yaw (skipped where yaw is unknown)
 
-    def add(self, stamp_ns: int, x: float, y: float, yaw_rad: float) -> None:
-        if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop): restart
-            self._stamps.clear()
-            self._poses.clear()
-        self._stamps.append(stamp_ns)
-        self._poses.append((x, y, yaw_rad))
-
-    def motion(self, from_ns: int, to_ns: int) -> Pose | None:
-        """Planar motion of the robot from ``from_ns`` to ``to_ns``, in the robot's frame at
-        ``from_ns``; None without odometry near both stamps."""
-        a, b = self._at(from_ns), self._at(to_ns)
-        if a is None or b is None:
-            return None
-        c, s = math.cos(a[2]), math.sin(a[2])
-        dx, dy = b[0] - a[0], b[1] - a[1]
-        return Pose.from_yaw(c * dx + s * dy, -s * dx + c * dy, _wrap(b[2] - a[2]))
-
-    def _at(self, stamp_ns: int) -> tuple[float, float, float] | None:
-        i = bisect.bisect_left(self._stamps, stamp_ns)
-        near = [j for j in (i - 1, i) if 0 <= j < len(self._stamps)]
-        if not near:
-            return None
-        j = min(near, key=lambda k: abs(self._stamps[k] - stamp_ns))
-        return self._poses[j] if abs(self._stamps[j] - stamp_ns) <= MAX_ODOM_GAP_NS else None
+    def __post_init__(self) -> None:
+        if not 1 <= self.consecutive_frames <= 100:
+            raise ConfigError('initial_pose.consecutive_frames must be in [1, 100]')
+        if not self.max_distance_m > 0:
+            raise ConfigError('initial_pose.max_distance_m must be > 0')
+        if not 0 < self.max_yaw_deg <= 180:
+            raise ConfigError('initial_pose.max_yaw_deg must be in (0, 180]')
 
 
 class InitialPoseGate:
@@ -107,10 +89,6 @@ def _agree(previous: Pose, pose: Pose, motion: Pose | None, config: InitialPoseC
     if math.hypot(pose.x - expected.x, pose.y - expected.y) > config.max_distance_m + slack:
         return False
     if pose.yaw_known and expected.yaw_known:
-        turn = abs(_wrap(pose.yaw_rad - expected.yaw_rad))
+        turn = abs(wrap_angle(pose.yaw_rad - expected.yaw_rad))
         return math.degrees(turn) <= config.max_yaw_deg
     return True
-
-
-def _wrap(angle_rad: float) -> float:
-    return math.atan2(math.sin(angle_rad), math.cos(angle_rad))

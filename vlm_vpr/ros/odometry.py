@@ -1,0 +1,45 @@
+"""Odometry between frames for the node (no ROS imports, so it is tested directly)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+
+from vlm_vpr.core.types import Pose, wrap_angle
+
+MAX_ODOM_SAMPLES = 5000
+MAX_ODOM_GAP_NS = 500_000_000  # an odometry sample further than this from a stamp is unusable
+
+
+class OdometryTrack:
+    """Recent planar odometry poses (x, y, yaw in the odometry frame) by stamp."""
+
+    def __init__(self) -> None:
+        self._stamps: deque[int] = deque(maxlen=MAX_ODOM_SAMPLES)
+        self._poses: deque[tuple[float, float, float]] = deque(maxlen=MAX_ODOM_SAMPLES)
+
+    def add(self, stamp_ns: int, x: float, y: float, yaw_rad: float) -> None:
+        if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop): restart
+            self._stamps.clear()
+            self._poses.clear()
+        self._stamps.append(stamp_ns)
+        self._poses.append((x, y, yaw_rad))
+
+    def motion(self, from_ns: int, to_ns: int) -> Pose | None:
+        """Planar motion of the robot from ``from_ns`` to ``to_ns``, in the robot's frame at
+        ``from_ns``; None without odometry near both stamps."""
+        a, b = self._at(from_ns), self._at(to_ns)
+        if a is None or b is None:
+            return None
+        c, s = math.cos(a[2]), math.sin(a[2])
+        dx, dy = b[0] - a[0], b[1] - a[1]
+        return Pose.from_yaw(c * dx + s * dy, -s * dx + c * dy, wrap_angle(b[2] - a[2]))
+
+    def _at(self, stamp_ns: int) -> tuple[float, float, float] | None:
+        i = bisect.bisect_left(self._stamps, stamp_ns)
+        near = [j for j in (i - 1, i) if 0 <= j < len(self._stamps)]
+        if not near:
+            return None
+        j = min(near, key=lambda k: abs(self._stamps[k] - stamp_ns))
+        return self._poses[j] if abs(self._stamps[j] - stamp_ns) <= MAX_ODOM_GAP_NS else None
