@@ -24,8 +24,8 @@ test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vlm_vpr test benchmarks
-	$(VENV)/bin/ruff format --check vlm_vpr test benchmarks
+	$(VENV)/bin/ruff check vlm_vpr test benchmarks launch
+	$(VENV)/bin/ruff format --check vlm_vpr test benchmarks launch
 
 demo: $(STAMP)
 	$(PY) -m vlm_vpr.demo --data $(VLM_VPR_DATA) --out $(OUT)/demo

@@ -62,7 +62,7 @@ def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
     accepted = [f['confidence'] >= 0.5 for f in frames]
     assert report['success_rate'] == pytest.approx(np.mean(correct), abs=1e-4)
     wrong_accepted = sum(a and not c for a, c in zip(accepted, correct))
-    assert report['at_threshold']['false_positive_rate'] == pytest.approx(
+    assert report['at_threshold']['wrong_share_of_accepted'] == pytest.approx(
         wrong_accepted / sum(accepted) if any(accepted) else 0.0, abs=1e-4
     )
     ranks = [f['first_correct_rank'] for f in frames]
@@ -215,9 +215,9 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     assert stored[1].off_track is not None  # the sequence fit: on-track rule and constant
 
     assert main([*calibrate, '--split', 'fit']) == 1
-    assert 'drop --split' in capsys.readouterr().err
+    assert '--split not used with --bag' in capsys.readouterr().err
     assert main(['calibrate', '--map', str(holdout_map), '--bag', str(drive)]) == 1
     assert '--bag needs --image-topic and --truth-topic' in capsys.readouterr().err
     images = str(data_root / 'campus_loop' / 'query' / 'images')
     assert main(['calibrate', '--map', str(holdout_map), '--images', images, *topics]) == 1
-    assert '--image-topic and --truth-topic are for --bag' in capsys.readouterr().err
+    assert '--image-topic, --truth-topic not used with --images' in capsys.readouterr().err

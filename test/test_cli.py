@@ -94,6 +94,42 @@ def test_eval_writes_report_plot_and_failure_strip(
         (['map', 'build', '--images', '/x', '--out', '/tmp/y'], '--images needs --poses'),
         (['localize', '--map', '/x', '--set', 'nonsense', 'a.png'], 'write KEY=VALUE'),
         (['localize', '--map', '/x', '--set', 'vlad.k=1', 'a.png'], 'unknown config key'),
+        (['localize', '--map', '/x', '--radius-m', '5', 'a.png'], '--radius-m needs --near'),
+        (
+            ['localize', '--map', '/x', '--near', '0', '0', '--radius-m', '-5', 'a.png'],
+            '--radius-m must be > 0',
+        ),
+        (
+            [
+                'map',
+                'build',
+                '--images',
+                '/x',
+                '--poses',
+                '/p',
+                '--image-topic',
+                '/t',
+                '--out',
+                '/y',
+            ],
+            '--image-topic not used with --images',
+        ),
+        (
+            ['map', 'build', '--bag', '/x', '--poses', '/p', '--out', '/y'],
+            '--poses not used with --bag',
+        ),
+        (
+            ['calibrate', '--map', '/m', '--dataset', '/d', '--protocol', 'p', '--tolerance', '2'],
+            '--tolerance not used with --dataset',
+        ),
+        (
+            ['calibrate', '--map', '/m', '--images', '/i', '--truth-topic', '/t', '--units', 'm'],
+            '--truth-topic not used with --images',
+        ),
+        (
+            ['calibrate', '--map', '/m', '--bag', '/b', '--split', 'fit'],
+            '--split not used with --bag',
+        ),
     ],
 )
 def test_errors_print_one_line_and_exit_1(
@@ -161,3 +197,12 @@ def test_localize_in_an_unknown_region_names_the_fix(
     capsys.readouterr()
     assert main(['localize', '--map', str(copy), '--region', 'gate', 'x.png']) == 1
     assert "no region 'gate'" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_a_mapping_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / 'list.yaml'
+    config.write_text('- vlad.num_clusters: 8\n')
+    assert main(['localize', '--map', '/x', '--config', str(config), 'a.png']) == 1
+    assert 'is not a mapping of keys to values' in capsys.readouterr().err

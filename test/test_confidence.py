@@ -311,6 +311,20 @@ def candidate(index: int, x: float, score: float, **evidence: float) -> Candidat
     return Candidate(index, f'{index}.png', Pose(x, 0.0), score, score, dict(evidence))
 
 
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), float('-inf')])
+def test_non_finite_evidence_gives_zero_confidence_and_a_warning(
+    bad: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    calibration = Calibration({'top1_score': 22.1, 'margin': 14.4, 'vlm_score': 1.0}, -11.9)
+    good = {'top1_score': 0.9, 'margin': 0.2, 'vlm_score': 0.5}
+    assert calibration.confidence(good) > 0.5
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        assert calibration.confidence(dict(good, vlm_score=bad)) == 0.0
+        assert Calibration().confidence({'top1_score': bad, 'margin': 0.0}) == 0.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 2 and 'vlm_score' in warnings[0] and 'top1_score' in warnings[1]
+
+
 def test_evidence_margin_is_the_lead_over_the_best_other_place() -> None:
     fusion = FusionConfig(top_n=3, cluster_radius_m=5.0)
     coarse = [
@@ -390,6 +404,22 @@ def test_open_set_report_counts_false_accepts_and_recall_at_full_precision(tmp_p
     plot_reliability([full], tmp_path / 'rel.png')
     plot_precision_recall([full], tmp_path / 'pr.png')
     assert (tmp_path / 'rel.png').stat().st_size > 0 and (tmp_path / 'pr.png').stat().st_size > 0
+
+
+def test_open_set_report_and_precision_recall_curve_of_no_queries_are_empty(
+    tmp_path: Path,
+) -> None:
+    assert precision_recall_curve(np.zeros(0), np.zeros(0, bool), num_in_map=0).shape == (0, 3)
+    report = open_set_report([], threshold=0.9)
+    assert report['num_in_map'] == report['num_out_of_map'] == report['wrong_accepts'] == 0
+    for key in ('accepted_in_map', 'false_accept_rate', 'recall', 'recall_at_full_precision'):
+        assert report[key] == 0.0, key
+    assert report['ece'] == 0.0 and report['ece_if_calibrated'] == [0.0, 0.0]
+    assert report['pr_curve'] == [] and report['reliability'] == []
+    full = {'dataset': 'd', 'protocol': 'p', 'open_set': report}
+    plot_reliability([full], tmp_path / 'rel.png')
+    plot_precision_recall([full], tmp_path / 'pr.png')
+    assert (tmp_path / 'pr.png').stat().st_size > 0
 
 
 @pytest.mark.parametrize(

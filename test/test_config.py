@@ -59,6 +59,46 @@ def test_list_values_accept_comma_separated_strings() -> None:
     assert config.rerank.chain == ('geometric', 'consensus')
 
 
+@pytest.mark.parametrize(
+    ('cls', 'key', 'value', 'expected'),
+    [
+        (MapBuildConfig, 'features.rootsift_cell_px', '4,6', (4, 6)),  # --set key=4,6
+        (MapBuildConfig, 'features.rootsift_cell_px', ['4', ' 6 '], (4, 6)),
+        (MapBuildConfig, 'features.rootsift_cell_px', [4.0, 6], (4, 6)),
+        (LocalizerConfig, 'sequence.velocities', '0.8 1', (0.8, 1.0)),
+        (LocalizerConfig, 'sequence.velocities', [1, '-1.5'], (1.0, -1.5)),
+        (LocalizerConfig, 'rerank.chain', ['geometric'], ('geometric',)),
+    ],
+)
+def test_list_elements_get_the_type_of_the_setting(
+    cls: type, key: str, value: object, expected: tuple
+) -> None:
+    section, name = key.split('.')
+    got = getattr(getattr(from_flat_dict(cls, {key: value}), section), name)
+    assert got == expected
+    assert [type(v) for v in got] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize(
+    ('cls', 'key', 'value'),
+    [
+        (MapBuildConfig, 'features.rootsift_cell_px', [4.5, 6]),
+        (MapBuildConfig, 'features.rootsift_cell_px', '4,six'),
+        (MapBuildConfig, 'features.rootsift_cell_px', '4.5'),
+        (MapBuildConfig, 'features.rootsift_cell_px', [True, 6]),
+        (LocalizerConfig, 'sequence.velocities', '0.8 0'),  # a string zero is still zero
+        (LocalizerConfig, 'sequence.velocities', '1 fast'),
+        (LocalizerConfig, 'sequence.velocities', [1.0, float('nan')]),
+        (LocalizerConfig, 'rerank.chain', [1, 2]),
+    ],
+)
+def test_bad_list_elements_raise_config_error_naming_the_key(
+    cls: type, key: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+        from_flat_dict(cls, {key: value})
+
+
 def test_importing_core_loads_no_ros_and_no_heavy_libraries() -> None:
     code = (
         'import sys, vlm_vpr.core.localizer, vlm_vpr.core.evaluation, vlm_vpr.core.bags, '

@@ -160,6 +160,35 @@ def test_read_map_rejects_unknown_config_key(map_dir: Path) -> None:
         read_map(map_dir)
 
 
+@pytest.mark.parametrize(
+    ('key', 'value'),
+    [
+        ('num_clusters', None),  # None: the key is missing
+        ('local_dim', None),
+        ('num_images', None),
+        ('descriptor_dim', None),
+        ('build_config', None),
+        ('frame_id', None),
+        ('num_clusters', 'four'),
+        ('local_dim', [8]),
+        ('build_config', ['vlad.num_clusters']),
+        ('extras', ['calibration']),
+        ('extras', {'calibration': 3}),
+    ],
+)
+def test_read_map_rejects_a_manifest_missing_or_garbling_a_field(
+    map_dir: Path, key: str, value: object
+) -> None:
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    if value is None:
+        del manifest[key]
+    else:
+        manifest[key] = value
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match=f'incomplete or invalid .*{key}'):
+        read_map(map_dir)
+
+
 def test_read_map_rejects_missing_descriptor_file(map_dir: Path) -> None:
     (map_dir / 'descriptors.npy').unlink()
     with pytest.raises(MapError, match='descriptors.npy is missing'):
@@ -225,6 +254,42 @@ def test_extras_are_added_atomically_and_read_back(map_dir: Path) -> None:
     assert vpr_map.read_extra_json('calibration')['bias'] == 0.0
     np.testing.assert_array_equal(vpr_map.read_extra_array('embeddings'), np.eye(3))
     assert vpr_map.read_extra_json('absent') is None
+
+
+@pytest.mark.parametrize(
+    'value', [{'a': object()}, np.array([object()], dtype=object)], ids=['json', 'npy']
+)
+def test_a_failed_extra_write_leaves_no_temporary_file(map_dir: Path, value: object) -> None:
+    write_extra(map_dir, 'kept', {'bias': 0.0})
+    before = sorted(p.name for p in map_dir.rglob('*'))
+    with pytest.raises((TypeError, ValueError)):
+        write_extra(map_dir, 'broken', value)
+    assert sorted(p.name for p in map_dir.rglob('*')) == before
+    assert read_map(map_dir).extra_path('broken') is None
+
+
+@pytest.mark.parametrize('failing_call', [1, 2])  # 1: the extra's rename, 2: the manifest's
+def test_a_failed_rename_leaves_no_temporary_file(
+    map_dir: Path, monkeypatch: pytest.MonkeyPatch, failing_call: int
+) -> None:
+    import os
+
+    manifest = (map_dir / 'manifest.json').read_text()
+    real_replace, calls = os.replace, []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == failing_call:
+            raise OSError('disk full')
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(OSError, match='disk full'):
+        write_extra(map_dir, 'calibration', {'bias': 0.0})
+    monkeypatch.undo()
+    leftovers = [p.name for p in map_dir.rglob('*') if p.name.startswith(('tmp', '.manifest'))]
+    assert leftovers == []
+    assert (map_dir / 'manifest.json').read_text() == manifest
 
 
 def test_corrupt_extra_is_reported_with_a_fix(map_dir: Path) -> None:

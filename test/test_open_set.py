@@ -13,7 +13,7 @@ import pytest
 from vlm_vpr.cli import main
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
-from vlm_vpr.core.datasets import read_dataset
+from vlm_vpr.core.datasets import Traversal, read_dataset
 from vlm_vpr.core.errors import ConfigError, DatasetError
 from vlm_vpr.core.evaluation import (
     build_holdout_map,
@@ -21,6 +21,7 @@ from vlm_vpr.core.evaluation import (
     parse_map_range,
     posed_queries,
     run_queries,
+    summarize,
 )
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
@@ -206,6 +207,30 @@ def test_run_queries_rejects_spread_out_sequences_and_unknown_splits(
         run_queries(localizer, dataset, protocol, queries, max_queries=5)
     with pytest.raises(ConfigError, match='split'):
         run_queries(localizer, dataset, protocol, queries, split='train')
+
+
+def test_run_queries_names_why_it_selects_no_query(campus_map: Path, data_root: Path) -> None:
+    query = data_root / 'campus_loop' / 'query'
+    dataset, protocol, queries = posed_queries(query / 'images', query / 'poses.csv', 5.0, 'm')
+    few = Traversal(queries.name, queries.image_paths[:5], queries.xy[:5], queries.yaw_rad[:5])
+    single = Localizer(read_map(campus_map), LocalizerConfig())
+    with pytest.raises(DatasetError, match=r'--split test selects no query: .* 5 queries'):
+        run_queries(single, dataset, protocol, few, progress=False, split='test')
+    with pytest.raises(DatasetError, match='--max-queries 0 selects no query'):
+        run_queries(single, dataset, protocol, queries, max_queries=0, progress=False)
+    with pytest.raises(DatasetError, match='--max-queries -3 selects no query'):
+        run_queries(single, dataset, protocol, queries, max_queries=-3, progress=False)
+    sequence = Localizer(read_map(campus_map), LocalizerConfig(sequence=SequenceConfig(length=3)))
+    with pytest.raises(DatasetError, match='--split test selects no query'):
+        run_queries(sequence, dataset, protocol, few, progress=False, split='test')
+
+
+def test_summarize_of_no_queries_is_an_empty_report(data_root: Path) -> None:
+    dataset = read_dataset(data_root / 'campus_loop')
+    report = summarize([], dataset, 'interleaved')
+    assert report['num_queries'] == report['num_in_map'] == 0
+    assert report['recall'] == {'1': 0.0, '5': 0.0, '10': 0.0} and report['recall_curve'] == []
+    assert report['open_set']['pr_curve'] == [] and report['open_set']['ece'] == 0.0
 
 
 @pytest.mark.parametrize(

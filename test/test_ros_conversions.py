@@ -27,7 +27,7 @@ from vlm_vpr.ros.conversions import (
 )
 from vlm_vpr.ros.odometry import OdometryTrack
 from vlm_vpr.ros.params import CameraOffsetConfig
-from vlm_vpr.ros.tf_offset import FixedOffset, base_in_camera_from_offset
+from vlm_vpr.ros.tf_offset import FixedOffset, base_in_camera_from_offset, mount_from_transform
 
 
 @pytest.fixture(scope='module')
@@ -195,6 +195,38 @@ def test_camera_offset_moves_the_pose_to_the_base_and_widens_the_covariance() ->
     )
     assert (unknown.x, unknown.y, unknown.yaw_known) == (10.0, 5.0, False)
     assert unknown_cov[0, 0] == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize('yaw_deg', [0.0, 90.0, -135.0])
+@pytest.mark.parametrize('pitch_deg', [0.0, 30.0, -20.0])
+def test_a_pitched_camera_mount_from_tf_is_levelled_before_it_is_inverted(
+    yaw_deg: float, pitch_deg: float
+) -> None:
+    # camera 0.3 m ahead of the base, 0.1 m left, 1 m up; turned by yaw, then pitched
+    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+    q_yaw = np.array([0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)])  # x, y, z, w
+    q_pitch = np.array([0.0, math.sin(pitch / 2), 0.0, math.cos(pitch / 2)])
+    x1, y1, z1, w1 = q_yaw
+    x2, y2, z2, w2 = q_pitch
+    q = (  # q_yaw * q_pitch (Hamilton product)
+        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
+        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+    )
+    mount = mount_from_transform(0.3, 0.1, 1.0, *q)
+    assert (mount.x_m, mount.y_m, mount.z_m) == pytest.approx((0.3, 0.1, 1.0))
+    assert mount.yaw_deg == pytest.approx(yaw_deg)
+    # the robot base lies where the levelled camera mount says, whatever the pitch
+    camera = Pose.from_yaw(10.0, 5.0, 0.4)
+    base, _ = base_pose_from_camera(camera, np.eye(6), base_in_camera_from_offset(mount))
+    base_yaw = 0.4 - yaw
+    expected_x = 10.0 - (math.cos(base_yaw) * 0.3 - math.sin(base_yaw) * 0.1)
+    expected_y = 5.0 - (math.sin(base_yaw) * 0.3 + math.cos(base_yaw) * 0.1)
+    assert (base.x, base.y) == pytest.approx((expected_x, expected_y), abs=1e-9)
+    assert math.atan2(math.sin(base.yaw_rad - base_yaw), math.cos(base.yaw_rad - base_yaw)) == (
+        pytest.approx(0.0, abs=1e-9)
+    )
 
 
 def test_fixed_offset_of_zero_leaves_the_pose_unchanged() -> None:

@@ -90,6 +90,20 @@ def test_launch_file_default_params_file_matches_the_node_parameters(context: An
     node.destroy_node()
 
 
+def test_launch_arguments_override_the_params_file_only_when_given() -> None:
+    overrides = load_launch_module().node_overrides
+    assert overrides('', '', '', '') == {}  # the params file decides
+    assert overrides(
+        '/maps/a', '/front/image_raw, /rear/image_raw/compressed', 'false', 'true'
+    ) == {
+        'map_path': '/maps/a',
+        'image_topics': ['/front/image_raw', '/rear/image_raw/compressed'],
+        'autostart': False,
+        'use_sim_time': True,
+    }
+    assert overrides('', '', 'true', '') == {'autostart': True}  # the launch default
+
+
 def test_parameters_carry_descriptions_and_ranges(context: Any) -> None:
     node = make_node(context)
     names = [spec.name for spec in params.param_specs()]

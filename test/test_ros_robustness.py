@@ -380,8 +380,204 @@ def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_a
     inactive = T0_NS + 4000 * 1_000_000_000
     harness.pubs['image'].publish(camera_msg(good, inactive))
     assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == inactive, 2.0) is None
+    closed = []
+    node._offsets.close = lambda: closed.append(True)  # a TF source would drop its listener
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert closed == [True] and node._offsets is None
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     assert wait_until(lambda: pub.get_subscription_count() > 0, 10.0)
     assert localise_good_frame(harness, good, inactive + 1_000_000_000) is not None
+
+
+def test_a_bad_start_up_parameter_exits_with_its_one_line_error(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from vlm_vpr.ros.node import main
+
+    assert main(['vpr_node', '--ros-args', '-p', 'mode:=foo']) == 1
+    out, err = capfd.readouterr()
+    assert 'vpr_node: error: mode must be one of' in out
+    assert 'Traceback' not in err
+
+
+def test_relocalize_answers_with_frames_taken_after_the_call_only(
+    harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame the worker was localising when the call came neither answers it nor passes the
+    re-armed /initialpose gate."""
+    node, localizer = harness.node, harness.node._localizer
+    localize_batch = localizer.localize_batch
+    entered, release = threading.Event(), threading.Event()
+
+    def held(images: list[np.ndarray], *args: Any) -> Any:
+        entered.set()
+        release.wait(30.0)
+        return localize_batch(images, *args)
+
+    live = {
+        'relocalize_frames': 1,
+        'initial_pose.enabled': True,
+        'initial_pose.consecutive_frames': 1,
+        'confidence.initial_pose_threshold': 0.01,
+    }
+    defaults = {name: node.get_parameter(name).value for name in live}
+    node.set_parameters([Parameter(k, value=v) for k, v in live.items()])
+    try:
+        shut = T0_NS + 6000 * 1_000_000_000  # passes the gate, which shuts
+        assert localise_good_frame(harness, good, shut) is not None
+        assert harness.wait_for('/initialpose', lambda m: stamp_ns(m.header) == shut, 10.0)
+        monkeypatch.setattr(localizer, 'localize_batch', held)
+        taken = shut + 1_000_000_000
+        time.sleep(1.0 / MAX_RATE_HZ)
+        harness.pubs['image'].publish(camera_msg(good, taken))
+        assert entered.wait(30.0)  # the worker took the frame and is localising it
+        answer: list[Any] = []
+        caller = threading.Thread(
+            target=lambda: answer.append(harness.call(Trigger, 'relocalize'))
+        )
+        caller.start()
+        assert wait_until(lambda: bool(node._waiters), 30.0)
+        release.set()
+        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == taken, 30.0) is not None
+        later = taken + 1_000_000_000
+        assert localise_good_frame(harness, good, later) is not None
+        caller.join(timeout=30.0)
+        assert json.loads(answer[0].message)['stamp_ns'] == later
+        gated = [stamp_ns(m.header) for m in harness.messages('/initialpose')]
+        assert gated[gated.index(shut) + 1 :] == [later]
+    finally:
+        release.set()
+        node.set_parameters([Parameter(k, value=v) for k, v in defaults.items()])
+
+
+def test_a_new_max_rate_hz_applies_to_the_waiting_frame(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
+    node = harness.node
+    stamp = T0_NS + 6100 * 1_000_000_000
+    assert localise_good_frame(harness, good, stamp) is not None
+    node.set_parameters([Parameter('max_rate_hz', value=0.01)])  # one batch per 100 s
+    try:
+        harness.pubs['image'].publish(camera_msg(good, stamp + 1))
+        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp + 1, 2.0) is None
+        node.set_parameters([Parameter('max_rate_hz', value=MAX_RATE_HZ)])
+        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp + 1, 10.0)
+    finally:
+        node.set_parameters([Parameter('max_rate_hz', value=MAX_RATE_HZ)])
+
+
+def test_deactivating_fails_a_pending_relocalize_at_once(harness: NodeHarness) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node, answer = harness.node, []
+    caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
+    caller.start()
+    try:
+        assert wait_until(lambda: bool(node._waiters), 30.0)
+        start = time.monotonic()
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        caller.join(timeout=10.0)
+        assert time.monotonic() - start < 5.0
+        (response,) = answer
+        assert not response.success
+        assert response.message == 'relocalize cancelled: vpr_node was deactivated'
+    finally:
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert wait_until(lambda: harness.pubs['image'].get_subscription_count() > 0, 10.0)
+
+
+@pytest.fixture(scope='module')
+def cameras(campus_map: Path) -> NodeHarness:
+    """Two cameras (no odometry) whose frames vote in sequences of three."""
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'image_topics': ['image', 'camera2/image'],
+        'max_rate_hz': 50.0,
+        'sequence.length': 3,
+    }
+    with NodeHarness(parameters, namespace='cameras_test') as running:
+        running.pubs = {t: running.publisher(Image, t) for t in parameters['image_topics']}
+        yield running
+
+
+def localise_on(harness: NodeHarness, topic: str, image: np.ndarray, stamp: int) -> Any:
+    harness.pubs[topic].publish(camera_msg(image, stamp))
+    return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
+
+
+def test_each_camera_votes_in_a_sequence_of_its_own(
+    cameras: NodeHarness, queries: Traversal
+) -> None:
+    """Front camera along queries 10..12, second camera along 30..31, interleaved."""
+    shown = [('image', 10), ('camera2/image', 30), ('image', 11), ('camera2/image', 31)]
+    shown.append(('image', 12))
+    for n, (topic, i) in enumerate(shown):
+        stamp = T0_NS + n * 1_000_000_000
+        assert localise_on(cameras, topic, read_image(queries.image_paths[i]), stamp)
+    matchers = cameras.node._matchers
+    assert {topic: m.count for topic, m in matchers.items()} == {'image': 3, 'camera2/image': 2}
+
+
+def test_activate_forgets_the_frames_before_the_pause(
+    cameras: NodeHarness, queries: Traversal
+) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node = cameras.node
+    assert localise_on(cameras, 'image', read_image(queries.image_paths[13]), T0_NS - 1)
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    assert node._previous_stamp_ns is None
+    assert node._camera_stamp_ns == {}
+    assert all(m.count == 0 for m in node._matchers.values())
+
+
+class RecordingMount:
+    """Test double for the camera mount: the camera sits on the base origin; records the camera
+    frames it is asked for."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    def base_in_camera(self, camera_frame: str) -> Pose:
+        self.frames.append(camera_frame)
+        return Pose(0.0, 0.0)
+
+
+def test_configure_time_parameters_apply_at_the_next_configure_only(
+    campus_map: Path, good: np.ndarray
+) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    mount, ok = RecordingMount(), TransitionCallbackReturn.SUCCESS
+    parameters = {'map_path': str(campus_map), 'autostart': True, 'max_rate_hz': 50.0}
+    with NodeHarness(parameters, offset_source=mount, namespace='configure_test') as harness:
+        node = harness.node
+
+        def subscribed() -> set[str]:
+            return {s.topic_name.removeprefix('/configure_test/') for s in node.subscriptions}
+
+        later = {
+            'map_frame': 'elsewhere',
+            'camera_frame': 'camera_x',
+            'image_topics': ['other'],
+            'odom_topic': 'odom',
+            'use_camera_info': True,
+        }
+        results = node.set_parameters([Parameter(k, value=v) for k, v in later.items()])
+        assert all(r.successful for r in results)
+        assert node.trigger_deactivate() == ok and node.trigger_activate() == ok
+        assert subscribed() == {'image'}
+        harness.publisher(Image, 'image').publish(camera_msg(good, T0_NS))
+        msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS, 30.0)
+        assert msg is not None and msg.header.frame_id == 'map' and mount.frames[-1] == 'camera'
+
+        assert node.trigger_deactivate() == ok and node.trigger_cleanup() == ok
+        assert node.trigger_configure() == ok and node.trigger_activate() == ok
+        assert subscribed() == {'other', 'camera_info', 'odom'}
+        harness.publisher(Image, 'other').publish(camera_msg(good, T0_NS + 1))
+        msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS + 1, 30.0)
+        assert msg is not None and msg.header.frame_id == 'elsewhere'
+        assert mount.frames[-1] == 'camera_x'

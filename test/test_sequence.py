@@ -179,6 +179,26 @@ def test_held_out_stretch_is_never_returned_and_lowers_the_sequence_score(tmp_pa
     assert all(held[t].evidence['seq_score'] < 0.5 * full[t].evidence['seq_score'] for t in inside)
 
 
+def test_submap_smaller_than_top_k_returns_only_submap_ids_and_a_finite_pose(
+    tmp_path: Path,
+) -> None:
+    map_dir, desc = make_route_map(tmp_path, np.arange(30, dtype=float))
+    queries = noisy(desc[10:16], 0.5, np.random.default_rng(8))
+    localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=3)))
+    submap = np.arange(11, 14)  # 3 searchable images: fewer than top_k (10) and fusion.top_n (5)
+
+    results = run_matcher(localizer, queries, [None] * len(queries), submap)
+
+    for result in results:
+        ids = [c.map_index for c in result.candidates]
+        assert ids and set(ids) <= set(submap.tolist()), ids
+        assert all(np.isfinite(c.score) for c in result.candidates)
+        assert np.isfinite([result.pose.x, result.pose.y, result.pose.z]).all()
+        assert np.isfinite(result.covariance).all()
+        assert 11.0 <= result.pose.x <= 13.0
+        assert 0.0 <= result.confidence <= 1.0
+
+
 def test_track_evidence_is_good_along_the_route_and_poor_for_unmapped_places(
     tmp_path: Path,
 ) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vlm_vpr.core.config import VladConfig
+from vlm_vpr.core.errors import MapError
 from vlm_vpr.core.vlad import aggregate_vlad, apply_pca, fit_codebook, fit_pca, l2_normalize
 
 
@@ -67,9 +68,12 @@ def test_fit_codebook_returns_unit_centres_from_a_bounded_subsample() -> None:
     np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 1.0, atol=1e-5)
 
 
-def test_fit_codebook_rejects_fewer_descriptors_than_clusters() -> None:
-    with pytest.raises(ValueError, match='cannot fit 8 clusters'):
+def test_fit_codebook_rejects_fewer_descriptors_than_clusters_with_a_map_error() -> None:
+    with pytest.raises(MapError, match='3 local descriptors .* cannot fit 8 clusters') as error:
         fit_codebook([np.ones((3, 4), np.float32)], VladConfig(num_clusters=8))
+    assert 'lower vlad.num_clusters' in str(error.value) and 'more textured' in str(error.value)
+    with pytest.raises(MapError, match='0 local descriptors from 0 map images'):
+        fit_codebook([], VladConfig(num_clusters=8))
 
 
 def test_pca_is_skipped_when_the_map_is_smaller_than_the_target_dimension() -> None:

@@ -61,12 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         '--pose-topic',
         help='Odometry / PoseStamped / PoseWithCovarianceStamped topic, or /tf (with --bag)',
     )
-    build.add_argument('--base-frame', default='base_link', help='robot frame for TF poses')
     build.add_argument(
-        '--min-distance-m', type=float, default=1.0, help='keyframe spacing (with --bag)'
+        '--base-frame', help='robot frame for TF poses (with --bag; default base_link)'
     )
     build.add_argument(
-        '--min-rotation-deg', type=float, default=15.0, help='keyframe rotation (with --bag)'
+        '--min-distance-m', type=float, help='keyframe spacing (with --bag; default 1.0)'
+    )
+    build.add_argument(
+        '--min-rotation-deg', type=float, help='keyframe rotation (with --bag; default 15)'
     )
     build.add_argument('--out', type=Path, required=True, help='map folder to write')
     build.add_argument('--overwrite', action='store_true', help='replace an existing map')
@@ -107,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar=('X', 'Y'),
         help='search only map images within --radius-m of this position',
     )
-    localize.add_argument('--radius-m', type=float, default=20.0, help='radius for --near')
+    localize.add_argument('--radius-m', type=float, help='radius for --near (default 20)')
     localize.add_argument('--region', help='search only this region (see `vlm-vpr map regions`)')
     _add_config_args(localize, backbone=True, rerank=True)
     localize.set_defaults(run=_cmd_localize)
@@ -163,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         'default 5)',
     )
     calibrate.add_argument(
-        '--units', choices=['m', 'frames'], default='m', help='units of --poses and --tolerance'
+        '--units',
+        choices=['m', 'frames'],
+        help='units of --poses and --tolerance (with --images; default m)',
     )
     calibrate.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
     calibrate.add_argument(
@@ -171,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         help='ground truth (with --bag): Odometry, PoseStamped, PoseWithCovarianceStamped, /tf',
     )
     calibrate.add_argument(
-        '--base-frame', default='base_link', help='robot frame for /tf truth (with --bag)'
+        '--base-frame', help='robot frame for /tf truth (with --bag; default base_link)'
     )
     calibrate.add_argument('--json', type=Path, help='write the report here')
     calibrate.add_argument(
@@ -226,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     eval_bag.add_argument(
         '--confidence-threshold',
         type=float,
-        help='for the false-positive rate (default confidence.initial_pose_threshold)',
+        help='for the accepted rates (default confidence.initial_pose_threshold)',
     )
     eval_bag.add_argument('--max-frames', type=int, help='only the first N images')
     eval_bag.add_argument('--json', type=Path, help='write the report here')
@@ -310,6 +314,13 @@ def load_overrides(args: argparse.Namespace, keep_initial_pose: bool = False) ->
     return values
 
 
+def _refuse_unused(args: argparse.Namespace, source: str, names: list[str]) -> None:
+    """ConfigError naming the given options (not None) that ``source`` does not use."""
+    given = ['--' + name.replace('_', '-') for name in names if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f'{", ".join(given)} not used with {source}: drop it')
+
+
 def read_config_yaml(path: Path, keep_initial_pose: bool = False) -> dict[str, Any]:
     """Flat dotted keys from a YAML file (plain, nested, or a ROS 2 parameters file; of the
     node's own parameters only ``initial_pose.*`` are kept, and only if ``keep_initial_pose``)."""
@@ -317,7 +328,9 @@ def read_config_yaml(path: Path, keep_initial_pose: bool = False) -> dict[str, A
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f'cannot read config {path}: {exc}') from exc
-    if isinstance(data, dict) and len(data) == 1:
+    if not isinstance(data, dict):
+        raise ConfigError(f'config {path} is not a mapping of keys to values')
+    if len(data) == 1:
         only = next(iter(data.values()))
         if isinstance(only, dict) and 'ros__parameters' in only:
             from vlm_vpr.ros.params import NodeConfig  # imports no rclpy
@@ -359,6 +372,11 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
     if args.images is not None:
         from vlm_vpr.core.map_build import build_map_from_folder
 
+        _refuse_unused(
+            args,
+            '--images',
+            ['image_topic', 'pose_topic', 'base_frame', 'min_distance_m', 'min_rotation_deg'],
+        )
         if args.poses is None:
             raise ConfigError('--images needs --poses CSV (header image,x,y[,yaw])')
         out = build_map_from_folder(
@@ -372,6 +390,7 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
     else:
         from vlm_vpr.core.map_build import build_map_from_bag
 
+        _refuse_unused(args, '--bag', ['poses'])
         if not args.image_topic or not args.pose_topic:
             raise ConfigError('--bag needs --image-topic and --pose-topic')
         out = build_map_from_bag(
@@ -380,9 +399,9 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
             args.pose_topic,
             args.out,
             build_config,
-            base_frame=args.base_frame,
-            min_distance_m=args.min_distance_m,
-            min_rotation_deg=args.min_rotation_deg,
+            base_frame=args.base_frame or 'base_link',
+            min_distance_m=1.0 if args.min_distance_m is None else args.min_distance_m,
+            min_rotation_deg=15.0 if args.min_rotation_deg is None else args.min_rotation_deg,
             overwrite=args.overwrite,
             progress=sys.stderr.isatty(),
         )
@@ -461,6 +480,11 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     from vlm_vpr.core.map_format import check_compatible, read_map
     from vlm_vpr.core.retrieval import ids_within_radius
 
+    if args.near is None and args.radius_m is not None:
+        raise ConfigError('--radius-m needs --near X Y')
+    radius_m = 20.0 if args.radius_m is None else args.radius_m
+    if not radius_m > 0:
+        raise ConfigError(f'--radius-m must be > 0, got {radius_m}')
     values = load_overrides(args)
     _, query_config = split_config(
         {k: v for k, v in values.items() if not k.startswith('features.')}
@@ -471,7 +495,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     localizer = Localizer(vpr_map, query_config)
     submap = None
     if args.near is not None:
-        submap = ids_within_radius(vpr_map.positions_xyz, tuple(args.near), args.radius_m)
+        submap = ids_within_radius(vpr_map.positions_xyz, tuple(args.near), radius_m)
     if args.region is not None:
         from vlm_vpr.core.map_describe import region_ids
 
@@ -555,9 +579,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     build_config, query_config = split_config(load_overrides(args))
     progress = sys.stderr.isatty()
-    if args.bag is None and (args.image_topic or args.truth_topic):
-        raise ConfigError('--image-topic and --truth-topic are for --bag')
+    bag_only = ['image_topic', 'truth_topic', 'base_frame']
     if args.dataset is not None:
+        _refuse_unused(args, '--dataset', ['poses', 'tolerance', 'units', *bag_only])
         if not args.protocol:
             raise ConfigError('--dataset needs --protocol (a name in its dataset.yaml)')
         report = evaluate(
@@ -573,13 +597,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     elif args.bag is not None:
         from vlm_vpr.core.bag_eval import evaluate_bag
 
+        _refuse_unused(
+            args,
+            '--bag (it fits on every frame, in metres; measure with `eval-bag` on another bag)',
+            ['protocol', 'poses', 'units', 'split', 'holdout_map_range'],
+        )
         if not args.image_topic or not args.truth_topic:
             raise ConfigError('--bag needs --image-topic and --truth-topic')
-        if args.split is not None or args.holdout_map_range is not None or args.units != 'm':
-            raise ConfigError(
-                '--bag calibrates on every frame (in metres): drop --split, '
-                '--holdout-map-range and --units; measure with `vlm-vpr eval-bag` on another bag'
-            )
         report = evaluate_bag(
             args.map,
             args.bag,
@@ -587,14 +611,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             args.truth_topic,
             query_config,
             tolerance_m=5.0 if args.tolerance is None else args.tolerance,
-            base_frame=args.base_frame,
+            base_frame=args.base_frame or 'base_link',
             progress=progress,
         )
     else:
+        _refuse_unused(args, '--images', ['protocol', *bag_only])
         if args.poses is None or args.tolerance is None:
             raise ConfigError('--images needs --poses CSV and --tolerance (in --units)')
         dataset, protocol, queries = posed_queries(
-            args.images, args.poses, args.tolerance, args.units
+            args.images, args.poses, args.tolerance, args.units or 'm'
         )
         report = run_queries(
             Localizer(read_map(args.map), query_config),
@@ -651,7 +676,8 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
     print(
         f'{args.bag}: {report["num_frames"]} frames  R@1 {r["1"]:.3f}  R@5 {r["5"]:.3f}  '
         f'success {report["success_rate"]:.3f}  error median {e["median"]} m  '
-        f'FP rate {t["false_positive_rate"]:.3f} at confidence {t["confidence_threshold"]}  '
+        f'accepted {t["accepted_rate"]:.3f} (wrong {t["wrong_share_of_accepted"]:.3f} of them) '
+        f'at confidence {t["confidence_threshold"]}  '
         f'latency median {report["timing_ms"]["total"]["median"]} ms'
     )
     print(format_open_set_line(report))

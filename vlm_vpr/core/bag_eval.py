@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.bags import read_posed_images
+from vlm_vpr.core.bags import PosedImage, read_posed_images
 from vlm_vpr.core.calibration import open_set_report
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
@@ -19,7 +19,7 @@ from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
-from vlm_vpr.core.types import wrap_angle
+from vlm_vpr.core.types import LocalizationResult, wrap_angle
 
 RECALL_KS = (1, 5, 10)
 
@@ -77,43 +77,17 @@ def evaluate_bag(
         progress=progress,
     )
     per_query = []
-    for frame in itertools.islice(frames, max_frames):
-        result = localizer.localize(frame.image_bgr)
-        if matcher is not None:
-            result = matcher.update(result)
-        truth = frame.pose
-        distances = [math.hypot(c.pose.x - truth.x, c.pose.y - truth.y) for c in result.candidates]
-        hits = [d <= tolerance_m for d in distances]
-        yaw_error = None
-        if result.pose.yaw_known and truth.yaw_known:
-            yaw_error = abs(math.degrees(wrap_angle(result.pose.yaw_rad - truth.yaw_rad)))
-        in_map = bool(np.hypot(*(map_xy - (truth.x, truth.y)).T).min() <= tolerance_m)
-        published = gate.update(result.pose, result.confidence, None, initial_pose, threshold)
-        if published:
-            gate.rearm()
-        per_query.append(
-            {
-                'name': frame.name,
-                'stamp_ns': frame.stamp_ns,
-                'truth': [truth.x, truth.y, truth.yaw_rad if truth.yaw_known else None],
-                'truth_xy': [truth.x, truth.y] if in_map else None,
-                'pose': [
-                    result.pose.x,
-                    result.pose.y,
-                    result.pose.yaw_rad if result.pose.yaw_known else None,
-                ],
-                'error_m': math.hypot(result.pose.x - truth.x, result.pose.y - truth.y),
-                'yaw_error_deg': yaw_error,
-                'confidence': result.confidence,
-                'initial_pose': published,
-                'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
-                'top_names': [c.image_name for c in result.candidates],
-                'evidence': result.evidence,
-                'timing_ms': result.timing_ms,
-                'notes': result.notes,
-            }
-        )
-    frames.close()  # stop reading the bag when max_frames is reached
+    try:
+        for frame in itertools.islice(frames, max_frames):
+            result = localizer.localize(frame.image_bgr)
+            if matcher is not None:
+                result = matcher.update(result)
+            published = gate.update(result.pose, result.confidence, None, initial_pose, threshold)
+            if published:
+                gate.rearm()
+            per_query.append(_frame_row(frame, result, map_xy, tolerance_m, published))
+    finally:
+        frames.close()  # stop reading the bag (max_frames reached, or an error)
     return summarize_bag(
         per_query,
         tolerance_m,
@@ -132,6 +106,41 @@ def evaluate_bag(
             },
         },
     )
+
+
+def _frame_row(
+    frame: PosedImage,
+    result: LocalizationResult,
+    map_xy: np.ndarray,
+    tolerance_m: float,
+    published: bool,
+) -> dict[str, Any]:
+    """The report row of one bag frame (see :func:`evaluate_bag`)."""
+    truth, pose = frame.pose, result.pose
+    hits = [
+        math.hypot(c.pose.x - truth.x, c.pose.y - truth.y) <= tolerance_m
+        for c in result.candidates
+    ]
+    yaw_error = None
+    if pose.yaw_known and truth.yaw_known:
+        yaw_error = abs(math.degrees(wrap_angle(pose.yaw_rad - truth.yaw_rad)))
+    in_map = bool(np.hypot(*(map_xy - (truth.x, truth.y)).T).min() <= tolerance_m)
+    return {
+        'name': frame.name,
+        'stamp_ns': frame.stamp_ns,
+        'truth': [truth.x, truth.y, truth.yaw_rad if truth.yaw_known else None],
+        'truth_xy': [truth.x, truth.y] if in_map else None,
+        'pose': [pose.x, pose.y, pose.yaw_rad if pose.yaw_known else None],
+        'error_m': math.hypot(pose.x - truth.x, pose.y - truth.y),
+        'yaw_error_deg': yaw_error,
+        'confidence': result.confidence,
+        'initial_pose': published,
+        'first_correct_rank': hits.index(True) + 1 if any(hits) else None,
+        'top_names': [c.image_name for c in result.candidates],
+        'evidence': result.evidence,
+        'timing_ms': result.timing_ms,
+        'notes': result.notes,
+    }
 
 
 def summarize_bag(
@@ -164,7 +173,7 @@ def summarize_bag(
             'confidence_threshold': threshold,
             'accepted_rate': _fraction(int(accepted.sum()), n),
             'accepted_correct_rate': _fraction(int((accepted & correct).sum()), n),
-            'false_positive_rate': _fraction(
+            'wrong_share_of_accepted': _fraction(
                 int((accepted & ~correct).sum()), int(accepted.sum())
             ),
         },

@@ -176,9 +176,11 @@ def precision_recall_curve(
     """[T x 3] float64 rows (threshold, precision, recall), thresholds descending.
 
     At threshold c the queries with confidence >= c are accepted; precision = correct accepted
-    / accepted, recall = correct accepted / ``num_in_map``.
+    / accepted, recall = correct accepted / ``num_in_map``. No queries: [0 x 3].
     """
     confidence, correct = np.asarray(confidence, float), np.asarray(correct, bool)
+    if not len(confidence):
+        return np.zeros((0, 3))
     order = np.argsort(-confidence, kind='stable')
     conf, hits = confidence[order], np.cumsum(correct[order])
     last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])  # end of each tie group
@@ -189,7 +191,8 @@ def precision_recall_curve(
 def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     """Operating point at ``threshold``, recall at 100% precision, ECE and the PR curve.
 
-    Precision is 1.0 when nothing is accepted (no wrong pose was given out).
+    Precision is 1.0 when nothing is accepted (no wrong pose was given out). No queries give
+    an empty report: counts, recalls, rates and ECE 0, empty reliability and PR curves.
 
     ``per_query`` rows need ``confidence``, ``truth_xy`` (None = out of map) and
     ``first_correct_rank``, as written by :func:`vlm_vpr.core.evaluation.run_queries`.

@@ -122,7 +122,8 @@ def on_track(evidence: dict[str, float]) -> bool:
 
 @dataclass(frozen=True)
 class Calibration:
-    """confidence = sigmoid(bias + sum_k weights[k] * evidence[k]); a missing key counts 0.
+    """confidence = sigmoid(bias + sum_k weights[k] * evidence[k]); a missing key counts 0, a
+    non-finite logit (NaN or infinite evidence) gives 0 with a warning.
 
     off_track: the confidence of sequence results that are not :func:`on_track` (evidence with
     ``track_consistency``); None = the logistic model for them too.
@@ -142,6 +143,14 @@ class Calibration:
         ):
             return self.off_track
         z = self.bias + sum(w * evidence.get(k, 0.0) for k, w in self.weights.items())
+        if not math.isfinite(z):  # min(50, nan) is 50: NaN evidence would give confidence ~1
+            bad = sorted(k for k in self.weights if not math.isfinite(evidence.get(k, 0.0)))
+            log.warning(
+                'confidence 0: the calibration logit is %s (non-finite evidence: %s)',
+                z,
+                ', '.join(bad) or 'none; the weighted sum overflowed',
+            )
+            return 0.0
         return float(1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z)))))
 
     def to_json(self) -> dict[str, Any]:

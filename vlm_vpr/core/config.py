@@ -7,6 +7,7 @@ ROS parameters and ``config/*.yaml`` use the dotted field names produced by
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -377,17 +378,33 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f'{prefix}{name} is a section: give {prefix}{name}.<field>')
             kwargs[name] = _build(type(default), value, f'{prefix}{name}.')
         else:
-            kwargs[name] = _coerce(value, default, prefix + name)
+            element = _element_type(fields[name], default) if isinstance(default, tuple) else None
+            kwargs[name] = _coerce(value, default, prefix + name, element)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
+_ELEMENT_TYPES = {'int': int, 'float': float, 'str': str}
+
+
+def _element_type(f: dataclasses.Field, default: tuple) -> type | None:
+    """int, float or str: the element type of a tuple setting, from its annotation
+    (``tuple[int, ...]``) or else its default's first element; None when neither says."""
+    hint = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', '')
+    inner = hint.replace(' ', '').removeprefix('tuple[').removesuffix(',...]')
+    if inner in _ELEMENT_TYPES:
+        return _ELEMENT_TYPES[inner]
+    return type(default[0]) if default and type(default[0]) in (int, float, str) else None
+
+
+def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> Any:
+    """``value`` as the type of ``default`` (a tuple setting's elements as ``element``: int,
+    float or str; None = as given). Raises ConfigError naming ``key``."""
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [v for v in value.replace(',', ' ').split() if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f'{key} must be a list, got {value!r}')
-        return tuple(value)
+        return tuple(_coerce_element(v, element, key, value) for v in value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f'{key} must be true or false, got {value!r}')
@@ -403,3 +420,31 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f'{key} must be a string, got {value!r}')
     return value
+
+
+def _coerce_element(item: Any, element: type | None, key: str, whole: Any) -> Any:
+    """One element of a list setting as ``element``: int (ints, and integral floats or
+    strings), float (finite numbers or numeric strings) or str; None keeps it as it is."""
+    if element is None:
+        return item
+    kind = {int: 'integers', float: 'numbers', str: 'strings'}[element]
+    problem = f'{key} must be a list of {kind}, got {whole!r}'
+    if element is str:
+        if not isinstance(item, str):
+            raise ConfigError(problem)
+        return item
+    if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+        raise ConfigError(problem)
+    if element is int and isinstance(item, int):
+        return item
+    try:
+        number = float(item)
+    except ValueError:
+        raise ConfigError(problem) from None
+    if not math.isfinite(number):
+        raise ConfigError(f'{problem} (not finite: {item!r})')
+    if element is float:
+        return number
+    if not number.is_integer():
+        raise ConfigError(f'{problem} ({item!r} is not a whole number)')
+    return int(number)

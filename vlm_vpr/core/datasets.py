@@ -107,6 +107,13 @@ def read_poses_csv(poses_csv: str | Path, images_dir: str | Path, name: str = ''
         if not reader.fieldnames or not {'image', 'x', 'y'} <= set(reader.fieldnames):
             raise DatasetError(f'{poses_csv} needs the columns image,x,y[,yaw]')
         for line, row in enumerate(reader, start=2):
+            missing = [k for k in ('image', 'x', 'y') if row.get(k) is None]
+            if missing:  # a short row: DictReader fills the absent fields with None
+                raise DatasetError(
+                    f'{poses_csv} line {line}: missing field(s) {", ".join(missing)} '
+                    '(each row needs image,x,y[,yaw]; leave x and y empty, not out, '
+                    'for a query with no true match)'
+                )
             try:
                 rows.append((_num(row['x']), _num(row['y']), _num(row.get('yaw') or '')))
             except ValueError as exc:

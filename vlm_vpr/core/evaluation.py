@@ -163,9 +163,11 @@ def run_queries(
         )
     if split not in (None, 'fit', 'test'):
         raise ConfigError(f"split must be 'fit' or 'test', got {split!r}")
-    count = len(queries) if max_queries is None else min(max_queries, len(queries))
+    count = len(queries) if max_queries is None else min(max(max_queries, 0), len(queries))
     ids = np.unique(np.linspace(0, len(queries) - 1, count).astype(int)) if count else []
     wanted = {int(i) for i in ids if split is None or (i // SPLIT_BLOCK) % 2 == (split == 'test')}
+    if not wanted:
+        raise DatasetError(_no_query_selected(len(queries), max_queries, split))
     if sequence is None:
         ids = sorted(wanted)
     per_query = []
@@ -219,6 +221,20 @@ def run_queries(
         }
     )
     return report
+
+
+def _no_query_selected(num_queries: int, max_queries: int | None, split: str | None) -> str:
+    """Why :func:`run_queries` has no query to report, and what to change."""
+    if num_queries == 0:
+        return 'the protocol has no query images'
+    if max_queries is not None and max_queries < 1:
+        return f'--max-queries {max_queries} selects no query: give 1 or more (or drop it)'
+    selected = '' if max_queries is None else f' (--max-queries {max_queries})'
+    return (
+        f'--split {split} selects no query: the protocol has {num_queries} queries{selected}, '
+        f'split in blocks of {SPLIT_BLOCK} (fit: blocks 1, 3, ...; test: 2, 4, ...): '
+        'use more queries or drop --split'
+    )
 
 
 def posed_queries(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,12 @@ class Localizer:
         limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.rerankers = self._create_rerankers()
         self.calibration = Calibration.from_map(vpr_map, self.config)
+
+    @functools.cached_property
+    def descriptors_float32(self) -> np.ndarray:
+        """[N x D] float32 copy of the map descriptors, made once and shared by the sequence
+        matchers (one per camera in the node)."""
+        return self.map.content.descriptors.astype(np.float32)
 
     @classmethod
     def from_map_path(

@@ -17,6 +17,7 @@ MAP/
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -197,18 +198,24 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
             f'map format version {version!r} is not supported (this vlm_vpr reads '
             f'version {MAP_FORMAT_VERSION}); rebuild the map with this version'
         )
-    try:
+    try:  # every field read below (and by VprMap) is checked here: a bad one is a MapError
+        if not isinstance(manifest['build_config'], dict):
+            raise TypeError(f'build_config is {type(manifest["build_config"]).__name__}')
         build_config = from_flat_dict(MapBuildConfig, manifest['build_config'])
-        n = int(manifest['num_images'])
-        dim = int(manifest['descriptor_dim'])
+        n, dim = _int_field(manifest, 'num_images'), _int_field(manifest, 'descriptor_dim')
+        codebook_shape = (_int_field(manifest, 'num_clusters'), _int_field(manifest, 'local_dim'))
+        if 'frame_id' not in manifest:  # VprMap.frame_id reads it
+            raise KeyError('frame_id')
+        extras = manifest.get('extras', {})
+        if not isinstance(extras, dict) or not all(isinstance(v, str) for v in extras.values()):
+            raise TypeError(f'extras is {extras!r}, not a mapping of names to files')
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise MapError(
-            f'{manifest_path} is incomplete or invalid ({exc}); rebuild the map'
+            f'{manifest_path} is incomplete or invalid ({type(exc).__name__}: {exc}); '
+            'rebuild the map'
         ) from exc
 
-    codebook = _load_array(
-        path, 'codebook.npy', (int(manifest['num_clusters']), int(manifest['local_dim']))
-    )
+    codebook = _load_array(path, 'codebook.npy', codebook_shape)
     descriptors = _load_array(path, 'descriptors.npy', (n, dim))
     pca_mean = pca_components = None
     if manifest.get('pca'):
@@ -242,6 +249,15 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     return vpr_map
 
 
+def _int_field(manifest: dict[str, Any], key: str) -> int:
+    """``manifest[key]`` as an int; KeyError when absent, ValueError naming it otherwise."""
+    value = manifest[key]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{key} is {value!r}, not an integer') from None
+
+
 def check_compatible(vpr_map: VprMap, backbone: str | None = None, **features: Any) -> None:
     """Raise IncompatibleMapError if the query side would use other features than the map."""
     map_features = vpr_map.build_config.features
@@ -270,12 +286,16 @@ def write_extra(map_dir: str | Path, name: str, value: Any) -> Path:
     is_array = isinstance(value, np.ndarray)
     rel = f'extras/{name}.npy' if is_array else f'extras/{name}.json'
     fd, tmp_name = tempfile.mkstemp(dir=path / 'extras', suffix='.npy' if is_array else '.json')
-    with os.fdopen(fd, 'wb') as handle:
-        if is_array:
-            np.save(handle, value, allow_pickle=False)
-        else:
-            handle.write((json.dumps(value, indent=1) + '\n').encode())
-    os.replace(tmp_name, path / rel)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            if is_array:
+                np.save(handle, value, allow_pickle=False)
+            else:
+                handle.write((json.dumps(value, indent=1) + '\n').encode())
+        os.replace(tmp_name, path / rel)
+    except BaseException:
+        _remove_quietly(tmp_name)
+        raise
     manifest.setdefault('extras', {})[name] = rel
     _write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + '\n')
     return path / rel
@@ -409,6 +429,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def _write_text_atomic(file: Path, text: str) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.')
-    with os.fdopen(fd, 'w') as handle:
-        handle.write(text)
-    os.replace(tmp_name, file)
+    try:
+        with os.fdopen(fd, 'w') as handle:
+            handle.write(text)
+        os.replace(tmp_name, file)
+    except BaseException:
+        _remove_quietly(tmp_name)
+        raise
+
+
+def _remove_quietly(file: str | Path) -> None:
+    """Delete a temporary file after a failed write (the write's error is the one to see)."""
+    with contextlib.suppress(OSError):
+        os.unlink(file)

@@ -96,13 +96,14 @@ class SequenceMatcher:
         result = localizer.localize(image)
         result = matcher.update(result, travelled=odom_m)
 
-    Keeps a float32 copy of the map descriptors ([N x D], 4 bytes each) and L score vectors.
+    Uses the localizer's float32 copy of the map descriptors ([N x D], 4 bytes each, shared by
+    all matchers of one localizer) and keeps L score vectors.
     """
 
     def __init__(self, localizer: Localizer) -> None:
         self.localizer = localizer
         self.config = localizer.config.sequence
-        self.descriptors = localizer.map.content.descriptors.astype(np.float32)
+        self.descriptors = localizer.descriptors_float32
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
         # route coordinates where the mapped route ends, going forwards / backwards: the ends
@@ -170,6 +171,9 @@ class SequenceMatcher:
         )
         seq[~np.isfinite(z)] = -np.inf
         order = np.argsort(-seq, kind='stable')[: self.localizer.config.top_k]
+        # map images outside the submap score -inf: never candidates (a submap smaller than
+        # top_k would otherwise bring held-out images in, and NaN into the fused pose)
+        order = order[np.isfinite(seq[order])]
         content = self.localizer.map.content
         reranked = {c.map_index: c.evidence for c in result.candidates}  # re-rankers' scores
         candidates = [

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from vlm_vpr.core.config import VladConfig
+from vlm_vpr.core.errors import MapError
 
 log = logging.getLogger(__name__)
 _EPS = 1e-12
@@ -59,18 +60,25 @@ def fit_codebook(local_sets: list[np.ndarray], config: VladConfig) -> np.ndarray
     """Spherical k-means centres [K x D] float32 on at most ``kmeans_max_descriptors`` rows.
 
     ``local_sets`` holds one [M_i x D] array per image; each image contributes equally to the
-    subsample, so memory stays bounded whatever the map size.
+    subsample, so memory stays bounded whatever the map size. Raises MapError when the
+    subsample has fewer descriptors than ``vlad.num_clusters``.
     """
     import faiss
 
     rng = np.random.default_rng(config.seed)
     per_image = max(1, config.kmeans_max_descriptors // max(1, len(local_sets)))
-    sample = np.concatenate(
-        [s[rng.choice(len(s), size=min(per_image, len(s)), replace=False)] for s in local_sets]
-    ).astype(np.float32)
+    picked = [
+        s[rng.choice(len(s), size=min(per_image, len(s)), replace=False)] for s in local_sets
+    ]
+    sample = np.concatenate(picked).astype(np.float32) if picked else np.zeros((0, 0), np.float32)
     k = config.num_clusters
     if len(sample) < k:
-        raise ValueError(f'{len(sample)} local descriptors cannot fit {k} clusters')
+        raise MapError(
+            f'{len(sample)} local descriptors from {len(local_sets)} map images cannot fit '
+            f'{k} clusters: lower vlad.num_clusters (e.g. --set vlad.num_clusters='
+            f'{max(2, len(sample) // 4)}) or build the map from more images, or more textured '
+            'ones (flat, plain images give few local descriptors)'
+        )
     kmeans = faiss.Kmeans(
         sample.shape[1],
         k,

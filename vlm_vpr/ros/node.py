@@ -80,6 +80,7 @@ class _Frame:
     msg: Any
     topic: str
     received_s: float  # time.monotonic() at the callback
+    batch: int = 0  # number of the batch the worker took it in (0: not taken yet)
 
 
 @dataclass
@@ -94,11 +95,13 @@ class _Prepared:
 
 @dataclass
 class _Waiter:
-    """A `relocalize` call waiting for ``needed`` processed frames."""
+    """A `relocalize` call waiting for ``needed`` frames of batches taken after it."""
 
     needed: int
+    after: int  # batches taken before the call: only later ones answer it
     results: list[dict[str, Any]] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: str = ''  # why processing stopped before the answer ('deactivated', ...)
 
 
 class VprNode(LifecycleNode):
@@ -107,9 +110,8 @@ class VprNode(LifecycleNode):
 
     def __init__(self, *, offset_source: OffsetSource | None = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        params.declare(self)
-        self._cfg, self._query_cfg = params.split_values(params.current_values(self))
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        # the state first: a bad parameter fails __init__, and rclpy's shutdown still calls
+        # destroy_node
         self._offset_override = offset_source
         self._lock = threading.Condition()
         self._slots: dict[str, _Frame] = {}
@@ -124,16 +126,22 @@ class VprNode(LifecycleNode):
         self._camera_infos: dict[str, CameraInfo] = {}  # latest per camera_info topic
         self._odometry = OdometryTrack()
         self._gate = InitialPoseGate()
-        self._reset_sequence = False
+        self._batches = 0  # batches the worker has taken
+        self._reset_sequence = False  # set by relocalize: the next batch forgets the past frames
         self._worker: threading.Thread | None = None
-        self._stopping = False
+        self._stopping = True  # no worker runs (or it is to stop)
         self._localizer: Any = None
-        self._matcher: Any = None
+        self._matchers: dict[str, Any] = {}  # image topic -> its SequenceMatcher
         self._offsets: OffsetSource | None = None
         self._pubs: dict[str, Any] = {}
         self._services: list[Any] = []
         self._subs: list[Any] = []
-        self._previous_stamp_ns: int | None = None
+        self._previous_stamp_ns: int | None = None  # the last localised frame: gate motion
+        self._camera_stamp_ns: dict[str, int] = {}  # each camera's last one: sequence travel
+        self._configured: dict[str, Any] | None = None  # parameter values at the last configure
+        params.declare(self)
+        self._cfg, self._query_cfg = params.split_values(params.current_values(self))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self._services_group = ReentrantCallbackGroup()
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diagnostics_timer = self.create_timer(
@@ -149,7 +157,8 @@ class VprNode(LifecycleNode):
         from vlm_vpr.core.localizer import Localizer
         from vlm_vpr.core.map_format import read_map
 
-        cfg, query_cfg = self._cfg, self._query_cfg
+        values = params.current_values(self)  # validated when set
+        cfg, query_cfg = params.split_values(values)
         try:
             if not cfg.map_path:
                 raise ConfigError(
@@ -158,11 +167,11 @@ class VprNode(LifecycleNode):
                 )
             vpr_map = read_map(cfg.map_path)
             localizer = Localizer(vpr_map, query_cfg)
-            matcher = None
-            if query_cfg.sequence.length > 1:
+            matchers = {}
+            if query_cfg.sequence.length > 1:  # one per camera: each moves along the route
                 from vlm_vpr.core.sequence import SequenceMatcher
 
-                matcher = SequenceMatcher(localizer)
+                matchers = {topic: SequenceMatcher(localizer) for topic in cfg.image_topics}
         except (VprError, OSError) as exc:
             self._status = (DiagnosticStatus.ERROR, f'configure failed: {exc}')
             self.get_logger().error(f'configure failed: {exc}')
@@ -172,7 +181,8 @@ class VprNode(LifecycleNode):
                 f'the map was built in frame {vpr_map.frame_id!r}; poses '
                 f'are published in map_frame {cfg.map_frame!r}'
             )
-        self._localizer, self._matcher = localizer, matcher
+        self._configured, self._cfg, self._query_cfg = values, cfg, query_cfg
+        self._localizer, self._matchers = localizer, matchers
         self._offsets = self._offset_override or self._create_offset_source(cfg)
         self._create_outputs()
         self.destroy_timer(self._diagnostics_timer)
@@ -222,7 +232,7 @@ class VprNode(LifecycleNode):
                     Odometry, cfg.odom_topic, self._on_odom, qos_profile_sensor_data
                 )
             )
-        self._gate.rearm()
+        self._forget_past_frames()
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
@@ -234,7 +244,7 @@ class VprNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_processing()
+        self._stop_processing('deactivated')
         self._status = (DiagnosticStatus.OK, 'inactive')
         return super().on_deactivate(state)
 
@@ -244,18 +254,18 @@ class VprNode(LifecycleNode):
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_processing()
+        self._stop_processing('shut down')
         self._release()
         return super().on_shutdown(state)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_processing()
+        self._stop_processing('reset after an error')
         self._release()
         self._status = (DiagnosticStatus.ERROR, 'recovered from an error: unconfigured')
         return TransitionCallbackReturn.SUCCESS
 
     def destroy_node(self) -> None:
-        self._stop_processing()
+        self._stop_processing('destroyed')
         super().destroy_node()
 
     def _create_offset_source(self, cfg: NodeConfig) -> OffsetSource:
@@ -286,12 +296,13 @@ class VprNode(LifecycleNode):
             ),
         ]
 
-    def _stop_processing(self) -> None:
+    def _stop_processing(self, why: str) -> None:
         with self._lock:
             self._stopping = True
             self._slots.clear()
             self._camera_infos.clear()
             for waiter in self._waiters:
+                waiter.cancelled = why
                 waiter.done.set()
             self._lock.notify_all()
         if self._worker is not None and self._worker is not threading.current_thread():
@@ -308,7 +319,20 @@ class VprNode(LifecycleNode):
         for service in self._services:
             self.destroy_service(service)
         self._pubs, self._services = {}, []
-        self._localizer = self._matcher = self._offsets = None
+        if self._offsets is not None and self._offsets is not self._offset_override:
+            self._offsets.close()  # TF: the listener's /tf subscriptions go with it
+        self._localizer = self._offsets = None
+        self._matchers = {}
+
+    def _forget_past_frames(self) -> None:
+        """Forget the frames localised so far: sequence votes, odometry anchors and the
+        /initialpose gate's run (re-armed). On the worker thread, or while none runs."""
+        for matcher in self._matchers.values():
+            matcher.reset()
+        self._previous_stamp_ns = None
+        self._camera_stamp_ns.clear()
+        with self._lock:
+            self._gate.rearm()
 
     # -----------------------------------------------------------------------------------------
     # Parameters
@@ -322,9 +346,14 @@ class VprNode(LifecycleNode):
         values.update(changed)
         try:
             cfg, query_cfg = params.split_values(values)
+            if self._configured is not None:  # the others apply at the next configure
+                live = {name: values[name] for name in params.LIVE}
+                cfg, query_cfg = params.split_values({**self._configured, **live})
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
-        self._cfg, self._query_cfg = cfg, query_cfg
+        with self._lock:  # wakes the worker: a new max_rate_hz applies to the next batch
+            self._cfg, self._query_cfg = cfg, query_cfg
+            self._lock.notify_all()
         if isinstance(self._offsets, FixedOffset):
             self._offsets.offset = cfg.camera_offset
         later = sorted(set(changed) - params.LIVE)
@@ -364,18 +393,18 @@ class VprNode(LifecycleNode):
         return response
 
     def _on_relocalize(self, request: Any, response: Any) -> Any:
-        """Forget the past frames, re-arm the /initialpose gate and answer with the result
-        of the next ``relocalize_frames`` frames (or a failure after the timeout)."""
+        """From the next batch on, forget the past frames and re-arm the /initialpose gate;
+        answer with the result of the first ``relocalize_frames`` frames taken after the call
+        (or a failure after the timeout, or when the node stops processing)."""
         cfg = self._cfg
-        if self._worker is None:
-            response.success = False
-            response.message = 'vpr_node is not active: configure and activate it first'
-            return response
-        waiter = _Waiter(cfg.relocalize_frames)
         with self._lock:
+            if self._stopping:
+                response.success = False
+                response.message = 'vpr_node is not active: configure and activate it first'
+                return response
+            waiter = _Waiter(cfg.relocalize_frames, after=self._batches)
             self._waiters.append(waiter)
             self._reset_sequence = True
-            self._gate.rearm()
             self._lock.notify_all()
         answered = waiter.done.wait(cfg.relocalize_timeout_s)
         with self._lock:
@@ -383,8 +412,12 @@ class VprNode(LifecycleNode):
                 self._waiters.remove(waiter)
         last = waiter.results[-1] if waiter.results else None
         threshold = self._query_cfg.confidence.initial_pose_threshold
-        response.success = bool(answered and last and last['confidence'] >= threshold)
-        if last is None:
+        response.success = bool(
+            answered and not waiter.cancelled and last and last['confidence'] >= threshold
+        )
+        if waiter.cancelled:
+            response.message = f'relocalize cancelled: vpr_node was {waiter.cancelled}'
+        elif last is None:
             response.message = (
                 f'no frame localised within {cfg.relocalize_timeout_s} s; '
                 f'check that images arrive on {list(cfg.image_topics)}'
@@ -399,12 +432,14 @@ class VprNode(LifecycleNode):
     # Worker thread
 
     def _run(self) -> None:
-        next_start = 0.0
+        started = -math.inf  # time.monotonic() when the last batch was taken
         while True:
             with self._lock:
-                while not self._stopping and (not self._slots or time.monotonic() < next_start):
-                    delay = next_start - time.monotonic()
-                    self._lock.wait(delay if self._slots and delay > 0 else None)
+                while not self._stopping:  # max_rate_hz is read again at each wake-up
+                    delay = started + 1.0 / self._cfg.max_rate_hz - time.monotonic()
+                    if self._slots and delay <= 0:
+                        break
+                    self._lock.wait(delay if self._slots else None)
                 if self._stopping:
                     return
                 if self._cfg.mode == 'on_demand' and not self._waiters:
@@ -414,10 +449,13 @@ class VprNode(LifecycleNode):
                 # the newest frame of every camera that has one, oldest first: one batch
                 frames = sorted(self._slots.values(), key=lambda f: f.received_s)
                 self._slots.clear()
+                self._batches += 1
+                for frame in frames:
+                    frame.batch = self._batches
                 reset, self._reset_sequence = self._reset_sequence, False
-            next_start = time.monotonic() + 1.0 / self._cfg.max_rate_hz
-            if reset and self._matcher is not None:
-                self._matcher.reset()
+                started = time.monotonic()
+            if reset:
+                self._forget_past_frames()
             try:
                 self._process(frames)
             except Exception:  # noqa: BLE001 - a bug must not silence the node: log, count, go on
@@ -445,12 +483,11 @@ class VprNode(LifecycleNode):
         query_cfg: LocalizerConfig,
     ) -> None:
         """Sequence vote, camera-to-base offset, output checks and publishing of one frame."""
-        t_ns = stamp_ns(prepared.header)
-        with self._lock:  # robot motion since the last localised frame (None: no odometry)
-            previous = self._previous_stamp_ns
-            motion = self._odometry.motion(previous, t_ns) if previous is not None else None
+        t_ns, topic = stamp_ns(prepared.header), prepared.frame.topic
+        motion = self._motion_since(self._previous_stamp_ns, t_ns)  # for the gate
+        travel = self._motion_since(self._camera_stamp_ns.get(topic), t_ns)  # for the vote
         try:
-            result = self._sequence_vote(result, motion)
+            result = self._sequence_vote(result, topic, travel)
             pose, covariance = base_pose_from_camera(
                 result.pose, result.covariance, prepared.base_in_camera
             )
@@ -458,7 +495,7 @@ class VprNode(LifecycleNode):
         except VprError as exc:  # FrameSkipped carries its own reason
             self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
             return
-        self._previous_stamp_ns = t_ns
+        self._previous_stamp_ns = self._camera_stamp_ns[topic] = t_ns
         self._publish(
             prepared.frame,
             prepared.header,
@@ -536,13 +573,23 @@ class VprNode(LifecycleNode):
                 )
         return image
 
+    def _motion_since(self, since_ns: int | None, t_ns: int) -> Pose | None:
+        """Robot motion (odometry) from ``since_ns`` to ``t_ns``; None without either."""
+        if since_ns is None:
+            return None
+        with self._lock:
+            return self._odometry.motion(since_ns, t_ns)
+
     def _sequence_vote(
-        self, result: LocalizationResult, motion: Pose | None
+        self, result: LocalizationResult, topic: str, motion: Pose | None
     ) -> LocalizationResult:
-        if self._matcher is None:
+        """The result voted in the sequence of its camera's frames (``motion``: since its
+        camera's previous one)."""
+        matcher = self._matchers.get(topic)
+        if matcher is None:
             return result
         travelled = math.hypot(motion.x, motion.y) if motion is not None else None
-        return self._matcher.update(result, travelled)
+        return matcher.update(result, travelled)
 
     def _publish(
         self,
@@ -605,6 +652,8 @@ class VprNode(LifecycleNode):
                 self._stage_ms.setdefault(stage, deque(maxlen=STATS_WINDOW)).append(ms)
             self._last = {**summary, 'notes': list(result.notes)}
             for waiter in self._waiters:
+                if frame.batch <= waiter.after:  # taken before the call
+                    continue
                 waiter.results.append(summary)
                 if len(waiter.results) >= waiter.needed:
                     waiter.done.set()
@@ -636,7 +685,8 @@ class VprNode(LifecycleNode):
 
     @property
     def settings(self) -> tuple[NodeConfig, LocalizerConfig]:
-        """The current (validated) parameter values."""
+        """The settings in use (validated): the current values of the live parameters
+        (params.LIVE), the others' as read at the last configure."""
         return self._cfg, self._query_cfg
 
     @property

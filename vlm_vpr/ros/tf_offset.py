@@ -24,6 +24,9 @@ class OffsetSource(Protocol):
     def base_in_camera(self, camera_frame: str) -> Pose:
         """The pose of the base frame in ``camera_frame``; TransformUnavailable if unknown."""
 
+    def close(self) -> None:
+        """Stop listening (the node's cleanup)."""
+
 
 def base_in_camera_from_offset(offset: CameraOffsetConfig) -> Pose:
     """Invert the camera's pose in the base frame (planar) into the base's pose in the camera."""
@@ -43,12 +46,16 @@ class FixedOffset:
     def base_in_camera(self, camera_frame: str) -> Pose:
         return base_in_camera_from_offset(self.offset)
 
+    def close(self) -> None:
+        pass
+
 
 class TfOffset:
-    """The latest TF ``camera_frame -> base_frame`` (the camera is taken as rigidly mounted).
+    """The latest TF ``base_frame -> camera_frame`` (the camera is taken as rigidly mounted).
 
-    ``camera_frame`` should be x-forward (camera_link), not an optical frame: only the planar
-    part (x, y, z, yaw) of the transform is used.
+    ``camera_frame`` should be x-forward (camera_link), not an optical frame; it may be pitched
+    or rolled: the camera's pose in the base frame is levelled (x, y, z and the heading of its
+    x axis, see :func:`mount_from_transform`) before it is inverted.
     """
 
     def __init__(self, node: Any, base_frame: str) -> None:
@@ -68,14 +75,26 @@ class TfOffset:
         from rclpy.time import Time
 
         try:
-            t = self.buffer.lookup_transform(camera_frame, self.base_frame, Time()).transform
+            t = self.buffer.lookup_transform(self.base_frame, camera_frame, Time()).transform
         except self._errors as exc:
             raise TransformUnavailable(
-                f'no TF from {camera_frame!r} to {self.base_frame!r} ({exc}); publish the camera '
+                f'no TF from {self.base_frame!r} to {camera_frame!r} ({exc}); publish the camera '
                 'mount (robot_state_publisher) or set use_tf: false and camera_offset.*'
             ) from exc
-        q = t.rotation
-        return Pose(t.translation.x, t.translation.y, t.translation.z, q.x, q.y, q.z, q.w)
+        p, q = t.translation, t.rotation
+        return base_in_camera_from_offset(mount_from_transform(p.x, p.y, p.z, q.x, q.y, q.z, q.w))
+
+    def close(self) -> None:
+        self.listener.unregister()
+
+
+def mount_from_transform(
+    x: float, y: float, z: float, qx: float, qy: float, qz: float, qw: float
+) -> CameraOffsetConfig:
+    """The planar camera mount from the camera's pose in the base frame: its position and the
+    heading of its x axis (the yaw of a yaw-pitch-roll rotation, whatever the pitch and roll)."""
+    yaw = math.atan2(2.0 * (qw * qz + qx * qy), 1.0 - 2.0 * (qy * qy + qz * qz))
+    return CameraOffsetConfig(x_m=x, y_m=y, z_m=z, yaw_deg=math.degrees(yaw))
 
 
 def tf_available() -> bool:
