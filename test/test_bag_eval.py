@@ -13,38 +13,68 @@ import pytest
 
 from vlm_vpr.cli import main
 from vlm_vpr.core.bag_eval import evaluate_bag
-from vlm_vpr.core.bags import write_traversal_bag
+from vlm_vpr.core.bags import BagWriter, write_traversal_bag
 from vlm_vpr.core.confidence import Calibration, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig
-from vlm_vpr.core.datasets import read_traversal
+from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.evaluation import build_holdout_map, parse_map_range
+from vlm_vpr.core.images import read_image
 from vlm_vpr.core.initial_pose import InitialPoseConfig
 from vlm_vpr.core.map_format import read_map
+from vlm_vpr.core.types import Pose, wrap_angle
 
 IMAGE_TOPIC, TRUTH_TOPIC = '/camera/image_raw', '/ground_truth/pose'
 
 
 @pytest.fixture(scope='module')
-def bag(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six campus_loop queries spread along the loop, as Image + PoseStamped."""
+def six(data_root: Path) -> Traversal:
+    """Six campus_loop queries spread along the loop."""
     full = read_traversal(data_root / 'campus_loop' / 'query')
     ids = np.linspace(0, len(full) - 1, 6).astype(int)
-    subset = replace(
+    return replace(
         full,
         image_paths=[full.image_paths[i] for i in ids],
         xy=full.xy[ids],
         yaw_rad=full.yaw_rad[ids],
     )
-    return write_traversal_bag(subset, tmp_path_factory.mktemp('bags') / 'six')
+
+
+@pytest.fixture(scope='module')
+def bag(six: Traversal, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The six queries as Image + PoseStamped, each pose stamped as its image."""
+    return write_traversal_bag(six, tmp_path_factory.mktemp('bags') / 'six')
+
+
+@pytest.fixture(scope='module')
+def between_bag(six: Traversal, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The six queries (one a second), with no pose at an image stamp: each image lies a
+    quarter of the way from a pose 0.125 s before it to one 0.375 s after it, placed so that
+    the linear interpolation (position and yaw) there is the query's true pose."""
+    start, second = 1_700_000_000_000_000_000, 1_000_000_000
+    with BagWriter(tmp_path_factory.mktemp('bags') / 'between') as writer:
+        for i, image_path in enumerate(six.image_paths):
+            stamp = start + i * second
+            writer.write_image(IMAGE_TOPIC, stamp, read_image(image_path))
+            (x, y), yaw = six.xy[i], float(six.yaw_rad[i])
+            before = Pose.from_yaw(x - 1.0, y + 0.5, yaw - 0.2)
+            after = Pose.from_yaw(x + 3.0, y - 1.5, yaw + 0.6)
+            writer.write_pose(TRUTH_TOPIC, stamp - second // 8, before)
+            writer.write_pose(TRUTH_TOPIC, stamp + 3 * second // 8, after)
+    return writer.path
 
 
 def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
-    campus_map: Path, bag: Path
+    campus_map: Path, six: Traversal, bag: Path, between_bag: Path
 ) -> None:
+    for source in (bag, between_bag):
+        check_bag_report(campus_map, source, six)
+
+
+def check_bag_report(campus_map: Path, source: Path, six: Traversal) -> None:
     report = evaluate_bag(
         campus_map,
-        bag,
+        source,
         IMAGE_TOPIC,
         TRUTH_TOPIC,
         tolerance_m=5.0,
@@ -53,11 +83,17 @@ def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
     )
     frames = report['per_query']
     assert report['num_frames'] == len(frames) == 6
-    for f in frames:
-        assert f['error_m'] == pytest.approx(
-            math.hypot(f['pose'][0] - f['truth'][0], f['pose'][1] - f['truth'][1])
+    for i, f in enumerate(frames):
+        # the true pose of query i: stamped with the image, or interpolated between two poses
+        (x, y), yaw = six.xy[i], six.yaw_rad[i]
+        assert f['truth'][:2] == pytest.approx([x, y], abs=1e-6), source.name
+        assert abs(wrap_angle(f['truth'][2] - yaw)) < 1e-6, source.name
+        assert f['error_m'] == pytest.approx(math.hypot(f['pose'][0] - x, f['pose'][1] - y))
+        assert f['yaw_error_deg'] is not None and f['pose'][2] is not None
+        assert f['yaw_error_deg'] == pytest.approx(
+            abs(math.degrees(wrap_angle(f['pose'][2] - yaw))), abs=1e-4
         )
-        assert f['yaw_error_deg'] is None or 0 <= f['yaw_error_deg'] <= 180
+    assert max(f['yaw_error_deg'] for f in frames) > 0  # an estimate, not the truth itself
     correct = [f['error_m'] <= 5.0 for f in frames]
     accepted = [f['confidence'] >= 0.5 for f in frames]
     assert report['success_rate'] == pytest.approx(np.mean(correct), abs=1e-4)

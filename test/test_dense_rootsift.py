@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from vlm_vpr.backends.features.dense_rootsift import (
     DenseRootSift,
@@ -12,6 +13,7 @@ from vlm_vpr.backends.features.dense_rootsift import (
     orientation_channels,
 )
 from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig
+from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook
 
@@ -51,6 +53,13 @@ def test_extractor_returns_unit_rootsift_rows_on_a_real_image(data_root: Path) -
     np.testing.assert_allclose(np.linalg.norm(flat, axis=1), 1.0, atol=1e-5)
     assert (flat >= 0).all(), 'RootSIFT entries are square roots'
     assert features.valid is not None and 0 < features.valid.mean() <= 1
+
+
+def test_extractor_rejects_a_thin_strip_instead_of_scaling_it_up() -> None:
+    # a 30 x 300 strip would become 240 x 2400 (2 x 1500: 240 x 180000, minutes and GBs)
+    strip = np.random.default_rng(0).integers(0, 255, (30, 300, 3), dtype=np.uint8)
+    with pytest.raises(ImageError, match='300x30 is 10:1, beyond the 8:1 aspect ratio limit'):
+        DenseRootSift(FeatureConfig(), RuntimeConfig()).extract([strip])
 
 
 def test_flat_textureless_patches_are_dropped() -> None:

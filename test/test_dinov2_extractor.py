@@ -20,7 +20,7 @@ from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from vlm_vpr.backends.features import create_extractor, dinov2
 from vlm_vpr.backends.features.dinov2 import Dinov2Extractor
 from vlm_vpr.core.config import FeatureConfig, RuntimeConfig, VladConfig
-from vlm_vpr.core.errors import ConfigError
+from vlm_vpr.core.errors import ConfigError, ImageError
 from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.vlad import aggregate_vlad, fit_codebook, l2_normalize
 
@@ -135,6 +135,15 @@ def test_extract_returns_a_unit_norm_patch_grid_per_image_in_input_order(tiny_di
     np.testing.assert_allclose(out[2].descriptors, alone, atol=1e-5)
     assert not np.allclose(out[0].descriptors, out[2].descriptors, atol=1e-2)
     assert extractor.extract([]) == []
+
+
+def test_extract_rejects_a_thin_strip_instead_of_scaling_it_up(tiny_dir):
+    features = FeatureConfig(
+        backbone='dinov2', dinov2_model=str(tiny_dir), dinov2_layer=2, image_size_px=SIZE_PX
+    )
+    extractor = create_extractor(features, RuntimeConfig(num_threads=1))
+    with pytest.raises(ImageError, match='2x100 is 50:1, beyond the 8:1 aspect ratio limit'):
+        extractor.extract([np.zeros((100, 2, 3), np.uint8)])
 
 
 @pytest.mark.parametrize('layer', [1, 3])

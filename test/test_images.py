@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from vlm_vpr.core.errors import ImageError
-from vlm_vpr.core.images import decode_image, read_image, resize_shorter_side
+from vlm_vpr.core.images import (
+    MAX_ASPECT_RATIO,
+    decode_image,
+    read_image,
+    resize_shorter_side,
+)
 
 
 def test_truncated_jpeg_is_rejected(data_root: Path) -> None:
@@ -34,6 +39,37 @@ def test_grey_png_is_read_as_three_channel_bgr(data_root: Path) -> None:
 def test_resize_rounds_both_sides_to_the_multiple() -> None:
     out = resize_shorter_side(np.zeros((540, 960, 3), np.uint8), 224, multiple=14)
     assert out.shape[:2] == (224, 392)
+
+
+@pytest.mark.parametrize('shape', [(2, 1500), (1500, 2), (30, 300), (100, 801)])
+def test_resize_rejects_a_thin_strip_naming_its_shape_and_the_aspect_limit(
+    shape: tuple[int, int],
+) -> None:
+    # scaled up to a 240 px shorter side, a 2 x 1500 strip would be 240 x 180000 pixels
+    with pytest.raises(ImageError, match=f'{shape[1]}x{shape[0]} .*beyond the 8:1 aspect'):
+        resize_shorter_side(np.zeros((*shape, 3), np.uint8), 240)
+
+
+@pytest.mark.parametrize(
+    'shape, resized',
+    [
+        ((480, 640), (240, 320)),  # 4:3
+        ((1080, 1920), (240, 427)),  # 16:9
+        ((960, 1920), (240, 480)),  # a 2:1 panorama
+        ((100, 800), (240, 1920)),  # exactly the 8:1 limit
+        ((800, 100), (1920, 240)),
+    ],
+)
+def test_resize_keeps_frames_within_the_aspect_limit(
+    shape: tuple[int, int], resized: tuple[int, int]
+) -> None:
+    assert MAX_ASPECT_RATIO == 8
+    assert resize_shorter_side(np.zeros((*shape, 3), np.uint8), 240).shape[:2] == resized
+
+
+def test_resize_rejects_a_result_over_the_pixel_limit() -> None:
+    with pytest.raises(ImageError, match='640x480 .* would be 2731x2048, over the 5000000 pixel'):
+        resize_shorter_side(np.zeros((480, 640), np.uint8), 2048, max_pixels=5_000_000)
 
 
 WIDTH, HEIGHT = 640, 480

@@ -82,9 +82,21 @@ def test_consensus_uses_euclidean_distance_in_x_and_y() -> None:
 
 
 def test_consensus_with_a_narrow_kernel_orders_by_the_incoming_score() -> None:
-    candidates = make_candidates([0.5, 0.4, 0.46, 0.3], [0.0, 10.0, 11.0, 12.0])
+    # sigma 0.01: candidates 1 m apart give each other no support (exp(-5000)), so s' is the
+    # shifted incoming score (minus the weakest, 0.30). A wide kernel (sigma 2) would move the
+    # middle of the cluster first (see the first test); a narrow one keeps the best first.
+    candidates = make_candidates([0.50, 0.48, 0.47, 0.46, 0.30], [10.0, 12.0, 13.0, 14.0, 40.0])
     ranked = reranker(sigma=0.01, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
-    assert [c.map_index for c in ranked] == [0, 1, 2, 3]
+    assert [c.map_index for c in ranked] == [0, 1, 2, 3, 4]
+    assert [c.score for c in ranked] == pytest.approx([0.20, 0.18, 0.17, 0.16, 0.0], abs=1e-12)
+    assert [c.evidence['consensus'] for c in ranked] == [c.score for c in ranked]
+    # Out of score order within one place (1.5 sigma apart, kernel exp(-1.125) = 0.32465):
+    # two candidates keep the order of their incoming scores, whatever the neighbour's support.
+    candidates = make_candidates([0.40, 0.50, 0.30], [0.0, 0.015, 5.0])
+    ranked = reranker(sigma=0.01, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
+    assert [c.map_index for c in ranked] == [1, 0, 2]
+    expected = [0.20 + 0.10 * 0.32465, 0.10 + 0.20 * 0.32465, 0.0]
+    assert [c.score for c in ranked] == pytest.approx(expected, abs=1e-5)
 
 
 def test_consensus_weighs_neighbours_by_the_incoming_score_not_the_coarse_score() -> None:
@@ -96,9 +108,14 @@ def test_consensus_weighs_neighbours_by_the_incoming_score_not_the_coarse_score(
 
 
 def test_consensus_keeps_the_input_order_between_tied_scores() -> None:
-    candidates = make_candidates([0.5, 0.5, 0.5], [0.0, 20.0, 40.0])
+    # Two places (within 2 sigma = 2 of 0 and of 40), each of two candidates whose s' tie:
+    # 0.2 + 0.2 * exp(-1/2) for 0 and 1, 0 for 2 and 3 (the weakest, shifted to 0).
+    candidates = make_candidates([0.5, 0.5, 0.3, 0.3], [0.0, 1.0, 40.0, 41.0])
     ranked = reranker(sigma=1.0, weight=1.0).rerank(QUERY, candidates, vpr_map=None)
-    assert [c.map_index for c in ranked] == [0, 1, 2]
+    assert ranked[0].score == ranked[1].score and ranked[2].score == ranked[3].score
+    assert [c.map_index for c in ranked] == [0, 1, 2, 3]
+    order = reorder_within_places(np.zeros(3), np.zeros((3, 2)), radius=1.0)  # one place
+    np.testing.assert_array_equal(order, [0, 1, 2])
 
 
 def test_consensus_returns_a_single_candidate_unchanged() -> None:

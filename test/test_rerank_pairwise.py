@@ -21,6 +21,9 @@ from vlm_vpr.backends.rerank.pairwise import (
 from vlm_vpr.backends.rerank.pointwise import PointwiseReranker
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig, VlmConfig
 from vlm_vpr.core.errors import ConfigError, VlmOutputError
+from vlm_vpr.core.images import read_image
+from vlm_vpr.core.localizer import Localizer
+from vlm_vpr.core.map_format import read_map
 
 QUERY = 12
 
@@ -128,6 +131,21 @@ def test_pairwise_stops_when_the_time_budget_runs_out(vpr_map) -> None:
     assert [c.map_index for c in ranked] == [0, 1, 2, 3]
     assert 2 <= len(vlm.calls) <= 4
     assert 'time budget' in query.notes[0]
+
+
+def test_spent_budget_note_quotes_the_budget_given_to_localize(
+    campus_map: Path, data_root: Path
+) -> None:
+    cfg = config(vlm_always=True, time_budget_s=10.0)
+    localizer = Localizer(read_map(campus_map), cfg)
+    vlm = ScriptedVlm(lambda prompt, images: {'score': 5})
+    localizer.rerankers = [PointwiseReranker(cfg, localizer.map, vlm)]
+    image = read_image(data_root / 'campus_loop' / 'query' / 'images' / 'image_1.png')
+    result = localizer.localize(image, time_budget_s=1e-6)  # overrides rerank.time_budget_s
+    assert vlm.calls == []
+    assert any('time budget (1e-06 s) is spent' in note for note in result.notes), result.notes
+    result = localizer.localize(image)
+    assert len(vlm.calls) > 0 and not result.notes
 
 
 def test_pairwise_needs_map_thumbnails(tmp_path: Path) -> None:

@@ -303,6 +303,13 @@ def test_gate_without_odometry_compares_consecutive_poses_directly() -> None:
     gate = InitialPoseGate()
     still = [Pose.from_yaw(5.0 + 0.5 * i, 0.0, 0.0) for i in range(3)]
     assert [gate.update(p, 0.95, None, GATE, 0.9) for p in still] == [False, False, True]
+    gate.rearm()
+    # 5.0, 5.5, then 8.0: 2.5 m from the previous pose (over max_distance_m 2): the run restarts
+    jump = [Pose.from_yaw(x, 0.0, 0.0) for x in (5.0, 5.5, 8.0)]
+    assert [gate.update(p, 0.95, None, GATE, 0.9) for p in jump] == [False, False, False]
+    assert gate.run_length == 1
+    on = [Pose.from_yaw(x, 0.0, 0.0) for x in (9.5, 11.0)]  # agree with 8.0: passes at 11.0
+    assert [gate.update(p, 0.95, None, GATE, 0.9) for p in on] == [False, True]
 
 
 def test_odometry_track_gives_motion_in_the_robot_frame() -> None:

@@ -19,7 +19,7 @@ from std_srvs.srv import Trigger
 
 from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.images import read_image
-from vlm_vpr.ros.conversions import stamp_ns
+from vlm_vpr.ros.conversions import image_from_msg, pose_msg, stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, odometry_msg, wait_until
 
 T0_NS = 1_700_000_000_000_000_000
@@ -133,15 +133,37 @@ def test_pose_is_stamped_with_the_image_stamp_and_has_a_valid_covariance(stream:
     assert all(0.0 <= c <= 1.0 for c in stream.confidences)
 
 
+def pose_values(msg: Any) -> list[float]:
+    p, q = msg.position, msg.orientation
+    return [p.x, p.y, p.z, q.x, q.y, q.z, q.w]
+
+
 def test_candidates_are_the_top_k_map_poses_in_the_map_frame(
-    stream: Stream, harness: NodeHarness
+    stream: Stream, harness: NodeHarness, queries: Traversal
 ) -> None:
     assert [stamp_ns(c.header) for c in stream.candidates] == [
         stamp_ns(p.header) for p in stream.poses
     ]
     assert all(c.header.frame_id == 'map' and len(c.poses) == 10 for c in stream.candidates)
-    markers = harness.messages('candidate_markers')[-1].markers
+    # each frame's candidates: the map poses of its top 10 (the node's localizer on the image
+    # it received; no camera offset, so the base is where the camera is)
+    localizer = harness.node._localizer
+    for i, msg in enumerate(stream.candidates):
+        image = image_from_msg(camera_msg(read_image(queries.image_paths[i]), 0, i % 2 == 1))
+        top = [c.map_index for c in localizer.localize(image).candidates]
+        expected = [pose_msg(localizer.map.content.poses[j]) for j in top]
+        assert [pose_values(p) for p in msg.poses] == [
+            pytest.approx(pose_values(e), abs=1e-6) for e in expected
+        ], f'frame {i}'
+    last = stream.candidates[-1]
+    found = harness.wait_for(
+        'candidate_markers', lambda m: stamp_ns(m.markers[0].header) == stamp_ns(last.header)
+    )
+    assert found is not None
+    markers = found.markers
     assert markers[0].action == markers[0].DELETEALL and len(markers) == 1 + 2 * 10
+    arrows = [pose_values(m.pose) for m in markers[1::2]]  # an arrow at each candidate
+    assert arrows == [pytest.approx(pose_values(p)) for p in last.poses]
 
 
 def first_gate_frame(stream: Stream, queries: Traversal) -> int | None:
@@ -202,22 +224,46 @@ def test_rearm_service_lets_the_gate_publish_once_more(
     assert [stamp_ns(m.header) for m in after] == [stamps[-1]]
 
 
-def test_relocalize_service_answers_with_the_result_of_the_next_frames(
-    harness: NodeHarness, queries: Traversal
-) -> None:
+def relocalize(harness: NodeHarness, queries: Traversal, frames: range, t0: int) -> Any:
+    """Call relocalize, then send the query ``frames`` from ``t0`` (1 s apart); its response."""
     answer: list[Any] = []
     caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
     caller.start()
     assert wait_until(lambda: bool(harness.node._waiters), 30.0)  # the next frames answer it
-    t0 = T0_NS + 200 * PERIOD_NS
-    for n, i in enumerate(range(10, 13)):
+    for n, i in enumerate(frames):
         assert send(harness, queries, i, t0 + n * PERIOD_NS) is not None
     caller.join(timeout=30.0)
     (response,) = answer
+    return response
+
+
+def test_relocalize_service_answers_with_the_result_of_the_next_frames(
+    harness: NodeHarness, queries: Traversal
+) -> None:
+    from rclpy.parameter import Parameter
+
+    t0 = T0_NS + 200 * PERIOD_NS
+    response = relocalize(harness, queries, range(10, 13), t0)
     result = json.loads(response.message)
     assert result['frames'] == 3 and result['stamp_ns'] == t0 + 2 * PERIOD_NS
+    assert result['confidence_threshold'] == GATE_CONFIDENCE
     assert response.success == (result['confidence'] >= GATE_CONFIDENCE)
     assert math.hypot(result['x'] - queries.xy[12, 0], result['y'] - queries.xy[12, 1]) <= 5.0
+
+    # a threshold above the last frame's confidence (frame 21: about 0.95, the lowest of the
+    # queries): answered with the result, but no success
+    parameter, threshold = 'confidence.initial_pose_threshold', 0.99
+    harness.node.set_parameters([Parameter(parameter, value=threshold)])
+    try:
+        t0 = T0_NS + 300 * PERIOD_NS
+        response = relocalize(harness, queries, range(19, 22), t0)
+    finally:
+        harness.node.set_parameters([Parameter(parameter, value=GATE_CONFIDENCE)])
+    result = json.loads(response.message)
+    assert result['frames'] == 3 and result['stamp_ns'] == t0 + 2 * PERIOD_NS
+    assert result['confidence_threshold'] == threshold > result['confidence'] >= GATE_CONFIDENCE
+    assert not response.success
+    assert {'x', 'y', 'yaw_rad', 'best'} <= set(result)
 
 
 def test_relocalize_without_frames_fails_after_its_timeout(harness: NodeHarness) -> None:

@@ -140,6 +140,27 @@ def test_sequence_recovers_places_that_single_frames_miss(tmp_path: Path) -> Non
     assert 'sequence' in last.timing_ms and 0.0 <= last.confidence <= 1.0
     assert last.pose.x == pytest.approx(79.0, abs=1.5)
 
+    # the path's lead and the frames' agreement with it: high on the route, low off the map
+    rng = np.random.default_rng(11)
+    clean = run_matcher(localizer, noisy(desc, 0.5, rng), [None] * 80)[8:]
+    unmapped = run_matcher(localizer, noisy(rng.normal(size=desc.shape), 0.5, rng), [None] * 80)
+    unmapped = unmapped[8:]
+
+    def evidence(rows: list[LocalizationResult], key: str) -> np.ndarray:
+        return np.array([r.evidence[key] for r in rows])
+
+    # every clean frame's own best lies on the path, which wins by several z-score units
+    assert (evidence(clean, 'temporal_consistency') == 1.0).all()
+    assert evidence(clean, 'seq_margin').min() > 3.0
+    # the noisy frames: a clear lead, but only some frames' own best lies on the path
+    assert 0.5 < evidence(results[8:], 'seq_margin').min() < 3.0
+    assert 0.3 < evidence(results[8:], 'temporal_consistency').mean() < 0.9
+    # frames from nowhere on the map: no path leads, and few frames agree with the winner
+    assert evidence(unmapped, 'seq_margin').max() < 0.6
+    assert evidence(unmapped, 'temporal_consistency').mean() < 0.3
+    for rows in (clean, results[8:], unmapped):
+        assert (evidence(rows, 'seq_margin') <= evidence(rows, 'seq_score')).all()
+
 
 def test_odometry_aligns_frames_when_the_camera_stops_and_speeds_up(tmp_path: Path) -> None:
     xs = np.cumsum(np.r_[0.0, np.tile([1.0, 3.0], 40)])  # uneven map spacing
@@ -298,12 +319,23 @@ def test_reset_forgets_past_frames(tmp_path: Path) -> None:
     map_dir, desc = make_route_map(tmp_path, np.arange(20, dtype=float))
     localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=4)))
     matcher = SequenceMatcher(localizer)
-    for q in desc[:5]:
-        matcher.update(single_frame_result(localizer, q))
+    # drive to the map's end and on past it: past winners, column sums and an edge overrun
+    for q in desc[[12, 13, 14, 15, 16, 17, 18, 19, 19, 19]]:
+        before = matcher.update(single_frame_result(localizer, q))
+    assert before.evidence['edge_overrun'] > 0 and before.evidence['progress_error'] > 0
     matcher.reset()
-    result = matcher.update(single_frame_result(localizer, desc[7]))
+    result = matcher.update(single_frame_result(localizer, desc[19]))
+    fresh = SequenceMatcher(localizer).update(single_frame_result(localizer, desc[19]))
     assert result.evidence['seq_fill'] == 0.25 and matcher.count == 1
-    assert result.candidates[0].map_index == 7
+    assert result.candidates[0].map_index == 19
+    # the next frame's result is that of a matcher that never saw the past frames
+    assert result.evidence == pytest.approx(fresh.evidence, abs=1e-9)
+    assert [c.map_index for c in result.candidates] == [c.map_index for c in fresh.candidates]
+    assert [c.score for c in result.candidates] == pytest.approx(
+        [c.score for c in fresh.candidates], abs=1e-9
+    )
+    assert result.confidence == pytest.approx(fresh.confidence, abs=1e-9)
+    assert result.evidence['edge_overrun'] == 0.0 and result.evidence['progress_error'] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,20 @@ import time
 import cv2
 import numpy as np
 import pytest
-from vlm_doubles import FakeOpenAIServer, chat_reply, colour_image
+from vlm_doubles import (
+    FakeOpenAIServer,
+    chat_reply,
+    colour_image,
+    make_candidates,
+    make_map,
+    make_query,
+)
 
+from vlm_vpr.backends.rerank.pointwise import PointwiseReranker
 from vlm_vpr.backends.vlm import VlmTimeoutError, VlmUnavailableError, create_vlm_client
 from vlm_vpr.backends.vlm.openai_http import OpenAiVlm
 from vlm_vpr.backends.vlm.tasks import describe_image
-from vlm_vpr.core.config import VlmConfig
+from vlm_vpr.core.config import LocalizerConfig, RerankConfig, VlmConfig
 from vlm_vpr.core.errors import VlmOutputError
 
 GOOD = (
@@ -144,3 +152,92 @@ def test_openai_client_reports_a_refused_connection() -> None:
     )
     with pytest.raises(VlmUnavailableError, match='cannot reach .*start the server'):
         OpenAiVlm(config).ask_json('rate', [colour_image(0)], 5.0)
+
+
+def test_openai_client_times_out_on_a_server_that_trickles_its_answer() -> None:
+    # 10 bytes every 0.2 s: never silent for the 1 s timeout, but done only after ~4 s
+    with FakeOpenAIServer([(200, chat_reply(GOOD), 0.0)], trickle_s=0.2) as server:
+        start = time.monotonic()
+        with pytest.raises(VlmTimeoutError, match='did not answer within 1.0 s'):
+            client_for(server, timeout_s=1.0).ask_json('describe', [colour_image(0)], 5.0)
+        assert time.monotonic() - start < 1.5
+
+
+def test_openai_client_reads_a_slowly_sent_answer_that_ends_in_time() -> None:
+    with FakeOpenAIServer([(200, chat_reply('{"score": 4}'), 0.0)], trickle_s=0.01) as server:
+        assert client_for(server).ask_json('rate', [colour_image(0)], 5.0) == {'score': 4}
+
+
+@pytest.mark.parametrize('key', ['sk-secret\r\nX-Injected: 1', 'sk-\u2013secret', 'sk-\tsecret'])
+def test_openai_client_rejects_an_api_key_no_header_can_carry_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv('VLM_VPR_TEST_KEY', key)
+    with FakeOpenAIServer([(200, chat_reply('{"score": 1}'), 0.0)]) as server:
+        with pytest.raises(
+            VlmUnavailableError, match=r"'VLM_VPR_TEST_KEY' \(vlm.api_key_env\)"
+        ) as caught:
+            client_for(server, retries=1).ask_json('rate', [colour_image(0)], 5.0)
+    assert server.requests == []
+    assert 'secret' not in str(caught.value)
+
+
+def test_openai_client_strips_white_space_around_the_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv('VLM_VPR_TEST_KEY', ' sk-secret-123\n')  # as `cat keyfile` gives it
+    with FakeOpenAIServer([(200, chat_reply('{"score": 1}'), 0.0)]) as server:
+        assert client_for(server).ask_json('rate', [colour_image(0)], 5.0) == {'score': 1}
+    assert server.requests[0][0]['authorization'] == 'Bearer sk-secret-123'
+
+
+@pytest.mark.parametrize('host', ['[::1', 'a' * 64])
+def test_openai_client_reports_a_base_url_http_client_refuses_without_raising_it_raw(
+    host: str,
+) -> None:
+    config = VlmConfig(backend='openai', model='m', base_url=f'http://{host}/v1', retries=0)
+    with pytest.raises(VlmUnavailableError, match='failed .*check vlm.base_url'):
+        OpenAiVlm(config).ask_json('rate', [colour_image(0)], 5.0)
+
+
+def test_openai_client_names_max_new_tokens_when_the_answer_is_cut_at_the_limit() -> None:
+    cut = chat_reply('{"descriptions": [{"text": "a long red brick wall with a row of')
+    cut['choices'][0]['finish_reason'] = 'length'
+    complete = chat_reply('{"score": 6}')
+    complete['choices'][0]['finish_reason'] = 'length'
+    with FakeOpenAIServer([(200, cut, 0.0), (200, complete, 0.0)]) as server:
+        client = client_for(server, max_new_tokens=32)
+        with pytest.raises(VlmOutputError, match=r'vlm.max_new_tokens = 32\).*raise vlm.max_new'):
+            client.ask_json('describe', [colour_image(0)], 5.0)
+        assert client.ask_json('rate', [colour_image(0)], 5.0) == {'score': 6}
+
+
+@pytest.mark.parametrize('json_mode', [True, False])
+def test_openai_client_http_400_hint_fits_the_json_mode_setting(json_mode: bool) -> None:
+    body = b'{"error": "image input is not supported - you may need to provide the mmproj"}'
+    with FakeOpenAIServer([(400, body, 0.0)]) as server:
+        with pytest.raises(VlmUnavailableError, match='HTTP 400') as caught:
+            client_for(server, json_mode=json_mode).ask_json('rate', [colour_image(0)], 5.0)
+    message = str(caught.value)
+    assert '--mmproj' in message and 'context size' in message
+    assert ('set vlm.json_mode false' in message) == json_mode
+
+
+@pytest.mark.parametrize(
+    'answer',
+    ['{"score": ' + '9' * 400 + '}', '{"score": ' + '9' * 5000 + '}', '[' * 3000 + ']' * 3000],
+    ids=['400 digits', '5000 digits', 'deep nesting'],
+)
+def test_a_reranker_notes_a_garbage_answer_from_the_server_and_keeps_the_order(
+    tmp_path, answer: str
+) -> None:
+    vpr_map = make_map(tmp_path, [(10.0 * j, 0.0) for j in range(3)])
+    config = LocalizerConfig(rerank=RerankConfig(vlm_always=True))
+    with FakeOpenAIServer([(200, chat_reply(answer), 0.0)] * 3) as server:
+        reranker = PointwiseReranker(config, vpr_map, client_for(server))
+        query = make_query(3)
+        candidates = make_candidates(vpr_map, [0, 1, 2], [0.9, 0.8, 0.7])
+        ranked = reranker.rerank(query, candidates, vpr_map)
+    assert [c.map_index for c in ranked] == [0, 1, 2]
+    assert query.notes[0].startswith('pointwise: VlmOutputError: ')
+    assert reranker.stats['failures'] == 1

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from vlm_doubles import ScriptedVlm, colour_image
 
-from vlm_vpr.backends.vlm import create_vlm_client, parse_json_object, prepare_image_rgb
+from vlm_vpr.backends.vlm import (
+    create_vlm_client,
+    parse_json_answer,
+    parse_json_object,
+    prepare_image_rgb,
+)
 from vlm_vpr.backends.vlm.tasks import (
     compare_pair,
     describe_image,
@@ -36,6 +41,33 @@ def test_parse_json_object_rejects_a_json_array() -> None:
 def test_parse_json_object_rejects_prose_and_quotes_it() -> None:
     with pytest.raises(VlmOutputError, match="not JSON.*'Sure! Here"):
         parse_json_object('Sure! Here is the JSON you asked for')
+
+
+@pytest.mark.parametrize(
+    'text, match',
+    [
+        ('{"score": ' + '9' * 5000 + '}', 'a number is too long'),
+        ('[' * 3000 + ']' * 3000, 'nested too deeply'),
+        ('{"a": ' * 100000 + '1' + '}' * 100000, 'nested too deeply'),
+    ],
+    ids=['5000 digits', 'deep array', 'deep object'],
+)
+def test_parse_json_object_turns_json_python_cannot_hold_into_an_output_error(
+    text: str, match: str
+) -> None:
+    with pytest.raises(VlmOutputError, match=match):
+        parse_json_object(text)
+
+
+def test_parse_json_answer_names_the_token_limit_only_for_an_answer_cut_at_it() -> None:
+    with pytest.raises(VlmOutputError, match='not JSON') as plain:
+        parse_json_answer('{"score": ', None)
+    assert 'max_new_tokens' not in str(plain.value)
+    with pytest.raises(VlmOutputError, match=r'cut at the token limit.*raise vlm.max_new_tokens'):
+        parse_json_answer('{"descriptions": [{"text": "a red', 64)
+    with pytest.raises(VlmOutputError, match=r'^VLM answer is not JSON.*all vlm.max_new_tokens'):
+        parse_json_answer('Sure! The place looks like', 64)  # prose: more tokens won't help
+    assert parse_json_answer('{"score": 3}', 64) == {'score': 3}  # complete at the limit
 
 
 def test_prepare_image_rgb_shrinks_the_longer_side_and_converts_to_rgb() -> None:
@@ -96,6 +128,25 @@ def test_describe_image_returns_nothing_for_an_empty_list() -> None:
 def test_describe_image_rejects_answers_off_the_schema(answer: dict[str, Any], match: str) -> None:
     with pytest.raises(VlmOutputError, match=match):
         describe_image(answering(answer), colour_image(0), 3, 1.0)
+
+
+def test_describe_image_normalises_huge_weights_whose_sum_overflows() -> None:
+    vlm = answering(
+        {'descriptions': [{'text': 'a', 'weight': 1.5e308}, {'text': 'b', 'weight': 0.75e308}]}
+    )
+    described = describe_image(vlm, colour_image(0), 3, 1.0)
+    assert [d.weight for d in described] == pytest.approx([2 / 3, 1 / 3])
+
+
+@pytest.mark.parametrize(
+    'huge', [10**400, -(10**400), 10**5000], ids=['400 digits', 'negative', '5001 digits']
+)
+def test_numbers_beyond_the_float_range_are_output_errors(huge: int) -> None:
+    with pytest.raises(VlmOutputError, match='score .* is too large to be a number'):
+        score_candidate(answering({'score': huge}), colour_image(0), colour_image(1), 1.0)
+    weights = {'descriptions': [{'text': 'a', 'weight': huge}]}
+    with pytest.raises(VlmOutputError, match='description weight .* too large'):
+        describe_image(answering(weights), colour_image(0), 3, 1.0)
 
 
 def test_compare_pair_shows_query_then_a_then_b_and_reads_the_choice() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,75 @@ def test_transformers_client_reports_a_timeout_when_generation_hits_the_budget(
         client.ask_json('describe', [colour_image(0)], 0.05)
     with pytest.raises(VlmTimeoutError, match='no time left'):
         client.ask_json('describe', [colour_image(0)], 0.0)
+
+
+def test_transformers_client_gives_generation_only_the_time_left_after_preprocessing(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = create_vlm_client(config_for(tiny_llava, max_new_tokens=4096))
+    client.model.generation_config.eos_token_id = None  # generate until a limit stops it
+    prepare = client.processor.apply_chat_template
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        time.sleep(0.6)  # stands in for a big VLM's image preprocessing
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(client.processor, 'apply_chat_template', slow_prepare)
+    start = time.monotonic()
+    with pytest.raises(VlmTimeoutError, match='time limit'):
+        client.ask_json('describe', [colour_image(0)], 1.0)
+    assert time.monotonic() - start < 1.4  # was 0.6 s + a full 1.0 s of generation
+
+
+def test_transformers_client_does_not_generate_when_preprocessing_spent_the_budget(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = create_vlm_client(config_for(tiny_llava))
+    prepare = client.processor.apply_chat_template
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        time.sleep(0.3)
+        return prepare(*args, **kwargs)
+
+    def generate(**kwargs: object) -> None:
+        raise AssertionError(f'generate called with max_time={kwargs.get("max_time")}')
+
+    monkeypatch.setattr(client.processor, 'apply_chat_template', slow_prepare)
+    monkeypatch.setattr(client.model, 'generate', generate)
+    with pytest.raises(VlmTimeoutError, match='preparing the images took the whole 0.2 s'):
+        client.ask_json('describe', [colour_image(0)], 0.2)
+
+
+def test_transformers_client_names_max_new_tokens_when_the_answer_is_cut(
+    taught_llava: Path,
+) -> None:
+    client = create_vlm_client(config_for(taught_llava, max_new_tokens=16))
+    with pytest.raises(VlmOutputError, match=r'max_new_tokens = 16\).*raise vlm.max_new_tokens'):
+        describe_image(client, colour_image(4, (120, 90)), 3, 30.0)
+
+
+def test_transformers_client_says_a_text_only_model_folder_is_not_a_vision_model(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / 'text_only'
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(text_config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(
+        VlmUnavailableError, match='image-text-to-text \\(vision chat\\) model'
+    ) as e:
+        TransformersVlm(config_for(folder))
+    assert 'hub id' not in str(e.value)
 
 
 def test_transformers_client_reports_a_missing_model_folder(tmp_path: Path) -> None:

@@ -91,10 +91,15 @@ class FakeOpenAIServer:
 
     ``replies`` is consumed in order, one per request: (HTTP status, body bytes or a dict sent
     as JSON, delay in seconds before answering). Requests are recorded as (headers, JSON body).
+    ``trickle_s`` > 0 sends each body 10 bytes at a time, ``trickle_s`` apart (a slow server
+    that is never silent for long).
     """
 
-    def __init__(self, replies: list[tuple[int, bytes | dict[str, Any], float]]) -> None:
+    def __init__(
+        self, replies: list[tuple[int, bytes | dict[str, Any], float]], trickle_s: float = 0.0
+    ) -> None:
         self.replies = list(replies)
+        self.trickle_s = trickle_s
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         server = self
 
@@ -111,7 +116,11 @@ class FakeOpenAIServer:
                     self.send_header('Content-Type', 'application/json')
                     self.send_header('Content-Length', str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    step = 10 if server.trickle_s > 0 else max(1, len(data))
+                    for start in range(0, len(data), step):
+                        self.wfile.write(data[start : start + step])
+                        self.wfile.flush()
+                        time.sleep(server.trickle_s)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
@@ -165,4 +174,6 @@ def make_query(colour: int, budget_s: float = 30.0, dim: int = 8) -> Query:
     """A query whose image is palette colour ``colour``; deadline ``budget_s`` from now."""
     descriptor = np.zeros(dim, np.float32)
     descriptor[0] = 1.0
-    return Query(colour_image(colour), descriptor, time.monotonic() + budget_s)
+    return Query(
+        colour_image(colour), descriptor, time.monotonic() + budget_s, time_budget_s=budget_s
+    )

@@ -10,6 +10,10 @@ import numpy as np
 from vlm_vpr.core.errors import ImageError
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger frames are rejected (a 10000 x 10000 image is 100 MP)
+# Frames longer than this many times their width (or wider than this many times their height)
+# are rejected by resize_shorter_side: scaling a thin strip's shorter side up to the feature
+# size makes its longer side huge (a 2 x 1500 strip at 240 px: 240 x 180000).
+MAX_ASPECT_RATIO = 8.0
 
 
 def as_bgr(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -65,14 +69,33 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f'{path}: {exc}') from exc
 
 
-def resize_shorter_side(image: np.ndarray, size_px: int, multiple: int = 1) -> np.ndarray:
-    """Resize so the shorter side is ``size_px``; both sides rounded down to ``multiple``."""
+def resize_shorter_side(
+    image: np.ndarray,
+    size_px: int,
+    multiple: int = 1,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Resize so the shorter side is ``size_px``; both sides rounded down to ``multiple``.
+
+    ImageError for an image more than MAX_ASPECT_RATIO (8:1) times longer one way than the
+    other, or one whose resized size would exceed ``max_pixels``.
+    """
     import cv2
 
     h, w = image.shape[:2]
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        raise ImageError(
+            f'image of {w}x{h} is {max(h, w) / min(h, w):.3g}:1, beyond the '
+            f'{MAX_ASPECT_RATIO:g}:1 aspect ratio limit; crop it or send whole camera frames'
+        )
     scale = size_px / min(h, w)
     new_h = max(multiple, int(round(h * scale)) // multiple * multiple)
     new_w = max(multiple, int(round(w * scale)) // multiple * multiple)
+    if new_h * new_w > max_pixels:
+        raise ImageError(
+            f'image of {w}x{h} resized to a shorter side of {size_px} px would be '
+            f'{new_w}x{new_h}, over the {max_pixels} pixel limit'
+        )
     if (new_h, new_w) == (h, w):
         return image
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR

@@ -99,7 +99,7 @@ class Localizer:
         from vlm_vpr.backends.rerank import Query
 
         budget = self.config.rerank.time_budget_s if time_budget_s is None else time_budget_s
-        query = Query(image, descriptor, time.monotonic() + budget)
+        query = Query(image, descriptor, time.monotonic() + budget, time_budget_s=budget)
 
         t = time.perf_counter()
         for reranker in self.rerankers:

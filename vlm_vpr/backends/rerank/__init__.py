@@ -35,6 +35,7 @@ class Query:
     deadline_s: float  # time.monotonic() value by which re-ranking should be done
     notes: list[str] = field(default_factory=list)  # diagnosed fallbacks, for the result
     scratch: dict[str, Any] = field(default_factory=dict)  # per-query state of re-rankers
+    time_budget_s: float | None = None  # the budget deadline_s was set from (for messages)
 
 
 class Reranker(Protocol):

@@ -67,9 +67,10 @@ class VlmReranker:
         """``task(client, *args, timeout_s=...)`` within the query's remaining time budget."""
         remaining_s = query.deadline_s - time.monotonic()
         if remaining_s <= 0:
-            raise VlmTimeoutError(
-                f'the re-ranking time budget ({self.config.time_budget_s} s) is spent'
-            )
+            budget_s = query.time_budget_s
+            if budget_s is None:
+                budget_s = self.config.time_budget_s
+            raise VlmTimeoutError(f'the re-ranking time budget ({budget_s:g} s) is spent')
         self.stats['vlm_calls'] += 1
         return task(self.client, *args, timeout_s=remaining_s)
 

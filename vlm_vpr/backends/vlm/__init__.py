@@ -88,9 +88,40 @@ def parse_json_object(text: str) -> dict[str, Any]:
         value = json.loads(stripped)
     except json.JSONDecodeError as exc:
         raise VlmOutputError(f'VLM answer is not JSON ({exc.msg}): {quote_answer(text)}') from exc
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise VlmOutputError(
+            f'VLM answer is not usable JSON (a number is too long): {quote_answer(text)}'
+        ) from exc
+    except RecursionError as exc:
+        raise VlmOutputError(
+            f'VLM answer is not usable JSON (nested too deeply): {quote_answer(text)}'
+        ) from exc
     if not isinstance(value, dict):
         raise VlmOutputError(f'VLM answer is JSON but not an object: {quote_answer(text)}')
     return value
+
+
+def parse_json_answer(text: str, cut_at_tokens: int | None) -> dict[str, Any]:
+    """:func:`parse_json_object` of a model's answer; ``cut_at_tokens`` is the token limit
+    (vlm.max_new_tokens) when generation stopped there, else None.
+
+    An answer cut at the limit that does not parse raises a VlmOutputError naming
+    vlm.max_new_tokens: to be raised when the JSON had begun (it is unfinished), only
+    mentioned when the answer is not JSON from its start.
+    """
+    try:
+        return parse_json_object(text)
+    except VlmOutputError as exc:
+        if cut_at_tokens is None:
+            raise
+        if text.lstrip().startswith(('{', '`')):
+            raise VlmOutputError(
+                f'VLM answer was cut at the token limit (vlm.max_new_tokens = {cut_at_tokens}) '
+                f'before its JSON ended; raise vlm.max_new_tokens. {exc}'
+            ) from exc
+        raise VlmOutputError(
+            f'{exc} (and it used all vlm.max_new_tokens = {cut_at_tokens} tokens)'
+        ) from exc
 
 
 def quote_answer(text: str, limit: int = 120) -> str:

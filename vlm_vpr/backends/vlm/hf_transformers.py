@@ -4,7 +4,8 @@ LLaVA ...), from a hub id or a local folder.
 
 Quantization: 'bnb-4bit' (bitsandbytes NF4, CUDA / Jetson) or 'torchao-int8' (int8 weight-only,
 CPU). Both need their package installed; a missing one raises ConfigError naming it.
-Generation is greedy and stopped at the caller's time budget (``generate(max_time=...)``).
+Generation is greedy and stopped at what is left of the caller's time budget after image
+preprocessing (``generate(max_time=...)``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 from vlm_vpr.backends.vlm import (
     VlmTimeoutError,
     VlmUnavailableError,
-    parse_json_object,
+    parse_json_answer,
     prepare_image_rgb,
 )
 from vlm_vpr.core.config import VlmConfig
@@ -44,10 +46,18 @@ class TransformersVlm:
             self.processor = AutoProcessor.from_pretrained(config.model)
             self.model = AutoModelForImageTextToText.from_pretrained(config.model, **kwargs)
         except (OSError, ValueError) as exc:
-            raise VlmUnavailableError(
-                f'cannot load VLM {config.model!r} ({exc}); give a local model folder or a hub '
-                'id that is already in the local Hugging Face cache'
-            ) from exc
+            if Path(config.model).expanduser().exists():
+                fix = (
+                    'the folder must hold an image-text-to-text (vision chat) model with its '
+                    'processor, one AutoModelForImageTextToText loads (e.g. Qwen2.5-VL, '
+                    'SmolVLM, LLaVA), not a text-only model'
+                )
+            else:
+                fix = (
+                    'give a local model folder or a hub id that is already in the local '
+                    'Hugging Face cache'
+                )
+            raise VlmUnavailableError(f'cannot load VLM {config.model!r} ({exc}); {fix}') from exc
         if 'device_map' not in kwargs:
             self.model.to(config.device)
         self.model.eval()
@@ -86,12 +96,18 @@ class TransformersVlm:
                 return_dict=True,
                 return_tensors='pt',
             ).to(self.model.device)
+            remaining_s = timeout_s - (time.monotonic() - start)
+            if remaining_s <= 0:
+                raise VlmTimeoutError(
+                    f'preparing the images took the whole {timeout_s:.1f} s time limit; '
+                    'lower vlm.image_size_px or raise rerank.time_budget_s'
+                )
             with torch.inference_mode():
                 output = self.model.generate(
                     **inputs,
                     max_new_tokens=self.config.max_new_tokens,
                     do_sample=False,
-                    max_time=timeout_s,
+                    max_time=remaining_s,
                 )
         except (RuntimeError, ValueError, TypeError) as exc:
             raise VlmError(f'VLM {self.model_name!r} failed to run ({exc})') from exc
@@ -101,7 +117,8 @@ class TransformersVlm:
         log.debug('VLM answered %d tokens in %.2f s', new_tokens.shape[1], elapsed_s)
         if elapsed_s >= timeout_s:
             raise VlmTimeoutError(f'VLM generation stopped at the {timeout_s:.1f} s time limit')
-        return parse_json_object(text)
+        cut = new_tokens.shape[1] >= self.config.max_new_tokens  # stopped by the limit
+        return parse_json_answer(text, self.config.max_new_tokens if cut else None)
 
 
 def _quantization_kwargs(config: VlmConfig) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """A VLM behind an OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, llama.cpp server,
 Ollama, hosted APIs), spoken with the standard library only.
 
-Images travel as base64 JPEG data URLs. Timeouts, connection errors, HTTP 408/429/5xx are
-retried with exponential back-off inside the caller's time budget. The API key is read from
-the environment variable named by ``vlm.api_key_env`` and never logged.
+Images travel as base64 JPEG data URLs. ``vlm.timeout_s`` bounds each attempt as a whole
+(connecting, sending, and reading the answer, however slowly the server sends it). Timeouts,
+connection errors, HTTP 408/429/5xx are retried with exponential back-off inside the caller's
+time budget. The API key is read from the environment variable named by ``vlm.api_key_env``
+and never logged or quoted in an error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import http.client
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +28,7 @@ import numpy as np
 from vlm_vpr.backends.vlm import (
     VlmTimeoutError,
     VlmUnavailableError,
-    parse_json_object,
+    parse_json_answer,
     prepare_image_rgb,
     quote_answer,
 )
@@ -67,7 +71,10 @@ class OpenAiVlm:
             if remaining_s <= 0:
                 break
             try:
-                return _parse_reply(self._post(body, min(self.config.timeout_s, remaining_s)))
+                return _parse_reply(
+                    self._post(body, min(self.config.timeout_s, remaining_s)),
+                    self.config.max_new_tokens,
+                )
             except _Transient as failure:
                 error = failure.error
                 log.warning(
@@ -99,50 +106,167 @@ class OpenAiVlm:
             request['response_format'] = {'type': 'json_object'}
         return request
 
+    def _api_key(self) -> str:
+        """The API key from the environment (surrounding white space removed), or ''."""
+        name = self.config.api_key_env
+        api_key = os.environ.get(name, '').strip() if name else ''
+        if not all(' ' <= char <= '~' for char in api_key):
+            raise VlmUnavailableError(
+                f'the API key in the environment variable {name!r} (vlm.api_key_env) holds a '
+                'line break, control or non-ASCII character, which an HTTP header cannot '
+                'carry; set it to the key alone (printable ASCII)'
+            )
+        return api_key
+
     def _post(self, body: bytes, timeout_s: float) -> bytes:
+        """The body of the server's reply to one POST; everything within ``timeout_s``."""
         headers = {'Content-Type': 'application/json'}
-        api_key = os.environ.get(self.config.api_key_env, '')
+        api_key = self._api_key()
         if api_key:
             headers['Authorization'] = f'Bearer {api_key}'
-        request = urllib.request.Request(self.url, data=body, headers=headers, method='POST')
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(300).decode('utf-8', 'replace')
-            error = VlmUnavailableError(
-                f'{self.url} answered HTTP {exc.code}: '
-                f'{quote_answer(detail)}{_http_hint(exc.code)}'
-            )
-            if exc.code in _TRANSIENT_STATUS:
-                raise _Transient(error) from exc
-            raise error from exc
-        except TimeoutError as exc:
-            raise _Transient(
-                VlmTimeoutError(f'{self.url} did not answer within {timeout_s:.1f} s')
-            ) from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise _Transient(
-                    VlmTimeoutError(f'{self.url} did not answer within {timeout_s:.1f} s')
-                ) from exc
-            raise _Transient(
-                VlmUnavailableError(
-                    f'cannot reach {self.url} ({exc.reason}); start the server or fix vlm.base_url'
+        timeout = _Transient(
+            VlmTimeoutError(f'{self.url} did not answer within {timeout_s:.1f} s')
+        )
+        with _Deadline(timeout_s) as deadline:
+            try:
+                request = urllib.request.Request(
+                    self.url, data=body, headers=headers, method='POST'
                 )
-            ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Transient(
-                VlmUnavailableError(f'connection to {self.url} failed ({exc!r}); check the server')
-            ) from exc
+                with deadline.opener().open(request, timeout=timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as exc:
+                if deadline.passed:
+                    raise timeout from exc
+                try:
+                    detail = exc.read(300).decode('utf-8', 'replace')
+                except (OSError, http.client.HTTPException):
+                    detail = ''
+                error = VlmUnavailableError(
+                    f'{self.url} answered HTTP {exc.code}: '
+                    f'{quote_answer(detail)}{_http_hint(exc.code, self.config.json_mode)}'
+                )
+                if exc.code in _TRANSIENT_STATUS:
+                    raise _Transient(error) from exc
+                raise error from exc
+            except TimeoutError as exc:
+                raise timeout from exc
+            except urllib.error.URLError as exc:
+                if deadline.passed or isinstance(exc.reason, TimeoutError):
+                    raise timeout from exc
+                raise _Transient(
+                    VlmUnavailableError(
+                        f'cannot reach {self.url} ({exc.reason}); '
+                        'start the server or fix vlm.base_url'
+                    )
+                ) from exc
+            except (ValueError, http.client.InvalidURL) as exc:  # refused by http.client
+                if deadline.passed:
+                    raise timeout from exc
+                message = str(exc).replace(api_key, '<key>') if api_key else str(exc)
+                raise VlmUnavailableError(
+                    f'request to {self.url} failed ({type(exc).__name__}: {message}); '
+                    'check vlm.base_url and the server'
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                if deadline.passed:
+                    raise timeout from exc
+                raise _Transient(
+                    VlmUnavailableError(
+                        f'connection to {self.url} failed ({exc!r}); check the server'
+                    )
+                ) from exc
+        if deadline.passed:  # the server closed the connection only when cut off
+            raise timeout
+        return raw
 
 
-def _parse_reply(raw: bytes) -> dict[str, Any]:
+class _Deadline:
+    """Cuts the connection of one request when ``timeout_s`` has passed.
+
+    A socket timeout only bounds each read; a server that sends a few bytes at a time would
+    never hit it. At the deadline a timer shuts the socket down, which ends any read or
+    write in progress; ``passed`` then tells that the failure was the deadline.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self.passed = False
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener whose connections this deadline watches."""
+        return urllib.request.build_opener(_WatchedHttp(self), _WatchedHttps(self))
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            if self.passed:
+                _shut_down(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    try:  # on the plain socket, also under TLS: the reader then sees the connection end
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class _Watched:
+    """Mixin for urllib's HTTP(S) handlers: each new connection is shown to a _Deadline."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        deadline = self.deadline
+
+        def watched(*args: Any, **conn_kwargs: Any) -> http.client.HTTPConnection:
+            conn = http_class(*args, **conn_kwargs)
+            connect = conn.connect
+
+            def connect_and_watch() -> None:
+                connect()
+                deadline.watch(conn.sock)
+
+            conn.connect = connect_and_watch
+            return conn
+
+        return super().do_open(watched, req, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHttp(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHttps(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
+def _parse_reply(raw: bytes, max_new_tokens: int) -> dict[str, Any]:
     """The JSON object in the first choice's message; refusals and odd replies raise."""
     try:
         reply = json.loads(raw)
-        message = reply['choices'][0]['message']
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        choice = reply['choices'][0]
+        message = choice['message']
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
         raise VlmOutputError(
             'server reply is not an OpenAI chat completion: '
             f'{quote_answer(raw.decode("utf-8", "replace"))}'
@@ -156,14 +280,22 @@ def _parse_reply(raw: bytes) -> dict[str, Any]:
     content = message.get('content')
     if not isinstance(content, str):
         raise VlmOutputError(f'chat completion has no text content: {quote_answer(str(message))}')
-    return parse_json_object(content)
+    cut = isinstance(choice, dict) and choice.get('finish_reason') == 'length'
+    return parse_json_answer(content, max_new_tokens if cut else None)
 
 
-def _http_hint(code: int) -> str:
+def _http_hint(code: int, json_mode: bool) -> str:
     if code in (401, 403):
         return '; put a valid API key in the environment variable named by vlm.api_key_env'
     if code == 404:
         return '; check vlm.base_url (it usually ends in /v1) and vlm.model'
     if code == 400:
-        return '; if the server rejects response_format, set vlm.json_mode to false'
+        hint = (
+            'check that the server takes images (llama.cpp: start it with --mmproj; vLLM, '
+            'Ollama: serve a vision model) and that its context size fits the images, the '
+            'prompt and vlm.max_new_tokens'
+        )
+        if json_mode:
+            hint = f'if the server rejects response_format, set vlm.json_mode false, else {hint}'
+        return f'; {hint}'
     return ''

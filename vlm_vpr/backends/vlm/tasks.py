@@ -88,14 +88,16 @@ def describe_image(
     for item in items[:num_descriptions]:
         if not isinstance(item, dict) or not isinstance(item.get('text'), str):
             raise VlmOutputError(
-                f'description {quote_answer(json.dumps(item))} is not '
-                '{"text": ..., "weight": ...}'
+                f'description {quote_answer(_dumps(item))} is not {{"text": ..., "weight": ...}}'
             )
         weight = _number(item.get('weight'), 'description weight', 0.0, math.inf)
         text = ' '.join(item['text'].split())[:MAX_DESCRIPTION_CHARS]
         if text:
             texts.append(text)
             weights.append(weight)
+    largest = max(weights, default=0.0)
+    if largest > 0:  # scaled to at most 1 first: huge finite weights must not sum to inf
+        weights = [w / largest for w in weights]
     total = sum(weights)
     return [
         Description(t, w / total if total > 0 else 1.0 / len(texts))
@@ -142,8 +144,7 @@ def pick_regions(
     for pick in picks:
         if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < len(labels):
             raise VlmOutputError(
-                f'region {quote_answer(json.dumps(pick))} is not an index in '
-                f'[0, {len(labels) - 1}]'
+                f'region {quote_answer(_dumps(pick))} is not an index in [0, {len(labels) - 1}]'
             )
         if pick not in chosen:
             chosen.append(pick)
@@ -155,14 +156,30 @@ def _field(answer: dict[str, Any], key: str, kind: type) -> Any:
     if not isinstance(value, kind):
         raise VlmOutputError(
             f'VLM answer has no {kind.__name__} {key!r} (a refusal or another '
-            f'format): {quote_answer(json.dumps(answer))}'
+            f'format): {quote_answer(_dumps(answer))}'
         )
     return value
 
 
 def _number(value: Any, what: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise VlmOutputError(f'{what} {quote_answer(json.dumps(value))} is not a number')
-    if not low <= value <= high:
-        raise VlmOutputError(f'{what} {value} is outside [{low}, {high}]')
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VlmOutputError(f'{what} {quote_answer(_dumps(value))} is not a number')
+    try:
+        number = float(value)  # OverflowError: an integer beyond the float range
+    except OverflowError as exc:
+        raise VlmOutputError(
+            f'{what} {quote_answer(_dumps(value))} is too large to be a number'
+        ) from exc
+    if not math.isfinite(number):
+        raise VlmOutputError(f'{what} {quote_answer(_dumps(value))} is not a number')
+    if not low <= number <= high:
+        raise VlmOutputError(f'{what} {number:g} is outside [{low}, {high}]')
+    return number
+
+
+def _dumps(value: Any) -> str:
+    """JSON text of (part of) an answer for a message; never raises on odd values."""
+    try:
+        return json.dumps(value)
+    except (ValueError, TypeError, RecursionError):  # e.g. an int of more than 4300 digits
+        return f'<{type(value).__name__} that cannot be shown>'
