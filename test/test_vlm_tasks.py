@@ -31,6 +31,7 @@ def answering(answer: dict[str, Any]) -> ScriptedVlm:
 
 def test_parse_json_object_accepts_a_json_fence_and_surrounding_space() -> None:
     assert parse_json_object(' ```json\n{"score": 3}\n``` ') == {'score': 3}
+    assert parse_json_object('```JSON\n{"score": 4}\n```') == {'score': 4}
 
 
 def test_parse_json_object_rejects_a_json_array() -> None:

@@ -72,7 +72,7 @@ def prepare_image_rgb(image_bgr: np.ndarray, max_side_px: int) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-_FENCE = re.compile(r'^```(?:json)?\s*(.*?)\s*```$', re.DOTALL)
+_FENCE = re.compile(r'^```(?:json)?\s*(.*?)\s*```$', re.DOTALL | re.IGNORECASE)
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
