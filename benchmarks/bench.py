@@ -27,15 +27,16 @@ percentile of warm repeated calls after 2 warm-up calls. DINOv2 has random weigh
 compute as real ones), built from the real ViT-S/14 or ViT-B/14 configuration, saved and
 loaded by folder path.
 
-Large maps are made from a real map of the first ``--build-images`` Gardens Point day_left
-images: each map row is one real image's VLAD vector plus Gaussian noise, re-normalised. The
-noise makes two copies of one image as similar as adjacent real map images are (median cosine
-c of neighbours: copy-to-original cosine sqrt(c)). PCA (the default vlad.pca_dim, 512, which a
-real map fits only above 512 images) is fitted on 1100 such copies. Search sets replicate the
-real images' descriptors the same way after a PCA to ``--search-dim`` (1024, the issue's
-figure) fitted on 1100 copies; queries are real day_right images. The full search part (1k to
-1M images, 1024-d, exact and IVF) takes about 6 min and 6 GB RAM on 2 cores;
-``--approximate ivf hnsw`` adds HNSW, whose 1M build alone takes about 16 min.
+Large maps are made from a real map of the first ``--build-images`` (at most vlad.pca_dim)
+Gardens Point day_left images: each map row is one real image's VLAD vector plus Gaussian
+noise, re-normalised. The noise makes two copies of one image as similar as adjacent real
+map images are (median cosine c of neighbours: copy-to-original cosine sqrt(c)). PCA (the
+default vlad.pca_dim, 512, which a real map fits only above 512 images) is fitted on 1100
+such copies. Search sets replicate the real images' descriptors the same way after a PCA to
+``--search-dim`` (1024, the issue's figure) fitted on 1100 copies; queries are real day_right
+images. The full search part (1k to 1M images, 1024-d, exact and IVF) takes about 6 min and
+6 GB RAM on 2 cores; ``--approximate ivf hnsw`` adds HNSW, whose 1M build alone takes
+about 16 min.
 """
 
 from __future__ import annotations
@@ -907,7 +908,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='largest search set of 1k, 10k, 100k, 1M (default 1000000; quick: 10000)',
     )
     parser.add_argument('--runs', type=int, help='timed repetitions per figure (default 30)')
-    parser.add_argument('--build-images', type=int, help='real map images (default 200)')
+    parser.add_argument(
+        '--build-images', type=int, help='real map images, at most vlad.pca_dim (default 200)'
+    )
     parser.add_argument('--map-images', type=int, help='per-frame map size (default 10000)')
     parser.add_argument('--memory-map-size', type=int, help='images of the memory map (100000)')
     parser.add_argument('--queries', type=int, help='search queries (default 50)')
@@ -921,6 +924,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (full, quick) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    pca_dim = MapBuildConfig().vlad.pca_dim
+    if not 2 <= args.build_images <= pca_dim:
+        parser.error(
+            f'--build-images must be in [2, {pca_dim}] (vlad.pca_dim): the large maps are '
+            "copies of the real map's raw VLAD vectors, which a bigger map replaces by PCA"
+        )
     return args
 
 

@@ -146,6 +146,17 @@ def test_image_encodings_read_back_as_bgr(tmp_path, images, encoding):
     assert error < 3.0 if encoding == 'jpeg' else error == 0.0
 
 
+def test_padded_image_rows_are_read_without_the_padding(tmp_path, images):
+    rows = np.hstack([images[0].reshape(240, -1), np.zeros((240, 6), np.uint8)]).reshape(-1)
+    with BagWriter(tmp_path / 'bag') as writer:
+        header = writer._header(ns(0), 'camera')
+        msg = writer._typestore.types[bags.IMAGE](header, 240, 426, 'bgr8', 0, 426 * 3 + 6, rows)
+        writer._write(IMAGE_TOPIC, ns(0), msg)
+        writer.write_pose('/pose', ns(0), Pose(0.0, 0.0))
+    [frame] = read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose')
+    np.testing.assert_array_equal(frame.image_bgr, images[0])
+
+
 @pytest.mark.parametrize(('storage', 'suffix'), STORAGES)
 @pytest.mark.parametrize('source', POSE_SOURCES)
 def test_poses_are_interpolated_at_image_stamps_for_every_pose_source(
@@ -203,6 +214,39 @@ def test_poses_are_interpolated_at_image_stamps_for_every_pose_source(
         assert abs(quat @ [-sy * sp, cy * sp, sy * cp, cy * cp]) == pytest.approx(1.0, abs=1e-9)
     assert "'outside the pose time range': 2" in caplog.text
     np.testing.assert_array_equal(frames[0].image_bgr, images[1])
+
+
+@pytest.mark.parametrize('source', [bags.POSE_STAMPED, 'tf'])
+def test_zero_header_stamps_of_images_and_poses_fall_back_to_bag_time(
+    tmp_path, images, monkeypatch, source
+):
+    header = BagWriter._header
+    monkeypatch.setattr(BagWriter, '_header', lambda self, _, frame: header(self, 0, frame))
+    poses = [(float(t), float(t), 0.0, 0.0, 0.0) for t in range(3)]
+    write_pose_bag(tmp_path / 'bag', images[:2], [0.5, 1.5], poses, source)
+    pose_topic = '/tf' if source == 'tf' else '/pose'
+    frames = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, pose_topic, min_distance_m=0))
+    assert [f.stamp_ns for f in frames] == [ns(0.5), ns(1.5)]
+    assert [f.pose.x for f in frames] == pytest.approx([0.5, 1.5])
+
+
+def test_a_tf_edge_on_both_tf_and_tf_static_is_one_edge(tmp_path, images):
+    camera = Pose(0.5, 0.0)
+    with BagWriter(tmp_path / 'bag') as writer:
+        writer.write_transforms(ns(0), [('base_link', 'camera', camera)], static=True)
+        for t in range(2):
+            writer.write_image(IMAGE_TOPIC, ns(t), images[t])
+            transforms = [
+                ('map', 'base_link', Pose(float(t), 0.0)),
+                ('base_link', 'camera', camera),
+            ]
+            writer.write_transforms(ns(t), transforms)
+    frames = list(
+        read_posed_images(
+            tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='camera', min_distance_m=0
+        )
+    )
+    assert [f.pose.x for f in frames] == pytest.approx([0.5, 1.5])
 
 
 def test_images_in_a_gap_between_poses_are_skipped(tmp_path, images, caplog):
@@ -279,6 +323,22 @@ def test_undecodable_compressed_image_is_skipped_and_the_rest_kept(tmp_path, ima
     assert 'message 1: cannot convert the image' in caplog.text
 
 
+def test_images_that_all_fail_to_decode_are_blamed_on_their_format(tmp_path, images):
+    with BagWriter(tmp_path / 'bag') as writer:
+        for t in range(2):
+            header = writer._header(ns(t), 'camera')
+            garbage = np.frombuffer(b'\xff\xd8 not a jpeg', np.uint8)
+            writer._write(
+                IMAGE_TOPIC,
+                ns(t),
+                writer._typestore.types[bags.COMPRESSED_IMAGE](header, 'jpeg', garbage),
+            )
+            writer.write_pose('/pose', ns(t), Pose(float(t), 0.0))
+    with pytest.raises(BagError, match=r"\{'undecodable': 2\}\); check the image encoding") as e:
+        list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose', min_distance_m=0))
+    assert 'pose topic' not in str(e.value)
+
+
 def test_ros1_bag_gives_posed_images_but_no_raw_replay(tmp_path, images):
     from rosbags.rosbag1 import Writer
     from rosbags.typesys import Stores, get_typestore
@@ -330,6 +390,7 @@ def test_raw_messages_deserialize_with_rclpy(tmp_path, query):
         bytes(deserialize_message(messages[0][3], CompressedImage).data), np.uint8
     )
     assert cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (240, 426, 3)
+    assert list(bags.iter_bag_messages(bag, [])) == []  # no topics: no messages
 
 
 # --- error paths -----------------------------------------------------------------------------
@@ -420,6 +481,17 @@ def test_tf_without_a_chain_to_the_base_frame_means_no_poses(tmp_path, images):
         r'map->base_link\)',
     ):
         read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='base_footprint')
+
+
+def test_a_tf_cycle_and_equal_map_and_base_frames_are_reported(tmp_path, images):
+    with BagWriter(tmp_path / 'bag') as writer:
+        writer.write_image(IMAGE_TOPIC, ns(0), images[0])
+        edges = [('odom', 'base_link'), ('base_link', 'odom')]
+        writer.write_transforms(ns(0), [(a, b, Pose(0.0, 0.0)) for a, b in edges])
+    with pytest.raises(BagError, match=r'\(a cycle base_link -> odom -> base_link;'):
+        read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf')
+    with pytest.raises(BagError, match="map_frame and base_frame are both 'map'"):
+        read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='map')
 
 
 def test_images_that_all_miss_the_pose_time_range_are_reported(tmp_path, images):

@@ -108,3 +108,12 @@ def test_replicated_rows_are_unit_vectors_as_similar_as_adjacent_rows(bench):
     assert abs(float(np.median(same_image)) - adjacent) < 0.03
     halves = bench.replicate(base, 70, 0.5, seed=2, project=lambda rows: rows[:, :128])
     assert halves.shape == (70, 128) and halves.dtype == np.float16
+
+
+@pytest.mark.parametrize('count', ['1', '513'])
+def test_bench_rejects_build_images_outside_what_its_large_maps_can_copy(
+    bench, count: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--build-images', count])
+    assert '--build-images must be in [2, 512] (vlad.pca_dim)' in capsys.readouterr().err

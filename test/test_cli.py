@@ -206,3 +206,13 @@ def test_a_config_file_that_is_not_a_mapping_is_an_error(
     config.write_text('- vlad.num_clusters: 8\n')
     assert main(['localize', '--map', '/x', '--config', str(config), 'a.png']) == 1
     assert 'is not a mapping of keys to values' in capsys.readouterr().err
+
+
+def test_map_regions_rejects_count_zero_instead_of_using_the_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from vlm_doubles import make_map
+
+    vpr_map = make_map(tmp_path, [(0, 0), (50, 0)])
+    assert main(['map', 'regions', str(vpr_map.path), '--names', 'a,b', '--count', '0']) == 1
+    assert 'region count must be >= 1, got 0' in capsys.readouterr().err

@@ -14,9 +14,11 @@ from vlm_doubles import ScriptedVlm, image_index, make_map
 from vlm_vpr.backends.text_embedding import TextEmbedder
 from vlm_vpr.backends.vlm import VlmTimeoutError
 from vlm_vpr.backends.vlm.tasks import describe_prompt
+from vlm_vpr.core import map_describe
 from vlm_vpr.core.config import RerankConfig, VlmConfig
 from vlm_vpr.core.errors import MapError, VlmError
 from vlm_vpr.core.map_describe import (
+    DESCRIPTION_EMBEDDINGS_EXTRA,
     DESCRIPTION_OWNERS_EXTRA,
     DESCRIPTIONS_EXTRA,
     build_regions,
@@ -32,6 +34,7 @@ TEXTS = {
     2: [('a tall glass office tower', 1.0), ('a multi-storey car park', 1.0)],
     3: [('a glass tower next to a parking garage', 1.0)],
 }
+SIX = {j: [(f'place number {j}', 1.0)] for j in range(6)}
 
 
 def describing(
@@ -44,6 +47,18 @@ def describing(
         return {'descriptions': [{'text': t, 'weight': w} for t, w in texts[index]]}
 
     return ScriptedVlm(answer)
+
+
+class OtherVlm(ScriptedVlm):
+    model_name = 'other-vlm'
+
+
+def stored_texts(vpr_map) -> list[list[str]]:
+    return load_map_descriptions(read_map(vpr_map.path)).texts
+
+
+def described(vlm: ScriptedVlm) -> list[int]:
+    return [images[0] for _, images, _ in vlm.calls]
 
 
 def test_describe_map_stores_texts_unit_embeddings_and_provenance(
@@ -118,3 +133,83 @@ def test_build_regions_labels_each_region_with_its_most_central_descriptions(
     assert 'brick' in regions.labels[0] and 'glass' not in regions.labels[0]
     assert 'glass' in regions.labels[1] and 'brick' not in regions.labels[1]
     assert regions.labels[0].count(';') == 1  # two descriptions joined
+
+
+def test_describe_map_stores_progress_and_resumes_where_it_stopped(
+    tmp_path: Path, embedder: TextEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vpr_map = make_map(tmp_path, [(j, 0) for j in range(6)])
+    monkeypatch.setattr(map_describe, 'SAVE_EVERY', 2)
+    seen_at_image_3 = []
+
+    def interrupted(prompt: str, images: list[np.ndarray]) -> dict[str, Any]:
+        index = image_index(images[0])
+        if index == 3:
+            seen_at_image_3.append(stored_texts(vpr_map))
+        if index == 4:
+            raise KeyboardInterrupt
+        return {'descriptions': [{'text': t, 'weight': w} for t, w in SIX[index]]}
+
+    with pytest.raises(KeyboardInterrupt):
+        describe_map(vpr_map.path, VlmConfig(), RerankConfig(), ScriptedVlm(interrupted), embedder)
+    assert seen_at_image_3 == [[['place number 0'], ['place number 1'], [], [], [], []]]
+    assert stored_texts(vpr_map) == [[t for t, _ in SIX[j]] for j in range(4)] + [[], []]
+    vlm = describing(SIX)
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), vlm, embedder)
+    assert described(vlm) == [4, 5]
+    assert stored_texts(vpr_map) == [[t for t, _ in SIX[j]] for j in range(6)]
+
+
+def test_describe_map_keeps_earlier_texts_when_describing_again_fails(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
+    vpr_map = make_map(tmp_path, [(j, 0) for j in range(6)])
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(SIX, {5}), embedder)
+    retry = describing(SIX)
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), retry, embedder)
+    assert described(retry) == [5]  # the same VLM and prompt: only the failed image again
+
+    other = {j: [(f'another view {j}', 1.0)] for j in range(6)}
+    new_model = OtherVlm(describing(other, {2, 3}).answer)
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), new_model, embedder)
+    meta = read_map(vpr_map.path).read_extra_json(DESCRIPTIONS_EXTRA)
+    assert (meta['model'], meta['failed'], meta['stale']) == ('other-vlm', [2, 3], [2, 3])
+    texts = stored_texts(vpr_map)
+    assert texts[2] == ['place number 2'] and texts[4] == ['another view 4']
+    stored = load_map_descriptions(read_map(vpr_map.path))
+    assert stored.embeddings[2] == pytest.approx(embedder.embed(['place number 2'])[0], abs=1e-5)
+
+    new_model = OtherVlm(describing(other).answer)
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), new_model, embedder)
+    assert described(new_model) == [2, 3]
+    assert read_map(vpr_map.path).read_extra_json(DESCRIPTIONS_EXTRA)['stale'] == []
+    assert stored_texts(vpr_map) == [[f'another view {j}'] for j in range(6)]
+
+
+def test_describe_map_counts_blank_descriptions_as_failures(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
+    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (2, 0)])
+    blank = {0: [('  ', 1.0)], 1: [('', 1.0)], 2: TEXTS[0]}
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(blank), embedder)
+    assert read_map(vpr_map.path).read_extra_json(DESCRIPTIONS_EXTRA)['failed'] == [0, 1]
+    other = make_map(tmp_path / 'other', [(0, 0), (1, 0)])
+    with pytest.raises(VlmError, match='all 2 map images failed.*no usable description'):
+        describe_map(other.path, VlmConfig(), RerankConfig(), describing(blank), embedder)
+
+
+def test_load_map_descriptions_rejects_embeddings_of_other_texts_and_describe_repairs_it(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
+    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    stored = load_map_descriptions(read_map(vpr_map.path))
+    others = embedder.embed([f'something else {i}' for i in range(len(stored.embeddings))])
+    write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, others)  # a crash before the JSON
+    with pytest.raises(MapError, match='not written together.*map describe'):
+        load_map_descriptions(read_map(vpr_map.path))
+    vlm = describing(TEXTS)
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), vlm, embedder)
+    assert vlm.calls == []
+    repaired = load_map_descriptions(read_map(vpr_map.path))
+    assert repaired.embeddings == pytest.approx(stored.embeddings, abs=1e-5)

@@ -66,6 +66,12 @@ def test_cluster_positions_never_makes_more_regions_than_distinct_positions() ->
     assert len(centres) == 2 and region_of_image.tolist() == [0, 0, 1]
 
 
+@pytest.mark.parametrize('count', [0, -2])
+def test_cluster_positions_rejects_a_count_below_one(count: int) -> None:
+    with pytest.raises(ConfigError, match=f'region count must be >= 1, got {count}'):
+        cluster_positions(np.array(POSITIONS, float), count)
+
+
 def test_build_regions_stores_user_names_and_load_regions_reads_them(region_map) -> None:
     regions = load_regions(region_map)
     assert regions.labels == NAMES
@@ -77,6 +83,13 @@ def test_build_regions_rejects_a_wrong_number_of_names(tmp_path: Path) -> None:
     vpr_map = make_map(tmp_path, POSITIONS)
     with pytest.raises(ConfigError, match='2 region names given for 3 regions'):
         build_regions(vpr_map.path, 3, NAMES[:2])
+
+
+def test_build_regions_rejects_repeated_names(tmp_path: Path) -> None:
+    vpr_map = make_map(tmp_path, POSITIONS)
+    with pytest.raises(ConfigError, match='region names must be distinct'):
+        build_regions(vpr_map.path, 3, ['gate', 'plaza', 'gate'])
+    assert load_regions(read_map(vpr_map.path)) is None
 
 
 def test_build_regions_without_names_needs_map_descriptions(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import PoseWithCovarianceStamped
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from vlm_vpr.core.bags import BagWriter, write_traversal_bag
 from vlm_vpr.core.datasets import Traversal, read_traversal
@@ -191,6 +192,63 @@ def test_replay_skips_topics_whose_message_type_is_not_installed(tmp_path: Path)
     assert replay_bag(bag, start_delay_s=0.0) == {'/truth': 1}  # /tf left out, with a warning
     with pytest.raises(BagError, match='tf2_msgs/msg/TFMessage is not installed'):
         replay_bag(bag, topics=['/tf'], start_delay_s=0.0)
+
+
+def test_replay_refuses_a_bag_without_an_installed_message_type(tmp_path: Path) -> None:
+    from rosbags.typesys import get_types_from_msg
+
+    bag = tmp_path / 'unknown_bag'
+    with BagWriter(bag) as writer:
+        store = writer._typestore
+        store.register(get_types_from_msg('int32 x', 'vpr_test_msgs/msg/Unknown'))
+        writer._write('/unknown', T0_NS, store.types['vpr_test_msgs/msg/Unknown'](1))
+    with pytest.raises(
+        BagError,
+        match=r'no topic .* can be replayed: .* \(/unknown \[vpr_test_msgs/msg/Unknown\]\)',
+    ):
+        replay_bag(bag, start_delay_s=0.0)
+
+
+def test_replay_latches_every_tf_static_message_for_a_late_subscriber(tmp_path: Path) -> None:
+    # PoseStamped stands in for tf2_msgs/TFMessage (maybe not installed): the latched QoS
+    # belongs to the topic name
+    bag = tmp_path / 'static_bag'
+    with BagWriter(bag) as writer:
+        for i, child in enumerate(['camera', 'lidar', 'imu']):
+            writer.write_pose('/tf_static', T0_NS + i, Pose(0.0, 0.0), frame_id=child)
+        writer.write_pose('/later', T0_NS + 30 * 10**9, Pose(0.0, 0.0))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('late_subscriber', context=context)
+    stop = threading.Event()
+    replay = threading.Thread(
+        target=replay_bag, args=(bag,), kwargs={'context': context, 'stop': stop}
+    )
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        replay.start()
+        assert wait_until(lambda: node.count_publishers('/tf_static') > 0, 10.0)
+        time.sleep(1.5)  # replay_bag's start_delay_s (1 s) passes: /tf_static is published
+        got: list[str] = []
+        qos = QoSProfile(
+            depth=10,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
+        node.create_subscription(
+            PoseStamped, '/tf_static', lambda m: got.append(m.header.frame_id), qos
+        )
+        deadline = time.monotonic() + 5.0
+        while len(got) < 3 and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        stop.set()
+        replay.join(timeout=10.0)
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    assert got == ['camera', 'lidar', 'imu']
 
 
 def test_replay_keeps_the_recorded_timing(query_bag: Path) -> None:

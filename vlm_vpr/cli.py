@@ -470,7 +470,8 @@ def _cmd_map_regions(args: argparse.Namespace) -> int:
 
     _, query_config = split_config(load_overrides(args))
     names = [n.strip() for n in args.names.split(',')] if args.names else None
-    print(build_regions(args.map, args.count or query_config.rerank.region_count, names))
+    count = query_config.rerank.region_count if args.count is None else args.count
+    print(build_regions(args.map, count, names))
     return 0
 
 

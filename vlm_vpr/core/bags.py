@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -50,7 +51,8 @@ TRUTH_STD_M = 0.01  # standard deviation written in the covariance of ground-tru
 
 class PosedImage(NamedTuple):
     """One keyframe of a bag: ``image_bgr`` is [H x W x 3] uint8 BGR; ``pose`` is in the map
-    frame at ``stamp_ns`` (the image header stamp, ns since the epoch)."""
+    frame at ``stamp_ns`` (the image header stamp, or its recording time where that stamp is
+    zero; ns since the epoch)."""
 
     name: str
     stamp_ns: int
@@ -90,6 +92,8 @@ def iter_bag_messages(
             for topic in topics:
                 _topic_type(reader, topic, None)
             connections = [c for c in connections if c.topic in set(topics)]
+        if not connections:
+            return  # rosbags reads every connection when given none
         for connection, stamp_ns, raw in reader.messages(connections=connections):
             yield connection.topic, connection.msgtype, stamp_ns, bytes(raw)
 
@@ -113,7 +117,8 @@ def read_posed_images(
     ``tf2_msgs/msg/TFMessage`` topic such as ``/tf`` (plus ``/tf_static`` when recorded), from
     which the chain ``map_frame -> ... -> base_frame`` is composed. Each image's pose is
     interpolated at its header stamp (linear position, slerp rotation) between the two
-    surrounding pose samples; images outside the poses' time range or between samples more
+    surrounding pose samples (a zero header stamp of an image, pose or transform means its
+    recording time); images outside the poses' time range or between samples more
     than ``max_pose_gap_s`` apart are skipped and counted in the log. An image is kept when it
     is the first, or lies ``min_distance_m`` from the last kept one, or has turned
     ``min_rotation_rad`` from it (set both to 0 to keep every image).
@@ -124,6 +129,8 @@ def read_posed_images(
     """
     if min_distance_m < 0 or min_rotation_rad < 0 or max_pose_gap_s <= 0:
         raise BagError('min_distance_m and min_rotation_rad must be >= 0 and max_pose_gap_s > 0')
+    if map_frame == base_frame:
+        raise BagError(f'map_frame and base_frame are both {map_frame!r}; give two frames')
     with _open_bag(bag_path) as reader:
         _topic_type(reader, image_topic, IMAGE_TYPES)
         pose_type = _topic_type(reader, pose_topic, POSE_TYPES)
@@ -199,8 +206,9 @@ def _topic_type(reader: Any, topic: str, allowed: Sequence[str] | None) -> str:
     return msgtype
 
 
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+def _stamp_ns(header: Any, bag_ns: int) -> int:
+    """The header stamp, or the recording time ``bag_ns`` where the stamp is zero (unset)."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec) or bag_ns
 
 
 def _xyz_quat(point: Any, quaternion: Any) -> tuple[list[float], list[float]]:
@@ -216,10 +224,11 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
     samples: list[tuple[int, list[float], list[float]]] = []
     frames: Counter[str] = Counter()
     connections = [c for c in reader.connections if c.topic == topic]
-    for connection, _, raw in reader.messages(connections=connections):
+    for connection, bag_ns, raw in reader.messages(connections=connections):
         msg = reader.deserialize(raw, connection.msgtype)
         pose = msg.pose if connection.msgtype == POSE_STAMPED else msg.pose.pose
-        samples.append((_stamp_ns(msg.header), *_xyz_quat(pose.position, pose.orientation)))
+        stamp_ns = _stamp_ns(msg.header, bag_ns)
+        samples.append((stamp_ns, *_xyz_quat(pose.position, pose.orientation)))
         frames[_strip(msg.header.frame_id)] += 1
     if not samples:
         raise BagError(
@@ -238,32 +247,43 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
 
 
 def _read_tf_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> list[_Track]:
-    """Tracks from ``map_frame`` down to ``base_frame`` (TF edges are parent -> child)."""
-    topics = {topic: False}
+    """Tracks from ``map_frame`` down to ``base_frame`` (TF edges are parent -> child). An edge
+    is static when only ``/tf_static`` carries it; one on both topics is one moving edge."""
+    topics = {topic}
     if any(c.topic == TF_STATIC_TOPIC and c.msgtype == TF_MESSAGE for c in reader.connections):
-        topics[TF_STATIC_TOPIC] = True
-    edges: dict[tuple[str, str, bool], list[tuple[int, list[float], list[float]]]] = {}
+        topics.add(TF_STATIC_TOPIC)
+    edges: dict[tuple[str, str], list[tuple[int, list[float], list[float]]]] = {}
+    moving: set[tuple[str, str]] = set()
     connections = [c for c in reader.connections if c.topic in topics]
-    for connection, _, raw in reader.messages(connections=connections):
+    for connection, bag_ns, raw in reader.messages(connections=connections):
         for tf in reader.deserialize(raw, connection.msgtype).transforms:
-            key = (_strip(tf.header.frame_id), _strip(tf.child_frame_id), topics[connection.topic])
+            edge = (_strip(tf.header.frame_id), _strip(tf.child_frame_id))
             sample = _xyz_quat(tf.transform.translation, tf.transform.rotation)
-            edges.setdefault(key, []).append((_stamp_ns(tf.header), *sample))
+            edges.setdefault(edge, []).append((_stamp_ns(tf.header, bag_ns), *sample))
+            if connection.topic != TF_STATIC_TOPIC:
+                moving.add(edge)
     chain: list[_Track] = []
-    frame = base_frame
-    while frame != map_frame:
-        parents = [key for key in edges if key[1] == frame]
-        if len(parents) != 1 or len(chain) > len(edges):
-            seen = ', '.join(sorted({f'{p}->{c}' for p, c, _ in edges})) or 'none'
-            problem = 'several parents' if len(parents) > 1 else f'no parent of {frame!r}'
-            raise BagError(
-                f'no poses: TF on {topic} has no chain {map_frame} -> {base_frame} '
-                f'({problem}; transforms: {seen}); set map_frame / base_frame to '
-                'frames in the bag'
-            )
-        parent, child, static = parents[0]
-        chain.append(_make_track(topic, parent, child, edges[parents[0]], static))
-        frame = parent
+    frames = [base_frame]  # from base_frame up towards map_frame
+    while frames[-1] != map_frame:
+        frame = frames[-1]
+        parents = sorted(p for p, c in edges if c == frame)
+        if len(parents) == 1 and parents[0] not in frames:
+            edge = (parents[0], frame)
+            chain.append(_make_track(topic, *edge, edges[edge], static=edge not in moving))
+            frames.append(parents[0])
+            continue
+        if not parents:
+            problem = f'no parent of {frame!r}'
+        elif len(parents) > 1:
+            problem = f'several parents of {frame!r}: {", ".join(parents)}'
+        else:
+            cycle = frames[frames.index(parents[0]) :] + parents
+            problem = f'a cycle {" -> ".join(reversed(cycle))}'
+        seen = ', '.join(sorted(f'{p}->{c}' for p, c in edges)) or 'none'
+        raise BagError(
+            f'no poses: TF on {topic} has no chain {map_frame} -> {base_frame} '
+            f'({problem}; transforms: {seen}); set map_frame / base_frame to frames in the bag'
+        )
     return chain[::-1]
 
 
@@ -397,7 +417,6 @@ def _iter_keyframes(
     progress: bool,
 ) -> Iterator[PosedImage]:
     from rosbags.image import ImageError as RosImageError
-    from rosbags.image import message_to_cvimage
     from tqdm import tqdm
 
     skipped: Counter[str] = Counter()
@@ -415,7 +434,7 @@ def _iter_keyframes(
         )
         for index, (connection, bag_ns, raw) in enumerate(messages):
             msg = reader.deserialize(raw, connection.msgtype)
-            stamp_ns = _stamp_ns(msg.header) or bag_ns  # a zero header stamp: use bag time
+            stamp_ns = _stamp_ns(msg.header, bag_ns)
             try:
                 xyz, quat = pose_at(stamp_ns)
             except _PoseUnavailable as exc:
@@ -428,7 +447,7 @@ def _iter_keyframes(
                 skipped['not a keyframe'] += 1
                 continue
             try:
-                image = as_bgr(message_to_cvimage(msg, 'bgr8'))
+                image = as_bgr(image_message_to_cvimage(msg, 'bgr8'))
             # rosbags-image asserts on undecodable CompressedImage data and numpy raises
             # TypeError on an Image whose data is shorter than height * step
             except (RosImageError, ImageError, AssertionError, TypeError, ValueError) as exc:
@@ -448,10 +467,34 @@ def _iter_keyframes(
         '%s: kept %d of %d images; skipped: %s', image_topic, kept, total, dict(skipped) or 'none'
     )
     if kept == 0:
+        undecodable = bool(skipped) and skipped.most_common(1)[0][0] == 'undecodable'
+        advice = (
+            'check the image encoding / format (the warnings above say why each failed)'
+            if undecodable
+            else 'check that the pose topic covers the image stamps'
+        )
         raise BagError(
             f'no image on {image_topic} has a pose ({total} images; skipped: '
-            f'{dict(skipped)}); check that the pose topic covers the image stamps'
+            f'{dict(skipped)}); {advice}'
         )
+
+
+def image_message_to_cvimage(msg: Any, encoding: str | None = None) -> np.ndarray:
+    """An Image or CompressedImage message (of rosbags or rclpy) as an OpenCV array, converted
+    to ``encoding`` when given, by rosbags-image. That library reads Image rows as tightly
+    packed, so row padding (``step`` beyond a row's bytes) is dropped first; ImageError when
+    ``step`` is shorter than a row."""
+    from rosbags.image import compressed_image_to_cvimage, image_to_cvimage
+
+    if hasattr(msg, 'format'):
+        return compressed_image_to_cvimage(msg, encoding)
+    fields = {'width': msg.width, 'encoding': msg.encoding, 'is_bigendian': msg.is_bigendian}
+    row = image_to_cvimage(SimpleNamespace(height=1, data=bytes(msg.data[: msg.step]), **fields))
+    if row.nbytes > msg.step:
+        raise ImageError(f'step {msg.step} is shorter than a row of {row.nbytes} bytes')
+    data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
+    rows = data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes()
+    return image_to_cvimage(SimpleNamespace(height=msg.height, data=rows, **fields), encoding)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
   from the descriptions or given by the user (``region`` re-ranker). Cheap; no VLM needed.
 
 ```
-extras/vlm_descriptions.json            model, prompt, embedder, per-image texts and weights
+extras/vlm_descriptions.json            model, prompt, embedder, per-image texts and weights,
+                                        failed and stale images, SHA-256 of the two arrays
 extras/vlm_description_embeddings.npy   [M x E] float32, L2-normalised, one row per description
 extras/vlm_description_owners.npy       [M] int32, map index of each row (ascending)
 extras/vlm_regions.json                 labels, centres, where the labels came from
@@ -17,6 +18,7 @@ extras/vlm_region_of_image.npy          [N] int32, region of each map image
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ REGIONS_EXTRA = 'vlm_regions'
 REGION_OF_IMAGE_EXTRA = 'vlm_region_of_image'
 LABEL_TEXTS = 2  # most central descriptions joined into a region label
 KMEANS_ITERATIONS = 50
+SAVE_EVERY = 20  # images described between two stores of `map describe` progress
 
 
 @dataclass
@@ -76,11 +79,15 @@ def describe_map(
     """Describe every map thumbnail with the VLM, embed the texts, store both in the map.
 
     ``client`` / ``embedder`` default to the ones ``vlm`` and ``rerank.text_embedder`` name.
-    An image whose description fails keeps no descriptions (logged, listed as ``failed``);
-    VlmError if every image fails. Returns the map folder.
+    Resumable: progress is stored every SAVE_EVERY images and when the run ends or stops. A
+    re-run skips the images that already have texts from the same VLM (``client.model_name``)
+    and prompt (which holds ``rerank.num_descriptions``), both stored, and only embeds their
+    texts again. An image whose description fails (VlmError or no usable text) is logged and
+    listed as ``failed``; it keeps its earlier texts, if any, listed as ``stale`` until a run
+    describes it. VlmError if every image tried fails. Returns the map folder.
     """
     from vlm_vpr.backends.text_embedding import TextEmbedder
-    from vlm_vpr.backends.vlm import create_vlm_client
+    from vlm_vpr.backends.vlm import VlmOutputError, create_vlm_client
     from vlm_vpr.backends.vlm.tasks import describe_image, describe_prompt
 
     vpr_map = read_map(map_dir, load_index=False)
@@ -92,63 +99,119 @@ def describe_map(
     client = client or create_vlm_client(vlm)
     embedder = embedder or TextEmbedder(rerank.text_embedder)
     timeout_s = vlm.timeout_s * (vlm.retries + 1)
-    per_image: list[list[dict[str, float | str]]] = []
+    prompt = describe_prompt(rerank.num_descriptions)
+    per_image, stale = _earlier_descriptions(vpr_map, client.model_name, prompt)
+    counts = np.cumsum([len(descriptions) for descriptions in per_image])[:-1]
+    vectors = np.split(embedder.embed([str(d['text']) for ds in per_image for d in ds]), counts)
+    todo = [j for j, descriptions in enumerate(per_image) if not descriptions or j in stale]
     failed: list[int] = []
     first_error = ''
+
+    def save() -> None:
+        if any(per_image):
+            meta = {
+                'model': client.model_name,
+                'prompt': prompt,
+                'text_embedder': embedder.model_name,
+                'failed': failed,
+                'stale': sorted(stale),
+            }
+            _save_descriptions(vpr_map.path, meta, per_image, vectors)
+
     start = time.monotonic()
-    for j in range(len(vpr_map)):
-        image = vpr_map.thumbnail(j)
-        if image is None:
-            raise MapError(f'thumbnail {j} of map {vpr_map.path} is missing; rebuild the map')
-        try:
-            described = describe_image(client, image, rerank.num_descriptions, timeout_s)
-        except VlmError as exc:
-            log.warning(
-                'map image %d (%s): description failed: %s', j, vpr_map.content.image_names[j], exc
-            )
-            failed.append(j)
-            first_error = first_error or str(exc)
-            described = []
-        per_image.append([{'text': d.text, 'weight': d.weight} for d in described])
-        if (j + 1) % 50 == 0:
-            log.info(
-                'described %d / %d map images (%.1f s)',
-                j + 1,
-                len(vpr_map),
-                time.monotonic() - start,
-            )
-    if len(failed) == len(vpr_map):
+    try:
+        for done, j in enumerate(todo, 1):
+            image = vpr_map.thumbnail(j)
+            if image is None:
+                raise MapError(f'thumbnail {j} of map {vpr_map.path} is missing; rebuild the map')
+            try:
+                described = describe_image(client, image, rerank.num_descriptions, timeout_s)
+                if not described:
+                    raise VlmOutputError('the VLM gave no usable description')
+            except VlmError as exc:
+                name = vpr_map.content.image_names[j]
+                log.warning('map image %d (%s): description failed: %s', j, name, exc)
+                failed.append(j)
+                first_error = first_error or str(exc)
+            else:
+                per_image[j] = [{'text': d.text, 'weight': d.weight} for d in described]
+                vectors[j] = embedder.embed([d.text for d in described])
+                stale.discard(j)
+            if done % SAVE_EVERY == 0:
+                elapsed = time.monotonic() - start
+                log.info('described %d / %d map images (%.1f s)', done, len(todo), elapsed)
+                save()
+    finally:
+        save()
+    if todo and len(failed) == len(todo):
         raise VlmError(
-            f'all {len(vpr_map)} map images failed to be described (first error: '
+            f'all {len(todo)} map images failed to be described (first error: '
             f'{first_error}); check the VLM with one image first'
         )
-    texts = [str(d['text']) for descriptions in per_image for d in descriptions]
-    owners = np.array(
-        [j for j, descriptions in enumerate(per_image) for _ in descriptions], dtype=np.int32
-    )
-    embeddings = embedder.embed(texts)
-    write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, embeddings)
-    write_extra(vpr_map.path, DESCRIPTION_OWNERS_EXTRA, owners)
-    write_extra(
-        vpr_map.path,
-        DESCRIPTIONS_EXTRA,
-        {
-            'model': client.model_name,
-            'prompt': describe_prompt(rerank.num_descriptions),
-            'text_embedder': embedder.model_name,
-            'embedding_dim': int(embeddings.shape[1]),
-            'failed': failed,
-            'images': per_image,
-        },
-    )
     log.info(
-        'described %d map images (%d failed, %d descriptions) in %.1f s',
-        len(vpr_map),
+        'described %d map images (%d failed, %d kept from earlier runs) in %.1f s',
+        len(todo),
         len(failed),
-        len(texts),
+        len(per_image) - len(todo),
         time.monotonic() - start,
     )
     return vpr_map.path
+
+
+def _earlier_descriptions(
+    vpr_map: VprMap, model: str, prompt: str
+) -> tuple[list[list[dict[str, float | str]]], set[int]]:
+    """Per map image, the descriptions an earlier `map describe` stored, and the images among
+    them to describe again: all if they came from another VLM or prompt, else the stale ones."""
+    try:
+        meta = vpr_map.read_extra_json(DESCRIPTIONS_EXTRA)
+        if meta is None:
+            return [[] for _ in range(len(vpr_map))], set()
+        per_image = [
+            [{'text': str(d['text']), 'weight': float(d['weight'])} for d in descriptions]
+            for descriptions in meta['images']
+        ]
+        if len(per_image) != len(vpr_map):
+            raise ValueError(f'{len(per_image)} images, the map has {len(vpr_map)}')
+        if (meta['model'], meta['prompt']) == (model, prompt):
+            return per_image, {int(j) for j in meta.get('stale', [])}
+        return per_image, {j for j, descriptions in enumerate(per_image) if descriptions}
+    except (MapError, KeyError, TypeError, ValueError) as exc:
+        log.warning('ignoring the stored descriptions of %s (%s)', vpr_map.path, exc)
+        return [[] for _ in range(len(vpr_map))], set()
+
+
+def _save_descriptions(
+    map_dir: Path,
+    meta: dict[str, object],
+    per_image: list[list[dict[str, float | str]]],
+    vectors: list[np.ndarray],
+) -> None:
+    """Store the rows, then the JSON that names their digest: a reader of a set that a crash
+    left half-written gets a MapError, not texts beside other texts' embeddings."""
+    embeddings = np.concatenate(vectors).astype(np.float32)
+    owners = np.array(
+        [j for j, descriptions in enumerate(per_image) for _ in descriptions], dtype=np.int32
+    )
+    write_extra(map_dir, DESCRIPTION_EMBEDDINGS_EXTRA, embeddings)
+    write_extra(map_dir, DESCRIPTION_OWNERS_EXTRA, owners)
+    write_extra(
+        map_dir,
+        DESCRIPTIONS_EXTRA,
+        meta
+        | {
+            'embedding_dim': int(embeddings.shape[1]),
+            'rows_sha256': _rows_digest(embeddings, owners),
+            'images': per_image,
+        },
+    )
+
+
+def _rows_digest(embeddings: np.ndarray, owners: np.ndarray) -> str:
+    """SHA-256 of the float32 embeddings and int32 owners, tying them to their JSON."""
+    digest = hashlib.sha256(np.ascontiguousarray(embeddings, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(owners, np.int32).tobytes())
+    return digest.hexdigest()
 
 
 def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
@@ -187,6 +250,12 @@ def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
             f'map descriptions of {vpr_map.path} do not match the map (other image '
             'count or missing rows); run `vlm-vpr map describe` again'
         )
+    if meta.get('rows_sha256') != _rows_digest(result.embeddings, result.owners):
+        raise MapError(
+            f'map description texts and embeddings of {vpr_map.path} were not written '
+            'together (an interrupted write?); run `vlm-vpr map describe` again (it keeps '
+            'the texts and embeds them again)'
+        )
     return result
 
 
@@ -197,6 +266,8 @@ def build_regions(map_dir: str | Path, count: int, names: list[str] | None = Non
     image 0) or, without names, the most central map descriptions of each region. Returns the
     map folder.
     """
+    if names is not None and len(set(names)) != len(names):
+        raise ConfigError(f'region names must be distinct, got {names}')
     vpr_map = read_map(map_dir, load_index=False)
     region_of_image, centres = cluster_positions(vpr_map.positions_xyz[:, :2], count)
     num_regions = len(centres)
@@ -267,6 +338,8 @@ def cluster_positions(xy: np.ndarray, count: int, seed: int = 0) -> tuple[np.nda
     Returns (region of each position [N] int32, centres [R x 2] float64); regions are numbered
     in order of their first member, so region 0 holds position 0.
     """
+    if count < 1:
+        raise ConfigError(f'region count must be >= 1, got {count}')
     xy = np.asarray(xy, dtype=np.float64)
     k = min(count, len(np.unique(xy, axis=0)))
     rng = np.random.default_rng(seed)

@@ -9,7 +9,6 @@ counts.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from sensor_msgs.msg import Image
 from visualization_msgs.msg import Marker, MarkerArray
 
+from vlm_vpr.core.bags import image_message_to_cvimage
 from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import MAX_IMAGE_PIXELS, as_bgr, rectify_image
 from vlm_vpr.core.types import Pose
@@ -100,35 +100,11 @@ def _convert(msg: Any, compressed: bool) -> np.ndarray:
     return image
 
 
-def _convert_rosbags(msg: Any, encoding: str) -> np.ndarray | None:
-    from rosbags.image import compressed_image_to_cvimage, image_to_cvimage
-
-    if hasattr(msg, 'format'):
-        return compressed_image_to_cvimage(msg, encoding)
-    # rosbags-image reads rows as tightly packed: drop any row padding (step > row bytes)
-    row = image_to_cvimage(
-        SimpleNamespace(
-            height=1,
-            width=msg.width,
-            encoding=msg.encoding,
-            is_bigendian=msg.is_bigendian,
-            data=bytes(msg.data[: msg.step]),
-        )
-    )
-    if row.nbytes > msg.step:
-        raise FrameSkipped(
-            'corrupt',
-            f'{_describe(msg)}: step {msg.step} is shorter than a row of {row.nbytes} bytes',
-        )
-    data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
-    packed = SimpleNamespace(
-        height=msg.height,
-        width=msg.width,
-        encoding=msg.encoding,
-        is_bigendian=msg.is_bigendian,
-        data=data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes(),
-    )
-    return image_to_cvimage(packed, encoding)
+def _convert_rosbags(msg: Any, encoding: str) -> np.ndarray:
+    try:
+        return image_message_to_cvimage(msg, encoding)
+    except ImageError as exc:  # an Image whose step is shorter than a row
+        raise FrameSkipped('corrupt', f'{_describe(msg)}: {exc}') from exc
 
 
 def _describe(msg: Any) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import rclpy
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from vlm_vpr.core.bags import TF_STATIC_TOPIC, iter_bag_messages, list_topics
 from vlm_vpr.core.errors import BagError
@@ -49,9 +49,10 @@ def replay_bag(
     """Publish the bag's messages (all topics, or ``topics``) at ``rate`` x recorded speed.
 
     Topics whose message type is not installed are skipped with a warning (e.g. /tf where
-    tf2_msgs is missing), unless named in ``topics`` (then BagError). ``start_delay_s`` leaves
-    time for subscribers to connect. Uses ``context`` (a initialised rclpy Context) or an own
-    one. Returns ``{topic: messages published}``. ``stop`` ends the replay early.
+    tf2_msgs is missing), unless named in ``topics`` or none is left (then BagError).
+    ``start_delay_s`` leaves time for subscribers to connect. Uses ``context`` (a initialised
+    rclpy Context) or an own one. Returns ``{topic: messages published}``. ``stop`` ends the
+    replay early.
     """
     if not rate > 0:
         raise BagError(f'--rate must be > 0, got {rate}')
@@ -68,6 +69,12 @@ def replay_bag(
             if topics:
                 raise
             log.warning('skipping %s: %s', topic, exc)
+    if not classes:
+        types = ', '.join(f'{t} [{available[t]}]' for t in chosen) or 'none'
+        raise BagError(
+            f'no topic of {bag_path} can be replayed: no message type of its topics is '
+            f'installed ({types}); install their ROS packages (or PyPI wheels)'
+        )
     own_context = context is None
     if own_context:
         context = rclpy.Context()
@@ -101,10 +108,11 @@ def _play(
 
 
 def _qos(topic: str) -> QoSProfile:
-    """Reliable depth 10 (matches reliable and best-effort subscribers); latched /tf_static."""
+    """Reliable depth 10 (matches reliable and best-effort subscribers); /tf_static latched,
+    keeping every message (each may hold different transforms) for late subscribers."""
     if topic == TF_STATIC_TOPIC:
         return QoSProfile(
-            depth=1,
+            history=HistoryPolicy.KEEP_ALL,
             reliability=ReliabilityPolicy.RELIABLE,
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
