@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from vlm_vpr.cli import main
+from vlm_vpr.core.map_describe import load_regions
+from vlm_vpr.core.map_format import read_map
 
 
 def test_map_build_info_and_localize_on_corridor(
@@ -197,6 +199,9 @@ def test_localize_in_an_unknown_region_names_the_fix(
     capsys.readouterr()
     assert main(['localize', '--map', str(copy), '--region', 'gate', 'x.png']) == 1
     assert "no region 'gate'" in capsys.readouterr().err
+    assert main(['map', 'regions', str(copy), '--names', 'east,west,gate']) == 0  # 3 regions
+    regions = load_regions(read_map(copy, load_index=False))
+    assert regions is not None and regions.labels == ['east', 'west', 'gate']
 
 
 def test_a_config_file_that_is_not_a_mapping_is_an_error(
@@ -216,3 +221,16 @@ def test_map_regions_rejects_count_zero_instead_of_using_the_default(
     vpr_map = make_map(tmp_path, [(0, 0), (50, 0)])
     assert main(['map', 'regions', str(vpr_map.path), '--names', 'a,b', '--count', '0']) == 1
     assert 'region count must be >= 1, got 0' in capsys.readouterr().err
+
+
+def test_map_build_settings_that_differ_from_an_existing_map_are_refused(
+    campus_map: Path, data_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = str(data_root / 'campus_loop' / 'query' / 'images' / 'image_1.png')
+    built = read_map(campus_map, load_index=False).build_config.vlad.num_clusters
+    localize = ['localize', '--map', str(campus_map), image, '--set']
+    assert main([*localize, f'vlad.num_clusters={built * 2}']) == 1
+    err = capsys.readouterr().err
+    assert f'vlad.num_clusters={built * 2} (built with {built})' in err and 'new --map' in err
+    assert main([*localize, f'vlad.num_clusters={built}']) == 0  # what it was built with
+    assert json.loads(capsys.readouterr().out)['candidates']

@@ -223,7 +223,9 @@ def in_map_rows(evidence: list[dict[str, float]], correct: np.ndarray) -> list[d
     ]
 
 
-def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: Path) -> None:
+def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     map_dir = tiny_map(tmp_path)
     evidence, correct = synthetic_evidence(400, seed=5)
     per_query = in_map_rows(evidence, correct)
@@ -240,7 +242,9 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(tmp_path: P
     other = LocalizerConfig(sequence=SequenceConfig(length=1))  # settings it was not fitted for
     assert not Calibration.from_map(read_map(map_dir, load_index=False), other).fitted
     uncalibrated = read_map(tiny_map(tmp_path / 'b'), load_index=False)
-    assert not Calibration.from_map(uncalibrated, config).fitted
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        assert not Calibration.from_map(uncalibrated, config).fitted
+    assert 'has no confidence calibration: using default weights' in caplog.text
 
     # a calibration for other settings is kept beside it; one for the same settings replaces it
     calibrate({'per_query': per_query[:200]}, map_dir, other)

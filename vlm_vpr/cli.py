@@ -93,9 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     regions.add_argument('map', type=Path)
     regions.add_argument(
-        '--count', type=int, help='number of regions (default rerank.region_count)'
+        '--count',
+        type=int,
+        help='number of regions (default: as many as --names, else rerank.region_count)',
     )
-    regions.add_argument('--names', help='comma-separated region names, in route order')
+    regions.add_argument(
+        '--names',
+        help='comma-separated region names, in route order (without them the regions are '
+        "named from the map's VLM descriptions: run `map describe` first)",
+    )
     _add_config_args(regions)
     regions.set_defaults(run=_cmd_map_regions)
 
@@ -311,7 +317,33 @@ def load_overrides(args: argparse.Namespace, keep_initial_pose: bool = False) ->
         values['rerank.chain'] = [r.strip() for r in args.rerank.split(',') if r.strip()]
     if getattr(args, 'sequence', None):
         values['sequence.length'] = args.sequence
+    if getattr(args, 'map', None) is not None:
+        _refuse_build_keys_of_another_map(values, args.map)
     return values
+
+
+def _refuse_build_keys_of_another_map(values: dict[str, Any], map_dir: Path) -> None:
+    """ConfigError when map-build settings in ``values`` differ from those the existing map at
+    ``map_dir`` was built with: they apply only when a map is built (the backbone is checked
+    by the commands themselves)."""
+    build_only = set(to_flat_dict(MapBuildConfig())) - set(to_flat_dict(LocalizerConfig()))
+    given = {k: v for k, v in values.items() if k in build_only and k != 'features.backbone'}
+    if not given or not (Path(map_dir) / 'manifest.json').is_file():
+        return
+    from vlm_vpr.core.map_format import read_map
+
+    wanted = to_flat_dict(from_flat_dict(MapBuildConfig, given))
+    built = to_flat_dict(read_map(map_dir, load_index=False).build_config)
+    differ = [
+        f'{k}={wanted[k]!r} (built with {built.get(k)!r})'
+        for k in given
+        if wanted[k] != built.get(k)
+    ]
+    if differ:
+        raise ConfigError(
+            f'map {map_dir} was built with other settings: {", ".join(differ)}; map-build '
+            'settings apply only when a map is built: drop them, or give a new --map folder'
+        )
 
 
 def _refuse_unused(args: argparse.Namespace, source: str, names: list[str]) -> None:
@@ -351,7 +383,10 @@ def split_config(values: dict[str, Any]) -> tuple[MapBuildConfig, LocalizerConfi
     query_keys = set(to_flat_dict(LocalizerConfig()))
     unknown = sorted(k for k in values if k not in build_keys | query_keys)
     if unknown:
-        raise ConfigError(f'unknown config key(s) {unknown}; see config/vpr_node.yaml for names')
+        raise ConfigError(
+            f'unknown config key(s) {unknown}; see vlm_vpr/core/config.py for names (the '
+            'query keys are also in config/vpr_node.yaml)'
+        )
     build = from_flat_dict(MapBuildConfig, {k: v for k, v in values.items() if k in build_keys})
     query = from_flat_dict(LocalizerConfig, {k: v for k, v in values.items() if k in query_keys})
     return build, query
@@ -470,7 +505,9 @@ def _cmd_map_regions(args: argparse.Namespace) -> int:
 
     _, query_config = split_config(load_overrides(args))
     names = [n.strip() for n in args.names.split(',')] if args.names else None
-    count = query_config.rerank.region_count if args.count is None else args.count
+    count = args.count
+    if count is None:  # as many regions as names, else the configured count
+        count = len(names) if names else query_config.rerank.region_count
     print(build_regions(args.map, count, names))
     return 0
 

@@ -195,6 +195,12 @@ class Calibration:
                 [c.settings for c in stored],
                 wanted,
             )
+        else:
+            log.warning(
+                'map %s has no confidence calibration: using default weights; run '
+                '`vlm-vpr calibrate` on posed queries of this map',
+                vpr_map.path,
+            )
         return Calibration()
 
     @staticmethod
