@@ -244,7 +244,7 @@ def test_calibrate_stores_the_fit_in_the_map_and_rescores_the_report(
     uncalibrated = read_map(tiny_map(tmp_path / 'b'), load_index=False)
     with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
         assert not Calibration.from_map(uncalibrated, config).fitted
-    assert 'has no confidence calibration: using default weights' in caplog.text
+    assert 'has no confidence calibration yet: default weights' in caplog.text
 
     # a calibration for other settings is kept beside it; one for the same settings replaces it
     calibrate({'per_query': per_query[:200]}, map_dir, other)

@@ -89,6 +89,7 @@ def test_list_elements_get_the_type_of_the_setting(
         (LocalizerConfig, 'sequence.velocities', '0.8 0'),  # a string zero is still zero
         (LocalizerConfig, 'sequence.velocities', '1 fast'),
         (LocalizerConfig, 'sequence.velocities', [1.0, float('nan')]),
+        (LocalizerConfig, 'sequence.velocities', [1.0, 10**400]),  # beyond float range
         (LocalizerConfig, 'rerank.chain', [1, 2]),
     ],
 )

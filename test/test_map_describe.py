@@ -213,3 +213,40 @@ def test_load_map_descriptions_rejects_embeddings_of_other_texts_and_describe_re
     assert vlm.calls == []
     repaired = load_map_descriptions(read_map(vpr_map.path))
     assert repaired.embeddings == pytest.approx(stored.embeddings, abs=1e-5)
+
+
+def test_descriptions_of_an_older_vlm_vpr_name_the_fix_and_a_failed_embedding_keeps_the_old(
+    tmp_path: Path, embedder: TextEmbedder
+) -> None:
+    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    meta = read_map(vpr_map.path).read_extra_json(DESCRIPTIONS_EXTRA)
+    write_extra(
+        vpr_map.path, DESCRIPTIONS_EXTRA, {k: v for k, v in meta.items() if k != 'rows_sha256'}
+    )
+    with pytest.raises(MapError, match='written by an older vlm_vpr.*map describe'):
+        load_map_descriptions(read_map(vpr_map.path))
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    before = load_map_descriptions(read_map(vpr_map.path))
+
+    class FailingEmbedder:  # fails on the new answers (e.g. out of memory), after the VLM
+        def embed(self, texts: list[str]) -> np.ndarray:
+            if any(t.startswith('another view') for t in texts):
+                raise RuntimeError('out of memory')
+            return embedder.embed(texts)
+
+        def __getattr__(self, name: str) -> object:  # model_name, dimension, ...
+            return getattr(embedder, name)
+
+    other = {j: [(f'another view {j}', 1.0)] for j in range(4)}
+    with pytest.raises(RuntimeError, match='out of memory'):
+        describe_map(
+            vpr_map.path,
+            VlmConfig(),
+            RerankConfig(),
+            OtherVlm(describing(other).answer),
+            FailingEmbedder(),
+        )
+    after = load_map_descriptions(read_map(vpr_map.path))  # texts and rows still match
+    assert after.texts == before.texts
+    assert after.embeddings == pytest.approx(before.embeddings)

@@ -20,7 +20,9 @@ from vlm_vpr.core.errors import ConfigError, VprError
 from vlm_vpr.core.initial_pose import InitialPoseConfig
 
 log = logging.getLogger('vlm_vpr')
-INITIAL_POSE = 'initial_pose.'  # the node's /initialpose gate keys, which eval-bag also reads
+INITIAL_POSE_PREFIX = (
+    'initial_pose.'  # the node's /initialpose gate keys, which eval-bag also reads
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +348,11 @@ def _refuse_build_keys_of_another_map(values: dict[str, Any], map_dir: Path) -> 
         )
 
 
+def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The options among ``names`` that were given (not None): the library has the defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _refuse_unused(args: argparse.Namespace, source: str, names: list[str]) -> None:
     """ConfigError naming the given options (not None) that ``source`` does not use."""
     given = ['--' + name.replace('_', '-') for name in names if getattr(args, name) is not None]
@@ -372,7 +379,7 @@ def read_config_yaml(path: Path, keep_initial_pose: bool = False) -> dict[str, A
             return {
                 k: v
                 for k, v in flat.items()
-                if k not in node_keys or (keep_initial_pose and k.startswith(INITIAL_POSE))
+                if k not in node_keys or (keep_initial_pose and k.startswith(INITIAL_POSE_PREFIX))
             }
     return _flatten(data)
 
@@ -434,10 +441,8 @@ def _cmd_map_build(args: argparse.Namespace) -> int:
             args.pose_topic,
             args.out,
             build_config,
-            base_frame=args.base_frame or 'base_link',
-            min_distance_m=1.0 if args.min_distance_m is None else args.min_distance_m,
-            min_rotation_deg=15.0 if args.min_rotation_deg is None else args.min_rotation_deg,
             overwrite=args.overwrite,
+            **_given(args, ['base_frame', 'min_distance_m', 'min_rotation_deg']),
             progress=sys.stderr.isatty(),
         )
     print(json.dumps(map_summary(out)))
@@ -648,9 +653,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             args.image_topic,
             args.truth_topic,
             query_config,
-            tolerance_m=5.0 if args.tolerance is None else args.tolerance,
-            base_frame=args.base_frame or 'base_link',
             progress=progress,
+            **_given(args, ['base_frame']),
+            **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
         )
     else:
         _refuse_unused(args, '--images', ['protocol', *bag_only])
@@ -692,10 +697,8 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
     from vlm_vpr.core.bag_eval import evaluate_bag, write_bag_report
 
     values = load_overrides(args, keep_initial_pose=True)
-    gate = {
-        k[len(INITIAL_POSE) :]: values.pop(k) for k in list(values) if k.startswith(INITIAL_POSE)
-    }
-    _, query_config = split_config(values)
+    gate = {k: v for k, v in values.items() if k.startswith(INITIAL_POSE_PREFIX)}
+    _, query_config = split_config({k: v for k, v in values.items() if k not in gate})
     report = evaluate_bag(
         args.map,
         args.bag,
@@ -706,7 +709,9 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         confidence_threshold=args.confidence_threshold,
         base_frame=args.base_frame,
         max_frames=args.max_frames,
-        initial_pose=from_flat_dict(InitialPoseConfig, gate),
+        initial_pose=from_flat_dict(
+            InitialPoseConfig, {k.removeprefix(INITIAL_POSE_PREFIX): v for k, v in gate.items()}
+        ),
         progress=sys.stderr.isatty(),
     )
     write_bag_report(report, args.json, args.plot)

@@ -197,8 +197,8 @@ class Calibration:
             )
         else:
             log.warning(
-                'map %s has no confidence calibration: using default weights; run '
-                '`vlm-vpr calibrate` on posed queries of this map',
+                'map %s has no confidence calibration yet: default weights (`vlm-vpr '
+                'calibrate` fits one on posed queries of this map)',
                 vpr_map.path,
             )
         return Calibration()

@@ -378,7 +378,7 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f'{prefix}{name} is a section: give {prefix}{name}.<field>')
             kwargs[name] = _build(type(default), value, f'{prefix}{name}.')
         else:
-            element = _element_type(fields[name], default) if isinstance(default, tuple) else None
+            element = _element_type(fields[name]) if isinstance(default, tuple) else None
             kwargs[name] = _coerce(value, default, prefix + name, element)
     return cls(**kwargs)
 
@@ -386,19 +386,15 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
 _ELEMENT_TYPES = {'int': int, 'float': float, 'str': str}
 
 
-def _element_type(f: dataclasses.Field, default: tuple) -> type | None:
-    """int, float or str: the element type of a tuple setting, from its annotation
-    (``tuple[int, ...]``) or else its default's first element; None when neither says."""
-    hint = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', '')
-    inner = hint.replace(' ', '').removeprefix('tuple[').removesuffix(',...]')
-    if inner in _ELEMENT_TYPES:
-        return _ELEMENT_TYPES[inner]
-    return type(default[0]) if default and type(default[0]) in (int, float, str) else None
+def _element_type(f: dataclasses.Field) -> type:
+    """int, float or str: the element type of a tuple setting, annotated ``tuple[X, ...]``
+    (a string: this module uses postponed annotations)."""
+    return _ELEMENT_TYPES[f.type.replace(' ', '').removeprefix('tuple[').removesuffix(',...]')]
 
 
 def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> Any:
     """``value`` as the type of ``default`` (a tuple setting's elements as ``element``: int,
-    float or str; None = as given). Raises ConfigError naming ``key``."""
+    float or str). Raises ConfigError naming ``key``."""
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [v for v in value.replace(',', ' ').split() if v]
@@ -422,11 +418,9 @@ def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> 
     return value
 
 
-def _coerce_element(item: Any, element: type | None, key: str, whole: Any) -> Any:
+def _coerce_element(item: Any, element: type, key: str, whole: Any) -> Any:
     """One element of a list setting as ``element``: int (ints, and integral floats or
-    strings), float (finite numbers or numeric strings) or str; None keeps it as it is."""
-    if element is None:
-        return item
+    strings), float (finite numbers or numeric strings) or str."""
     kind = {int: 'integers', float: 'numbers', str: 'strings'}[element]
     problem = f'{key} must be a list of {kind}, got {whole!r}'
     if element is str:
@@ -439,7 +433,7 @@ def _coerce_element(item: Any, element: type | None, key: str, whole: Any) -> An
         return item
     try:
         number = float(item)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(problem) from None
     if not math.isfinite(number):
         raise ConfigError(f'{problem} (not finite: {item!r})')

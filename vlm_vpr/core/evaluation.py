@@ -72,14 +72,12 @@ def evaluate(
         vpr_map = read_map(path)
         check_compatible(vpr_map, build_config.features.backbone)
         held_out = parse_map_range(holdout, len(vpr_map)) if holdout else None
+        calibration = Calibration.from_map(vpr_map, localizer_config)  # what the node uses
         if held_out is not None:
-            calibration = Calibration.from_map(vpr_map, localizer_config)
             vpr_map = read_map(
                 build_holdout_map(vpr_map, dataset.traversal(proto.map), held_out, progress)
             )
-        localizer = Localizer(vpr_map, localizer_config)
-        if held_out is not None:
-            localizer.calibration = calibration  # the full map's: the one the node will use
+        localizer = Localizer(vpr_map, localizer_config, calibration)
         queries = dataset.traversal(proto.query)
         report = run_queries(
             localizer, dataset, protocol, queries, max_queries, progress, split=split

@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 class Localizer:
     """Extract -> aggregate -> search -> re-rank -> fuse, against one map."""
 
-    def __init__(self, vpr_map: VprMap, config: LocalizerConfig | None = None) -> None:
+    def __init__(
+        self,
+        vpr_map: VprMap,
+        config: LocalizerConfig | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
+        """``calibration``: the confidence model; default: the map's for ``config``'s settings
+        (:meth:`Calibration.from_map`)."""
         from vlm_vpr.backends.features import create_extractor
 
         self.map = vpr_map
@@ -33,7 +40,7 @@ class Localizer:
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
         limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.rerankers = self._create_rerankers()
-        self.calibration = Calibration.from_map(vpr_map, self.config)
+        self.calibration = calibration or Calibration.from_map(vpr_map, self.config)
 
     @functools.cached_property
     def descriptors_float32(self) -> np.ndarray:

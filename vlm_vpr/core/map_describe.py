@@ -134,8 +134,8 @@ def describe_map(
                 failed.append(j)
                 first_error = first_error or str(exc)
             else:
+                vectors[j] = embedder.embed([d.text for d in described])  # may fail: first
                 per_image[j] = [{'text': d.text, 'weight': d.weight} for d in described]
-                vectors[j] = embedder.embed([d.text for d in described])
                 stale.discard(j)
             if done % SAVE_EVERY == 0:
                 elapsed = time.monotonic() - start
@@ -250,7 +250,12 @@ def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
             f'map descriptions of {vpr_map.path} do not match the map (other image '
             'count or missing rows); run `vlm-vpr map describe` again'
         )
-    if meta.get('rows_sha256') != _rows_digest(result.embeddings, result.owners):
+    if 'rows_sha256' not in meta:
+        raise MapError(
+            f'map descriptions of {vpr_map.path} were written by an older vlm_vpr; run '
+            '`vlm-vpr map describe` again (it keeps the texts and embeds them again)'
+        )
+    if meta['rows_sha256'] != _rows_digest(result.embeddings, result.owners):
         raise MapError(
             f'map description texts and embeddings of {vpr_map.path} were not written '
             'together (an interrupted write?); run `vlm-vpr map describe` again (it keeps '

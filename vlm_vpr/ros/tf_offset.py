@@ -93,7 +93,7 @@ def mount_from_transform(
 ) -> CameraOffsetConfig:
     """The planar camera mount from the camera's pose in the base frame: its position and the
     heading of its x axis (the yaw of a yaw-pitch-roll rotation, whatever the pitch and roll)."""
-    yaw = math.atan2(2.0 * (qw * qz + qx * qy), 1.0 - 2.0 * (qy * qy + qz * qz))
+    yaw = Pose(x, y, z, qx, qy, qz, qw).yaw_rad
     return CameraOffsetConfig(x_m=x, y_m=y, z_m=z, yaw_deg=math.degrees(yaw))
 
 

@@ -280,7 +280,7 @@ def _parse_reply(raw: bytes, max_new_tokens: int) -> dict[str, Any]:
     content = message.get('content')
     if not isinstance(content, str):
         raise VlmOutputError(f'chat completion has no text content: {quote_answer(str(message))}')
-    cut = isinstance(choice, dict) and choice.get('finish_reason') == 'length'
+    cut = choice.get('finish_reason') == 'length'
     return parse_json_answer(content, max_new_tokens if cut else None)
 
 
