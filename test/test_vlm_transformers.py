@@ -260,20 +260,11 @@ def test_transformers_client_names_max_new_tokens_when_the_answer_is_cut(
 def test_transformers_client_says_a_text_only_model_folder_is_not_a_vision_model(
     tiny_llava: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
 
-    folder = tmp_path / 'text_only'
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(text_config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tmp_path / 'text_only'  # the tiny LLaVA's language model alone
+    LlamaForCausalLM(LlavaConfig.from_pretrained(tiny_llava).text_config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llava).save_pretrained(folder)
     with pytest.raises(
         VlmUnavailableError, match='image-text-to-text \\(vision chat\\) model'
     ) as e:

@@ -58,14 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument('--images', type=Path, help='image folder (with --poses)')
     source.add_argument('--bag', type=Path, help='ROS 2 bag (.mcap, .db3 or bag folder)')
     build.add_argument('--poses', type=Path, help='CSV with header image,x,y[,yaw]')
-    build.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
-    build.add_argument(
-        '--pose-topic',
-        help='Odometry / PoseStamped / PoseWithCovarianceStamped topic, or /tf (with --bag)',
-    )
-    build.add_argument(
-        '--base-frame', help='robot frame for TF poses (with --bag; default base_link)'
-    )
+    _add_bag_topic_args(build, '--pose-topic', 'poses', required=False)
     build.add_argument(
         '--min-distance-m', type=float, help='keyframe spacing (with --bag; default 1.0)'
     )
@@ -177,14 +170,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=['m', 'frames'],
         help='units of --poses and --tolerance (with --images; default m)',
     )
-    calibrate.add_argument('--image-topic', help='Image or CompressedImage topic (with --bag)')
-    calibrate.add_argument(
-        '--truth-topic',
-        help='ground truth (with --bag): Odometry, PoseStamped, PoseWithCovarianceStamped, /tf',
-    )
-    calibrate.add_argument(
-        '--base-frame', help='robot frame for /tf truth (with --bag; default base_link)'
-    )
+    _add_bag_topic_args(calibrate, '--truth-topic', 'ground truth', required=False)
     calibrate.add_argument('--json', type=Path, help='write the report here')
     calibrate.add_argument(
         '--reliability-plot', type=Path, help='write the (in-sample) reliability plot (PNG) here'
@@ -222,13 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     eval_bag.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
     eval_bag.add_argument('--map', type=Path, required=True)
-    eval_bag.add_argument('--image-topic', required=True, help='Image or CompressedImage topic')
-    eval_bag.add_argument(
-        '--truth-topic',
-        required=True,
-        help='ground truth: Odometry, PoseStamped, PoseWithCovarianceStamped topic, or /tf',
-    )
-    eval_bag.add_argument('--base-frame', default='base_link', help='robot frame for /tf truth')
+    _add_bag_topic_args(eval_bag, '--truth-topic', 'ground truth', required=True)
     eval_bag.add_argument(
         '--tolerance-m',
         type=float,
@@ -246,6 +226,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(eval_bag, rerank=True, sequence=True)
     eval_bag.set_defaults(run=_cmd_eval_bag)
     return parser
+
+
+def _add_bag_topic_args(
+    parser: argparse.ArgumentParser, pose_option: str, poses: str, required: bool
+) -> None:
+    """--image-topic, ``pose_option`` (the topic of the ``poses``) and --base-frame."""
+    when = '' if required else ' (with --bag)'
+    parser.add_argument(
+        '--image-topic', required=required, help=f'Image or CompressedImage topic{when}'
+    )
+    parser.add_argument(
+        pose_option,
+        required=required,
+        help=f'{poses}{when}: Odometry / PoseStamped / PoseWithCovarianceStamped topic, or /tf',
+    )
+    parser.add_argument(
+        '--base-frame', help=f'robot frame for /tf {poses}{when} (default base_link)'
+    )
 
 
 def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
@@ -707,7 +705,7 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         query_config,
         tolerance_m=args.tolerance_m,
         confidence_threshold=args.confidence_threshold,
-        base_frame=args.base_frame,
+        **_given(args, ['base_frame']),
         max_frames=args.max_frames,
         initial_pose=from_flat_dict(
             InitialPoseConfig, {k.removeprefix(INITIAL_POSE_PREFIX): v for k, v in gate.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -378,18 +379,11 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f'{prefix}{name} is a section: give {prefix}{name}.<field>')
             kwargs[name] = _build(type(default), value, f'{prefix}{name}.')
         else:
-            element = _element_type(fields[name]) if isinstance(default, tuple) else None
+            element = None  # a tuple setting's element type: X of tuple[X, ...]
+            if isinstance(default, tuple):
+                element = typing.get_args(typing.get_type_hints(cls)[name])[0]
             kwargs[name] = _coerce(value, default, prefix + name, element)
     return cls(**kwargs)
-
-
-_ELEMENT_TYPES = {'int': int, 'float': float, 'str': str}
-
-
-def _element_type(f: dataclasses.Field) -> type:
-    """int, float or str: the element type of a tuple setting, annotated ``tuple[X, ...]``
-    (a string: this module uses postponed annotations)."""
-    return _ELEMENT_TYPES[f.type.replace(' ', '').removeprefix('tuple[').removesuffix(',...]')]
 
 
 def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> Any:

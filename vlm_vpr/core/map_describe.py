@@ -23,13 +23,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vlm_vpr.core.config import RerankConfig, VlmConfig
 from vlm_vpr.core.errors import ConfigError, MapError, VlmError
-from vlm_vpr.core.map_format import VprMap, read_map, write_extra
+from vlm_vpr.core.map_format import VprMap, read_map, write_extras
 
 if TYPE_CHECKING:
     from vlm_vpr.backends.text_embedding import TextEmbedder
@@ -140,7 +140,8 @@ def describe_map(
             if done % SAVE_EVERY == 0:
                 elapsed = time.monotonic() - start
                 log.info('described %d / %d map images (%.1f s)', done, len(todo), elapsed)
-                save()
+                if done < len(todo):  # the last batch is saved below
+                    save()
     finally:
         save()
     if todo and len(failed) == len(todo):
@@ -190,21 +191,25 @@ def _save_descriptions(
     """Store the rows, then the JSON that names their digest: a reader of a set that a crash
     left half-written gets a MapError, not texts beside other texts' embeddings."""
     embeddings = np.concatenate(vectors).astype(np.float32)
-    owners = np.array(
-        [j for j, descriptions in enumerate(per_image) for _ in descriptions], dtype=np.int32
-    )
-    write_extra(map_dir, DESCRIPTION_EMBEDDINGS_EXTRA, embeddings)
-    write_extra(map_dir, DESCRIPTION_OWNERS_EXTRA, owners)
-    write_extra(
+    owners = _owners(per_image)
+    json_meta = meta | {
+        'embedding_dim': int(embeddings.shape[1]),
+        'rows_sha256': _rows_digest(embeddings, owners),
+        'images': per_image,
+    }
+    write_extras(  # in this order: the JSON last
         map_dir,
-        DESCRIPTIONS_EXTRA,
-        meta
-        | {
-            'embedding_dim': int(embeddings.shape[1]),
-            'rows_sha256': _rows_digest(embeddings, owners),
-            'images': per_image,
+        {
+            DESCRIPTION_EMBEDDINGS_EXTRA: embeddings,
+            DESCRIPTION_OWNERS_EXTRA: owners,
+            DESCRIPTIONS_EXTRA: json_meta,
         },
     )
+
+
+def _owners(per_image: list[list[Any]]) -> np.ndarray:
+    """[R] int32: the map image of each description row (image j has len(per_image[j]))."""
+    return np.array([j for j, rows in enumerate(per_image) for _ in rows], dtype=np.int32)
 
 
 def _rows_digest(embeddings: np.ndarray, owners: np.ndarray) -> str:
@@ -239,7 +244,7 @@ def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
             f'map descriptions of {vpr_map.path} are invalid ({exc}); run '
             '`vlm-vpr map describe` again'
         ) from exc
-    expected = np.array([j for j, t in enumerate(texts) for _ in t], dtype=np.int32)
+    expected = _owners(texts)
     if (
         len(texts) != len(vpr_map)
         or result.embeddings.ndim != 2
@@ -292,11 +297,16 @@ def build_regions(map_dir: str | Path, count: int, names: list[str] | None = Non
             )
         labels = _labels_from_descriptions(descriptions, region_of_image, num_regions)
         source = 'descriptions'
-    write_extra(vpr_map.path, REGION_OF_IMAGE_EXTRA, region_of_image)
-    write_extra(
+    write_extras(
         vpr_map.path,
-        REGIONS_EXTRA,
-        {'labels': labels, 'label_source': source, 'centres_xy': centres.tolist()},
+        {
+            REGION_OF_IMAGE_EXTRA: region_of_image,
+            REGIONS_EXTRA: {
+                'labels': labels,
+                'label_source': source,
+                'centres_xy': centres.tolist(),
+            },
+        },
     )
     log.info('stored %d regions for map %s (labels from %s)', num_regions, vpr_map.path, source)
     return vpr_map.path

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -275,30 +276,32 @@ def check_compatible(vpr_map: VprMap, backbone: str | None = None, **features: A
 
 
 def write_extra(map_dir: str | Path, name: str, value: Any) -> Path:
-    """Add or replace ``extras/<name>`` (a numpy array -> .npy, anything else -> .json).
+    """Add or replace ``extras/<name>`` (see :func:`write_extras`)."""
+    return write_extras(map_dir, {name: value})[name]
 
-    The file and the manifest are each replaced atomically; the rest of the map is untouched.
+
+def write_extras(map_dir: str | Path, values: dict[str, Any]) -> dict[str, Path]:
+    """Add or replace ``extras/<name>`` for each item (a numpy array -> .npy, anything else ->
+    .json), in the given order, then list them in the manifest (read and written once).
+
+    Each file and the manifest are replaced atomically; the rest of the map is untouched.
     """
     path = Path(map_dir)
-    manifest_path = path / 'manifest.json'
     manifest = read_map(path, load_index=False).manifest
     (path / 'extras').mkdir(exist_ok=True)
-    is_array = isinstance(value, np.ndarray)
-    rel = f'extras/{name}.npy' if is_array else f'extras/{name}.json'
-    fd, tmp_name = tempfile.mkstemp(dir=path / 'extras', suffix='.npy' if is_array else '.json')
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            if is_array:
-                np.save(handle, value, allow_pickle=False)
-            else:
-                handle.write((json.dumps(value, indent=1) + '\n').encode())
-        os.replace(tmp_name, path / rel)
-    except BaseException:
-        _remove_quietly(tmp_name)
-        raise
-    manifest.setdefault('extras', {})[name] = rel
-    _write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + '\n')
-    return path / rel
+    written = {}
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            rel, buffer = f'extras/{name}.npy', io.BytesIO()
+            np.save(buffer, value, allow_pickle=False)
+            data = buffer.getvalue()
+        else:
+            rel, data = f'extras/{name}.json', (json.dumps(value, indent=1) + '\n').encode()
+        _write_bytes_atomic(path / rel, data)
+        manifest.setdefault('extras', {})[name] = rel
+        written[name] = path / rel
+    _write_bytes_atomic(path / 'manifest.json', (json.dumps(manifest, indent=2) + '\n').encode())
+    return written
 
 
 def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
@@ -427,11 +430,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _write_text_atomic(file: Path, text: str) -> None:
+def _write_bytes_atomic(file: Path, data: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=file.parent, prefix=f'.{file.name}.')
     try:
-        with os.fdopen(fd, 'w') as handle:
-            handle.write(text)
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
         os.replace(tmp_name, file)
     except BaseException:
         _remove_quietly(tmp_name)

@@ -129,14 +129,22 @@ class OpenAiVlm:
         )
         with _Deadline(timeout_s) as deadline:
             try:
-                request = urllib.request.Request(
-                    self.url, data=body, headers=headers, method='POST'
-                )
-                with deadline.opener().open(request, timeout=timeout_s) as response:
-                    raw = response.read()
+                try:
+                    request = urllib.request.Request(
+                        self.url, data=body, headers=headers, method='POST'
+                    )
+                    with deadline.opener().open(request, timeout=timeout_s) as response:
+                        raw = response.read()
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    # once the deadline has cut the connection, any failure is the timeout; a
+                    # URLError wraps the socket's own timeout in .reason
+                    timed_out = isinstance(exc, TimeoutError) or isinstance(
+                        getattr(exc, 'reason', None), TimeoutError
+                    )
+                    if deadline.passed or timed_out:
+                        raise timeout from exc
+                    raise
             except urllib.error.HTTPError as exc:
-                if deadline.passed:
-                    raise timeout from exc
                 try:
                     detail = exc.read(300).decode('utf-8', 'replace')
                 except (OSError, http.client.HTTPException):
@@ -148,11 +156,7 @@ class OpenAiVlm:
                 if exc.code in _TRANSIENT_STATUS:
                     raise _Transient(error) from exc
                 raise error from exc
-            except TimeoutError as exc:
-                raise timeout from exc
             except urllib.error.URLError as exc:
-                if deadline.passed or isinstance(exc.reason, TimeoutError):
-                    raise timeout from exc
                 raise _Transient(
                     VlmUnavailableError(
                         f'cannot reach {self.url} ({exc.reason}); '
@@ -160,16 +164,12 @@ class OpenAiVlm:
                     )
                 ) from exc
             except (ValueError, http.client.InvalidURL) as exc:  # refused by http.client
-                if deadline.passed:
-                    raise timeout from exc
                 message = str(exc).replace(api_key, '<key>') if api_key else str(exc)
                 raise VlmUnavailableError(
                     f'request to {self.url} failed ({type(exc).__name__}: {message}); '
                     'check vlm.base_url and the server'
                 ) from exc
             except (OSError, http.client.HTTPException) as exc:
-                if deadline.passed:
-                    raise timeout from exc
                 raise _Transient(
                     VlmUnavailableError(
                         f'connection to {self.url} failed ({exc!r}); check the server'
