@@ -211,15 +211,22 @@ def holdout_map(
 
 
 def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_map_frames(
-    holdout_map: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    holdout_map: Path,
+    data_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     drive = write_traversal_bag(
         read_traversal(data_root / 'campus_loop' / 'query'), tmp_path / 'q'
     )
     topics = ['--image-topic', IMAGE_TOPIC, '--truth-topic', TRUTH_TOPIC]
     calibrate = ['calibrate', '--map', str(holdout_map), '--bag', str(drive), *topics]
-    assert main([*calibrate, '--json', str(tmp_path / 'fit.json')]) == 0
+    assert read_map(holdout_map).read_extra_json('calibration') is None
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        assert main([*calibrate, '--json', str(tmp_path / 'fit.json')]) == 0
     assert 'calibration stored in' in capsys.readouterr().out
+    assert 'no confidence calibration' not in caplog.text  # it is being fitted: no warning
 
     rows = json.loads((tmp_path / 'fit.json').read_text())['per_query']
     out_of_map = [r for r in rows if r['truth_xy'] is None]

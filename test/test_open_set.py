@@ -245,3 +245,29 @@ def test_calibrate_cli_names_the_missing_arguments(
 ) -> None:
     assert main(['calibrate', '--map', str(tmp_path / 'map'), *args]) == 1
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('source', ['dataset', 'images'])
+def test_calibrating_an_uncalibrated_map_does_not_warn_that_it_has_no_calibration(
+    source: str,
+    campus_map: Path,
+    data_root: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    map_dir = tmp_path / 'map'
+    shutil.copytree(campus_map, map_dir)
+    campus = data_root / 'campus_loop'
+    if source == 'dataset':
+        queries = ['--dataset', str(campus), '--protocol', 'interleaved']
+    else:
+        queries = ['--images', str(campus / 'query' / 'images')]
+        queries += ['--poses', str(campus / 'query' / 'poses.csv'), '--tolerance', '5']
+    calibrate = ['calibrate', '--map', str(map_dir), *queries, '--holdout-map-range', HOLDOUT]
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
+        assert main(calibrate) == 0
+    assert 'no confidence calibration' not in caplog.text
+    assert Calibration.from_map(read_map(map_dir), LocalizerConfig()).fitted
+    with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):  # the warning exists
+        Calibration.from_map(read_map(campus_map), LocalizerConfig())
+    assert 'has no confidence calibration yet' in caplog.text

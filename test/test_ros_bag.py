@@ -77,6 +77,7 @@ class Listener:
         self.thread.join(timeout=5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
+        self.context.destroy()
 
 
 @pytest.fixture
@@ -248,6 +249,7 @@ def test_replay_latches_every_tf_static_message_for_a_late_subscriber(tmp_path: 
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown(context=context)
+        context.destroy()
     assert got == ['camera', 'lidar', 'imu']
 
 

@@ -28,7 +28,8 @@ def context() -> Iterator[Any]:
     context = rclpy.Context()
     rclpy.init(context=context)
     yield context
-    rclpy.try_shutdown(context=context)
+    rclpy.try_shutdown(context=context)  # destroys the nodes of the context too
+    context.destroy()  # now, not in a later garbage collection
 
 
 def make_node(context: Any, **overrides: Any) -> VprNode:

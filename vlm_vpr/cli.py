@@ -614,12 +614,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from vlm_vpr.core.calibration import calibrate
+    from vlm_vpr.core.confidence import Calibration
     from vlm_vpr.core.evaluation import evaluate, posed_queries, run_queries, write_report
     from vlm_vpr.core.localizer import Localizer
     from vlm_vpr.core.map_format import read_map
 
     build_config, query_config = split_config(load_overrides(args))
     progress = sys.stderr.isatty()
+    unfitted = Calibration()  # the confidence is refitted on the rows: the map's is not used
     bag_only = ['image_topic', 'truth_topic', 'base_frame']
     if args.dataset is not None:
         _refuse_unused(args, '--dataset', ['poses', 'tolerance', 'units', *bag_only])
@@ -634,6 +636,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             progress=progress,
             holdout=args.holdout_map_range,
             split=args.split,
+            calibration=unfitted,
         )
     elif args.bag is not None:
         from vlm_vpr.core.bag_eval import evaluate_bag
@@ -652,6 +655,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             args.truth_topic,
             query_config,
             progress=progress,
+            calibration=unfitted,
             **_given(args, ['base_frame']),
             **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
         )
@@ -663,7 +667,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             args.images, args.poses, args.tolerance, args.units or 'm'
         )
         report = run_queries(
-            Localizer(read_map(args.map), query_config),
+            Localizer(read_map(args.map), query_config, unfitted),
             dataset,
             protocol,
             queries,

@@ -1,4 +1,5 @@
-"""`make demo`: build a Gardens Point map, evaluate two protocols, then run the ROS node.
+"""`make demo`: build a Gardens Point map, evaluate two protocols, calibrate the confidence and
+measure it on held-out queries and an out-of-map stretch, then run the ROS node.
 
 python -m vlm_vpr.demo --data ../shared/data --out out/demo
 """
@@ -6,14 +7,22 @@ python -m vlm_vpr.demo --data ../shared/data --out out/demo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig
+from vlm_vpr.core.calibration import calibrate
+from vlm_vpr.core.confidence import Calibration
+from vlm_vpr.core.config import LocalizerConfig, MapBuildConfig, SequenceConfig
 from vlm_vpr.core.evaluation import evaluate, plot_recall, write_report
 
 PROTOCOLS = ('day_to_day_viewpoint', 'day_to_night')
+CONFIDENCE_PROTOCOL = 'day_to_night'  # the hard one: is a night answer right, is it on the map
+CONFIDENCE_HOLDOUT = '0.4:0.6'  # map stretch left out, so that some queries have no true match
+CONFIDENCE_SEQUENCE = 10
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = args.data / 'gardens_point'
     map_dir = args.out / 'gardens_point_day_left'
-    print(f'1/2 Gardens Point: map from day_left, weight-free dense RootSIFT + VLAD -> {map_dir}')
+    print(f'1/3 Gardens Point: map from day_left, weight-free dense RootSIFT + VLAD -> {map_dir}')
     reports = []
     for protocol in PROTOCOLS:
         report = evaluate(
@@ -47,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(reports))
     print(f'   reports, Recall@K plot and failure strips in {args.out}/')
 
+    calibrated_map = args.out / 'gardens_point_day_left_calibrated'
+    print(
+        f'2/3 Confidence: {CONFIDENCE_PROTOCOL} with map stretch {CONFIDENCE_HOLDOUT} held out '
+        f'(those queries are not in the map) and sequence length {CONFIDENCE_SEQUENCE}; '
+        f'calibrate on the fit split, measure on the test split -> {calibrated_map}'
+    )
+    print(format_confidence_table(confidence_step(dataset, map_dir, calibrated_map, args.out)))
+    print(f'   reports and reliability plot in {args.out}/')
+
     if not args.skip_node:
         from vlm_vpr.core.map_build import build_map_from_folder
         from vlm_vpr.ros.demo_replay import run_node_demo
@@ -54,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         campus = args.data / 'campus_loop' / 'map'
         campus_map = args.out / 'campus_loop_map'
         print(
-            f'2/2 ROS 2 node: map from campus_loop/map -> {campus_map}; the query traversal '
+            f'3/3 ROS 2 node: map from campus_loop/map -> {campus_map}; the query traversal '
             'is written to an .mcap bag and replayed into the running vpr_node'
         )
         if not (campus_map / 'manifest.json').is_file():
@@ -63,6 +81,60 @@ def main(argv: list[str] | None = None) -> int:
             )
         run_node_demo(campus_map, args.data, args.out / 'node')
     return 0
+
+
+def confidence_step(
+    dataset: Path, map_dir: Path, calibrated_map: Path, out: Path
+) -> list[dict[str, Any]]:
+    """`vlm-vpr calibrate --split fit` then `vlm-vpr eval --split test`, both with the map
+    stretch held out and sequence evidence, on a copy of ``map_dir`` (the calibration is stored
+    in the map). Returns the two reports (fit: in-sample; test: not used for fitting)."""
+    if not (calibrated_map / 'manifest.json').is_file():
+        shutil.rmtree(calibrated_map, ignore_errors=True)
+        shutil.copytree(map_dir, calibrated_map)  # the same build; the calibration is its own
+    config = dataclasses.replace(
+        LocalizerConfig(), sequence=SequenceConfig(length=CONFIDENCE_SEQUENCE)
+    )
+    reports = []
+    for split in ('fit', 'test'):
+        report = evaluate(
+            dataset,
+            CONFIDENCE_PROTOCOL,
+            MapBuildConfig(),
+            config,
+            map_dir=calibrated_map,
+            progress=False,
+            holdout=CONFIDENCE_HOLDOUT,
+            split=split,
+            calibration=Calibration() if split == 'fit' else None,  # fit: refitted below
+        )
+        if split == 'fit':
+            report = calibrate(report, calibrated_map, config)
+        write_report(
+            report,
+            out / f'{CONFIDENCE_PROTOCOL}_{split}_open_set.json',
+            reliability_plot_path=out / f'{CONFIDENCE_PROTOCOL}_{split}_reliability.png',
+        )
+        reports.append(report)
+    return reports
+
+
+def format_confidence_table(reports: list[dict[str, Any]]) -> str:
+    threshold = reports[0]['open_set']['threshold']
+    lines = [
+        f'| split | in / out of map | R@1 in map | out-of-map accepted | in-map accepted '
+        f'| precision | ECE | (accepted: confidence >= {threshold:g}, the /initialpose gate)',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for r in reports:
+        o = r['open_set']
+        name = 'fit (in-sample)' if r['split'] == 'fit' else 'test (held out)'
+        lines.append(
+            f'| {name} | {o["num_in_map"]} / {o["num_out_of_map"]} | {r["recall"]["1"]:.3f} | '
+            f'{o["false_accept_rate"]:.3f} | {o["accepted_in_map"]:.3f} | '
+            f'{o["precision"]:.3f} | {o["ece"]:.3f} |'
+        )
+    return '\n'.join(lines)
 
 
 def format_table(reports: list[dict]) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from vlm_vpr.core.bags import PosedImage, read_posed_images
 from vlm_vpr.core.calibration import open_set_report
+from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
@@ -36,6 +37,7 @@ def evaluate_bag(
     base_frame: str = 'base_link',
     max_frames: int | None = None,
     initial_pose: InitialPoseConfig | None = None,
+    calibration: Calibration | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Localise every image on ``image_topic`` and compare with the truth on ``truth_topic``.
@@ -49,6 +51,8 @@ def evaluate_bag(
     ``confidence.initial_pose_threshold``. The node's /initialpose gate (``initial_pose``,
     default :class:`InitialPoseConfig`; frames agree by distance alone, as the node does
     without odometry; re-armed after each publication) runs on the frames at that threshold.
+    ``calibration``: the confidence model; None: the map's, as the node uses (``vlm-vpr
+    calibrate`` passes the defaults: it refits the confidence on the rows).
     Returns the report (see README): ``recall``, ``position_error_m``, ``yaw_error_deg``,
     ``success_rate``, ``at_threshold``, ``open_set``, ``initial_pose``, ``timing_ms`` and
     ``per_query`` (one row per frame, with its ``evidence``: ``vlm-vpr calibrate --bag`` fits
@@ -56,7 +60,7 @@ def evaluate_bag(
     """
     if not tolerance_m > 0:
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
-    localizer = Localizer(read_map(map_dir), config)
+    localizer = Localizer(read_map(map_dir), config, calibration)
     config = localizer.config
     threshold = (
         config.confidence.initial_pose_threshold

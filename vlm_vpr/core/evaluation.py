@@ -41,6 +41,7 @@ def evaluate(
     progress: bool = True,
     holdout: str | None = None,
     split: str | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the protocol's map, localise every query, and report.
 
@@ -51,6 +52,8 @@ def evaluate(
     included; kept beside ``map_dir`` as ``<map_dir>.holdout-A-B`` and reused), which uses the
     calibration of the full map (``vlm-vpr calibrate`` stores its fit there).
     ``split``: see :func:`run_queries`.
+    ``calibration``: the confidence model; None: the map's, as the node uses (``vlm-vpr
+    calibrate`` passes the defaults: it refits the confidence on the report's rows).
     Returns the report dict described in the README (``recall``, ``timing_ms``, ``per_query``,
     ``open_set``).
     """
@@ -72,7 +75,8 @@ def evaluate(
         vpr_map = read_map(path)
         check_compatible(vpr_map, build_config.features.backbone)
         held_out = parse_map_range(holdout, len(vpr_map)) if holdout else None
-        calibration = Calibration.from_map(vpr_map, localizer_config)  # what the node uses
+        if calibration is None:
+            calibration = Calibration.from_map(vpr_map, localizer_config)  # what the node uses
         if held_out is not None:
             vpr_map = read_map(
                 build_holdout_map(vpr_map, dataset.traversal(proto.map), held_out, progress)

@@ -91,6 +91,7 @@ class NodeHarness:
         self.node.destroy_node()
         self.listener.destroy_node()
         rclpy.try_shutdown(context=self.context)
+        self.context.destroy()  # now, not in a later garbage collection
 
     def _record(self, topic: str, msg: Any) -> None:
         with self._lock:

@@ -88,6 +88,7 @@ def replay_bag(
         node.destroy_node()
         if own_context:
             rclpy.try_shutdown(context=context)
+            context.destroy()
 
 
 def _play(
