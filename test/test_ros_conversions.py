@@ -27,7 +27,13 @@ from vlm_vpr.ros.conversions import (
 )
 from vlm_vpr.ros.odometry import OdometryTrack
 from vlm_vpr.ros.params import CameraOffsetConfig
-from vlm_vpr.ros.tf_offset import FixedOffset, base_in_camera_from_offset, mount_from_transform
+from vlm_vpr.ros.tf_adapter import (
+    FixedOffset,
+    TfMotion,
+    TransformUnavailable,
+    base_in_camera_from_offset,
+    mount_from_transform,
+)
 
 
 @pytest.fixture(scope='module')
@@ -319,3 +325,25 @@ def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
     motion = track.motion(1_000_000_000, 2_000_000_000)
     assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
     assert track.motion(1_000_000_000, 9_000_000_000) is None  # no odometry near 9 s
+
+
+def test_tf_motion_is_the_odometry_motion_of_the_transforms_at_the_two_stamps() -> None:
+    """TfMotion on a stand-in for tf2's lookup (tf2_ros cannot be installed here)."""
+    half = math.sqrt(0.5)
+    robot = {  # base_link in odom: x, y, z, qx, qy, qz, qw (yaw pi/2, then pi)
+        1_000_000_000: (10.0, 0.0, 0.0, 0.0, 0.0, half, half),
+        2_000_000_000: (10.0, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    }
+    asked = []
+
+    def lookup(target: str, source: str, stamp_ns: int | None) -> tuple[float, ...]:
+        asked.append((target, source, stamp_ns))
+        if stamp_ns not in robot:
+            raise TransformUnavailable('extrapolation into the future (test double)')
+        return robot[stamp_ns]
+
+    tf = TfMotion(lookup, 'odom', 'base_link')
+    motion = tf.motion(1_000_000_000, 2_000_000_000)
+    assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
+    assert asked == [('odom', 'base_link', 1_000_000_000), ('odom', 'base_link', 2_000_000_000)]
+    assert tf.motion(1_000_000_000, 9_000_000_000) is None  # TF cannot tell: frame order

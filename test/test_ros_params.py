@@ -149,6 +149,18 @@ def test_setting_a_parameter_validates_it(
     node.destroy_node()
 
 
+def test_odom_topic_and_odom_frame_exclude_each_other(context: Any) -> None:
+    node = make_node(context, odom_topic='odom')
+    (result,) = node.set_parameters([Parameter('odom_frame', value='odom')])
+    assert not result.successful
+    assert 'set odom_topic or odom_frame (the motion from one source), not both' in result.reason
+    (result,) = node.set_parameters([Parameter('odom_topic', value='')])
+    assert result.successful
+    (result,) = node.set_parameters([Parameter('odom_frame', value='odom')])
+    assert result.successful and node.settings[0].odom_frame == 'odom'
+    node.destroy_node()
+
+
 def test_live_thresholds_change_the_running_settings(context: Any) -> None:
     node = make_node(context)
     results = node.set_parameters(

@@ -22,10 +22,9 @@ from std_srvs.srv import Trigger
 from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import read_image
-from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, header_at, odometry_msg, wait_until
-from vlm_vpr.ros.tf_offset import TransformUnavailable, tf_available
+from vlm_vpr.ros.tf_adapter import TransformUnavailable, tf_available
 
 T0_NS = 1_700_000_000_000_000_000
 COMPRESSED_TOPIC = 'camera2/image/compressed'
@@ -288,34 +287,49 @@ def test_debug_image_shows_the_query_beside_its_best_match(
     harness.node.set_parameters([Parameter('debug_image', value=False)])
 
 
-class TfOffsetDouble:
-    """Test double for the TF adapter (tf2_ros cannot be installed here): raises
-    TransformUnavailable while ``missing``, else says the camera sits on the base origin."""
+class TfLookupDouble:
+    """Test double for tf2's buffer (tf2_ros cannot be installed here), called as
+    ``TfTree.lookup``: records the (target, source, stamp) asked for; raises
+    TransformUnavailable while ``missing``; else gives ``transforms[(target, source)]``, a
+    function of the stamp, or the identity."""
 
-    def __init__(self) -> None:
-        self.missing = True
+    def __init__(self, missing: bool = False) -> None:
+        self.missing = missing
+        self.calls: list[tuple[str, str, int | None]] = []
+        self.transforms: dict[tuple[str, str], Any] = {}
 
-    def base_in_camera(self, camera_frame: str) -> Pose:
+    def __call__(self, target: str, source: str, stamp_ns: int | None) -> tuple[float, ...]:
+        self.calls.append((target, source, stamp_ns))
         if self.missing:
-            raise TransformUnavailable(f'no TF from {camera_frame!r} to base_link (test double)')
-        return Pose(0.0, 0.0)
+            raise TransformUnavailable(f'no TF from {target!r} to {source!r} (test double)')
+        at = self.transforms.get((target, source))
+        return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0) if at is None else at(stamp_ns)
 
 
 def test_a_missing_transform_skips_the_frame_until_tf_arrives(
     campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    tf = TfOffsetDouble()
-    with NodeHarness(
-        {'map_path': str(campus_map), 'autostart': True}, offset_source=tf, namespace='tf_test'
-    ) as harness:
+    tf = TfLookupDouble(missing=True)
+    parameters = {'map_path': str(campus_map), 'autostart': True, 'use_tf': True}
+    with NodeHarness(parameters, tf_lookup=tf, namespace='tf_test') as harness:
         pub = harness.publisher(Image, 'image')
         pub.publish(camera_msg(good, T0_NS))
         assert harness.wait_for('pose', lambda m: True, timeout_s=3.0) is None
         assert harness.node.counts().get('skipped_no_transform') == 1
-        assert "frame skipped (no_transform): no TF from 'camera'" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert "frame skipped (no_transform): no TF from 'base_link' to 'camera'" in err
+        assert 'publish the camera mount (robot_state_publisher)' in err
         tf.missing = False
+        tf.transforms[('base_link', 'camera')] = lambda _: (2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
         pub.publish(camera_msg(good, T0_NS + 1_000_000_000))
-        assert harness.wait_for('pose', lambda m: True, timeout_s=30.0) is not None
+        moved = harness.wait_for('pose', lambda m: True, timeout_s=30.0)
+        assert moved is not None and tf.calls[-1] == ('base_link', 'camera', None)  # latest
+        tf.transforms.clear()  # the camera on the base origin: the pose moves by the lever arm
+        pub.publish(camera_msg(good, T0_NS + 2_000_000_000))
+        last = T0_NS + 2_000_000_000
+        plain = harness.wait_for('pose', lambda m: stamp_ns(m.header) == last, 30.0)
+    a, b = plain.pose.pose.position, moved.pose.pose.position
+    assert math.hypot(a.x - b.x, a.y - b.y) == pytest.approx(2.0, abs=1e-6)
 
 
 @pytest.mark.skipif(tf_available(), reason='tf2_ros is installed: the TF adapter is used')
@@ -333,41 +347,85 @@ def test_use_tf_without_tf2_falls_back_to_the_camera_offset_parameters(
     with NodeHarness(parameters, namespace='no_tf2_test') as fallback:
         fallback.publisher(Image, 'image').publish(camera_msg(good, stamp))
         moved = fallback.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
-    assert 'use_tf is true but tf2_ros is not installed' in capfd.readouterr().err
+    assert 'use_tf is set but tf2_ros is not installed' in capfd.readouterr().err
     assert plain is not None and moved is not None
     a, b = plain.pose.pose.position, moved.pose.pose.position
     assert math.hypot(a.x - b.x, a.y - b.y) == pytest.approx(2.0, abs=1e-6)  # 2 m lever arm
 
 
-def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
-    campus_map: Path, queries: Traversal
+@pytest.mark.skipif(tf_available(), reason='tf2_ros is installed: the TF adapter is used')
+def test_odom_frame_without_tf2_votes_in_frame_order(
+    campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Frames 10..13 then a frame of a place 50 m away (query 30) where odometry says the
-    robot reached query 14's place: the voted pose stays on the robot's route."""
     parameters = {
         'map_path': str(campus_map),
         'autostart': True,
-        'odom_topic': 'odom',
+        'odom_frame': 'odom',
+        'sequence.length': 2,
+        'max_rate_hz': 50.0,
+    }
+    with NodeHarness(parameters, namespace='no_tf2_motion') as harness:
+        pub = harness.publisher(Image, 'image')
+        for n in range(2):
+            stamp = T0_NS + n * 1_000_000_000
+            pub.publish(camera_msg(good, stamp))
+            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+        assert harness.node._tf_motion is None
+    assert 'odom_frame is set but tf2_ros is not installed: frames vote in frame order' in (
+        capfd.readouterr().err
+    )
+
+
+@pytest.mark.parametrize('motion', ['odom_topic', 'odom_frame'])
+def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
+    motion: str, campus_map: Path, queries: Traversal
+) -> None:
+    """Frames 10..13 then a frame of a place 50 m away (query 30) where odometry says the
+    robot reached query 14's place: the voted pose stays on the robot's route. The motion
+    comes from nav_msgs/Odometry messages (odom_topic) or from TF odom -> base_link
+    (odom_frame; tf2 is stood in for by TfLookupDouble)."""
+    route = [(i, i) for i in range(10, 14)] + [(30, 14)]  # (image shown, true place)
+    stamps = [T0_NS + n * 1_000_000_000 for n in range(len(route))]
+    tf = TfLookupDouble()
+    place_at = {stamp: place for stamp, (_, place) in zip(stamps, route)}
+
+    def robot_in_odom(stamp_ns: int) -> tuple[float, ...]:
+        if stamp_ns not in place_at:
+            raise TransformUnavailable('extrapolation into the future (test double)')
+        pose = queries.pose(place_at[stamp_ns])
+        return pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw
+
+    tf.transforms[('odom', 'base_link')] = robot_in_odom
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        motion: 'odom',
         'max_rate_hz': 50.0,
         'sequence.length': 4,
     }
-    with NodeHarness(parameters, namespace='sequence_test') as harness:
+    with NodeHarness(parameters, tf_lookup=tf, namespace='sequence_test') as harness:
         pubs = (harness.publisher(Image, 'image'), harness.publisher(Odometry, 'odom'))
-        route = [(i, i) for i in range(10, 14)] + [(30, 14)]  # (image shown, true place)
-        for n, (shown, place) in enumerate(route):
-            stamp = T0_NS + n * 1_000_000_000
-            odometry = harness.node.counts().get('odometry', 0)
-            pubs[1].publish(odometry_msg(queries.pose(place), stamp))
-            assert wait_until(
-                lambda o=odometry: harness.node.counts().get('odometry', 0) > o, 10.0
-            )
+        for stamp, (shown, place) in zip(stamps, route):
+            if motion == 'odom_topic':
+                odometry = harness.node.counts().get('odometry', 0)
+                pubs[1].publish(odometry_msg(queries.pose(place), stamp))
+                assert wait_until(
+                    lambda o=odometry: harness.node.counts().get('odometry', 0) > o, 10.0
+                )
             pubs[0].publish(camera_msg(read_image(queries.image_paths[shown]), stamp))
             msg = harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
             assert msg is not None
         p = msg.pose.pose.position
+        assert harness.node.counts().get('motion_unknown', 0) == 0
+        stamp = stamps[-1] + 1_000_000_000  # no odometry message, no TF at this stamp
+        pubs[0].publish(camera_msg(read_image(queries.image_paths[15]), stamp))
+        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
+        assert harness.node.counts().get('motion_unknown', 0) == 2  # the gate's and the vote's
     assert math.hypot(p.x - queries.xy[14, 0], p.y - queries.xy[14, 1]) <= 10.0
     assert math.hypot(p.x - queries.xy[30, 0], p.y - queries.xy[30, 1]) > 20.0
     assert math.hypot(*(queries.xy[30] - queries.xy[14])) > 40.0  # the frames really differ
+    asked = {(target, source) for target, source, _ in tf.calls}
+    assert asked == ({('odom', 'base_link')} if motion == 'odom_frame' else set())
 
 
 def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_again(
@@ -382,9 +440,14 @@ def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_a
     harness.pubs['image'].publish(camera_msg(good, inactive))
     assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == inactive, 2.0) is None
     closed = []
-    node._offsets.close = lambda: closed.append(True)  # a TF source would drop its listener
+
+    class TreeDouble:  # tf2's listener (tf2_ros cannot be installed here)
+        def close(self) -> None:
+            closed.append(True)
+
+    node._tf_tree = TreeDouble()  # cleanup drops the /tf listener the node made
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
-    assert closed == [True] and node._offsets is None
+    assert closed == [True] and node._offsets is None and node._tf_tree is None
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     assert wait_until(lambda: pub.get_subscription_count() > 0, 10.0)
@@ -535,26 +598,19 @@ def test_activate_forgets_the_frames_before_the_pause(
     assert all(m.count == 0 for m in node._matchers.values())
 
 
-class RecordingMount:
-    """Test double for the camera mount: the camera sits on the base origin; records the camera
-    frames it is asked for."""
-
-    def __init__(self) -> None:
-        self.frames: list[str] = []
-
-    def base_in_camera(self, camera_frame: str) -> Pose:
-        self.frames.append(camera_frame)
-        return Pose(0.0, 0.0)
-
-
 def test_configure_time_parameters_apply_at_the_next_configure_only(
     campus_map: Path, good: np.ndarray
 ) -> None:
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    mount, ok = RecordingMount(), TransitionCallbackReturn.SUCCESS
-    parameters = {'map_path': str(campus_map), 'autostart': True, 'max_rate_hz': 50.0}
-    with NodeHarness(parameters, offset_source=mount, namespace='configure_test') as harness:
+    tf, ok = TfLookupDouble(), TransitionCallbackReturn.SUCCESS
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'max_rate_hz': 50.0,
+        'use_tf': True,
+    }
+    with NodeHarness(parameters, tf_lookup=tf, namespace='configure_test') as harness:
         node = harness.node
 
         def subscribed() -> set[str]:
@@ -573,7 +629,7 @@ def test_configure_time_parameters_apply_at_the_next_configure_only(
         assert subscribed() == {'image'}
         harness.publisher(Image, 'image').publish(camera_msg(good, T0_NS))
         msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS, 30.0)
-        assert msg is not None and msg.header.frame_id == 'map' and mount.frames[-1] == 'camera'
+        assert msg is not None and msg.header.frame_id == 'map' and tf.calls[-1][1] == 'camera'
 
         assert node.trigger_deactivate() == ok and node.trigger_cleanup() == ok
         assert node.trigger_configure() == ok and node.trigger_activate() == ok
@@ -581,4 +637,4 @@ def test_configure_time_parameters_apply_at_the_next_configure_only(
         harness.publisher(Image, 'other').publish(camera_msg(good, T0_NS + 1))
         msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS + 1, 30.0)
         assert msg is not None and msg.header.frame_id == 'elsewhere'
-        assert mount.frames[-1] == 'camera_x'
+        assert tf.calls[-1][1] == 'camera_x'

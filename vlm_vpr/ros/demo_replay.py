@@ -37,7 +37,7 @@ def run_node_demo(
 ) -> dict[str, Any]:
     """Write campus_loop/query as a bag (images + odometry), start the node on ``map_dir``
     with ``/initialpose`` enabled, replay the bag into it, print one line per published pose
-    (with its confidence) and a summary.
+    (with its position standard deviation and confidence) and a summary.
 
     Returns the summary (also written to ``out_dir/node_demo.json``): frames sent, poses
     published, fraction within 5 m of the truth, median error, the ``/initialpose``
@@ -83,15 +83,17 @@ def run_node_demo(
     errors = []
     print_fn(
         f'{"frame":>5} {"image":>14} {"x":>8} {"y":>8} {"true x":>8} {"true y":>8} '
-        f'{"error m":>8} {"confidence":>10}'
+        f'{"error m":>8} {"std m":>6} {"confidence":>10}'
     )
     for msg, confidence in zip(poses, confidences):
         i, error = frame_and_error(msg)
         errors.append(error)
         p = msg.pose.pose.position
+        std_m = math.sqrt(max(msg.pose.covariance[0], msg.pose.covariance[7]))  # x, y
         print_fn(
             f'{i:>5} {queries.image_paths[i].name:>14} {p.x:8.2f} {p.y:8.2f} '
-            f'{queries.xy[i, 0]:8.2f} {queries.xy[i, 1]:8.2f} {error:8.2f} {confidence:10.3f}'
+            f'{queries.xy[i, 0]:8.2f} {queries.xy[i, 1]:8.2f} {error:8.2f} {std_m:6.2f} '
+            f'{confidence:10.3f}'
         )
     published = [frame_and_error(msg) for msg in initial_poses]
     summary = {

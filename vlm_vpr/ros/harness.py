@@ -25,7 +25,7 @@ from visualization_msgs.msg import MarkerArray
 from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import image_msg, pose_msg
 from vlm_vpr.ros.node import VprNode
-from vlm_vpr.ros.tf_offset import OffsetSource
+from vlm_vpr.ros.tf_adapter import Lookup
 
 OUTPUTS = {
     'pose': PoseWithCovarianceStamped,
@@ -46,12 +46,12 @@ class NodeHarness:
     def __init__(
         self,
         parameters: dict[str, Any],
-        offset_source: OffsetSource | None = None,
+        tf_lookup: Lookup | None = None,
         namespace: str = '',
     ) -> None:
         self.parameters = parameters
         self.namespace = namespace
-        self.offset_source = offset_source
+        self.tf_lookup = tf_lookup
         self.received: dict[str, list[Any]] = {topic: [] for topic in OUTPUTS}
         self._lock = threading.Lock()
 
@@ -62,7 +62,7 @@ class NodeHarness:
         self.node = VprNode(
             context=self.context,
             parameter_overrides=overrides,
-            offset_source=self.offset_source,
+            tf_lookup=self.tf_lookup,
             namespace=self.namespace,
         )
         self.listener = rclpy.create_node(

@@ -62,10 +62,13 @@ from vlm_vpr.ros.conversions import (
 )
 from vlm_vpr.ros.odometry import OdometryTrack
 from vlm_vpr.ros.params import NodeConfig
-from vlm_vpr.ros.tf_offset import (
+from vlm_vpr.ros.tf_adapter import (
     FixedOffset,
+    Lookup,
     OffsetSource,
+    TfMotion,
     TfOffset,
+    TfTree,
     TransformUnavailable,
     tf_available,
 )
@@ -105,14 +108,17 @@ class _Waiter:
 
 
 class VprNode(LifecycleNode):
-    """The localisation node; ``offset_source`` replaces the camera-mount source (TF or
-    ``camera_offset.*``), e.g. with a test double where tf2 cannot run."""
+    """The localisation node; ``tf_lookup`` replaces tf2 (``TfTree.lookup``) for the camera
+    mount (``use_tf``) and the motion (``odom_frame``), e.g. with a stand-in where tf2 cannot
+    run."""
 
-    def __init__(self, *, offset_source: OffsetSource | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, tf_lookup: Lookup | None = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         # the state first: a bad parameter fails __init__, and rclpy's shutdown still calls
         # destroy_node
-        self._offset_override = offset_source
+        self._tf_lookup = tf_lookup
+        self._tf_tree: TfTree | None = None  # the tf2 listener, when the node made one
+        self._tf_motion: TfMotion | None = None  # motion from TF (odom_frame)
         self._lock = threading.Condition()
         self._slots: dict[str, _Frame] = {}
         self._waiters: list[_Waiter] = []
@@ -183,7 +189,7 @@ class VprNode(LifecycleNode):
             )
         self._configured, self._cfg, self._query_cfg = values, cfg, query_cfg
         self._localizer, self._matchers = localizer, matchers
-        self._offsets = self._offset_override or self._create_offset_source(cfg)
+        self._offsets, self._tf_motion = self._create_tf_users(cfg)
         self._create_outputs()
         self.destroy_timer(self._diagnostics_timer)
         self._diagnostics_timer = self.create_timer(
@@ -268,14 +274,35 @@ class VprNode(LifecycleNode):
         self._stop_processing('destroyed')
         super().destroy_node()
 
-    def _create_offset_source(self, cfg: NodeConfig) -> OffsetSource:
-        if cfg.use_tf and tf_available():
-            return TfOffset(self, cfg.base_frame)
-        if cfg.use_tf:
-            self.get_logger().warning(
-                'use_tf is true but tf2_ros is not installed: using the camera_offset.* parameters'
-            )
-        return FixedOffset(cfg.camera_offset)
+    def _create_tf_users(self, cfg: NodeConfig) -> tuple[OffsetSource, TfMotion | None]:
+        """The camera mount (TF with ``use_tf``, else ``camera_offset.*``) and the motion
+        from TF (with ``odom_frame``; None: ``odom_topic`` or frame order). Without tf2 the
+        TF ones fall back, with a warning."""
+        lookup = self._tf_lookup
+        if lookup is None and (cfg.use_tf or cfg.odom_frame):
+            if tf_available():
+                self._tf_tree = TfTree(self)
+                lookup = self._tf_tree.lookup
+            else:
+                for name, fallback in (
+                    ('use_tf', 'using the camera_offset.* parameters'),
+                    ('odom_frame', 'frames vote in frame order (odom_topic needs no tf2)'),
+                ):
+                    if getattr(cfg, name):
+                        self.get_logger().warning(
+                            f'{name} is set but tf2_ros is not installed: {fallback}'
+                        )
+        offsets = (
+            TfOffset(lookup, cfg.base_frame)
+            if cfg.use_tf and lookup is not None
+            else FixedOffset(cfg.camera_offset)
+        )
+        motion = (
+            TfMotion(lookup, cfg.odom_frame, cfg.base_frame)
+            if cfg.odom_frame and lookup is not None
+            else None
+        )
+        return offsets, motion
 
     def _create_outputs(self) -> None:
         pub = self.create_lifecycle_publisher
@@ -319,9 +346,9 @@ class VprNode(LifecycleNode):
         for service in self._services:
             self.destroy_service(service)
         self._pubs, self._services = {}, []
-        if self._offsets is not None and self._offsets is not self._offset_override:
-            self._offsets.close()  # TF: the listener's /tf subscriptions go with it
-        self._localizer = self._offsets = None
+        if self._tf_tree is not None:
+            self._tf_tree.close()  # the listener's /tf subscriptions go with it
+        self._localizer = self._offsets = self._tf_motion = self._tf_tree = None
         self._matchers = {}
 
     def _forget_past_frames(self) -> None:
@@ -574,11 +601,20 @@ class VprNode(LifecycleNode):
         return image
 
     def _motion_since(self, since_ns: int | None, t_ns: int) -> Pose | None:
-        """Robot motion (odometry) from ``since_ns`` to ``t_ns``; None without either."""
-        if since_ns is None:
+        """Robot motion from ``since_ns`` to ``t_ns``: from TF (``odom_frame``) or from the
+        ``odom_topic`` messages; None without a source or a previous stamp, or when the source
+        has no pose near both stamps (counted as ``motion_unknown``)."""
+        if since_ns is None or not (self._tf_motion or self._cfg.odom_topic):
             return None
-        with self._lock:
-            return self._odometry.motion(since_ns, t_ns)
+        if self._tf_motion is not None:
+            motion = self._tf_motion.motion(since_ns, t_ns)
+        else:
+            with self._lock:
+                motion = self._odometry.motion(since_ns, t_ns)
+        if motion is None:
+            with self._lock:
+                self._counts['motion_unknown'] += 1
+        return motion
 
     def _sequence_vote(
         self, result: LocalizationResult, topic: str, motion: Pose | None

@@ -64,6 +64,7 @@ class NodeConfig:
     camera_frame: str = ''  # TF frame of the camera (x forward); '' = the image's frame_id
     use_camera_info: bool = False  # rectify frames with each camera's sibling camera_info
     odom_topic: str = ''  # nav_msgs/Odometry for sequence evidence; '' = by frame order
+    odom_frame: str = ''  # or the motion from TF odom_frame -> base_frame (tf2_ros); '' = none
     relocalize_frames: int = 3  # frames the `relocalize` service waits for
     relocalize_timeout_s: float = 15.0  # `relocalize` gives up after this long
     debug_image: bool = False  # publish `debug_image`: the query beside its best match
@@ -81,6 +82,10 @@ class NodeConfig:
             'map_frame and base_frame must not be empty',
         )
         _check(self.mode in MODES, f'mode must be one of {MODES}')
+        _check(
+            not (self.odom_topic and self.odom_frame),
+            'set odom_topic or odom_frame (the motion from one source), not both',
+        )
         _check(0.01 <= self.max_rate_hz <= 100, 'max_rate_hz must be in [0.01, 100]')
         _check(0 <= self.min_confidence <= 1, 'min_confidence must be in [0, 1]')
         _check(1 <= self.relocalize_frames <= 100, 'relocalize_frames must be in [1, 100]')
