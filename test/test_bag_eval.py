@@ -15,14 +15,16 @@ from vlm_vpr.cli import main
 from vlm_vpr.core.bag_eval import evaluate_bag
 from vlm_vpr.core.bags import BagWriter, write_traversal_bag
 from vlm_vpr.core.confidence import Calibration, stored_calibrations
-from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
 from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.evaluation import build_holdout_map, parse_map_range
 from vlm_vpr.core.images import read_image
-from vlm_vpr.core.initial_pose import InitialPoseConfig
+from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
+from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
-from vlm_vpr.core.types import Pose, wrap_angle
+from vlm_vpr.core.sequence import SequenceMatcher
+from vlm_vpr.core.types import Pose, planar_motion, wrap_angle
 
 IMAGE_TOPIC, TRUTH_TOPIC = '/camera/image_raw', '/ground_truth/pose'
 
@@ -139,6 +141,56 @@ def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
     assert run(1, 1.0)['initial_pose']['published'] == 6  # one frame needs no agreement
 
 
+def test_eval_bag_with_odometry_votes_and_gates_as_a_direct_loop_with_the_odometry_steps(
+    campus_map: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """A drive that stops and speeds up (query frames repeated and skipped), with Odometry:
+    every row is what the Localizer, SequenceMatcher and gate give when fed the distance and
+    motion between the true poses, as the node does with odom_topic."""
+    full = read_traversal(data_root / 'campus_loop' / 'query')
+    ids = [0, 1, 2, 2, 2, 3, 4, 6, 8, 9, 9, 10, 12, 14, 15, 16]
+    drive = replace(
+        full,
+        image_paths=[full.image_paths[i] for i in ids],
+        xy=full.xy[ids],
+        yaw_rad=full.yaw_rad[ids],
+    )
+    bag = write_traversal_bag(drive, tmp_path / 'drive', odom_topic='/odom')
+    config = LocalizerConfig(sequence=SequenceConfig(length=4))
+    gate_config = InitialPoseConfig(consecutive_frames=2, max_distance_m=3.0, max_yaw_deg=180.0)
+
+    def run(**odometry: str) -> list[dict]:
+        return evaluate_bag(
+            campus_map,
+            bag,
+            IMAGE_TOPIC,
+            TRUTH_TOPIC,
+            config,
+            confidence_threshold=0.0,
+            initial_pose=gate_config,
+            progress=False,
+            **odometry,
+        )['per_query']
+
+    rows = run(odom_topic='/odom', odom_frame='map')
+    localizer = Localizer(read_map(campus_map), config)
+    matcher, gate = SequenceMatcher(localizer), InitialPoseGate()
+    for i, row in enumerate(rows):
+        motion = planar_motion(drive.pose(i - 1), drive.pose(i)) if i else None
+        step = math.hypot(motion.x, motion.y) if motion else None
+        result = matcher.update(localizer.localize(read_image(drive.image_paths[i])), step)
+        published = gate.update(result.pose, result.confidence, motion, gate_config, 0.0)
+        if published:
+            gate.rearm()
+        assert row['odometry_step_m'] == pytest.approx(step)
+        assert row['evidence'] == pytest.approx(result.evidence)
+        assert row['initial_pose'] == published
+    assert sum(r['odometry_step_m'] == 0.0 for r in rows) == 3  # the stops
+    by_order = run()
+    assert all(r['odometry_step_m'] is None for r in by_order)
+    assert any(a['evidence'] != pytest.approx(b['evidence']) for a, b in zip(rows, by_order))
+
+
 def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
     campus_map: Path, bag: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -194,6 +246,19 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
         == 1
     )
     assert 'topic /nope is not in the bag' in capsys.readouterr().err
+    topics = ['--image-topic', IMAGE_TOPIC, '--truth-topic', TRUTH_TOPIC]
+    assert (
+        main(['eval-bag', str(bag), '--map', str(campus_map), *topics, '--odom-frame', 'odom'])
+        == 1
+    )
+    assert '--odom-frame needs --odom-topic' in capsys.readouterr().err
+    assert (
+        main(['eval-bag', str(bag), '--map', str(campus_map), *topics, '--odom-topic', '/o']) == 1
+    )
+    assert 'topic /o is not in the bag' in capsys.readouterr().err
+    images = ['--images', str(bag), '--poses', 'p.csv', '--tolerance', '5', '--odom-topic', '/o']
+    assert main(['calibrate', '--map', str(campus_map), *images]) == 1
+    assert '--odom-topic not used with --images' in capsys.readouterr().err
 
 
 @pytest.fixture(scope='module')

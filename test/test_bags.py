@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vlm_vpr.core import bags
-from vlm_vpr.core.bags import BagWriter, read_posed_images, write_traversal_bag
+from vlm_vpr.core.bags import BagWriter, read_pose_track, read_posed_images, write_traversal_bag
 from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.errors import BagError
 from vlm_vpr.core.images import read_image
@@ -228,6 +228,28 @@ def test_zero_header_stamps_of_images_and_poses_fall_back_to_bag_time(
     frames = list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, pose_topic, min_distance_m=0))
     assert [f.stamp_ns for f in frames] == [ns(0.5), ns(1.5)]
     assert [f.pose.x for f in frames] == pytest.approx([0.5, 1.5])
+
+
+@pytest.mark.parametrize('source', [bags.ODOMETRY, 'tf'])
+def test_read_pose_track_gives_the_odometry_pose_at_any_stamp(tmp_path, source):
+    """Odometry (odom -> base_link) as an Odometry topic or on /tf under map -> odom."""
+    with BagWriter(tmp_path / 'bag') as writer:
+        for t in range(3):
+            odom = Pose.from_yaw(2.0 * t, 0.0, t * math.pi / 4)
+            if source == 'tf':
+                map_odom = ('map', 'odom', Pose(100.0, 0.0))  # the odometry's drift: not wanted
+                writer.write_transforms(ns(t), [map_odom, ('odom', 'base_link', odom)])
+            else:
+                writer.write_pose('/odom', ns(t), odom, msgtype=source, frame_id='odom')
+    pose_at = read_pose_track(tmp_path / 'bag', '/tf' if source == 'tf' else '/odom', 'odom')
+    halfway = pose_at(ns(1.5))
+    assert (halfway.x, halfway.y, halfway.yaw_rad) == pytest.approx((3.0, 0.0, 3 * math.pi / 8))
+    assert pose_at(ns(2)).x == pytest.approx(4.0)
+    assert pose_at(ns(2.5)) is None  # after the last pose
+    with pytest.raises(BagError, match="both frames are 'odom'"):
+        read_pose_track(tmp_path / 'bag', '/odom', 'odom', base_frame='odom')
+    with pytest.raises(BagError, match='topic /nothing is not in the bag'):
+        read_pose_track(tmp_path / 'bag', '/nothing', 'odom')
 
 
 def test_a_tf_edge_on_both_tf_and_tf_static_is_one_edge(tmp_path, images):

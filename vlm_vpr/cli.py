@@ -171,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         help='units of --poses and --tolerance (with --images; default m)',
     )
     _add_bag_topic_args(calibrate, '--truth-topic', 'ground truth', required=False)
+    _add_odometry_args(calibrate, ' (with --bag)')
     calibrate.add_argument('--json', type=Path, help='write the report here')
     calibrate.add_argument(
         '--reliability-plot', type=Path, help='write the (in-sample) reliability plot (PNG) here'
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     eval_bag.add_argument('bag', type=Path, help='rosbag2 folder, .mcap or .db3')
     eval_bag.add_argument('--map', type=Path, required=True)
     _add_bag_topic_args(eval_bag, '--truth-topic', 'ground truth', required=True)
+    _add_odometry_args(eval_bag, '')
     eval_bag.add_argument(
         '--tolerance-m',
         type=float,
@@ -244,6 +246,16 @@ def _add_bag_topic_args(
     parser.add_argument(
         '--base-frame', help=f'robot frame for /tf {poses}{when} (default base_link)'
     )
+
+
+def _add_odometry_args(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument(
+        '--odom-topic',
+        help=f"odometry{when}, as the node's odom_topic / odom_frame: the distance moved sets "
+        'the sequence step and the gate compares poses after the motion (Odometry / pose '
+        'topic, or /tf with --odom-frame); default: frame order',
+    )
+    parser.add_argument('--odom-frame', help='odometry frame for --odom-topic /tf (default odom)')
 
 
 def _add_open_set_args(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +361,13 @@ def _refuse_build_keys_of_another_map(values: dict[str, Any], map_dir: Path) -> 
 def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     """The options among ``names`` that were given (not None): the library has the defaults."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _odometry(args: argparse.Namespace) -> dict[str, Any]:
+    """evaluate_bag's odometry keywords from --odom-topic / --odom-frame."""
+    if args.odom_frame is not None and args.odom_topic is None:
+        raise ConfigError('--odom-frame needs --odom-topic (the /tf or odometry topic)')
+    return _given(args, ['odom_topic', 'odom_frame'])
 
 
 def _refuse_unused(args: argparse.Namespace, source: str, names: list[str]) -> None:
@@ -622,7 +641,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     build_config, query_config = split_config(load_overrides(args))
     progress = sys.stderr.isatty()
     unfitted = Calibration()  # the confidence is refitted on the rows: the map's is not used
-    bag_only = ['image_topic', 'truth_topic', 'base_frame']
+    bag_only = ['image_topic', 'truth_topic', 'base_frame', 'odom_topic', 'odom_frame']
     if args.dataset is not None:
         _refuse_unused(args, '--dataset', ['poses', 'tolerance', 'units', *bag_only])
         if not args.protocol:
@@ -657,6 +676,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             progress=progress,
             calibration=unfitted,
             **_given(args, ['base_frame']),
+            **_odometry(args),
             **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
         )
     else:
@@ -710,6 +730,7 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         tolerance_m=args.tolerance_m,
         confidence_threshold=args.confidence_threshold,
         **_given(args, ['base_frame']),
+        **_odometry(args),
         max_frames=args.max_frames,
         initial_pose=from_flat_dict(
             InitialPoseConfig, {k.removeprefix(INITIAL_POSE_PREFIX): v for k, v in gate.items()}

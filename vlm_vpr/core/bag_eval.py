@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.bags import PosedImage, read_posed_images
+from vlm_vpr.core.bags import PosedImage, read_pose_track, read_posed_images
 from vlm_vpr.core.calibration import open_set_report
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
@@ -20,7 +20,7 @@ from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
-from vlm_vpr.core.types import LocalizationResult, wrap_angle
+from vlm_vpr.core.types import LocalizationResult, planar_motion, wrap_angle
 
 RECALL_KS = (1, 5, 10)
 
@@ -38,6 +38,8 @@ def evaluate_bag(
     max_frames: int | None = None,
     initial_pose: InitialPoseConfig | None = None,
     calibration: Calibration | None = None,
+    odom_topic: str | None = None,
+    odom_frame: str = 'odom',
     progress: bool = True,
 ) -> dict[str, Any]:
     """Localise every image on ``image_topic`` and compare with the truth on ``truth_topic``.
@@ -47,10 +49,13 @@ def evaluate_bag(
     out. A frame whose true place has no map image within ``tolerance_m`` is out of the map
     (``truth_xy`` None in its row, as in :func:`vlm_vpr.core.evaluation.run_queries`): the
     right answer is to reject it. With ``sequence.length`` > 1 the frames vote in bag order, as
-    in the node (by frame order: no odometry). ``confidence_threshold`` defaults to
-    ``confidence.initial_pose_threshold``. The node's /initialpose gate (``initial_pose``,
-    default :class:`InitialPoseConfig`; frames agree by distance alone, as the node does
-    without odometry; re-armed after each publication) runs on the frames at that threshold.
+    in the node: by frame order, or with ``odom_topic`` (Odometry, a pose topic, or /tf composed
+    from ``odom_frame`` down to ``base_frame``, like the node's ``odom_topic`` / ``odom_frame``)
+    by the distance the robot moved between frames (``odometry_step_m`` in the rows).
+    ``confidence_threshold`` defaults to ``confidence.initial_pose_threshold``. The node's
+    /initialpose gate (``initial_pose``, default :class:`InitialPoseConfig`; consecutive poses
+    agree after the odometry's motion, or by distance alone without odometry; re-armed after
+    each publication) runs on the frames at that threshold.
     ``calibration``: the confidence model; None: the map's, as the node uses (``vlm-vpr
     calibrate`` passes the defaults: it refits the confidence on the rows).
     Returns the report (see README): ``recall``, ``position_error_m``, ``yaw_error_deg``,
@@ -70,6 +75,7 @@ def evaluate_bag(
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
     map_xy = localizer.map.positions_xyz[:, :2]
     gate, initial_pose = InitialPoseGate(), initial_pose or InitialPoseConfig()
+    odom_at = read_pose_track(bag_path, odom_topic, odom_frame, base_frame) if odom_topic else None
     frames = read_posed_images(
         bag_path,
         image_topic,
@@ -80,16 +86,23 @@ def evaluate_bag(
         min_rotation_rad=0.0,
         progress=progress,
     )
-    per_query = []
+    per_query, previous = [], None  # previous: the robot's odometry pose at the last frame
     try:
         for frame in itertools.islice(frames, max_frames):
+            odom = odom_at(frame.stamp_ns) if odom_at is not None else None
+            motion = None if previous is None or odom is None else planar_motion(previous, odom)
+            step = math.hypot(motion.x, motion.y) if motion is not None else None
+            previous = odom
             result = localizer.localize(frame.image_bgr)
             if matcher is not None:
-                result = matcher.update(result)
-            published = gate.update(result.pose, result.confidence, None, initial_pose, threshold)
+                result = matcher.update(result, step)
+            published = gate.update(
+                result.pose, result.confidence, motion, initial_pose, threshold
+            )
             if published:
                 gate.rearm()
-            per_query.append(_frame_row(frame, result, map_xy, tolerance_m, published))
+            row = _frame_row(frame, result, map_xy, tolerance_m, published)
+            per_query.append(dict(row, odometry_step_m=step))
     finally:
         frames.close()  # stop reading the bag (max_frames reached, or an error)
     return summarize_bag(
@@ -101,6 +114,7 @@ def evaluate_bag(
             'bag': str(bag_path),
             'image_topic': image_topic,
             'truth_topic': truth_topic,
+            'odom_topic': odom_topic,
             'rerank_chain': list(config.rerank.chain),
             'sequence_length': config.sequence.length,
             'initial_pose_gate': {

@@ -133,11 +133,7 @@ def read_posed_images(
         raise BagError(f'map_frame and base_frame are both {map_frame!r}; give two frames')
     with _open_bag(bag_path) as reader:
         _topic_type(reader, image_topic, IMAGE_TYPES)
-        pose_type = _topic_type(reader, pose_topic, POSE_TYPES)
-        if pose_type == TF_MESSAGE:
-            chain = _read_tf_chain(reader, pose_topic, map_frame, base_frame)
-        else:
-            chain = [_read_pose_track(reader, pose_topic, map_frame, base_frame)]
+        chain = _read_chain(reader, pose_topic, map_frame, base_frame)
     max_gap_ns = int(max_pose_gap_s * 1e9)
     return _iter_keyframes(
         bag_path,
@@ -147,6 +143,37 @@ def read_posed_images(
         min_rotation_rad,
         progress,
     )
+
+
+def read_pose_track(
+    bag_path: str | Path,
+    pose_topic: str,
+    parent_frame: str,
+    base_frame: str = 'base_link',
+    max_pose_gap_s: float = 1.0,
+) -> Callable[[int], Pose | None]:
+    """The pose of ``base_frame`` in ``parent_frame`` at any stamp (ns), read from
+    ``pose_topic`` and interpolated as in :func:`read_posed_images` (the same sources: Odometry,
+    PoseStamped, PoseWithCovarianceStamped, or /tf composed from ``parent_frame`` down to
+    ``base_frame``); None at a stamp outside the poses' time range or in a gap over
+    ``max_pose_gap_s``. For odometry: ``read_pose_track(bag, '/odom', 'odom')``. BagError when
+    the topic cannot give such poses."""
+    if max_pose_gap_s <= 0:
+        raise BagError('max_pose_gap_s must be > 0')
+    if parent_frame == base_frame:
+        raise BagError(f'both frames are {parent_frame!r}; give two frames')
+    with _open_bag(bag_path) as reader:
+        chain = _read_chain(reader, pose_topic, parent_frame, base_frame)
+    max_gap_ns = int(max_pose_gap_s * 1e9)
+
+    def pose_at(stamp_ns: int) -> Pose | None:
+        try:
+            xyz, quat = _chain_at(chain, stamp_ns, max_gap_ns)
+        except _PoseUnavailable:
+            return None
+        return Pose(*(float(v) for v in xyz), *(float(v) for v in quat))
+
+    return pose_at
 
 
 @contextmanager
@@ -220,6 +247,13 @@ def _strip(frame: str) -> str:
     return frame.lstrip('/')  # ROS 1 bags may write '/map'
 
 
+def _read_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> list[_Track]:
+    """The tracks whose composition is ``base_frame`` in ``map_frame`` over time."""
+    if _topic_type(reader, topic, POSE_TYPES) == TF_MESSAGE:
+        return _read_tf_chain(reader, topic, map_frame, base_frame)
+    return [_read_pose_track(reader, topic, map_frame, base_frame)]
+
+
 def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -> _Track:
     samples: list[tuple[int, list[float], list[float]]] = []
     frames: Counter[str] = Counter()
@@ -238,7 +272,7 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
     frame = frames.most_common(1)[0][0]
     if frame != map_frame:
         log.warning(
-            'poses on %s are in frame %r, not %r: the map will use them as they are',
+            'poses on %s are in frame %r, not %r: used as they are',
             topic,
             frame,
             map_frame,

@@ -53,6 +53,15 @@ class Pose:
         return Pose(x, y, z, 0.0, 0.0, math.sin(yaw_rad / 2), math.cos(yaw_rad / 2))
 
 
+def planar_motion(a: Pose, b: Pose) -> Pose:
+    """The motion from pose ``a`` to ``b`` (both in one fixed frame, such as odom), in the
+    frame of ``a``: forward, left, turn."""
+    yaw = a.yaw_rad
+    c, s = math.cos(yaw), math.sin(yaw)
+    dx, dy = b.x - a.x, b.y - a.y
+    return Pose.from_yaw(c * dx + s * dy, -s * dx + c * dy, wrap_angle(b.yaw_rad - yaw))
+
+
 @dataclass
 class Candidate:
     """One map image proposed for a query; ``score`` is the current ranking score."""

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import bisect
-import math
 from collections import deque
 
-from vlm_vpr.core.types import Pose, wrap_angle
+from vlm_vpr.core.types import Pose, planar_motion
 
 MAX_ODOM_SAMPLES = 5000
 MAX_ODOM_GAP_NS = 500_000_000  # an odometry sample further than this from a stamp is unusable
@@ -32,7 +31,7 @@ class OdometryTrack:
         a, b = self._at(from_ns), self._at(to_ns)
         if a is None or b is None:
             return None
-        return planar_motion(a, b)
+        return planar_motion(Pose.from_yaw(*a), Pose.from_yaw(*b))
 
     def _at(self, stamp_ns: int) -> tuple[float, float, float] | None:
         i = bisect.bisect_left(self._stamps, stamp_ns)
@@ -41,11 +40,3 @@ class OdometryTrack:
             return None
         j = min(near, key=lambda k: abs(self._stamps[k] - stamp_ns))
         return self._poses[j] if abs(self._stamps[j] - stamp_ns) <= MAX_ODOM_GAP_NS else None
-
-
-def planar_motion(a: tuple[float, float, float], b: tuple[float, float, float]) -> Pose:
-    """The motion from planar pose ``a`` to ``b`` (x, y, yaw in one fixed frame), in the frame
-    of ``a``: forward, left, turn."""
-    c, s = math.cos(a[2]), math.sin(a[2])
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    return Pose.from_yaw(c * dx + s * dy, -s * dx + c * dy, wrap_angle(b[2] - a[2]))

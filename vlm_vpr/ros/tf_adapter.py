@@ -20,8 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from vlm_vpr.core.errors import VprError
-from vlm_vpr.core.types import Pose
-from vlm_vpr.ros.odometry import planar_motion
+from vlm_vpr.core.types import Pose, planar_motion
 from vlm_vpr.ros.params import CameraOffsetConfig
 
 Transform = tuple[float, float, float, float, float, float, float]  # x, y, z, qx, qy, qz, qw
@@ -145,9 +144,4 @@ class TfMotion:
             a, b = (self.lookup(self.odom_frame, self.base_frame, t) for t in (from_ns, to_ns))
         except TransformUnavailable:
             return None
-        return planar_motion(_planar(a), _planar(b))
-
-
-def _planar(transform: Transform) -> tuple[float, float, float]:
-    x, y, z, qx, qy, qz, qw = transform
-    return x, y, Pose(x, y, z, qx, qy, qz, qw).yaw_rad
+        return planar_motion(Pose(*a), Pose(*b))
