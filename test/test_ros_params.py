@@ -156,6 +156,8 @@ def test_odom_topic_and_odom_frame_exclude_each_other(context: Any) -> None:
     assert 'set odom_topic or odom_frame (the motion from one source), not both' in result.reason
     (result,) = node.set_parameters([Parameter('odom_topic', value='')])
     assert result.successful
+    (result,) = node.set_parameters([Parameter('odom_frame', value='base_link')])
+    assert not result.successful and 'odom_frame must differ from base_frame' in result.reason
     (result,) = node.set_parameters([Parameter('odom_frame', value='odom')])
     assert result.successful and node.settings[0].odom_frame == 'odom'
     node.destroy_node()

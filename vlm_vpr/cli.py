@@ -255,7 +255,11 @@ def _add_odometry_args(parser: argparse.ArgumentParser, when: str) -> None:
         'the sequence step and the gate compares poses after the motion (Odometry / pose '
         'topic, or /tf with --odom-frame); default: frame order',
     )
-    parser.add_argument('--odom-frame', help='odometry frame for --odom-topic /tf (default odom)')
+    parser.add_argument(
+        '--odom-frame',
+        help='odometry frame (default odom): with /tf the chain starts there; an Odometry or '
+        'pose topic in another frame is used with a warning',
+    )
 
 
 def _add_open_set_args(parser: argparse.ArgumentParser) -> None:

@@ -89,9 +89,8 @@ def confidence_step(
     """`vlm-vpr calibrate --split fit` then `vlm-vpr eval --split test`, both with the map
     stretch held out and sequence evidence, on a copy of ``map_dir`` (the calibration is stored
     in the map). Returns the two reports (fit: in-sample; test: not used for fitting)."""
-    if not (calibrated_map / 'manifest.json').is_file():
-        shutil.rmtree(calibrated_map, ignore_errors=True)
-        shutil.copytree(map_dir, calibrated_map)  # the same build; the calibration is its own
+    shutil.rmtree(calibrated_map, ignore_errors=True)  # a fresh copy of this run's map:
+    shutil.copytree(map_dir, calibrated_map)  # the same build, with a calibration of its own
     config = dataclasses.replace(
         LocalizerConfig(), sequence=SequenceConfig(length=CONFIDENCE_SEQUENCE)
     )

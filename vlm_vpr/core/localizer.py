@@ -40,7 +40,9 @@ class Localizer:
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
         limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.rerankers = self._create_rerankers()
-        self.calibration = calibration or Calibration.from_map(vpr_map, self.config)
+        self.calibration = (
+            Calibration.from_map(vpr_map, self.config) if calibration is None else calibration
+        )
 
     @functools.cached_property
     def descriptors_float32(self) -> np.ndarray:

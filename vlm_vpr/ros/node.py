@@ -272,6 +272,7 @@ class VprNode(LifecycleNode):
 
     def destroy_node(self) -> None:
         self._stop_processing('destroyed')
+        self._release()  # the TF listener too, when destroyed while configured
         super().destroy_node()
 
     def _create_tf_users(self, cfg: NodeConfig) -> tuple[OffsetSource, TfMotion | None]:
@@ -511,8 +512,7 @@ class VprNode(LifecycleNode):
     ) -> None:
         """Sequence vote, camera-to-base offset, output checks and publishing of one frame."""
         t_ns, topic = stamp_ns(prepared.header), prepared.frame.topic
-        motion = self._motion_since(self._previous_stamp_ns, t_ns)  # for the gate
-        travel = self._motion_since(self._camera_stamp_ns.get(topic), t_ns)  # for the vote
+        motion, travel = self._motions(t_ns, topic, cfg)
         try:
             result = self._sequence_vote(result, topic, travel)
             pose, covariance = base_pose_from_camera(
@@ -600,21 +600,30 @@ class VprNode(LifecycleNode):
                 )
         return image
 
-    def _motion_since(self, since_ns: int | None, t_ns: int) -> Pose | None:
-        """Robot motion from ``since_ns`` to ``t_ns``: from TF (``odom_frame``) or from the
-        ``odom_topic`` messages; None without a source or a previous stamp, or when the source
-        has no pose near both stamps (counted as ``motion_unknown``)."""
-        if since_ns is None or not (self._tf_motion or self._cfg.odom_topic):
-            return None
-        if self._tf_motion is not None:
-            motion = self._tf_motion.motion(since_ns, t_ns)
-        else:
-            with self._lock:
-                motion = self._odometry.motion(since_ns, t_ns)
-        if motion is None:
+    def _motions(self, t_ns: int, topic: str, cfg: NodeConfig) -> tuple[Pose | None, Pose | None]:
+        """The robot's motion up to ``t_ns`` since the last localised frame (for the
+        /initialpose gate, when enabled) and since ``topic``'s last frame (for its sequence
+        vote, when it has one), from TF (``odom_frame``) or the ``odom_topic`` messages. None
+        without a source, a use or a previous frame; a frame whose motion the source cannot
+        give (no pose near a stamp) counts once as ``motion_unknown``."""
+        if self._tf_motion is None and not cfg.odom_topic:
+            return None, None
+        wanted = (
+            self._previous_stamp_ns if cfg.initial_pose.enabled else None,
+            self._camera_stamp_ns.get(topic) if topic in self._matchers else None,
+        )
+        found: dict[int, Pose | None] = {}
+        for since_ns in {s for s in wanted if s is not None}:
+            if self._tf_motion is not None:
+                found[since_ns] = self._tf_motion.motion(since_ns, t_ns)
+            else:
+                with self._lock:
+                    found[since_ns] = self._odometry.motion(since_ns, t_ns)
+        if None in found.values():
             with self._lock:
                 self._counts['motion_unknown'] += 1
-        return motion
+        gate, vote = (None if s is None else found[s] for s in wanted)
+        return gate, vote
 
     def _sequence_vote(
         self, result: LocalizationResult, topic: str, motion: Pose | None

@@ -86,6 +86,10 @@ class NodeConfig:
             not (self.odom_topic and self.odom_frame),
             'set odom_topic or odom_frame (the motion from one source), not both',
         )
+        _check(
+            self.odom_frame != self.base_frame,
+            'odom_frame must differ from base_frame: it is the frame the robot moves in (odom)',
+        )
         _check(0.01 <= self.max_rate_hz <= 100, 'max_rate_hz must be in [0.01, 100]')
         _check(0 <= self.min_confidence <= 1, 'min_confidence must be in [0, 1]')
         _check(1 <= self.relocalize_frames <= 100, 'relocalize_frames must be in [1, 100]')

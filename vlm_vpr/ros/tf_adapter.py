@@ -38,13 +38,17 @@ class OffsetSource(Protocol):
         """The pose of the base frame in ``camera_frame``; TransformUnavailable if unknown."""
 
 
+TF_CACHE_S = 60.0  # TF history kept: the motion between frames further apart is unknown
+
+
 class TfTree:
     """The node's tf2_ros buffer and listener (one for the camera mount and the motion)."""
 
     def __init__(self, node: Any) -> None:
         import tf2_ros
+        from rclpy.duration import Duration
 
-        self._buffer = tf2_ros.Buffer()
+        self._buffer = tf2_ros.Buffer(cache_time=Duration(seconds=TF_CACHE_S))
         self._listener = tf2_ros.TransformListener(self._buffer, node)
         self._errors = (
             tf2_ros.LookupException,
