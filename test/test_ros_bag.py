@@ -227,22 +227,29 @@ def test_replay_latches_every_tf_static_message_for_a_late_subscriber(tmp_path: 
     )
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    try:
-        replay.start()
-        assert wait_until(lambda: node.count_publishers('/tf_static') > 0, 10.0)
-        time.sleep(1.5)  # replay_bag's start_delay_s (1 s) passes: /tf_static is published
-        got: list[str] = []
-        qos = QoSProfile(
-            depth=10,
-            reliability=ReliabilityPolicy.RELIABLE,
-            durability=DurabilityPolicy.TRANSIENT_LOCAL,
-        )
-        node.create_subscription(
-            PoseStamped, '/tf_static', lambda m: got.append(m.header.frame_id), qos
-        )
-        deadline = time.monotonic() + 5.0
+    qos = QoSProfile(
+        depth=10,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    )
+    early: list[str] = []  # once it holds all three, they have been published
+    late: list[str] = []  # subscribed after that: gets them only if the publisher keeps them
+
+    def spin_until_three(got: list[str]) -> None:
+        deadline = time.monotonic() + 10.0
         while len(got) < 3 and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.1)
+
+    try:
+        replay.start()
+        node.create_subscription(
+            PoseStamped, '/tf_static', lambda m: early.append(m.header.frame_id), qos
+        )
+        spin_until_three(early)
+        node.create_subscription(
+            PoseStamped, '/tf_static', lambda m: late.append(m.header.frame_id), qos
+        )
+        spin_until_three(late)
     finally:
         stop.set()
         replay.join(timeout=10.0)
@@ -250,7 +257,8 @@ def test_replay_latches_every_tf_static_message_for_a_late_subscriber(tmp_path: 
         node.destroy_node()
         rclpy.try_shutdown(context=context)
         context.destroy()
-    assert got == ['camera', 'lidar', 'imu']
+    assert early == ['camera', 'lidar', 'imu']
+    assert late == ['camera', 'lidar', 'imu']
 
 
 def test_replay_keeps_the_recorded_timing(query_bag: Path) -> None:
