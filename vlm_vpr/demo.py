@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             LocalizerConfig(),
             map_dir=map_dir,
             progress=progress,
+            calibration=Calibration(),  # retrieval only: the confidence is step 2's
         )
         write_report(
             report, args.out / f'{protocol}.json', None, args.out / f'{protocol}_failures.png'
