@@ -132,6 +132,33 @@ def test_eval_writes_report_plot_and_failure_strip(
             ['calibrate', '--map', '/m', '--bag', '/b', '--split', 'fit'],
             '--split not used with --bag',
         ),
+        (
+            ['calibrate', '--map', '/m', '--bag', '/b'],
+            '--bag needs --image-topic and --truth-topic',
+        ),
+        (
+            [
+                'calibrate',
+                '--map',
+                '/m',
+                '--images',
+                '/i',
+                '--image-topic',
+                '/t',
+                '--truth-topic',
+                '/u',
+            ],
+            '--image-topic, --truth-topic not used with --images',
+        ),
+        (
+            ['calibrate', '--map', '/m', '--images', '/i', '--poses', '/p', '--odom-topic', '/o'],
+            '--odom-topic not used with --images',
+        ),
+        (
+            ['eval-bag', '/b', '--map', '/m', '--image-topic', '/t', '--truth-topic', '/u']
+            + ['--odom-frame', 'odom'],
+            '--odom-frame needs --odom-topic',
+        ),
     ],
 )
 def test_errors_print_one_line_and_exit_1(

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from ros_doubles import TfLookupDouble
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
@@ -30,7 +31,6 @@ from vlm_vpr.ros.params import CameraOffsetConfig
 from vlm_vpr.ros.tf_adapter import (
     FixedOffset,
     TfMotion,
-    TransformUnavailable,
     base_in_camera_from_offset,
     mount_from_transform,
 )
@@ -320,8 +320,8 @@ def test_gate_without_odometry_compares_consecutive_poses_directly() -> None:
 
 def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
     track = OdometryTrack()
-    track.add(1_000_000_000, 10.0, 0.0, math.pi / 2)  # facing +y
-    track.add(2_000_000_000, 10.0, 3.0, math.pi)
+    track.add(1_000_000_000, Pose.from_yaw(10.0, 0.0, math.pi / 2))  # facing +y
+    track.add(2_000_000_000, Pose.from_yaw(10.0, 3.0, math.pi))
     motion = track.motion(1_000_000_000, 2_000_000_000)
     assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
     assert track.motion(1_000_000_000, 9_000_000_000) is None  # no odometry near 9 s
@@ -330,20 +330,16 @@ def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
 def test_tf_motion_is_the_odometry_motion_of_the_transforms_at_the_two_stamps() -> None:
     """TfMotion on a stand-in for tf2's lookup (tf2_ros cannot be installed here)."""
     half = math.sqrt(0.5)
-    robot = {  # base_link in odom: x, y, z, qx, qy, qz, qw (yaw pi/2, then pi)
+    lookup = TfLookupDouble()
+    lookup.transforms[('odom', 'base_link')] = {  # x, y, z, qx, qy, qz, qw (yaw pi/2, then pi)
         1_000_000_000: (10.0, 0.0, 0.0, 0.0, 0.0, half, half),
         2_000_000_000: (10.0, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0),
     }
-    asked = []
-
-    def lookup(target: str, source: str, stamp_ns: int | None) -> tuple[float, ...]:
-        asked.append((target, source, stamp_ns))
-        if stamp_ns not in robot:
-            raise TransformUnavailable('extrapolation into the future (test double)')
-        return robot[stamp_ns]
-
     tf = TfMotion(lookup, 'odom', 'base_link')
     motion = tf.motion(1_000_000_000, 2_000_000_000)
     assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
-    assert asked == [('odom', 'base_link', 1_000_000_000), ('odom', 'base_link', 2_000_000_000)]
+    assert lookup.calls == [
+        ('odom', 'base_link', 1_000_000_000),
+        ('odom', 'base_link', 2_000_000_000),
+    ]
     assert tf.motion(1_000_000_000, 9_000_000_000) is None  # TF cannot tell: frame order

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from nav_msgs.msg import Odometry
 from rclpy.parameter import Parameter
+from ros_doubles import TfLookupDouble
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -24,7 +25,7 @@ from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.ros.conversions import stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, header_at, odometry_msg, wait_until
-from vlm_vpr.ros.tf_adapter import TransformUnavailable, tf_available
+from vlm_vpr.ros.tf_adapter import tf_available
 
 T0_NS = 1_700_000_000_000_000_000
 COMPRESSED_TOPIC = 'camera2/image/compressed'
@@ -287,25 +288,6 @@ def test_debug_image_shows_the_query_beside_its_best_match(
     harness.node.set_parameters([Parameter('debug_image', value=False)])
 
 
-class TfLookupDouble:
-    """Test double for tf2's buffer (tf2_ros cannot be installed here), called as
-    ``TfTree.lookup``: records the (target, source, stamp) asked for; raises
-    TransformUnavailable while ``missing``; else gives ``transforms[(target, source)]``, a
-    function of the stamp, or the identity."""
-
-    def __init__(self, missing: bool = False) -> None:
-        self.missing = missing
-        self.calls: list[tuple[str, str, int | None]] = []
-        self.transforms: dict[tuple[str, str], Any] = {}
-
-    def __call__(self, target: str, source: str, stamp_ns: int | None) -> tuple[float, ...]:
-        self.calls.append((target, source, stamp_ns))
-        if self.missing:
-            raise TransformUnavailable(f'no TF from {target!r} to {source!r} (test double)')
-        at = self.transforms.get((target, source))
-        return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0) if at is None else at(stamp_ns)
-
-
 def test_a_missing_transform_skips_the_frame_until_tf_arrives(
     campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -320,7 +302,7 @@ def test_a_missing_transform_skips_the_frame_until_tf_arrives(
         assert "frame skipped (no_transform): no TF from 'base_link' to 'camera'" in err
         assert 'publish the camera mount (robot_state_publisher)' in err
         tf.missing = False
-        tf.transforms[('base_link', 'camera')] = lambda _: (2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+        tf.transforms[('base_link', 'camera')] = {None: (2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)}
         pub.publish(camera_msg(good, T0_NS + 1_000_000_000))
         moved = harness.wait_for('pose', lambda m: True, timeout_s=30.0)
         assert moved is not None and tf.calls[-1] == ('base_link', 'camera', None)  # latest
@@ -370,7 +352,7 @@ def test_odom_frame_without_tf2_votes_in_frame_order(
             stamp = T0_NS + n * 1_000_000_000
             pub.publish(camera_msg(good, stamp))
             assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
-        assert harness.node._tf_motion is None
+        assert harness.node._motion is None
     assert 'odom_frame is set but tf2_ros is not installed: frames vote in frame order' in (
         capfd.readouterr().err
     )
@@ -388,15 +370,10 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
     route = [(10, 10), (11, 11), (11, 11), (12, 12), (13, 13), (30, 14)]  # (shown, true place)
     stamps = [T0_NS + n * 1_000_000_000 for n in range(len(route))]
     tf = TfLookupDouble()
-    place_at = {stamp: place for stamp, (_, place) in zip(stamps, route)}
-
-    def robot_in_odom(stamp_ns: int) -> tuple[float, ...]:
-        if stamp_ns not in place_at:
-            raise TransformUnavailable('extrapolation into the future (test double)')
-        pose = queries.pose(place_at[stamp_ns])
-        return pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw
-
-    tf.transforms[('odom', 'base_link')] = robot_in_odom
+    robot_in_odom = {stamp: queries.pose(place) for stamp, (_, place) in zip(stamps, route)}
+    tf.transforms[('odom', 'base_link')] = {
+        stamp: (p.x, p.y, p.z, p.qx, p.qy, p.qz, p.qw) for stamp, p in robot_in_odom.items()
+    }
     parameters = {
         'map_path': str(campus_map),
         'autostart': True,

@@ -318,7 +318,8 @@ def _add_config_args(
 
 def load_overrides(args: argparse.Namespace, keep_initial_pose: bool = False) -> dict[str, Any]:
     """Dotted config keys from --config, then --set, then the shortcut flags (see
-    :func:`read_config_yaml` for ``keep_initial_pose``)."""
+    :func:`read_config_yaml` for ``keep_initial_pose``). With ``--map`` naming an existing map,
+    map-build keys that differ from its build are a ConfigError."""
     values: dict[str, Any] = {}
     if getattr(args, 'config', None):
         values.update(read_config_yaml(args.config, keep_initial_pose))
@@ -605,6 +606,7 @@ def result_to_json(image: str, result: Any) -> dict[str, Any]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vlm_vpr.core.calibration import cross_fit
+    from vlm_vpr.core.confidence import Calibration
     from vlm_vpr.core.evaluation import evaluate, write_report
 
     build_config, query_config = split_config(load_overrides(args))
@@ -620,6 +622,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         holdout=args.holdout_map_range,
         split=args.split,
+        # cross-fitting re-scores every query: the map's calibration is not used
+        calibration=None if args.cross_fit is None else Calibration(),
     )
     if args.cross_fit is not None:
         report = cross_fit(report, query_config, args.cross_fit)

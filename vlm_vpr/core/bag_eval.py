@@ -16,6 +16,7 @@ from vlm_vpr.core.calibration import open_set_report
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
+from vlm_vpr.core.evaluation import within_tolerance
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
@@ -58,10 +59,10 @@ def evaluate_bag(
     each publication) runs on the frames at that threshold.
     ``calibration``: the confidence model; None: the map's, as the node uses (``vlm-vpr
     calibrate`` passes the defaults: it refits the confidence on the rows).
-    Returns the report (see README): ``recall``, ``position_error_m``, ``yaw_error_deg``,
-    ``success_rate``, ``at_threshold``, ``open_set``, ``initial_pose``, ``timing_ms`` and
-    ``per_query`` (one row per frame, with its ``evidence``: ``vlm-vpr calibrate --bag`` fits
-    on them).
+    Returns the report (see README): ``num_frames``, ``num_in_map``, ``recall``,
+    ``position_error_m``, ``yaw_error_deg``, ``success_rate``, ``at_threshold``, ``open_set``,
+    ``initial_pose`` and ``initial_pose_gate``, ``timing_ms`` and ``per_query`` (one row per
+    frame, with its ``evidence``: ``vlm-vpr calibrate --bag`` fits on them).
     """
     if not tolerance_m > 0:
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
@@ -135,14 +136,13 @@ def _frame_row(
 ) -> dict[str, Any]:
     """The report row of one bag frame (see :func:`evaluate_bag`)."""
     truth, pose = frame.pose, result.pose
-    hits = [
-        math.hypot(c.pose.x - truth.x, c.pose.y - truth.y) <= tolerance_m
-        for c in result.candidates
-    ]
+    truth_xy = np.array([truth.x, truth.y])
+    candidates_xy = np.array([[c.pose.x, c.pose.y] for c in result.candidates]).reshape(-1, 2)
+    hits = list(within_tolerance(candidates_xy, truth_xy, tolerance_m, 'm'))
     yaw_error = None
     if pose.yaw_known and truth.yaw_known:
         yaw_error = abs(math.degrees(wrap_angle(pose.yaw_rad - truth.yaw_rad)))
-    in_map = bool(np.hypot(*(map_xy - (truth.x, truth.y)).T).min() <= tolerance_m)
+    in_map = bool(within_tolerance(map_xy, truth_xy, tolerance_m, 'm').any())
     return {
         'name': frame.name,
         'stamp_ns': frame.stamp_ns,

@@ -195,7 +195,8 @@ def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[s
     an empty report: counts, recalls, rates and ECE 0, empty reliability and PR curves.
 
     ``per_query`` rows need ``confidence``, ``truth_xy`` (None = out of map) and
-    ``first_correct_rank``, as written by :func:`vlm_vpr.core.evaluation.run_queries`.
+    ``first_correct_rank``, as written by :func:`vlm_vpr.core.evaluation.run_queries` and
+    :func:`vlm_vpr.core.bag_eval.evaluate_bag`.
     """
     confidence = np.array([q['confidence'] for q in per_query], dtype=np.float64)
     in_map = np.array([q['truth_xy'] is not None for q in per_query], dtype=bool)

@@ -15,10 +15,8 @@ import numpy as np
 from sensor_msgs.msg import Image
 
 from vlm_vpr.core.bags import write_traversal_bag
-from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.datasets import read_traversal
 from vlm_vpr.core.images import read_image
-from vlm_vpr.core.initial_pose import InitialPoseConfig
 from vlm_vpr.ros.conversions import stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, wait_until
 from vlm_vpr.ros.replay import replay_bag
@@ -74,6 +72,7 @@ def run_node_demo(
         initial_poses = harness.messages('/initialpose')
         latency = harness.node.latency_stats()
         counts = harness.node.counts()
+        node_cfg, query_cfg = harness.node.settings  # for the gate's description
 
     def frame_and_error(msg: Any) -> tuple[int, float]:
         i = round((stamp_ns(msg.header) - start_ns) / period_ns)
@@ -83,8 +82,6 @@ def run_node_demo(
     if len(confidences) != len(poses):  # each pose is followed by its confidence
         print_fn(f'(confidence column left out: {len(confidences)} for {len(poses)} poses)')
         confidences = [math.nan] * len(poses)
-    gate = InitialPoseConfig()  # the node's defaults (parameters initial_pose.*)
-    threshold = LocalizerConfig().confidence.initial_pose_threshold
     errors = []
     print_fn(
         f'{"frame":>5} {"image":>14} {"x":>8} {"y":>8} {"true x":>8} {"true y":>8} '
@@ -120,8 +117,9 @@ def run_node_demo(
             if published
             else 'never'
         )
-        + f' (once, after {gate.consecutive_frames} agreeing frames at confidence >= '
-        f'{threshold:g}; `rearm_initial_pose` re-arms it); latency image->pose median '
+        + f' (once, after {node_cfg.initial_pose.consecutive_frames} agreeing frames at '
+        f'confidence >= {query_cfg.confidence.initial_pose_threshold:g}; `rearm_initial_pose` '
+        're-arms it); latency image->pose median '
         f'{summary["latency_median_ms"]} ms, p95 {summary["latency_p95_ms"]} ms; '
         f'counters {counts}'
     )

@@ -118,7 +118,7 @@ class VprNode(LifecycleNode):
         # destroy_node
         self._tf_lookup = tf_lookup
         self._tf_tree: TfTree | None = None  # the tf2 listener, when the node made one
-        self._tf_motion: TfMotion | None = None  # motion from TF (odom_frame)
+        self._motion: TfMotion | OdometryTrack | None = None  # odom_frame's or odom_topic's
         self._lock = threading.Condition()
         self._slots: dict[str, _Frame] = {}
         self._waiters: list[_Waiter] = []
@@ -189,7 +189,8 @@ class VprNode(LifecycleNode):
             )
         self._configured, self._cfg, self._query_cfg = values, cfg, query_cfg
         self._localizer, self._matchers = localizer, matchers
-        self._offsets, self._tf_motion = self._create_tf_users(cfg)
+        self._offsets, tf_motion = self._create_tf_users(cfg)
+        self._motion = tf_motion or (self._odometry if cfg.odom_topic else None)
         self._create_outputs()
         self.destroy_timer(self._diagnostics_timer)
         self._diagnostics_timer = self.create_timer(
@@ -349,7 +350,7 @@ class VprNode(LifecycleNode):
         self._pubs, self._services = {}, []
         if self._tf_tree is not None:
             self._tf_tree.close()  # the listener's /tf subscriptions go with it
-        self._localizer = self._offsets = self._tf_motion = self._tf_tree = None
+        self._localizer = self._offsets = self._motion = self._tf_tree = None
         self._matchers = {}
 
     def _forget_past_frames(self) -> None:
@@ -406,12 +407,10 @@ class VprNode(LifecycleNode):
             self._camera_infos[topic] = msg
 
     def _on_odom(self, msg: Odometry) -> None:
-        q = msg.pose.pose.orientation
-        yaw = math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
-        p = msg.pose.pose.position
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        self._odometry.add(stamp_ns(msg.header), Pose(p.x, p.y, p.z, q.x, q.y, q.z, q.w))
         with self._lock:
             self._counts['odometry'] += 1
-            self._odometry.add(stamp_ns(msg.header), p.x, p.y, yaw)
 
     def _on_rearm(self, request: Any, response: Any) -> Any:
         with self._lock:
@@ -606,19 +605,14 @@ class VprNode(LifecycleNode):
         vote, when it has one), from TF (``odom_frame``) or the ``odom_topic`` messages. None
         without a source, a use or a previous frame; a frame whose motion the source cannot
         give (no pose near a stamp) counts once as ``motion_unknown``."""
-        if self._tf_motion is None and not cfg.odom_topic:
+        source = self._motion
+        if source is None:
             return None, None
         wanted = (
             self._previous_stamp_ns if cfg.initial_pose.enabled else None,
             self._camera_stamp_ns.get(topic) if topic in self._matchers else None,
         )
-        found: dict[int, Pose | None] = {}
-        for since_ns in {s for s in wanted if s is not None}:
-            if self._tf_motion is not None:
-                found[since_ns] = self._tf_motion.motion(since_ns, t_ns)
-            else:
-                with self._lock:
-                    found[since_ns] = self._odometry.motion(since_ns, t_ns)
+        found = {since: source.motion(since, t_ns) for since in set(wanted) - {None}}
         if None in found.values():
             with self._lock:
                 self._counts['motion_unknown'] += 1

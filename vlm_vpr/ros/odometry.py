@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import deque
 
 from vlm_vpr.core.types import Pose, planar_motion
@@ -12,28 +13,32 @@ MAX_ODOM_GAP_NS = 500_000_000  # an odometry sample further than this from a sta
 
 
 class OdometryTrack:
-    """Recent planar odometry poses (x, y, yaw in the odometry frame) by stamp."""
+    """Recent odometry poses (the robot in the odometry frame) by stamp; thread-safe (filled
+    by the odometry callback, read by the worker)."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._stamps: deque[int] = deque(maxlen=MAX_ODOM_SAMPLES)
-        self._poses: deque[tuple[float, float, float]] = deque(maxlen=MAX_ODOM_SAMPLES)
+        self._poses: deque[Pose] = deque(maxlen=MAX_ODOM_SAMPLES)
 
-    def add(self, stamp_ns: int, x: float, y: float, yaw_rad: float) -> None:
-        if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop): restart
-            self._stamps.clear()
-            self._poses.clear()
-        self._stamps.append(stamp_ns)
-        self._poses.append((x, y, yaw_rad))
+    def add(self, stamp_ns: int, pose: Pose) -> None:
+        with self._lock:
+            if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop)
+                self._stamps.clear()
+                self._poses.clear()
+            self._stamps.append(stamp_ns)
+            self._poses.append(pose)
 
     def motion(self, from_ns: int, to_ns: int) -> Pose | None:
         """Planar motion of the robot from ``from_ns`` to ``to_ns``, in the robot's frame at
         ``from_ns``; None without odometry near both stamps."""
-        a, b = self._at(from_ns), self._at(to_ns)
+        with self._lock:
+            a, b = self._at(from_ns), self._at(to_ns)
         if a is None or b is None:
             return None
-        return planar_motion(Pose.from_yaw(*a), Pose.from_yaw(*b))
+        return planar_motion(a, b)
 
-    def _at(self, stamp_ns: int) -> tuple[float, float, float] | None:
+    def _at(self, stamp_ns: int) -> Pose | None:
         i = bisect.bisect_left(self._stamps, stamp_ns)
         near = [j for j in (i - 1, i) if 0 <= j < len(self._stamps)]
         if not near:
