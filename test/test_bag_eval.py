@@ -114,12 +114,13 @@ def check_bag_report(campus_map: Path, source: Path, six: Traversal) -> None:
 def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
     campus_map: Path, bag: Path
 ) -> None:
-    def run(frames: int, distance_m: float) -> dict:
+    def run(frames: int, distance_m: float, tolerance_m: float = 5.0) -> dict:
         return evaluate_bag(
             campus_map,
             bag,
             IMAGE_TOPIC,
             TRUTH_TOPIC,
+            tolerance_m=tolerance_m,
             confidence_threshold=0.0,
             initial_pose=InitialPoseConfig(
                 consecutive_frames=frames, max_distance_m=distance_m, max_yaw_deg=180.0
@@ -139,6 +140,10 @@ def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
     # the six frames are spread along the loop, tens of metres apart: never agree within 1 m
     assert run(2, 1.0)['initial_pose']['published'] == 0
     assert run(1, 1.0)['initial_pose']['published'] == 6  # one frame needs no agreement
+    # within 1 cm of the truth no pose is right and no map image lies that close to a frame's
+    # place: every publication is wrong and off the map
+    strict = run(1, 1.0, tolerance_m=0.01)['initial_pose']
+    assert strict == {'published': 6, 'wrong': 6, 'out_of_map': 6}
 
 
 def test_eval_bag_with_odometry_votes_and_gates_as_a_direct_loop_with_the_odometry_steps(
@@ -280,12 +285,18 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     topics = ['--image-topic', IMAGE_TOPIC, '--truth-topic', TRUTH_TOPIC]
     calibrate = ['calibrate', '--map', str(holdout_map), '--bag', str(drive), *topics]
     assert read_map(holdout_map).read_extra_json('calibration') is None
+    outputs = ['--json', str(tmp_path / 'fit.json'), '--reliability-plot', str(tmp_path / 'r.png')]
     with caplog.at_level('WARNING', logger='vlm_vpr.core.confidence'):
-        assert main([*calibrate, '--json', str(tmp_path / 'fit.json')]) == 0
+        assert main([*calibrate, *outputs]) == 0
     assert 'calibration stored in' in capsys.readouterr().out
     assert 'no confidence calibration' not in caplog.text  # it is being fitted: no warning
+    assert (tmp_path / 'r.png').read_bytes()[:4] == b'\x89PNG'
 
-    rows = json.loads((tmp_path / 'fit.json').read_text())['per_query']
+    fit = json.loads((tmp_path / 'fit.json').read_text())
+    rows = fit['per_query']
+    # scored before the fit: left out of the calibrate report (eval-bag measures them)
+    assert 'at_threshold' not in fit and 'initial_pose' not in fit
+    assert not any('initial_pose' in r for r in rows)
     out_of_map = [r for r in rows if r['truth_xy'] is None]
     assert len(rows) == 36 and 5 <= len(out_of_map) <= 20  # the held-out stretch
     assert all(r['first_correct_rank'] is None for r in out_of_map)
@@ -304,6 +315,16 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     assert open_set['num_out_of_map'] == len(out_of_map)
     assert open_set['false_accept_rate'] == 0.0 and open_set['accepted_in_map'] > 0.3
     assert report['initial_pose']['out_of_map'] == 0  # no /initialpose off the map
+    every_frame = evaluate_bag(  # a gate that publishes every frame: the off-map ones counted
+        holdout_map,
+        drive,
+        IMAGE_TOPIC,
+        TRUTH_TOPIC,
+        confidence_threshold=0.0,
+        initial_pose=InitialPoseConfig(consecutive_frames=1),
+        progress=False,
+    )
+    assert every_frame['initial_pose']['out_of_map'] == len(out_of_map)
     in_map = [r for r in report['per_query'] if r['truth_xy'] is not None]
     assert report['recall']['1'] == pytest.approx(
         np.mean([r['first_correct_rank'] == 1 for r in in_map]), abs=1e-4

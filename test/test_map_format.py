@@ -259,13 +259,34 @@ def test_extras_are_added_atomically_and_read_back(map_dir: Path) -> None:
 @pytest.mark.parametrize(
     'value', [{'a': object()}, np.array([object()], dtype=object)], ids=['json', 'npy']
 )
-def test_a_failed_extra_write_leaves_no_temporary_file(map_dir: Path, value: object) -> None:
+def test_an_extra_that_cannot_be_serialised_leaves_the_map_as_it_was(
+    map_dir: Path, value: object
+) -> None:
     write_extra(map_dir, 'kept', {'bias': 0.0})
     before = sorted(p.name for p in map_dir.rglob('*'))
     with pytest.raises((TypeError, ValueError)):
         write_extra(map_dir, 'broken', value)
     assert sorted(p.name for p in map_dir.rglob('*')) == before
     assert read_map(map_dir).extra_path('broken') is None
+
+
+def test_a_failed_file_write_leaves_no_temporary_file(
+    map_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    write_extra(map_dir, 'kept', {'bias': 0.0})
+    before = sorted(p.name for p in map_dir.rglob('*'))
+
+    def disk_full(fd: int, mode: str) -> object:  # the temporary file exists: mkstemp made it
+        os.close(fd)
+        raise OSError('disk full')
+
+    monkeypatch.setattr(os, 'fdopen', disk_full)
+    with pytest.raises(OSError, match='disk full'):
+        write_extra(map_dir, 'broken', {'bias': 1.0})
+    monkeypatch.undo()
+    assert sorted(p.name for p in map_dir.rglob('*')) == before
 
 
 @pytest.mark.parametrize('failing_call', [1, 2])  # 1: the extra's rename, 2: the manifest's
@@ -287,7 +308,7 @@ def test_a_failed_rename_leaves_no_temporary_file(
     with pytest.raises(OSError, match='disk full'):
         write_extra(map_dir, 'calibration', {'bias': 0.0})
     monkeypatch.undo()
-    leftovers = [p.name for p in map_dir.rglob('*') if p.name.startswith(('tmp', '.manifest'))]
+    leftovers = [p.name for p in map_dir.rglob('*') if p.name.startswith('.')]  # temporaries
     assert leftovers == []
     assert (map_dir / 'manifest.json').read_text() == manifest
 

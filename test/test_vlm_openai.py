@@ -236,7 +236,7 @@ def test_a_reranker_notes_a_garbage_answer_from_the_server_and_keeps_the_order(
     with FakeOpenAIServer([(200, chat_reply(answer), 0.0)] * 3) as server:
         reranker = PointwiseReranker(config, vpr_map, client_for(server))
         query = make_query(3)
-        candidates = make_candidates(vpr_map, [0, 1, 2], [0.9, 0.8, 0.7])
+        candidates = make_candidates(vpr_map, [0, 1, 2], [0.7, 0.9, 0.8])  # not score order
         ranked = reranker.rerank(query, candidates, vpr_map)
     assert [c.map_index for c in ranked] == [0, 1, 2]
     assert query.notes[0].startswith('pointwise: VlmOutputError: ')

@@ -272,6 +272,14 @@ def test_transformers_client_says_a_text_only_model_folder_is_not_a_vision_model
     assert 'hub id' not in str(e.value)
 
 
+def test_transformers_client_loads_a_model_folder_given_with_a_tilde(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv('HOME', str(tiny_llava.parent))
+    client = TransformersVlm(config_for(Path('~') / tiny_llava.name))
+    assert client.model_name == f'~/{tiny_llava.name}'  # as configured
+
+
 def test_transformers_client_reports_a_missing_model_folder(tmp_path: Path) -> None:
     with pytest.raises(VlmUnavailableError, match='cannot load VLM'):
         TransformersVlm(config_for(tmp_path / 'no_such_model'))

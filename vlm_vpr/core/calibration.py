@@ -22,6 +22,7 @@ from vlm_vpr.core.map_format import read_map, write_extra
 log = logging.getLogger(__name__)
 
 RELIABILITY_BINS = 10
+BEFORE_THE_FIT = ('at_threshold', 'initial_pose')  # bag report fields scored with the old fit
 SPLIT_BLOCK = 10  # consecutive queries per block: the fit / test split and the cross-fit folds
 
 
@@ -36,7 +37,9 @@ def calibrate(
     ``calibration``, replacing one fitted with the same query settings (``fitted_with``) and
     keeping those for other settings (unreadable ones are replaced, with a warning); the
     returned report holds it (``calibration``) and is re-scored with it, so its ``open_set``
-    numbers (ECE included) are in-sample: measure on another split.
+    numbers (ECE included) are in-sample: measure on another split. A bag report's accepted
+    rates and /initialpose gate runs (``at_threshold``, ``initial_pose``) were scored before
+    the fit and are left out: ``eval-bag`` measures them.
     Raises DatasetError when the split lacks correct or wrong queries.
     """
     per_query = report['per_query']
@@ -50,9 +53,13 @@ def calibrate(
         stored = []
     kept = [c.to_json() for c in stored if c.settings != calibration.settings]
     write_extra(map_dir, 'calibration', {'calibrations': [*kept, calibration.to_json()]})
-    rescored = [dict(q, confidence=calibration.confidence(q['evidence'])) for q in per_query]
+    rescored = [
+        {k: v for k, v in q.items() if k not in BEFORE_THE_FIT}
+        | {'confidence': calibration.confidence(q['evidence'])}
+        for q in per_query
+    ]
     return dict(
-        report,
+        {k: v for k, v in report.items() if k not in BEFORE_THE_FIT},
         per_query=rescored,
         calibration=calibration.to_json(),
         open_set=open_set_report(rescored, config.confidence.initial_pose_threshold),
@@ -269,6 +276,9 @@ def plot_precision_recall(reports: list[dict[str, Any]], path: str | Path) -> No
 
 
 def _label(report: dict[str, Any]) -> str:
+    """The plot legend of a report: data set and protocol, or the bag."""
+    if 'bag' in report:
+        return Path(report['bag']).name
     return f'{report["dataset"]}/{report["protocol"]}'
 
 

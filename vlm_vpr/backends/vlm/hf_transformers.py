@@ -42,11 +42,12 @@ class TransformersVlm:
         self.model_name = config.model
         kwargs: dict[str, Any] = {'dtype': getattr(torch, config.dtype)}
         kwargs.update(_quantization_kwargs(config))
+        source = str(Path(config.model).expanduser())  # a hub id passes unchanged
         try:
-            self.processor = AutoProcessor.from_pretrained(config.model)
-            self.model = AutoModelForImageTextToText.from_pretrained(config.model, **kwargs)
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as exc:
-            if Path(config.model).expanduser().exists():
+            if Path(source).exists():
                 fix = (
                     'the folder must hold an image-text-to-text (vision chat) model with its '
                     'processor, one AutoModelForImageTextToText loads (e.g. Qwen2.5-VL, '
