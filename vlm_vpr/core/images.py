@@ -73,12 +73,11 @@ def resize_shorter_side(
     image: np.ndarray,
     size_px: int,
     multiple: int = 1,
-    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Resize so the shorter side is ``size_px``; both sides rounded down to ``multiple``.
 
     ImageError for an image more than MAX_ASPECT_RATIO (8:1) times longer one way than the
-    other, or one whose resized size would exceed ``max_pixels``.
+    other, or one whose resized size would exceed MAX_IMAGE_PIXELS.
     """
     import cv2
 
@@ -91,10 +90,10 @@ def resize_shorter_side(
     scale = size_px / min(h, w)
     new_h = max(multiple, int(round(h * scale)) // multiple * multiple)
     new_w = max(multiple, int(round(w * scale)) // multiple * multiple)
-    if new_h * new_w > max_pixels:
+    if new_h * new_w > MAX_IMAGE_PIXELS:
         raise ImageError(
             f'image of {w}x{h} resized to a shorter side of {size_px} px would be '
-            f'{new_w}x{new_h}, over the {max_pixels} pixel limit'
+            f'{new_w}x{new_h}, over the {MAX_IMAGE_PIXELS} pixel limit'
         )
     if (new_h, new_w) == (h, w):
         return image
