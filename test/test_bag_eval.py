@@ -334,3 +334,61 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     stored = stored_calibrations(read_map(holdout_map).read_extra_json('calibration'))
     assert [c.settings['sequence.length'] for c in stored] == [1, 3]
     assert stored[1].off_track is not None  # the sequence fit: on-track rule and constant
+
+
+def test_calibrate_on_several_bags_fits_on_all_their_frames_each_bag_run_afresh(
+    holdout_map: Path, data_root: Path, tmp_path: Path
+) -> None:
+    queries = read_traversal(data_root / 'campus_loop' / 'query')
+    second_half = replace(  # a second drive: the loop's second half, starting mid-route
+        queries,
+        image_paths=queries.image_paths[18:],
+        xy=queries.xy[18:],
+        yaw_rad=queries.yaw_rad[18:],
+    )
+    drives = [
+        write_traversal_bag(queries, tmp_path / 'one'),
+        write_traversal_bag(second_half, tmp_path / 'two'),
+    ]
+    calibrated = tmp_path / 'map'
+    shutil.copytree(holdout_map, calibrated)
+    topics = ['--image-topic', IMAGE_TOPIC, '--truth-topic', TRUTH_TOPIC, '--sequence', '3']
+    bags = [arg for drive in drives for arg in ('--bag', str(drive))]
+    fit_json = tmp_path / 'fit.json'
+    args = ['calibrate', '--map', str(calibrated), *bags, *topics, '--json', str(fit_json)]
+    plot = tmp_path / 'r.png'
+    assert main([*args, '--reliability-plot', str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b'\x89PNG'
+
+    fit = json.loads(fit_json.read_text())
+    config = LocalizerConfig(sequence=SequenceConfig(length=3))
+    alone = [  # each drive on its own, with the default confidence the fit starts from
+        evaluate_bag(
+            calibrated,
+            drive,
+            IMAGE_TOPIC,
+            TRUTH_TOPIC,
+            config,
+            calibration=Calibration(),
+            progress=False,
+        )
+        for drive in drives
+    ]
+    assert fit['bags'] == [str(drive) for drive in drives] and 'bag' not in fit
+    rows = fit['per_query']
+    assert [r['bag'] for r in rows] == [str(drives[0])] * 36 + [str(drives[1])] * 18
+    # the second drive's sequence starts afresh: its evidence is that of the drive alone
+    # (carried over from the first drive, the first frames would vote with its last ones)
+    for pooled, single in zip(rows, alone[0]['per_query'] + alone[1]['per_query']):
+        assert pooled['evidence'] == pytest.approx(single['evidence'])
+    assert fit['num_frames'] == 54
+    assert fit['num_in_map'] == alone[0]['num_in_map'] + alone[1]['num_in_map']
+    single_keys = set(alone[0]) - {'bag', 'at_threshold', 'initial_pose'}
+    assert set(fit) == single_keys | {'bags', 'calibration'}
+    stored = Calibration.from_map(read_map(calibrated), config)
+    expected = Calibration.fit(
+        [r['evidence'] for r in rows],
+        [r['first_correct_rank'] == 1 for r in rows],
+        settings={'rerank.chain': [], 'sequence.length': 3},
+    )
+    assert stored == expected

@@ -153,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         '--bag',
         type=Path,
-        help='ROS 2 bag with ground-truth poses (with --image-topic, --truth-topic)',
+        action='append',
+        help='ROS 2 bag with ground-truth poses (with --image-topic, --truth-topic); repeat it '
+        'to fit on several drives together (each runs on its own, with the same topics)',
     )
     calibrate.add_argument('--protocol', help='protocol name in dataset.yaml')
     calibrate.add_argument(
@@ -666,7 +668,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             calibration=unfitted,
         )
     elif args.bag is not None:
-        from vlm_vpr.core.bag_eval import evaluate_bag
+        from vlm_vpr.core.bag_eval import evaluate_bag, pool_bag_reports
 
         _refuse_unused(
             args,
@@ -675,17 +677,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
         if not args.image_topic or not args.truth_topic:
             raise ConfigError('--bag needs --image-topic and --truth-topic')
-        report = evaluate_bag(
-            args.map,
-            args.bag,
-            args.image_topic,
-            args.truth_topic,
-            query_config,
-            progress=progress,
-            calibration=unfitted,
-            **_given(args, ['base_frame']),
-            **_odometry(args),
-            **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
+        report = pool_bag_reports(
+            [
+                evaluate_bag(
+                    args.map,
+                    bag,
+                    args.image_topic,
+                    args.truth_topic,
+                    query_config,
+                    progress=progress,
+                    calibration=unfitted,
+                    **_given(args, ['base_frame']),
+                    **_odometry(args),
+                    **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
+                )
+                for bag in args.bag
+            ]
         )
     else:
         _refuse_unused(args, '--images', ['protocol', *bag_only])

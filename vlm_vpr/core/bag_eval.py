@@ -12,18 +12,27 @@ from typing import Any
 import numpy as np
 
 from vlm_vpr.core.bags import PosedImage, read_pose_track, read_posed_images
-from vlm_vpr.core.calibration import open_set_report
+from vlm_vpr.core.calibration import fraction, open_set_report
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import BagError
-from vlm_vpr.core.evaluation import within_tolerance
+from vlm_vpr.core.evaluation import RECALL_KS, recall_at, within_tolerance
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
 from vlm_vpr.core.types import LocalizationResult, planar_motion, wrap_angle
 
-RECALL_KS = (1, 5, 10)
+SOURCE_KEYS = (  # what a report says of the run, beside the numbers summarize_bag computes
+    'map',
+    'bag',
+    'image_topic',
+    'truth_topic',
+    'odom_topic',
+    'rerank_chain',
+    'sequence_length',
+    'initial_pose_gate',
+)
 
 
 def evaluate_bag(
@@ -127,6 +136,24 @@ def evaluate_bag(
     )
 
 
+def pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report over the frames of several :func:`evaluate_bag` runs on the same map and
+    settings, each bag run on its own (the sequence starts afresh in each): ``vlm-vpr calibrate
+    --bag A --bag B`` fits on them together. ``bags`` lists the bags; each row names its ``bag``.
+    """
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]
+    source = {k: first[k] for k in SOURCE_KEYS if k != 'bag'}
+    rows = [dict(row, bag=report['bag']) for report in reports for row in report['per_query']]
+    return summarize_bag(
+        rows,
+        first['tolerance_m'],
+        first['at_threshold']['confidence_threshold'],
+        source | {'bags': [report['bag'] for report in reports]},
+    )
+
+
 def _frame_row(
     frame: PosedImage,
     result: LocalizationResult,
@@ -180,18 +207,15 @@ def summarize_bag(
         'num_frames': n,
         'num_in_map': len(ranks),
         'tolerance_m': tolerance_m,
-        'recall': {  # over the frames in the map, as in `vlm-vpr eval`
-            str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(ranks))
-            for k in RECALL_KS
-        },
+        'recall': {str(k): recall_at(ranks, k) for k in RECALL_KS},  # frames in the map
         'position_error_m': _spread(errors),
         'yaw_error_deg': _spread(yaw_errors),
-        'success_rate': _fraction(int(correct.sum()), n),
+        'success_rate': fraction(int(correct.sum()), n),
         'at_threshold': {
             'confidence_threshold': threshold,
-            'accepted_rate': _fraction(int(accepted.sum()), n),
-            'accepted_correct_rate': _fraction(int((accepted & correct).sum()), n),
-            'wrong_share_of_accepted': _fraction(
+            'accepted_rate': fraction(int(accepted.sum()), n),
+            'accepted_correct_rate': fraction(int((accepted & correct).sum()), n),
+            'wrong_share_of_accepted': fraction(
                 int((accepted & ~correct).sum()), int(accepted.sum())
             ),
         },
@@ -265,7 +289,3 @@ def _spread(values: np.ndarray) -> dict[str, float | None]:
         'mean': round(float(np.mean(values)), 3),
         'p95': round(float(np.percentile(values, 95)), 3),
     }
-
-
-def _fraction(num: int, den: int) -> float:
-    return round(num / den, 4) if den else 0.0

@@ -215,11 +215,13 @@ def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[s
         'threshold': threshold,
         'num_in_map': int(in_map.sum()),
         'num_out_of_map': int((~in_map).sum()),
-        'accepted_in_map': _ratio((accepted & in_map).sum(), in_map.sum()),
-        'false_accept_rate': _ratio((accepted & ~in_map).sum(), (~in_map).sum()),
+        'accepted_in_map': fraction((accepted & in_map).sum(), in_map.sum()),
+        'false_accept_rate': fraction((accepted & ~in_map).sum(), (~in_map).sum()),
         'wrong_accepts': int((accepted & ~correct).sum()),
-        'precision': _ratio((accepted & correct).sum(), accepted.sum()) if accepted.any() else 1.0,
-        'recall': _ratio((accepted & correct).sum(), in_map.sum()),
+        'precision': fraction((accepted & correct).sum(), accepted.sum())
+        if accepted.any()
+        else 1.0,
+        'recall': fraction((accepted & correct).sum(), in_map.sum()),
         'recall_at_full_precision': float(perfect[:, 2].max()) if len(perfect) else 0.0,
         'ece': round(expected_calibration_error(confidence, correct), 4),
         'ece_if_calibrated': [round(v, 4) for v in ece_if_calibrated(confidence)],
@@ -276,7 +278,9 @@ def plot_precision_recall(reports: list[dict[str, Any]], path: str | Path) -> No
 
 
 def _label(report: dict[str, Any]) -> str:
-    """The plot legend of a report: data set and protocol, or the bag."""
+    """The plot legend of a report: data set and protocol, or the bag(s)."""
+    if 'bags' in report:
+        return ' + '.join(Path(bag).name for bag in report['bags'])
     if 'bag' in report:
         return Path(report['bag']).name
     return f'{report["dataset"]}/{report["protocol"]}'
@@ -300,5 +304,6 @@ def _save(fig: Any, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _ratio(num: int, den: int) -> float:
+def fraction(num: int, den: int) -> float:
+    """``num / den`` rounded for reports; 0 when ``den`` is 0."""
     return round(float(num) / float(den), 4) if den else 0.0

@@ -12,6 +12,7 @@ import numpy as np
 
 from vlm_vpr.core.calibration import (
     SPLIT_BLOCK,
+    fraction,
     open_set_report,
     plot_precision_recall,
     plot_reliability,
@@ -296,10 +297,7 @@ def summarize(
 ) -> dict[str, Any]:
     in_map = [q for q in per_query if q['truth_xy'] is not None]
     ranks = [q['first_correct_rank'] for q in in_map]
-    recall = {
-        str(k): _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
-        for k in RECALL_KS
-    }
+    recall = {str(k): recall_at(ranks, k) for k in RECALL_KS}
     stages = sorted({s for q in per_query for s in q['timing_ms']})
     timing = {s: _stat(per_query, s, 50) for s in stages if s != 'total'}
     timing['total_median'] = _stat(per_query, 'total', 50)
@@ -317,7 +315,7 @@ def summarize(
         'num_in_map': len(in_map),
         'recall': recall,
         'recall_curve': [
-            _fraction(sum(r is not None and r <= k for r in ranks), len(in_map))
+            recall_at(ranks, k)
             for k in range(1, 1 + max((len(q['top_ids']) for q in per_query), default=0))
         ],
         'timing_ms': timing,
@@ -417,5 +415,7 @@ def _stat(per_query: list[dict], stage: str, percentile: float) -> float:
     return round(float(np.percentile(values, percentile)), 3) if values else 0.0
 
 
-def _fraction(num: int, den: int) -> float:
-    return round(num / den, 4) if den else 0.0
+def recall_at(ranks: list[int | None], k: int) -> float:
+    """Recall@k: the share of in-map queries whose first correct answer (``ranks``, None: no
+    correct answer in the list) is within the top k."""
+    return fraction(sum(r is not None and r <= k for r in ranks), len(ranks))
