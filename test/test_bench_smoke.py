@@ -3,6 +3,7 @@ assertions: a benchmark measures, it does not pass or fail on speed)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -117,3 +118,69 @@ def test_bench_rejects_build_images_outside_what_its_large_maps_can_copy(
     with pytest.raises(SystemExit):
         bench.parse_args(['--build-images', count])
     assert '--build-images must be in [2, 512] (vlad.pca_dim)' in capsys.readouterr().err
+
+
+def synthetic_rows(rng: np.random.Generator, n: int) -> list[dict]:
+    """Report rows (evidence, truth, rank): the last 10 of every 50 queries are out of the map
+    (never correct); an in-map query is correct with a probability rising with its score."""
+    score = rng.normal(size=n)
+    out_of_map = np.arange(n) % 50 >= 40
+    correct = ~out_of_map & (rng.random(n) < 1 / (1 + np.exp(-3 * score)))
+    return [
+        {
+            'evidence': {'top1_score': float(s), 'margin': float(s) / 2},
+            'truth_xy': None if o else [0.0, 0.0],
+            'first_correct_rank': 1 if c else None,
+        }
+        for s, o, c in zip(score, out_of_map, correct)
+    ]
+
+
+def test_calibration_size_refits_on_block_subsets_and_measures_each_fit_on_the_test_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import calibration_size
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from vlm_vpr.core.calibration import expected_calibration_error, fit_rows
+    from vlm_vpr.core.config import LocalizerConfig
+
+    rng = np.random.default_rng(3)
+    fit, test = synthetic_rows(rng, 200), synthetic_rows(rng, 300)
+    rows = calibration_size.measure(fit, test, sizes=[1, 5, 20], draws=40, seed=0)
+    assert [(r['blocks'], r['queries']) for r in rows] == [(1, 10), (5, 50), (20, 200)]
+    assert [r['fits'] + r['failed_fits'] for r in rows] == [40, 40, 1]
+    assert rows[0]['failed_fits'] > 0  # a block out of the map has no correct query: no fit
+
+    # all the blocks: one fit, the calibration `vlm-vpr calibrate` would store, on the test rows
+    calibration = fit_rows(fit, LocalizerConfig())
+    confidence = np.array([calibration.confidence(q['evidence']) for q in test])
+    accepted = confidence >= LocalizerConfig().confidence.initial_pose_threshold
+    out_of_map = np.array([q['truth_xy'] is None for q in test])
+    correct = np.array([q['first_correct_rank'] == 1 for q in test])
+    full = rows[-1]
+    assert full['false_accepts_max'] == int((accepted & out_of_map).sum())
+    assert full['with_false_accept'] == float((accepted & out_of_map).any())
+    assert full['accepted_in_map_median'] == pytest.approx(accepted[~out_of_map].mean())
+    assert full['ece_median'] == pytest.approx(expected_calibration_error(confidence, correct))
+
+    (tmp_path / 'fit.json').write_text(json.dumps({'per_query': fit}))
+    (tmp_path / 'test.json').write_text(json.dumps({'per_query': test}))
+    calibration_size.main(
+        [
+            '--fit',
+            str(tmp_path / 'fit.json'),
+            '--test',
+            str(tmp_path / 'test.json'),
+            '--sizes',
+            '5',
+            '20',
+            '--draws',
+            '3',
+        ]
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == 'test split: 240 in / 60 out of map'
+    assert len(table) == 3 + 2 and table[-1].startswith('| 20 (200) | 1 (0) |')
