@@ -235,6 +235,10 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
         evaluate_bag(campus_map, bag, '/nope', TRUTH_TOPIC, progress=False)
     with pytest.raises(BagError, match='--tolerance-m must be > 0'):
         evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, tolerance_m=0.0)
+    with pytest.raises(BagError, match='--max-frames must be >= 1, got -1'):
+        evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, max_frames=-1)
+    with pytest.raises(BagError, match=r'--confidence-threshold must be in \[0, 1\], got 1.5'):
+        evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, confidence_threshold=1.5)
     assert (
         main(
             [

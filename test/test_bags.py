@@ -95,6 +95,16 @@ def truncate(bag_folder: Path, suffix: str, fraction: float) -> Path:
     return out
 
 
+def test_a_traversal_row_without_a_true_position_is_left_out_of_the_bag(tmp_path, query):
+    xy = query.xy.copy()
+    xy[1] = np.nan  # 0.5 s between its neighbours: a truth would be interpolated for it
+    bag = write_traversal_bag(replace(query, xy=xy), tmp_path / 'bag')
+    frames = read_posed_images(
+        bag, IMAGE_TOPIC, '/ground_truth/pose', min_distance_m=0.0, min_rotation_rad=0.0
+    )
+    assert [f.stamp_ns for f in frames] == [T0_NS + i * 500_000_000 for i in (0, 2, 3)]
+
+
 @pytest.mark.parametrize('compressed', [False, True])
 @pytest.mark.parametrize(('storage', 'suffix'), STORAGES)
 def test_traversal_bag_round_trips_images_and_ground_truth(
@@ -252,15 +262,14 @@ def test_read_pose_track_gives_the_odometry_pose_at_any_stamp(tmp_path, source):
         read_pose_track(tmp_path / 'bag', '/nothing', 'odom')
 
 
-def test_a_tf_edge_on_both_tf_and_tf_static_is_one_edge(tmp_path, images):
-    camera = Pose(0.5, 0.0)
+def test_a_tf_edge_on_both_tf_and_tf_static_is_one_moving_edge(tmp_path, images):
     with BagWriter(tmp_path / 'bag') as writer:
-        writer.write_transforms(ns(0), [('base_link', 'camera', camera)], static=True)
+        writer.write_transforms(ns(0), [('base_link', 'camera', Pose(0.5, 0.0))], static=True)
         for t in range(2):
             writer.write_image(IMAGE_TOPIC, ns(t), images[t])
             transforms = [
                 ('map', 'base_link', Pose(float(t), 0.0)),
-                ('base_link', 'camera', camera),
+                ('base_link', 'camera', Pose(0.5 + 0.2 * t, 0.0)),  # moves: not static
             ]
             writer.write_transforms(ns(t), transforms)
     frames = list(
@@ -268,7 +277,38 @@ def test_a_tf_edge_on_both_tf_and_tf_static_is_one_edge(tmp_path, images):
             tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='camera', min_distance_m=0
         )
     )
-    assert [f.pose.x for f in frames] == pytest.approx([0.5, 1.5])
+    assert [f.pose.x for f in frames] == pytest.approx([0.5, 1.7])
+
+
+def test_frames_given_with_a_leading_slash_name_the_same_frames(tmp_path, images):
+    with BagWriter(tmp_path / 'bag') as writer:  # a ROS 1 style bag: '/map', '/base_link'
+        for t in range(2):
+            writer.write_image(IMAGE_TOPIC, ns(t), images[t])
+            writer.write_transforms(ns(t), [('/map', '/base_link', Pose(float(t), 0.0))])
+    for map_frame, base_frame in (('map', 'base_link'), ('/map', '/base_link')):
+        read = read_posed_images(
+            tmp_path / 'bag',
+            IMAGE_TOPIC,
+            '/tf',
+            map_frame=map_frame,
+            base_frame=base_frame,
+            min_distance_m=0,
+        )
+        assert [f.pose.x for f in read] == pytest.approx([0.0, 1.0]), map_frame
+
+
+def test_a_republished_tf_static_edge_takes_its_latest_value_as_tf2_does(tmp_path, images):
+    with BagWriter(tmp_path / 'bag') as writer:
+        writer.write_transforms(ns(0), [('base_link', 'camera', Pose(0.5, 0.0))], static=True)
+        corrected = [('base_link', 'camera', Pose(2.0, 0.0))]  # a re-calibrated mount
+        writer.write_transforms(ns(0.1), corrected, static=True)
+        for t in (1, 2):
+            writer.write_image(IMAGE_TOPIC, ns(t), images[t - 1])
+            writer.write_transforms(ns(t), [('map', 'base_link', Pose(10.0 * t, 0.0))])
+    frames = read_posed_images(
+        tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='camera', min_distance_m=0
+    )
+    assert [f.pose.x for f in frames] == pytest.approx([12.0, 22.0])
 
 
 def test_images_in_a_gap_between_poses_are_skipped(tmp_path, images, caplog):
@@ -483,6 +523,32 @@ def test_pose_topic_without_messages_means_no_poses(tmp_path):
         writer.add_connection('/pose', bags.POSE_STAMPED, typestore=store)
     with pytest.raises(BagError, match='no poses on /pose: the topic has no messages'):
         read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose')
+
+
+def test_an_image_topic_without_messages_is_named_as_empty(tmp_path):
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    with Writer(tmp_path / 'bag', version=9) as writer:
+        writer.add_connection(IMAGE_TOPIC, bags.IMAGE, typestore=store)
+        pose = writer.add_connection('/pose', bags.POSE_STAMPED, typestore=store)
+        for t in range(2):
+            msg = store.types[bags.POSE_STAMPED](
+                header=store.types['std_msgs/msg/Header'](
+                    stamp=store.types['builtin_interfaces/msg/Time'](sec=t, nanosec=0),
+                    frame_id='map',
+                ),
+                pose=store.types['geometry_msgs/msg/Pose'](
+                    position=store.types['geometry_msgs/msg/Point'](x=float(t), y=0.0, z=0.0),
+                    orientation=store.types['geometry_msgs/msg/Quaternion'](
+                        x=0.0, y=0.0, z=0.0, w=1.0
+                    ),
+                ),
+            )
+            writer.write(pose, ns(t), store.serialize_cdr(msg, bags.POSE_STAMPED))
+    with pytest.raises(BagError, match=f'topic {IMAGE_TOPIC} has no messages in the bag'):
+        list(read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/pose'))
 
 
 def test_nan_poses_mean_no_poses(tmp_path, images):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_vpr.cli import main
+from vlm_vpr.cli import main, read_config_yaml
 from vlm_vpr.core.map_describe import load_regions
 from vlm_vpr.core.map_format import read_map
 
@@ -159,6 +159,16 @@ def test_eval_writes_report_plot_and_failure_strip(
             + ['--odom-frame', 'odom'],
             '--odom-frame needs --odom-topic',
         ),
+        (
+            ['calibrate', '--map', '/m', '--bag', '/b', '--bag', '/a/../b']
+            + ['--image-topic', '/t', '--truth-topic', '/u'],
+            '--bag names one bag twice',
+        ),
+        (
+            ['eval', '--dataset', '/d', '--protocol', 'p', '--sequence', '0'],
+            'sequence.length must be in [1, 100]',
+        ),
+        (['replay', '/b', '--start-delay-s', '-1'], '--start-delay-s must be >= 0, got -1'),
     ],
 )
 def test_errors_print_one_line_and_exit_1(
@@ -261,3 +271,27 @@ def test_map_build_settings_that_differ_from_an_existing_map_are_refused(
     assert f'vlad.num_clusters={built * 2} (built with {built})' in err and 'new --map' in err
     assert main([*localize, f'vlad.num_clusters={built}']) == 0  # what it was built with
     assert json.loads(capsys.readouterr().out)['candidates']
+
+
+def test_a_ros_params_file_gives_its_query_keys_and_names_the_node_keys_it_leaves_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / 'p.yaml'
+    config.write_text(
+        'vpr_node:\n  ros__parameters:\n    odom_topic: /odom\n    map_frame: map\n'
+        '    sequence:\n      length: 5\n    initial_pose:\n      consecutive_frames: 1\n'
+    )
+    with caplog.at_level('WARNING', logger='vlm_vpr'):
+        assert read_config_yaml(config) == {'sequence.length': 5}
+    # odom_topic would change what a bag command measures: said; map_frame is the default
+    assert "odom_topic='/odom', initial_pose.consecutive_frames=1 are not used" in caplog.text
+    assert 'map_frame' not in caplog.text and '--odom-topic' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='vlm_vpr'):
+        kept = read_config_yaml(config, keep_initial_pose=True)
+    assert kept == {'sequence.length': 5, 'initial_pose.consecutive_frames': 1}
+    assert "node parameters odom_topic='/odom' are not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='vlm_vpr'):  # the shipped file: all defaults
+        read_config_yaml(Path(__file__).resolve().parents[1] / 'config' / 'vpr_node.yaml')
+    assert caplog.text == ''

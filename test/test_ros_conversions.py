@@ -84,6 +84,11 @@ def test_image_messages_of_common_encodings_become_the_same_bgr_image(image: np.
             'truncated or inconsistent',
         ),
         (
+            lambda im: Image(height=8, width=8, encoding='bgr8', step=23, data=bytes(8 * 24)),
+            'corrupt',
+            'step 23 is shorter than a row of 8 bgr8 pixels',
+        ),
+        (
             lambda im: CompressedImage(format='jpeg', data=compressed(im).data[:4000]),
             'corrupt',
             'cannot convert CompressedImage',

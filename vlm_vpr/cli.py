@@ -198,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         '--start-delay-s',
         type=float,
         default=1.0,
-        help='wait for subscribers to connect before the first message',
+        help='wait for subscribers to connect before the first message (>= 0)',
     )
     replay.set_defaults(run=_cmd_replay)
 
@@ -222,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     eval_bag.add_argument(
         '--confidence-threshold',
         type=float,
-        help='for the accepted rates (default confidence.initial_pose_threshold)',
+        help='for the accepted rates and the /initialpose gate, in [0, 1] (default '
+        'confidence.initial_pose_threshold)',
     )
     eval_bag.add_argument('--max-frames', type=int, help='only the first N images')
     eval_bag.add_argument('--json', type=Path, help='write the report here')
@@ -334,7 +335,7 @@ def load_overrides(args: argparse.Namespace, keep_initial_pose: bool = False) ->
         values['features.backbone'] = args.backbone
     if getattr(args, 'rerank', ''):
         values['rerank.chain'] = [r.strip() for r in args.rerank.split(',') if r.strip()]
-    if getattr(args, 'sequence', None):
+    if getattr(args, 'sequence', None) is not None:  # --sequence 0 is an error, not absent
         values['sequence.length'] = args.sequence
     if getattr(args, 'map', None) is not None:
         _refuse_build_keys_of_another_map(values, args.map)
@@ -398,13 +399,25 @@ def read_config_yaml(path: Path, keep_initial_pose: bool = False) -> dict[str, A
         if isinstance(only, dict) and 'ros__parameters' in only:
             from vlm_vpr.ros.params import NodeConfig  # imports no rclpy
 
-            node_keys = set(to_flat_dict(NodeConfig()))
+            node_defaults = to_flat_dict(NodeConfig())
             flat = _flatten(only['ros__parameters'])
-            return {
+            kept = {
                 k: v
                 for k, v in flat.items()
-                if k not in node_keys or (keep_initial_pose and k.startswith(INITIAL_POSE_PREFIX))
+                if k not in node_defaults
+                or (keep_initial_pose and k.startswith(INITIAL_POSE_PREFIX))
             }
+            unused = [
+                f'{k}={v!r}' for k, v in flat.items() if k not in kept and v != node_defaults[k]
+            ]
+            if unused:
+                log.warning(
+                    'config %s: node parameters %s are not used here (the bag commands take '
+                    '--odom-topic, --odom-frame and --base-frame)',
+                    path,
+                    ', '.join(unused),
+                )
+            return kept
     return _flatten(data)
 
 
@@ -677,6 +690,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
         if not args.image_topic or not args.truth_topic:
             raise ConfigError('--bag needs --image-topic and --truth-topic')
+        if len({bag.resolve() for bag in args.bag}) < len(args.bag):
+            raise ConfigError('--bag names one bag twice: its frames would count twice')
         report = pool_bag_reports(
             [
                 evaluate_bag(

@@ -75,6 +75,8 @@ def evaluate_bag(
     """
     if not tolerance_m > 0:
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
+    if max_frames is not None and max_frames < 1:
+        raise BagError(f'--max-frames must be >= 1, got {max_frames}')
     localizer = Localizer(read_map(map_dir), config, calibration)
     config = localizer.config
     threshold = (
@@ -82,6 +84,8 @@ def evaluate_bag(
         if confidence_threshold is None
         else confidence_threshold
     )
+    if not 0 <= threshold <= 1:
+        raise BagError(f'--confidence-threshold must be in [0, 1], got {threshold}')
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
     map_xy = localizer.map.positions_xyz[:, :2]
     gate, initial_pose = InitialPoseGate(), initial_pose or InitialPoseConfig()

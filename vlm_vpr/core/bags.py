@@ -249,6 +249,7 @@ def _strip(frame: str) -> str:
 
 def _read_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> list[_Track]:
     """The tracks whose composition is ``base_frame`` in ``map_frame`` over time."""
+    map_frame, base_frame = _strip(map_frame), _strip(base_frame)  # '/map' names 'map' too
     if _topic_type(reader, topic, POSE_TYPES) == TF_MESSAGE:
         return _read_tf_chain(reader, topic, map_frame, base_frame)
     return [_read_pose_track(reader, topic, map_frame, base_frame)]
@@ -331,10 +332,9 @@ class _PoseUnavailable(Exception):
 
 @dataclass(frozen=True)
 class _Track:
-    """Transforms of ``child`` in ``parent`` over time (a static track holds one sample)."""
+    """Transforms of a child frame in its parent over time; a static track (``/tf_static``)
+    holds the edge's every message and uses the latest, as tf2 does."""
 
-    parent: str
-    child: str
     stamps_ns: np.ndarray  # [N] int64, strictly increasing
     xyz: np.ndarray  # [N x 3] float64, metres
     quat: np.ndarray  # [N x 4] float64 (x, y, z, w), unit norm
@@ -342,7 +342,7 @@ class _Track:
 
     def at(self, stamp_ns: int, max_gap_ns: int) -> tuple[np.ndarray, np.ndarray]:
         if self.static:
-            return self.xyz[0], self.quat[0]
+            return self.xyz[-1], self.quat[-1]
         i = int(np.searchsorted(self.stamps_ns, stamp_ns, side='right'))
         if i > 0 and self.stamps_ns[i - 1] == stamp_ns:
             return self.xyz[i - 1], self.quat[i - 1]
@@ -384,7 +384,7 @@ def _make_track(
     stamps, xyz = stamps[valid][order], xyz[valid][order]
     quat = (quat[valid] / norms[valid, None])[order]
     stamps, first = np.unique(stamps, return_index=True)  # one sample per stamp
-    return _Track(parent, child, stamps, xyz[first], quat[first], static)
+    return _Track(stamps, xyz[first], quat[first], static)
 
 
 def _chain_at(
@@ -500,6 +500,8 @@ def _iter_keyframes(
     log.info(
         '%s: kept %d of %d images; skipped: %s', image_topic, kept, total, dict(skipped) or 'none'
     )
+    if total == 0:
+        raise BagError(f'topic {image_topic} has no messages in the bag; choose another topic')
     if kept == 0:
         undecodable = bool(skipped) and skipped.most_common(1)[0][0] == 'undecodable'
         advice = (
@@ -523,9 +525,14 @@ def image_message_to_cvimage(msg: Any, encoding: str | None = None) -> np.ndarra
     if hasattr(msg, 'format'):
         return compressed_image_to_cvimage(msg, encoding)
     fields = {'width': msg.width, 'encoding': msg.encoding, 'is_bigendian': msg.is_bigendian}
-    row = image_to_cvimage(SimpleNamespace(height=1, data=bytes(msg.data[: msg.step]), **fields))
-    if row.nbytes > msg.step:
-        raise ImageError(f'step {msg.step} is shorter than a row of {row.nbytes} bytes')
+    try:
+        row = image_to_cvimage(
+            SimpleNamespace(height=1, data=bytes(msg.data[: msg.step]), **fields)
+        )
+    except (TypeError, ValueError) as exc:  # numpy: the buffer is too small for one row
+        raise ImageError(
+            f'step {msg.step} is shorter than a row of {msg.width} {msg.encoding} pixels'
+        ) from exc
     data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
     rows = data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes()
     return image_to_cvimage(SimpleNamespace(height=msg.height, data=rows, **fields), encoding)
@@ -705,7 +712,9 @@ def write_traversal_bag(
     ``compressed``) and its ground-truth PoseStamped on ``pose_topic`` (and an Odometry on
     ``odom_topic`` when given), both stamped ``start_ns + i / rate_hz``.
 
-    Rows without a true position (NaN x, y) get an image but no pose. Returns the bag folder.
+    Rows without a true position (NaN x, y) are left out: an image with no pose beside it
+    would get one interpolated from its neighbours. A pose message cannot say "yaw unknown",
+    so rows without a yaw get yaw 0 (the bag's yaw is then no truth). Returns the bag folder.
     """
     if not rate_hz > 0:
         raise BagError(f'rate_hz must be > 0, got {rate_hz}')
@@ -714,6 +723,9 @@ def write_traversal_bag(
     with BagWriter(out_path, storage=storage) as writer:
         for i, image_path in enumerate(traversal.image_paths):
             stamp_ns = start_ns + i * period_ns
+            if not np.isfinite(traversal.xy[i]).all():
+                no_pose += 1
+                continue
             writer.write_image(
                 image_topic,
                 stamp_ns,
@@ -721,9 +733,6 @@ def write_traversal_bag(
                 frame_id=camera_frame,
                 encoding='jpeg' if compressed else 'bgr8',
             )
-            if not np.isfinite(traversal.xy[i]).all():
-                no_pose += 1
-                continue
             pose = traversal.pose(i)
             writer.write_pose(pose_topic, stamp_ns, pose, frame_id=frame_id)
             if odom_topic:
@@ -736,9 +745,7 @@ def write_traversal_bag(
                     child_frame_id=base_frame,
                 )
     if no_pose:
-        log.info(
-            '%s: %d images without a true position were written without a pose', out_path, no_pose
-        )
+        log.info('%s: %d images without a true position were left out', out_path, no_pose)
     return writer.path
 
 

@@ -229,7 +229,8 @@ class Calibration:
         if len(evidence) != len(labels) or not 0 < labels.sum() < len(labels):
             raise DatasetError(
                 'calibration needs samples of both outcomes (correct and wrong); '
-                'use more posed images or hold out part of the map'
+                'use more posed queries, including ones the map cannot answer (a drive that '
+                'leaves the mapped area, or a map stretch held out: --holdout-map-range)'
             )
         off_track = None
         if all('track_consistency' in e for e in evidence):

@@ -56,6 +56,8 @@ def replay_bag(
     """
     if not rate > 0:
         raise BagError(f'--rate must be > 0, got {rate}')
+    if not start_delay_s >= 0:
+        raise BagError(f'--start-delay-s must be >= 0, got {start_delay_s}')
     available = list_topics(bag_path)
     chosen = list(topics) if topics else sorted(available)
     missing = [t for t in chosen if t not in available]
