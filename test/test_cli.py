@@ -169,6 +169,11 @@ def test_eval_writes_report_plot_and_failure_strip(
             'sequence.length must be in [1, 100]',
         ),
         (['replay', '/b', '--start-delay-s', '-1'], '--start-delay-s must be >= 0, got -1'),
+        (
+            ['map', 'build', '--bag', '/b', '--image-topic', '/t', '--pose-topic', '/p']
+            + ['--out', '/y', '--min-distance-m', '-1'],
+            '--min-distance-m and --min-rotation-deg must be >= 0, got -1 and 15',
+        ),
     ],
 )
 def test_errors_print_one_line_and_exit_1(

@@ -12,7 +12,7 @@ import numpy as np
 
 from vlm_vpr.core.config import MapBuildConfig
 from vlm_vpr.core.datasets import read_poses_csv
-from vlm_vpr.core.errors import DatasetError, ImageError, MapError
+from vlm_vpr.core.errors import BagError, DatasetError, ImageError, MapError
 from vlm_vpr.core.images import read_image, resize_shorter_side
 from vlm_vpr.core.map_format import MapContent, write_map
 from vlm_vpr.core.threads import limit_threads
@@ -74,6 +74,11 @@ def build_map_from_bag(
 
     from vlm_vpr.core.bags import read_posed_images
 
+    if min_distance_m < 0 or min_rotation_deg < 0:
+        raise BagError(
+            f'--min-distance-m and --min-rotation-deg must be >= 0, got {min_distance_m:g} '
+            f'and {min_rotation_deg:g}'
+        )
     config = config or MapBuildConfig()
     frames = read_posed_images(
         bag,
