@@ -300,3 +300,14 @@ def test_a_ros_params_file_gives_its_query_keys_and_names_the_node_keys_it_leave
     with caplog.at_level('WARNING', logger='vlm_vpr'):  # the shipped file: all defaults
         read_config_yaml(Path(__file__).resolve().parents[1] / 'config' / 'vpr_node.yaml')
     assert caplog.text == ''
+
+
+@pytest.mark.parametrize(
+    ('argv', 'usage'), [([], 'usage: vlm-vpr '), (['map'], 'usage: vlm-vpr map ')]
+)
+def test_a_missing_command_or_map_action_prints_that_level_s_help_and_exits_2(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(usage) and ('ACTION' in out) == (argv == ['map'])

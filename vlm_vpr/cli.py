@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger('faiss.loader').setLevel(logging.WARNING)  # CPU-feature probing noise
-    if not hasattr(args, 'run'):
-        parser.print_help()
+    if not hasattr(args, 'run'):  # no command, or `map` without its action
+        getattr(args, 'help_of', parser).print_help()
         return 2
     try:
         return int(args.run(args) or 0)
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     map_parser = sub.add_parser('map', help='build and inspect maps')
     map_sub = map_parser.add_subparsers(metavar='ACTION')
+    map_parser.set_defaults(help_of=map_parser)
     build = map_sub.add_parser('build', help='build a map from posed images or a ROS 2 bag')
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument('--images', type=Path, help='image folder (with --poses)')
