@@ -609,3 +609,22 @@ def test_writer_refuses_existing_paths_and_unknown_choices(tmp_path, query, imag
     assert not (tmp_path / 'c').exists()  # a failed write leaves no half bag behind
     with pytest.raises(BagError, match='min_distance_m and min_rotation_rad must be >= 0'):
         read_posed_images(tmp_path / 'x', IMAGE_TOPIC, '/pose', min_distance_m=-1.0)
+
+
+def test_odometry_of_another_frame_than_base_frame_is_used_with_a_warning(
+    tmp_path, images, caplog
+):
+    with BagWriter(tmp_path / 'bag') as writer:
+        for t in range(2):
+            writer.write_image(IMAGE_TOPIC, ns(t), images[t])
+            pose = Pose(float(t), 0.0)
+            writer.write_pose('/odom', ns(t), pose, msgtype=bags.ODOMETRY, frame_id='map')
+    for base_frame, warned in (('base_link', False), ('camera', True)):
+        caplog.clear()
+        with caplog.at_level('WARNING', logger='vlm_vpr.core.bags'):
+            frames = read_posed_images(
+                tmp_path / 'bag', IMAGE_TOPIC, '/odom', base_frame=base_frame, min_distance_m=0
+            )
+            assert [f.pose.x for f in frames] == pytest.approx([0.0, 1.0])
+        message = "are of frame 'base_link', not base_frame 'camera': used as they are"
+        assert (message in caplog.text) == warned, base_frame

@@ -258,6 +258,7 @@ def _read_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> lis
 def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -> _Track:
     samples: list[tuple[int, list[float], list[float]]] = []
     frames: Counter[str] = Counter()
+    children: Counter[str] = Counter()  # Odometry's child_frame_id: whose pose it is
     connections = [c for c in reader.connections if c.topic == topic]
     for connection, bag_ns, raw in reader.messages(connections=connections):
         msg = reader.deserialize(raw, connection.msgtype)
@@ -265,6 +266,8 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
         stamp_ns = _stamp_ns(msg.header, bag_ns)
         samples.append((stamp_ns, *_xyz_quat(pose.position, pose.orientation)))
         frames[_strip(msg.header.frame_id)] += 1
+        if connection.msgtype == ODOMETRY:
+            children[_strip(msg.child_frame_id)] += 1
     if not samples:
         raise BagError(
             f'no poses on {topic}: the topic has no messages; record it or choose '
@@ -277,6 +280,15 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
             topic,
             frame,
             map_frame,
+        )
+    child = children.most_common(1)[0][0] if children else base_frame
+    if child != base_frame:
+        log.warning(
+            'poses on %s are of frame %r, not base_frame %r: used as they are (only /tf '
+            'gives the pose of another frame)',
+            topic,
+            child,
+            base_frame,
         )
     return _make_track(topic, map_frame, base_frame, samples, static=False)
 
