@@ -49,6 +49,13 @@ def describing(
     return ScriptedVlm(answer)
 
 
+def described_map(tmp_path: Path, embedder: TextEmbedder):
+    """Two places (images 0-1 and 2-3, 50 m apart) described with TEXTS."""
+    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
+    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    return vpr_map
+
+
 class OtherVlm(ScriptedVlm):
     model_name = 'other-vlm'
 
@@ -114,8 +121,7 @@ def test_describe_map_needs_thumbnails(tmp_path: Path, embedder: TextEmbedder) -
 def test_load_map_descriptions_rejects_rows_that_do_not_match(
     tmp_path: Path, embedder: TextEmbedder
 ) -> None:
-    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
-    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    vpr_map = described_map(tmp_path, embedder)
     write_extra(vpr_map.path, DESCRIPTION_OWNERS_EXTRA, np.array([0, 0, 1, 2, 3, 3], np.int32))
     with pytest.raises(MapError, match='do not match the map.*map describe'):
         load_map_descriptions(read_map(vpr_map.path))
@@ -124,8 +130,7 @@ def test_load_map_descriptions_rejects_rows_that_do_not_match(
 def test_build_regions_labels_each_region_with_its_most_central_descriptions(
     tmp_path: Path, embedder: TextEmbedder
 ) -> None:
-    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
-    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    vpr_map = described_map(tmp_path, embedder)
     build_regions(vpr_map.path, 2)
     regions = load_regions(read_map(vpr_map.path))
     assert regions.region_of_image.tolist() == [0, 0, 1, 1]
@@ -201,8 +206,7 @@ def test_describe_map_counts_blank_descriptions_as_failures(
 def test_load_map_descriptions_rejects_embeddings_of_other_texts_and_describe_repairs_it(
     tmp_path: Path, embedder: TextEmbedder
 ) -> None:
-    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
-    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    vpr_map = described_map(tmp_path, embedder)
     stored = load_map_descriptions(read_map(vpr_map.path))
     others = embedder.embed([f'something else {i}' for i in range(len(stored.embeddings))])
     write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, others)  # a crash before the JSON
@@ -218,8 +222,7 @@ def test_load_map_descriptions_rejects_embeddings_of_other_texts_and_describe_re
 def test_descriptions_of_an_older_vlm_vpr_name_the_fix_and_a_failed_embedding_keeps_the_old(
     tmp_path: Path, embedder: TextEmbedder
 ) -> None:
-    vpr_map = make_map(tmp_path, [(0, 0), (1, 0), (50, 0), (51, 0)])
-    describe_map(vpr_map.path, VlmConfig(), RerankConfig(), describing(TEXTS), embedder)
+    vpr_map = described_map(tmp_path, embedder)
     meta = read_map(vpr_map.path).read_extra_json(DESCRIPTIONS_EXTRA)
     write_extra(
         vpr_map.path, DESCRIPTIONS_EXTRA, {k: v for k, v in meta.items() if k != 'rows_sha256'}

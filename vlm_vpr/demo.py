@@ -7,7 +7,6 @@ python -m vlm_vpr.demo --data ../shared/data --out out/demo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import shutil
 import sys
@@ -92,9 +91,7 @@ def confidence_step(
     in the map). Returns the two reports (fit: in-sample; test: not used for fitting)."""
     shutil.rmtree(calibrated_map, ignore_errors=True)  # a fresh copy of this run's map:
     shutil.copytree(map_dir, calibrated_map)  # the same build, with a calibration of its own
-    config = dataclasses.replace(
-        LocalizerConfig(), sequence=SequenceConfig(length=CONFIDENCE_SEQUENCE)
-    )
+    config = LocalizerConfig(sequence=SequenceConfig(length=CONFIDENCE_SEQUENCE))
     reports = []
     for split in ('fit', 'test'):
         report = evaluate(

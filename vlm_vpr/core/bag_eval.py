@@ -23,17 +23,6 @@ from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
 from vlm_vpr.core.types import LocalizationResult, planar_motion, wrap_angle
 
-SOURCE_KEYS = (  # what a report says of the run, beside the numbers summarize_bag computes
-    'map',
-    'bag',
-    'image_topic',
-    'truth_topic',
-    'odom_topic',
-    'rerank_chain',
-    'sequence_length',
-    'initial_pose_gate',
-)
-
 
 def evaluate_bag(
     map_dir: str | Path,
@@ -148,14 +137,15 @@ def pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     if len(reports) == 1:
         return reports[0]
     first = reports[0]
-    source = {k: first[k] for k in SOURCE_KEYS if k != 'bag'}
     rows = [dict(row, bag=report['bag']) for report in reports for row in report['per_query']]
-    return summarize_bag(
+    pooled = summarize_bag(
         rows,
         first['tolerance_m'],
         first['at_threshold']['confidence_threshold'],
-        source | {'bags': [report['bag'] for report in reports]},
+        {'bags': [report['bag'] for report in reports]},
     )
+    # what the first report says of the run (map, topics, settings), beside the pooled numbers
+    return {k: v for k, v in first.items() if k not in pooled and k != 'bag'} | pooled
 
 
 def _frame_row(

@@ -150,21 +150,18 @@ def read_pose_track(
     pose_topic: str,
     parent_frame: str,
     base_frame: str = 'base_link',
-    max_pose_gap_s: float = 1.0,
 ) -> Callable[[int], Pose | None]:
     """The pose of ``base_frame`` in ``parent_frame`` at any stamp (ns), read from
     ``pose_topic`` and interpolated as in :func:`read_posed_images` (the same sources: Odometry,
     PoseStamped, PoseWithCovarianceStamped, or /tf composed from ``parent_frame`` down to
-    ``base_frame``); None at a stamp outside the poses' time range or in a gap over
-    ``max_pose_gap_s``. For odometry: ``read_pose_track(bag, '/odom', 'odom')``. BagError when
-    the topic cannot give such poses."""
-    if max_pose_gap_s <= 0:
-        raise BagError('max_pose_gap_s must be > 0')
+    ``base_frame``); None at a stamp outside the poses' time range or in a gap over 1 s. For
+    odometry: ``read_pose_track(bag, '/odom', 'odom')``. BagError when the topic cannot give
+    such poses."""
     if parent_frame == base_frame:
         raise BagError(f'both frames are {parent_frame!r}; give two frames')
     with _open_bag(bag_path) as reader:
         chain = _read_chain(reader, pose_topic, parent_frame, base_frame)
-    max_gap_ns = int(max_pose_gap_s * 1e9)
+    max_gap_ns = 1_000_000_000
 
     def pose_at(stamp_ns: int) -> Pose | None:
         try:
@@ -546,8 +543,9 @@ def image_message_to_cvimage(msg: Any, encoding: str | None = None) -> np.ndarra
             f'step {msg.step} is shorter than a row of {msg.width} {msg.encoding} pixels'
         ) from exc
     data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
-    rows = data.reshape(msg.height, msg.step)[:, : row.nbytes].tobytes()
-    return image_to_cvimage(SimpleNamespace(height=msg.height, data=rows, **fields), encoding)
+    if msg.step > row.nbytes:  # padded rows: a packed copy (unpadded ones are read in place)
+        data = data.reshape(msg.height, msg.step)[:, : row.nbytes].reshape(-1)
+    return image_to_cvimage(SimpleNamespace(height=msg.height, data=data, **fields), encoding)
 
 
 # ---------------------------------------------------------------------------------------------

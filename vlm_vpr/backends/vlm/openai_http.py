@@ -164,9 +164,8 @@ class OpenAiVlm:
                     )
                 ) from exc
             except (ValueError, http.client.InvalidURL) as exc:  # refused by http.client
-                message = str(exc).replace(api_key, '<key>') if api_key else str(exc)
-                raise VlmUnavailableError(
-                    f'request to {self.url} failed ({type(exc).__name__}: {message}); '
+                raise VlmUnavailableError(  # _api_key refused keys http.client would reject
+                    f'request to {self.url} failed ({type(exc).__name__}: {exc}); '
                     'check vlm.base_url and the server'
                 ) from exc
             except (OSError, http.client.HTTPException) as exc:
