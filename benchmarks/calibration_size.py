@@ -44,9 +44,9 @@ def measure(
     blocks = [fit[i : i + SPLIT_BLOCK] for i in range(0, len(fit), SPLIT_BLOCK)]
     out_of_map = np.array([q['truth_xy'] is None for q in test])
     correct = np.array([q['first_correct_rank'] == 1 for q in test])
-    rng = np.random.default_rng(seed)
     rows = []
     for size in sorted({min(s, len(blocks)) for s in sizes}):
+        rng = np.random.default_rng([seed, size])  # a size's draws do not depend on the others
         false_accepts, accepted_in_map, ece, failed = [], [], [], 0
         for _ in range(1 if size == len(blocks) else draws):
             picked = rng.choice(len(blocks), size, replace=False)

@@ -578,8 +578,11 @@ def test_a_tf_cycle_and_equal_map_and_base_frames_are_reported(tmp_path, images)
         writer.write_transforms(ns(0), [(a, b, Pose(0.0, 0.0)) for a, b in edges])
     with pytest.raises(BagError, match=r'\(a cycle base_link -> odom -> base_link;'):
         read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf')
-    with pytest.raises(BagError, match="map_frame and base_frame are both 'map'"):
-        read_posed_images(tmp_path / 'bag', IMAGE_TOPIC, '/tf', base_frame='map')
+    for map_frame in ('map', '/map'):  # the same frame, with or without a leading '/'
+        with pytest.raises(BagError, match="both frames are 'map'; give two frames"):
+            read_posed_images(
+                tmp_path / 'bag', IMAGE_TOPIC, '/tf', map_frame=map_frame, base_frame='map'
+            )
 
 
 def test_images_that_all_miss_the_pose_time_range_are_reported(tmp_path, images):

@@ -13,6 +13,7 @@ from ros_doubles import TfLookupDouble
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
+from vlm_vpr.core.bags import _quat_mul
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.types import Pose
@@ -31,6 +32,8 @@ from vlm_vpr.ros.params import CameraOffsetConfig
 from vlm_vpr.ros.tf_adapter import (
     FixedOffset,
     TfMotion,
+    TfOffset,
+    TransformUnavailable,
     base_in_camera_from_offset,
     mount_from_transform,
 )
@@ -210,21 +213,17 @@ def test_camera_offset_moves_the_pose_to_the_base_and_widens_the_covariance() ->
 
 @pytest.mark.parametrize('yaw_deg', [0.0, 90.0, -135.0])
 @pytest.mark.parametrize('pitch_deg', [0.0, 30.0, -20.0])
-def test_a_pitched_camera_mount_from_tf_is_levelled_before_it_is_inverted(
-    yaw_deg: float, pitch_deg: float
+@pytest.mark.parametrize('roll_deg', [0.0, 25.0])
+def test_a_pitched_or_rolled_camera_mount_from_tf_is_levelled_before_it_is_inverted(
+    yaw_deg: float, pitch_deg: float, roll_deg: float
 ) -> None:
-    # camera 0.3 m ahead of the base, 0.1 m left, 1 m up; turned by yaw, then pitched
-    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+    # camera 0.3 m ahead of the base, 0.1 m left, 1 m up; turned by yaw, pitched, then rolled
+    # (pitch and roll together are where the naive 2 atan2(qz, qw) heading goes wrong)
+    yaw, pitch, roll = (math.radians(a) for a in (yaw_deg, pitch_deg, roll_deg))
     q_yaw = np.array([0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)])  # x, y, z, w
     q_pitch = np.array([0.0, math.sin(pitch / 2), 0.0, math.cos(pitch / 2)])
-    x1, y1, z1, w1 = q_yaw
-    x2, y2, z2, w2 = q_pitch
-    q = (  # q_yaw * q_pitch (Hamilton product)
-        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
-        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
-    )
+    q_roll = np.array([math.sin(roll / 2), 0.0, 0.0, math.cos(roll / 2)])
+    q = _quat_mul(_quat_mul(q_yaw, q_pitch), q_roll)
     mount = mount_from_transform(0.3, 0.1, 1.0, *q)
     assert (mount.x_m, mount.y_m, mount.z_m) == pytest.approx((0.3, 0.1, 1.0))
     assert mount.yaw_deg == pytest.approx(yaw_deg)
@@ -348,3 +347,13 @@ def test_tf_motion_is_the_odometry_motion_of_the_transforms_at_the_two_stamps() 
         ('odom', 'base_link', 2_000_000_000),
     ]
     assert tf.motion(1_000_000_000, 9_000_000_000) is None  # TF cannot tell: frame order
+
+
+def test_a_non_finite_transform_is_unavailable_not_a_pose() -> None:
+    broken = (0.1, math.nan, 0.0, 0.0, 0.0, 0.0, 1.0)  # a publisher gone wrong
+    lookup = TfLookupDouble()
+    lookup.transforms[('base_link', 'camera')] = {None: broken}
+    lookup.transforms[('odom', 'base_link')] = {None: broken}
+    with pytest.raises(TransformUnavailable, match="'camera' is not finite.*camera mount"):
+        TfOffset(lookup, 'base_link').base_in_camera('camera')
+    assert TfMotion(lookup, 'odom', 'base_link').motion(1, 2) is None  # frame order

@@ -129,8 +129,6 @@ def read_posed_images(
     """
     if min_distance_m < 0 or min_rotation_rad < 0 or max_pose_gap_s <= 0:
         raise BagError('min_distance_m and min_rotation_rad must be >= 0 and max_pose_gap_s > 0')
-    if map_frame == base_frame:
-        raise BagError(f'map_frame and base_frame are both {map_frame!r}; give two frames')
     with _open_bag(bag_path) as reader:
         _topic_type(reader, image_topic, IMAGE_TYPES)
         chain = _read_chain(reader, pose_topic, map_frame, base_frame)
@@ -157,8 +155,6 @@ def read_pose_track(
     ``base_frame``); None at a stamp outside the poses' time range or in a gap over 1 s. For
     odometry: ``read_pose_track(bag, '/odom', 'odom')``. BagError when the topic cannot give
     such poses."""
-    if parent_frame == base_frame:
-        raise BagError(f'both frames are {parent_frame!r}; give two frames')
     with _open_bag(bag_path) as reader:
         chain = _read_chain(reader, pose_topic, parent_frame, base_frame)
     max_gap_ns = 1_000_000_000
@@ -247,6 +243,8 @@ def _strip(frame: str) -> str:
 def _read_chain(reader: Any, topic: str, map_frame: str, base_frame: str) -> list[_Track]:
     """The tracks whose composition is ``base_frame`` in ``map_frame`` over time."""
     map_frame, base_frame = _strip(map_frame), _strip(base_frame)  # '/map' names 'map' too
+    if map_frame == base_frame:
+        raise BagError(f'both frames are {map_frame!r}; give two frames')
     if _topic_type(reader, topic, POSE_TYPES) == TF_MESSAGE:
         return _read_tf_chain(reader, topic, map_frame, base_frame)
     return [_read_pose_track(reader, topic, map_frame, base_frame)]

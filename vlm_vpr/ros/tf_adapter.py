@@ -82,6 +82,15 @@ def tf_available() -> bool:
     return True
 
 
+def finite_lookup(lookup: Lookup, target: str, source: str, stamp_ns: int | None) -> Transform:
+    """``lookup(target, source, stamp_ns)``; a transform with NaN or infinite values is
+    TransformUnavailable too (a broken publisher), so it never reaches a pose."""
+    transform = lookup(target, source, stamp_ns)
+    if not all(math.isfinite(v) for v in transform):
+        raise TransformUnavailable(f'TF from {target!r} to {source!r} is not finite: {transform}')
+    return transform
+
+
 def base_in_camera_from_offset(offset: CameraOffsetConfig) -> Pose:
     """Invert the camera's pose in the base frame (planar) into the base's pose in the camera."""
     yaw = math.radians(offset.yaw_deg)
@@ -115,7 +124,7 @@ class TfOffset:
 
     def base_in_camera(self, camera_frame: str) -> Pose:
         try:
-            transform = self.lookup(self.base_frame, camera_frame, None)
+            transform = finite_lookup(self.lookup, self.base_frame, camera_frame, None)
         except TransformUnavailable as exc:
             raise TransformUnavailable(
                 f'{exc}; publish the camera mount (robot_state_publisher) or set use_tf: false '
@@ -145,7 +154,10 @@ class TfMotion:
         """Motion from ``from_ns`` to ``to_ns`` in the robot's frame at ``from_ns``; None when
         TF cannot give the robot's pose at either stamp (the frames then vote by order)."""
         try:
-            a, b = (self.lookup(self.odom_frame, self.base_frame, t) for t in (from_ns, to_ns))
+            a, b = (
+                finite_lookup(self.lookup, self.odom_frame, self.base_frame, t)
+                for t in (from_ns, to_ns)
+            )
         except TransformUnavailable:
             return None
         return planar_motion(Pose(*a), Pose(*b))
