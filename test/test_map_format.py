@@ -11,7 +11,14 @@ import pytest
 
 from vlm_vpr.core.config import IndexConfig, MapBuildConfig
 from vlm_vpr.core.errors import IncompatibleMapError, MapError
-from vlm_vpr.core.map_format import MapContent, check_compatible, read_map, write_extra, write_map
+from vlm_vpr.core.map_format import (
+    MapContent,
+    check_compatible,
+    read_map,
+    write_extra,
+    write_extras,
+    write_map,
+)
 from vlm_vpr.core.types import Pose
 from vlm_vpr.core.vlad import l2_normalize
 
@@ -311,6 +318,48 @@ def test_a_failed_rename_leaves_no_temporary_file(
     leftovers = [p.name for p in map_dir.rglob('*') if p.name.startswith('.')]  # temporaries
     assert leftovers == []
     assert (map_dir / 'manifest.json').read_text() == manifest
+
+
+def test_extras_written_together_are_read_together_after_a_failed_write(
+    map_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    write_extras(map_dir, {'labels': np.arange(3), 'meta': {'count': 3}})
+    real_replace, calls = os.replace, []
+
+    def replace(src: object, dst: object) -> None:  # the second file of the new set fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError('disk full')
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(OSError, match='disk full'):
+        write_extras(map_dir, {'labels': np.arange(5), 'meta': {'count': 5}})
+    monkeypatch.undo()
+    vpr_map = read_map(map_dir)
+    assert vpr_map.read_extra_json('meta') == {'count': 3}  # the old set, both halves
+    np.testing.assert_array_equal(vpr_map.read_extra_array('labels'), np.arange(3))
+
+    written = write_extras(map_dir, {'labels': np.arange(5), 'meta': {'count': 5}})
+    assert sorted((map_dir / 'extras').iterdir()) == sorted(written.values())  # no leftovers
+    assert read_map(map_dir).read_extra_json('meta') == {'count': 5}
+
+
+def test_an_extra_of_the_earlier_layout_is_read_and_replaced(map_dir: Path) -> None:
+    import json
+
+    (map_dir / 'extras').mkdir()
+    (map_dir / 'extras' / 'calibration.json').write_text('{"bias": 1.0}')
+    manifest = json.loads((map_dir / 'manifest.json').read_text())
+    manifest['extras'] = {'calibration': 'extras/calibration.json'}
+    (map_dir / 'manifest.json').write_text(json.dumps(manifest))
+    assert read_map(map_dir).read_extra_json('calibration') == {'bias': 1.0}
+
+    path = write_extra(map_dir, 'calibration', {'bias': 2.0})
+    assert list((map_dir / 'extras').iterdir()) == [path]
+    assert read_map(map_dir).read_extra_json('calibration') == {'bias': 2.0}
 
 
 def test_corrupt_extra_is_reported_with_a_fix(map_dir: Path) -> None:

@@ -141,7 +141,7 @@ def test_eval_with_a_holdout_rebuilds_the_map_without_it_and_keeps_the_full_cali
 def test_eval_cross_fit_scores_out_of_fold_and_leaves_the_map_alone(
     calibrated_map: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    stored = (calibrated_map / 'extras' / 'calibration.json').read_bytes()
+    stored = read_map(calibrated_map).extra_path('calibration').read_bytes()
     args = ['--dataset', str(data_root / 'campus_loop'), '--protocol', 'interleaved']
     args += ['--map', str(calibrated_map), '--holdout-map-range', HOLDOUT]
     out = tmp_path / 'cross.json'
@@ -158,7 +158,7 @@ def test_eval_cross_fit_scores_out_of_fold_and_leaves_the_map_alone(
             calibration.confidence(q['evidence']) for q in mine
         ]
     assert 'cross-fitted' in capsys.readouterr().out
-    assert (calibrated_map / 'extras' / 'calibration.json').read_bytes() == stored
+    assert read_map(calibrated_map).extra_path('calibration').read_bytes() == stored
     assert main(['eval', *args, '--cross-fit', '2', '--split', 'test']) == 1
     assert '--cross-fit uses every query' in capsys.readouterr().err
 

@@ -106,6 +106,11 @@ def test_image_messages_of_common_encodings_become_the_same_bgr_image(image: np.
             'too_large',
             'decodes to 10000x10000',
         ),
+        (
+            lambda im: Image(height=10, width=100, encoding='mono8', step=100, data=bytes(1000)),
+            'bad_shape',
+            'image of 100x10 is 10:1, beyond the 8:1 aspect ratio limit',
+        ),
     ],
 )
 def test_unusable_frames_raise_frame_skipped_with_a_reason(

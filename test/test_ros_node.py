@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,15 +225,11 @@ def test_rearm_service_lets_the_gate_publish_once_more(
 
 def relocalize(harness: NodeHarness, queries: Traversal, frames: range, t0: int) -> Any:
     """Call relocalize, then send the query ``frames`` from ``t0`` (1 s apart); its response."""
-    answer: list[Any] = []
-    caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
-    caller.start()
+    pending = harness.call_in_background(Trigger, 'relocalize')
     assert wait_until(lambda: bool(harness.node._waiters), 30.0)  # the next frames answer it
     for n, i in enumerate(frames):
         assert send(harness, queries, i, t0 + n * PERIOD_NS) is not None
-    caller.join(timeout=30.0)
-    (response,) = answer
-    return response
+    return pending.result(timeout=30.0)
 
 
 def test_relocalize_service_answers_with_the_result_of_the_next_frames(

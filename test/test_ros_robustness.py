@@ -261,17 +261,12 @@ def test_on_demand_mode_localises_only_for_a_relocalize_call(
             lambda: harness.node.counts().get('ignored_on_demand', 0) > ignored, 30.0
         )
         assert not [m for m in harness.messages('pose') if stamp_ns(m.header) == idle]
-        answer: list[Any] = []
-        caller = threading.Thread(
-            target=lambda: answer.append(harness.call(Trigger, 'relocalize'))
-        )
-        caller.start()
+        pending = harness.call_in_background(Trigger, 'relocalize')
         assert wait_until(lambda: bool(harness.node._waiters), 30.0)
         for n in range(3):  # relocalize_frames (default 3) frames answer the call
             stamp = idle + (n + 1) * 1_000_000_000
             assert localise_good_frame(harness, good, stamp) is not None
-        caller.join(timeout=30.0)
-        assert json.loads(answer[0].message)['frames'] == 3
+        assert json.loads(pending.result(timeout=30.0).message)['frames'] == 3
     finally:
         harness.node.set_parameters([Parameter('mode', value='continuous')])
 
@@ -487,18 +482,13 @@ def test_relocalize_answers_with_frames_taken_after_the_call_only(
         time.sleep(1.0 / MAX_RATE_HZ)
         harness.pubs['image'].publish(camera_msg(good, taken))
         assert entered.wait(30.0)  # the worker took the frame and is localising it
-        answer: list[Any] = []
-        caller = threading.Thread(
-            target=lambda: answer.append(harness.call(Trigger, 'relocalize'))
-        )
-        caller.start()
+        pending = harness.call_in_background(Trigger, 'relocalize')
         assert wait_until(lambda: bool(node._waiters), 30.0)
         release.set()
         assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == taken, 30.0) is not None
         later = taken + 1_000_000_000
         assert localise_good_frame(harness, good, later) is not None
-        caller.join(timeout=30.0)
-        assert json.loads(answer[0].message)['stamp_ns'] == later
+        assert json.loads(pending.result(timeout=30.0).message)['stamp_ns'] == later
         gated = [stamp_ns(m.header) for m in harness.messages('/initialpose')]
         assert gated[gated.index(shut) + 1 :] == [later]
     finally:
@@ -525,16 +515,14 @@ def test_a_new_max_rate_hz_applies_to_the_waiting_frame(
 def test_deactivating_fails_a_pending_relocalize_at_once(harness: NodeHarness) -> None:
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    node, answer = harness.node, []
-    caller = threading.Thread(target=lambda: answer.append(harness.call(Trigger, 'relocalize')))
-    caller.start()
+    node = harness.node
+    pending = harness.call_in_background(Trigger, 'relocalize')
     try:
         assert wait_until(lambda: bool(node._waiters), 30.0)
         start = time.monotonic()
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
-        caller.join(timeout=10.0)
+        response = pending.result(timeout=10.0)
         assert time.monotonic() - start < 5.0
-        (response,) = answer
         assert not response.success
         assert response.message == 'relocalize cancelled: vpr_node was deactivated'
     finally:

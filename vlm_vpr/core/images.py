@@ -11,7 +11,7 @@ from vlm_vpr.core.errors import ImageError
 
 MAX_IMAGE_PIXELS = 40_000_000  # larger frames are rejected (a 10000 x 10000 image is 100 MP)
 # Frames longer than this many times their width (or wider than this many times their height)
-# are rejected by resize_shorter_side: scaling a thin strip's shorter side up to the feature
+# are rejected (check_aspect_ratio): scaling a thin strip's shorter side up to the feature
 # size makes its longer side huge (a 2 x 1500 strip at 240 px: 240 x 180000).
 MAX_ASPECT_RATIO = 8.0
 
@@ -69,6 +69,17 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f'{path}: {exc}') from exc
 
 
+def check_aspect_ratio(width: int, height: int) -> None:
+    """ImageError for a frame more than MAX_ASPECT_RATIO (8:1) times longer one way than the
+    other."""
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise ImageError(
+            f'image of {width}x{height} is {max(height, width) / min(height, width):.3g}:1, '
+            f'beyond the {MAX_ASPECT_RATIO:g}:1 aspect ratio limit; crop it or send whole '
+            'camera frames'
+        )
+
+
 def resize_shorter_side(
     image: np.ndarray,
     size_px: int,
@@ -76,17 +87,13 @@ def resize_shorter_side(
 ) -> np.ndarray:
     """Resize so the shorter side is ``size_px``; both sides rounded down to ``multiple``.
 
-    ImageError for an image more than MAX_ASPECT_RATIO (8:1) times longer one way than the
-    other, or one whose resized size would exceed MAX_IMAGE_PIXELS.
+    ImageError for an image beyond the aspect ratio limit (:func:`check_aspect_ratio`), or one
+    whose resized size would exceed MAX_IMAGE_PIXELS.
     """
     import cv2
 
     h, w = image.shape[:2]
-    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
-        raise ImageError(
-            f'image of {w}x{h} is {max(h, w) / min(h, w):.3g}:1, beyond the '
-            f'{MAX_ASPECT_RATIO:g}:1 aspect ratio limit; crop it or send whole camera frames'
-        )
+    check_aspect_ratio(w, h)
     scale = size_px / min(h, w)
     new_h = max(multiple, int(round(h * scale)) // multiple * multiple)
     new_w = max(multiple, int(round(w * scale)) // multiple * multiple)

@@ -14,6 +14,9 @@ extras/vlm_description_owners.npy       [M] int32, map index of each row (ascend
 extras/vlm_regions.json                 labels, centres, where the labels came from
 extras/vlm_region_of_image.npy          [N] int32, region of each map image
 ```
+
+(Each file's name carries a digest of its bytes, e.g. ``vlm_regions.<digest>.json``; the
+manifest names the current one, see :func:`vlm_vpr.core.map_format.write_extras`.)
 """
 
 from __future__ import annotations
@@ -188,8 +191,9 @@ def _save_descriptions(
     per_image: list[list[dict[str, float | str]]],
     vectors: list[np.ndarray],
 ) -> None:
-    """Store the rows, then the JSON that names their digest: a reader of a set that a crash
-    left half-written gets a MapError, not texts beside other texts' embeddings."""
+    """Store the rows and the JSON that names their digest, committed together. A reader of
+    rows and texts that do not belong together (a crash could leave them so before extras
+    were committed together) gets a MapError, not texts beside other texts' embeddings."""
     embeddings = np.concatenate(vectors).astype(np.float32)
     owners = _owners(per_image)
     json_meta = meta | {
@@ -197,7 +201,7 @@ def _save_descriptions(
         'rows_sha256': _rows_digest(embeddings, owners),
         'images': per_image,
     }
-    write_extras(  # in this order: the JSON last
+    write_extras(
         map_dir,
         {
             DESCRIPTION_EMBEDDINGS_EXTRA: embeddings,

@@ -11,7 +11,8 @@ MAP/
                                                    index is rebuilt from descriptors.npy)
   poses.csv            image,x,y,z,qx,qy,qz,qw    (empty quaternion = yaw unknown)
   thumbnails/NNNNNN.jpg down-scaled map images    (optional, for re-ranking)
-  extras/<name>.json|.npy  data added by later stages (descriptions, calibration, ...)
+  extras/<name>.<digest>.json|.npy  data added by later stages (descriptions, calibration,
+                       ...); the manifest names the current file of each
 ```
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -281,26 +283,36 @@ def write_extra(map_dir: str | Path, name: str, value: Any) -> Path:
 
 
 def write_extras(map_dir: str | Path, values: dict[str, Any]) -> dict[str, Path]:
-    """Add or replace ``extras/<name>`` for each item (a numpy array -> .npy, anything else ->
-    .json), in the given order, then list them in the manifest (read and written once).
+    """Add or replace the extras ``values`` (a numpy array -> .npy, anything else -> .json),
+    committed together.
 
-    Each file and the manifest are replaced atomically; the rest of the map is untouched.
+    Each value goes to a file of its own, ``extras/<name>.<digest>.<suffix>`` (the digest of
+    its bytes), beside the files the manifest names; then the manifest is replaced (the single
+    commit point) and the files it no longer names are deleted. A crash or a failed write
+    leaves the manifest naming the old set or the new one, never a mix; the rest of the map
+    is untouched.
     """
     path = Path(map_dir)
     manifest = read_map(path, load_index=False).manifest
+    extras = manifest.setdefault('extras', {})
     (path / 'extras').mkdir(exist_ok=True)
     written = {}
     for name, value in values.items():
         if isinstance(value, np.ndarray):
-            rel, buffer = f'extras/{name}.npy', io.BytesIO()
+            buffer = io.BytesIO()
             np.save(buffer, value, allow_pickle=False)
-            data = buffer.getvalue()
+            data, suffix = buffer.getvalue(), 'npy'
         else:
-            rel, data = f'extras/{name}.json', (json.dumps(value, indent=1) + '\n').encode()
+            data, suffix = (json.dumps(value, indent=1) + '\n').encode(), 'json'
+        rel = f'extras/{name}.{hashlib.sha256(data).hexdigest()[:16]}.{suffix}'
         _write_bytes_atomic(path / rel, data)
-        manifest.setdefault('extras', {})[name] = rel
+        extras[name] = rel
         written[name] = path / rel
     _write_bytes_atomic(path / 'manifest.json', (json.dumps(manifest, indent=2) + '\n').encode())
+    for name, file in written.items():  # older versions, and files of a write that crashed
+        for stale in (path / 'extras').glob(f'{name}.*'):
+            if stale != file:
+                _remove_quietly(stale)
     return written
 
 
@@ -435,6 +447,8 @@ def _write_bytes_atomic(file: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, 'wb') as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a power cut keeps one
         os.replace(tmp_name, file)
     except BaseException:
         _remove_quietly(tmp_name)

@@ -19,7 +19,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from vlm_vpr.core.bags import image_message_to_cvimage
 from vlm_vpr.core.errors import ImageError
-from vlm_vpr.core.images import MAX_IMAGE_PIXELS, as_bgr, rectify_image
+from vlm_vpr.core.images import MAX_IMAGE_PIXELS, as_bgr, check_aspect_ratio, rectify_image
 from vlm_vpr.core.types import Pose
 
 MARKER_NS = 'vpr_candidates'
@@ -39,7 +39,8 @@ class FrameSkipped(ImageError):
 
 def image_from_msg(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """[H x W x 3] uint8 BGR from a sensor_msgs Image or CompressedImage; FrameSkipped if the
-    frame is empty, too large, truncated, corrupt or of an encoding that cannot become BGR."""
+    frame is empty, too large, truncated, corrupt, of an encoding that cannot become BGR or
+    more than 8:1 (``bad_shape``)."""
     compressed = hasattr(msg, 'format')
     if compressed and len(msg.data) == 0:
         raise FrameSkipped('empty', 'CompressedImage without data')
@@ -52,6 +53,10 @@ def image_from_msg(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             f'{_describe(msg)} decodes to {image.shape[1]}x'
             f'{image.shape[0]}, over {max_pixels} pixels; send a smaller image',
         )
+    try:
+        check_aspect_ratio(image.shape[1], image.shape[0])
+    except ImageError as exc:
+        raise FrameSkipped('bad_shape', f'{_describe(msg)}: {exc}') from exc
     try:
         return as_bgr(image, max_pixels)
     except ImageError as exc:

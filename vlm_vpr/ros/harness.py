@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,15 @@ class NodeHarness:
             return future.result() if future.done() else None
         finally:
             self.listener.destroy_client(client)
+
+    def call_in_background(self, srv_type: Any, name: str, timeout_s: float = 30.0) -> Future:
+        """:meth:`call` on a thread of its own, for a service that answers only after later
+        frames (``relocalize``); the future's result is the response or None."""
+        executor = ThreadPoolExecutor(max_workers=1)
+        try:
+            return executor.submit(self.call, srv_type, name, timeout_s)
+        finally:
+            executor.shutdown(wait=False)
 
 
 def header_at(stamp_ns: int, frame_id: str) -> Header:
