@@ -188,3 +188,35 @@ def test_search_leaves_the_thread_count_of_torch_alone() -> None:
 def test_index_config_rejects_invalid_values(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         IndexConfig(**overrides)
+
+
+def test_localizer_sets_the_threads_of_a_torch_its_rerankers_imported(tmp_path: Path) -> None:
+    """A dense-RootSIFT map does not import torch; the Sentence-BERT embedder of the
+    descriptions re-ranker does. Run in a process of its own, where torch is not loaded yet."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from vlm_doubles import make_map
+from vlm_vpr.core.config import LocalizerConfig, RerankConfig, RuntimeConfig, VlmConfig
+from vlm_vpr.core.localizer import Localizer
+vpr_map = make_map(Path({str(tmp_path)!r}), [(0, 0), (5, 0), (10, 0)])
+assert 'torch' not in sys.modules
+threads = os.cpu_count() + 1  # never torch's default
+config = LocalizerConfig(
+    runtime=RuntimeConfig(num_threads=threads),
+    rerank=RerankConfig(chain=('descriptions',)),
+    vlm=VlmConfig(backend='openai', model='m'),
+)
+Localizer(vpr_map, config)
+import torch
+print(torch.get_num_threads() == threads)
+"""
+    done = subprocess.run(
+        [sys.executable, '-c', script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == 'True'

@@ -241,3 +241,56 @@ def test_a_reranker_notes_a_garbage_answer_from_the_server_and_keeps_the_order(
     assert [c.map_index for c in ranked] == [0, 1, 2]
     assert query.notes[0].startswith('pointwise: VlmOutputError: ')
     assert reranker.stats['failures'] == 1
+
+
+def test_openai_client_follows_no_redirect_and_names_where_it_points(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv('VLM_VPR_TEST_KEY', 'sk-secret-123')
+    with FakeOpenAIServer([(200, chat_reply(GOOD), 0.0)]) as elsewhere:
+        moved = {'Location': elsewhere.base_url + '/chat/completions'}
+        with FakeOpenAIServer([(302, b'', 0.0)], headers=moved) as server:
+            with pytest.raises(VlmUnavailableError, match='HTTP 302.*redirects to http'):
+                client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+    assert elsewhere.requests == []  # the API key went nowhere else
+
+
+def test_openai_client_never_quotes_a_key_the_server_sends_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv('VLM_VPR_TEST_KEY', 'sk-secret-123')
+    echo = b'{"error": "invalid api key sk-secret-123"}'
+    replies = [(500, echo, 0.0), (401, echo, 0.0), (200, echo, 0.0)]
+    with FakeOpenAIServer(replies) as server:
+        with pytest.raises(VlmUnavailableError, match='HTTP 401') as unavailable:
+            client_for(server, retries=1).ask_json('describe', [colour_image(0)], 5.0)
+        with pytest.raises(VlmOutputError, match='not an OpenAI chat completion') as odd:
+            client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+    said = [str(unavailable.value), str(odd.value), caplog.text]
+    assert all('<api key>' in text for text in said)
+    assert not any('sk-secret-123' in text for text in said)
+
+
+def test_openai_client_refuses_a_reply_too_large_for_a_chat_completion() -> None:
+    huge = b'{"choices": "' + b'x' * 9_000_000 + b'"}'
+    with FakeOpenAIServer([(200, huge, 0.0)]) as server:
+        with pytest.raises(VlmOutputError, match='reply over 8 MB'):
+            client_for(server).ask_json('describe', [colour_image(0)], 5.0)
+
+
+def test_openai_client_bounds_a_slow_name_lookup_by_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resolve = socket.getaddrinfo
+
+    def slow_resolver(host: str, *args: object, **kwargs: object) -> object:
+        if host == 'gpu-box.lan':
+            time.sleep(3.0)  # a resolver that does not answer (no DNS on the robot's network)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, 'getaddrinfo', slow_resolver)
+    client = OpenAiVlm(VlmConfig(backend='openai', model='m', base_url='http://gpu-box.lan/v1'))
+    start = time.monotonic()
+    with pytest.raises(VlmTimeoutError, match='did not answer within 0.5 s'):
+        client.ask_json('describe', [colour_image(0)], 0.5)
+    assert time.monotonic() - start < 2.0  # 0.5 s, not the lookup's 3 s

@@ -92,14 +92,18 @@ class FakeOpenAIServer:
     ``replies`` is consumed in order, one per request: (HTTP status, body bytes or a dict sent
     as JSON, delay in seconds before answering). Requests are recorded as (headers, JSON body).
     ``trickle_s`` > 0 sends each body 10 bytes at a time, ``trickle_s`` apart (a slow server
-    that is never silent for long).
+    that is never silent for long); ``headers`` are added to every reply.
     """
 
     def __init__(
-        self, replies: list[tuple[int, bytes | dict[str, Any], float]], trickle_s: float = 0.0
+        self,
+        replies: list[tuple[int, bytes | dict[str, Any], float]],
+        trickle_s: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.replies = list(replies)
         self.trickle_s = trickle_s
+        self.headers = headers or {}
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         server = self
 
@@ -115,6 +119,8 @@ class FakeOpenAIServer:
                     self.send_response(status)
                     self.send_header('Content-Type', 'application/json')
                     self.send_header('Content-Length', str(len(data)))
+                    for name, value in server.headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     step = 10 if server.trickle_s > 0 else max(1, len(data))
                     for start in range(0, len(data), step):

@@ -38,8 +38,9 @@ class Localizer:
         self.map = vpr_map
         self.config = config or LocalizerConfig()
         self.extractor = create_extractor(vpr_map.build_config.features, self.config.runtime)
-        limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.rerankers = self._create_rerankers()
+        # after everything that may import torch (a DINOv2 extractor, a VLM, Sentence-BERT)
+        limit_threads(self.config.runtime.num_threads, blas_threads=1)
         self.calibration = (
             Calibration.from_map(vpr_map, self.config) if calibration is None else calibration
         )

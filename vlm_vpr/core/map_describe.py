@@ -267,7 +267,8 @@ def load_map_descriptions(vpr_map: VprMap) -> MapDescriptions | None:
     if meta['rows_sha256'] != _rows_digest(result.embeddings, result.owners):
         raise MapError(
             f'map description texts and embeddings of {vpr_map.path} were not written '
-            'together (an interrupted write?); run `vlm-vpr map describe` again (it keeps '
+            'together (edited by hand, or a write interrupted before extras were committed '
+            'together); run `vlm-vpr map describe` again (it keeps '
             'the texts and embeds them again)'
         )
     return result

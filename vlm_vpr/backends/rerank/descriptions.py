@@ -47,13 +47,13 @@ def description_scores(
     float32, L2-normalised; map_owners [M] int, map id of each map row, ascending.
     A candidate without map rows is not described and scores 0.
     """
-    similarity = query_embeddings @ map_embeddings.T  # [Q x M] cosines
     starts = np.searchsorted(map_owners, candidate_ids, side='left')
     ends = np.searchsorted(map_owners, candidate_ids, side='right')
     scores = np.zeros(len(candidate_ids), np.float32)
     for c, (start, end) in enumerate(zip(starts, ends)):
-        if end > start and len(query_weights):
-            scores[c] = query_weights @ similarity[:, start:end].max(axis=1)
+        if end > start and len(query_weights):  # the candidate's rows only, not the map's
+            cosines = query_embeddings @ map_embeddings[start:end].T  # [Q x rows]
+            scores[c] = query_weights @ cosines.max(axis=1)
     return scores, ends > starts
 
 

@@ -2,10 +2,11 @@
 Ollama, hosted APIs), spoken with the standard library only.
 
 Images travel as base64 JPEG data URLs. ``vlm.timeout_s`` bounds each attempt as a whole
-(connecting, sending, and reading the answer, however slowly the server sends it). Timeouts,
+(name lookup, connecting, sending, and reading the answer, however slowly the server sends
+it). Redirects are not followed; replies over 8 MB are refused. Timeouts,
 connection errors, HTTP 408/429/5xx are retried with exponential back-off inside the caller's
 time budget. The API key is read from the environment variable named by ``vlm.api_key_env``
-and never logged or quoted in an error.
+and never logged or quoted in an error (also where a server quotes it back).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from vlm_vpr.core.errors import VlmError, VlmOutputError
 log = logging.getLogger(__name__)
 
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_REPLY_BYTES = 8_000_000  # a chat completion is kilobytes; more is a server fault
 
 
 class _Transient(Exception):
@@ -134,7 +136,7 @@ class OpenAiVlm:
                         self.url, data=body, headers=headers, method='POST'
                     )
                     with deadline.opener().open(request, timeout=timeout_s) as response:
-                        raw = response.read()
+                        raw = response.read(_MAX_REPLY_BYTES + 1)
                 except (OSError, ValueError, http.client.HTTPException) as exc:
                     # once the deadline has cut the connection, any failure is the timeout; a
                     # URLError wraps the socket's own timeout in .reason
@@ -146,12 +148,12 @@ class OpenAiVlm:
                     raise
             except urllib.error.HTTPError as exc:
                 try:
-                    detail = exc.read(300).decode('utf-8', 'replace')
+                    detail = _without_key(exc.read(300), api_key).decode('utf-8', 'replace')
                 except (OSError, http.client.HTTPException):
                     detail = ''
+                hint = _http_hint(exc.code, self.config.json_mode, exc.headers.get('Location'))
                 error = VlmUnavailableError(
-                    f'{self.url} answered HTTP {exc.code}: '
-                    f'{quote_answer(detail)}{_http_hint(exc.code, self.config.json_mode)}'
+                    f'{self.url} answered HTTP {exc.code}: {quote_answer(detail)}{hint}'
                 )
                 if exc.code in _TRANSIENT_STATUS:
                     raise _Transient(error) from exc
@@ -176,7 +178,12 @@ class OpenAiVlm:
                 ) from exc
         if deadline.passed:  # the server closed the connection only when cut off
             raise timeout
-        return raw
+        if len(raw) > _MAX_REPLY_BYTES:
+            raise VlmOutputError(
+                f'{self.url} sent a reply over {_MAX_REPLY_BYTES // 1_000_000} MB; a chat '
+                'completion of vlm.max_new_tokens tokens is far smaller: check the server'
+            )
+        return _without_key(raw, api_key)
 
 
 class _Deadline:
@@ -191,6 +198,7 @@ class _Deadline:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._timer = threading.Timer(timeout_s, self._expire)
+        self._end = time.monotonic() + timeout_s
         self._timer.daemon = True
         self.passed = False
 
@@ -202,8 +210,31 @@ class _Deadline:
         self._timer.cancel()
 
     def opener(self) -> urllib.request.OpenerDirector:
-        """A urllib opener whose connections this deadline watches."""
-        return urllib.request.build_opener(_WatchedHttp(self), _WatchedHttps(self))
+        """A urllib opener whose connections this deadline watches and that follows no
+        redirect (urllib would send the API key on to the new address, whatever its host)."""
+        return urllib.request.build_opener(_WatchedHttp(self), _WatchedHttps(self), _NoRedirect)
+
+    def connect(self, connect: Callable[[], None], conn: http.client.HTTPConnection) -> None:
+        """Run ``connect`` (name lookup, TCP and TLS set-up) within the deadline, then watch
+        the connection's socket. The lookup cannot be interrupted, so it runs on a helper
+        thread; past the deadline it is left to finish there (a socket it then opens is shut
+        down at once) and TimeoutError is raised here."""
+        finished, errors = threading.Event(), []
+
+        def run() -> None:
+            try:
+                connect()
+            except BaseException as exc:  # handed to the caller
+                errors.append(exc)
+            finally:
+                self.watch(conn.sock)
+                finished.set()
+
+        threading.Thread(target=run, daemon=True, name='vlm-connect').start()
+        if not finished.wait(max(0.0, self._end - time.monotonic())):
+            raise TimeoutError(f'connecting to {conn.host} took the whole time')
+        if errors:
+            raise errors[0]
 
     def watch(self, sock: socket.socket | None) -> None:
         if sock is None:
@@ -242,13 +273,19 @@ class _Watched:
             connect = conn.connect
 
             def connect_and_watch() -> None:
-                connect()
-                deadline.watch(conn.sock)
+                deadline.connect(connect, conn)
 
             conn.connect = connect_and_watch
             return conn
 
         return super().do_open(watched, req, **kwargs)  # type: ignore[misc]
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx reply is an HTTPError (``_http_hint`` names the new address)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 class _WatchedHttp(_Watched, urllib.request.HTTPHandler):
@@ -283,7 +320,19 @@ def _parse_reply(raw: bytes, max_new_tokens: int) -> dict[str, Any]:
     return parse_json_answer(content, max_new_tokens if cut else None)
 
 
-def _http_hint(code: int, json_mode: bool) -> str:
+def _without_key(data: bytes, api_key: str) -> bytes:
+    """``data`` with the API key replaced (a server or proxy may quote the key it was sent,
+    and its reply ends up in errors and logs)."""
+    return data.replace(api_key.encode(), b'<api key>') if api_key else data
+
+
+def _http_hint(code: int, json_mode: bool, location: str | None = None) -> str:
+    if 300 <= code < 400:
+        return (
+            f'; the server redirects to {location or "another address"}: set vlm.base_url '
+            'to the address that answers (redirects are not followed, so the API key goes '
+            'nowhere else)'
+        )
     if code in (401, 403):
         return '; put a valid API key in the environment variable named by vlm.api_key_env'
     if code == 404:
