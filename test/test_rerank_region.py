@@ -16,6 +16,7 @@ from vlm_vpr.backends.rerank.region import RegionReranker
 from vlm_vpr.backends.vlm import VlmUnavailableError
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig
 from vlm_vpr.core.errors import ConfigError, MapError
+from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_describe import (
     REGION_OF_IMAGE_EXTRA,
     build_regions,
@@ -114,7 +115,7 @@ def test_select_submap_returns_the_picked_regions_and_rerank_orders_by_pick(regi
     reranker = RegionReranker(config(), region_map, vlm)
     assert isinstance(reranker, SubmapSelector)
     query = query_between(region_map, 3, 6)
-    submap = reranker.select_submap(query, region_map)
+    submap = reranker.select_submap(query, region_map, None)
     assert submap.tolist() == [3, 4, 5, 6, 7]
     prompt = vlm.calls[0][0]
     assert 'Region 0: "west gate"' in prompt and 'Region 2: "east car park"' in prompt
@@ -145,7 +146,7 @@ def test_select_submap_skips_the_vlm_when_the_coarse_match_is_clear(region_map) 
         descriptor / np.linalg.norm(descriptor),
         time.monotonic() + 30.0,
     )
-    assert reranker.select_submap(query, region_map) is None
+    assert reranker.select_submap(query, region_map, None) is None
     candidates = make_candidates(region_map, [4, 0], [0.99, 0.3])
     assert reranker.rerank(query, candidates, region_map) == candidates
     assert vlm.calls == [] and reranker.stats['skipped'] == 1
@@ -154,7 +155,7 @@ def test_select_submap_skips_the_vlm_when_the_coarse_match_is_clear(region_map) 
 def test_select_submap_searches_the_whole_map_when_the_vlm_is_unsure(region_map) -> None:
     reranker = RegionReranker(config(), region_map, picking([1], confident=False))
     query = query_between(region_map, 3, 6)
-    assert reranker.select_submap(query, region_map) is None
+    assert reranker.select_submap(query, region_map, None) is None
     assert 'not sure of the region' in query.notes[0]
     candidates = make_candidates(region_map, [6, 3], [0.5, 0.5])
     assert reranker.rerank(query, candidates, region_map) == candidates
@@ -166,6 +167,25 @@ def test_select_submap_falls_back_to_the_whole_map_when_the_vlm_fails(region_map
 
     reranker = RegionReranker(config(), region_map, ScriptedVlm(fail))
     query = query_between(region_map, 3, 6)
-    assert reranker.select_submap(query, region_map) is None
+    assert reranker.select_submap(query, region_map, None) is None
     assert 'region: VlmUnavailableError: cannot reach' in query.notes[0]
     assert reranker.stats['failures'] == 1
+
+
+@pytest.mark.parametrize(('picks', 'expected'), [([2], [0, 1, 2, 3, 4, 5]), ([1, 2], [3, 4, 5])])
+def test_region_picks_never_bring_back_map_images_the_caller_left_out(
+    region_map, picks: list[int], expected: list[int]
+) -> None:
+    """The caller's submap (eval's held-out stretch, a prior radius) bounds the search: a pick
+    outside it is ignored with a note, one that overlaps it narrows it."""
+    localizer = Localizer(region_map, LocalizerConfig())  # no chain: built without a VLM
+    localizer.config = config(vlm_always=True)
+    localizer.rerankers = [RegionReranker(localizer.config, region_map, picking(picks))]
+    query = query_between(region_map, 0, 1)
+    searchable = np.arange(6)  # map images 6 and 7 (region 2) held out
+    result = localizer._search_and_rerank(
+        query.image_bgr, query.global_descriptor, {}, searchable, None, time.perf_counter()
+    )
+    assert sorted(c.map_index for c in result.candidates) == expected
+    ignored = ['region: the picked regions hold no searchable map image; they are not used']
+    assert result.notes == (ignored if picks == [2] else [])

@@ -114,9 +114,9 @@ class Localizer:
         t = time.perf_counter()
         for reranker in self.rerankers:
             select = getattr(reranker, 'select_submap', None)
-            chosen = select(query, self.map) if select is not None else None
+            chosen = select(query, self.map, submap) if select is not None else None
             if chosen is not None:
-                submap = chosen if submap is None else np.intersect1d(submap, chosen)
+                submap = chosen
         depth = max(self.config.top_k, self.config.rerank.shortlist_k if self.rerankers else 0)
         scores, ids = search(
             self.map.index, self.map.content.descriptors, descriptor, depth, submap

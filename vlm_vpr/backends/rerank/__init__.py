@@ -1,7 +1,8 @@
 """Re-rankers: re-order the coarse shortlist. Chained in the order ``rerank.chain`` names them.
 
 Per query the Localizer (1) calls ``select_submap`` on every re-ranker that has it (a
-:class:`SubmapSelector`, e.g. ``region``) and restricts the search to the returned map ids,
+:class:`SubmapSelector`, e.g. ``region``) with the map ids searchable so far (the caller's
+submap: eval's held-out range, a prior radius) and restricts the search to the returned ids,
 (2) runs the coarse search, (3) calls ``rerank`` on each re-ranker in chain order, and
 (4) copies ``query.notes`` into the result.
 """
@@ -53,8 +54,12 @@ class Reranker(Protocol):
 
 @runtime_checkable
 class SubmapSelector(Protocol):
-    def select_submap(self, query: Query, vpr_map: VprMap) -> np.ndarray | None:
-        """Map ids [S] int64 to search in, or None for the whole map (also when unsure)."""
+    def select_submap(
+        self, query: Query, vpr_map: VprMap, submap: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Map ids [S] int64 to search in, a non-empty subset of ``submap`` (the ids
+        searchable so far; None = all), or None to leave the search as it is (also when
+        unsure)."""
         ...
 
 

@@ -44,15 +44,29 @@ class RegionReranker(VlmReranker):
             )
         self.regions = regions
 
-    def select_submap(self, query: Query, vpr_map: VprMap) -> np.ndarray | None:
-        """Map ids [S] int64 of the picked regions, or None (whole map)."""
+    def select_submap(
+        self, query: Query, vpr_map: VprMap, submap: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Map ids [S] int64 of the picked regions within ``submap`` (None = the whole map),
+        or None: search ``submap`` as it is (no pick, or no searchable image in the picks)."""
         self.stats['queries'] += 1
-        scores, _ = search(vpr_map.index, vpr_map.content.descriptors, query.global_descriptor, 2)
+        scores, _ = search(
+            vpr_map.index, vpr_map.content.descriptors, query.global_descriptor, 2, submap
+        )
         margin = float(scores[0] - scores[1]) if len(scores) > 1 else math.inf
         picks = self._pick(query, margin)
         if picks is None:
             return None
-        return np.flatnonzero(np.isin(self.regions.region_of_image, picks)).astype(np.int64)
+        picked = np.flatnonzero(np.isin(self.regions.region_of_image, picks)).astype(np.int64)
+        if submap is not None:
+            picked = np.intersect1d(picked, submap)
+        if len(picked) == 0:  # the picks lie outside what may be searched: ignore them
+            query.scratch[self.name] = None
+            query.notes.append(
+                'region: the picked regions hold no searchable map image; they are not used'
+            )
+            return None
+        return picked
 
     def rerank(
         self, query: Query, candidates: list[Candidate], vpr_map: VprMap
