@@ -111,6 +111,21 @@ def check_bag_report(campus_map: Path, source: Path, six: Traversal) -> None:
     assert report['timing_ms']['total']['p95'] >= report['timing_ms']['total']['median'] > 0
 
 
+def test_eval_bag_skips_a_frame_without_features_as_the_node_does(
+    campus_map: Path, six: Traversal, tmp_path: Path
+) -> None:
+    start, second = 1_700_000_000_000_000_000, 1_000_000_000
+    with BagWriter(tmp_path / 'dark') as writer:  # a camera that starts dark
+        for i, image_path in enumerate(six.image_paths):
+            image = read_image(image_path)
+            writer.write_image(IMAGE_TOPIC, start + i * second, image if i else image * 0)
+            writer.write_pose(TRUTH_TOPIC, start + i * second, six.pose(i))
+    report = evaluate_bag(campus_map, writer.path, IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
+    assert (report['num_frames'], report['frames_without_features']) == (5, 1)
+    stamps = [f['stamp_ns'] for f in report['per_query']]
+    assert stamps == [start + i * second for i in range(1, 6)]
+
+
 def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
     campus_map: Path, bag: Path
 ) -> None:

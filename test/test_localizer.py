@@ -9,7 +9,7 @@ import pytest
 
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.datasets import read_traversal
-from vlm_vpr.core.errors import ImageError
+from vlm_vpr.core.errors import ImageError, NoFeaturesError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
@@ -81,6 +81,18 @@ def test_bad_images_raise_image_error(
 ) -> None:
     with pytest.raises(ImageError, match=message):
         localizer.localize(image)
+
+
+@pytest.mark.parametrize('grey', [0, 128])  # a lens cap, a blank wall
+def test_an_image_without_a_usable_feature_raises_instead_of_answering_at_random(
+    localizer: Localizer, data_root: Path, grey: int
+) -> None:
+    good = read_image(data_root / 'campus_loop' / 'query' / 'images' / 'image_5.png')
+    blank = np.full((240, 320, 3), grey, np.uint8)
+    with pytest.raises(NoFeaturesError, match='no usable local feature.*blank, dark'):
+        localizer.localize(blank)
+    with pytest.raises(NoFeaturesError):  # in a batch too; the node then tries each alone
+        localizer.localize_batch([good, blank])
 
 
 def test_grey_and_bgra_images_are_accepted(localizer: Localizer, data_root: Path) -> None:

@@ -59,6 +59,16 @@ def test_map_round_trip_keeps_descriptors_poses_and_config(map_dir: Path) -> Non
     assert (map_dir / 'thumbnails' / '000011.jpg').read_bytes() == b'\xff\xd8fakejpeg'
 
 
+def test_poses_given_as_numpy_scalars_are_written_as_plain_numbers(tmp_path: Path) -> None:
+    content = make_content(n=3)
+    content.poses = [
+        Pose.from_yaw(np.float64(i) / 3, np.float32(-1.5), np.float64(0.5)) for i in range(3)
+    ]
+    loaded = read_map(write_map(content, tmp_path / 'm'))
+    assert [(p.x, p.y) for p in loaded.content.poses] == [(i / 3, -1.5) for i in range(3)]
+    assert loaded.content.poses[0].yaw_rad == pytest.approx(0.5)
+
+
 def test_approximate_index_is_stored_and_reloaded(tmp_path: Path) -> None:
     config = MapBuildConfig(index=IndexConfig(approximate_above=10, approximate_type='hnsw'))
     path = write_map(make_content(n=40, config=config), tmp_path / 'm')

@@ -163,6 +163,20 @@ def test_eval_cross_fit_scores_out_of_fold_and_leaves_the_map_alone(
     assert '--cross-fit uses every query' in capsys.readouterr().err
 
 
+def test_eval_rejects_a_map_built_from_another_traversal_than_the_protocols(
+    campus_map: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """Image names cannot tell traversals apart (Gardens Point's three share them): the map's
+    source folder does."""
+    dataset = tmp_path / 'campus_loop'  # the protocol's map traversal is the query images
+    dataset.mkdir()
+    shutil.copy(data_root / 'campus_loop' / 'dataset.yaml', dataset)
+    for name in ('map', 'query'):
+        (dataset / name).symlink_to(data_root / 'campus_loop' / 'query', target_is_directory=True)
+    with pytest.raises(DatasetError, match='was built from .*campus_loop/map/images, not from'):
+        evaluate(dataset, 'interleaved', map_dir=campus_map, progress=False)
+
+
 def test_holdout_map_rejects_a_map_of_another_traversal(campus_map: Path, data_root: Path) -> None:
     queries = read_dataset(data_root / 'campus_loop').traversal('query')
     with pytest.raises(DatasetError, match='was not built from query'):

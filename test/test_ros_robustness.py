@@ -81,6 +81,10 @@ def truncated_jpeg(image: np.ndarray) -> CompressedImage:
     return msg
 
 
+def black_frame(image: np.ndarray) -> Image:  # a lens cap: decodes, but shows nothing
+    return camera_msg(np.zeros_like(image), T0_NS)
+
+
 def huge_png(image: np.ndarray) -> CompressedImage:
     data = cv2.imencode('.png', np.full((10000, 10000), 128, np.uint8))[1].tobytes()
     return CompressedImage(header=header_at(T0_NS, 'camera'), format='png', data=data)
@@ -93,6 +97,7 @@ def huge_png(image: np.ndarray) -> CompressedImage:
         (zero_size, 'empty'),
         (truncated_jpeg, 'corrupt'),
         (huge_png, 'too_large'),
+        (black_frame, 'no_features'),
     ],
 )
 def test_a_bad_frame_is_logged_counted_and_skipped_and_the_next_good_frame_localised(

@@ -22,7 +22,8 @@ from vlm_vpr.core.types import Candidate, LocalizationResult, Pose
 def direct_vote(
     z: np.ndarray, route: np.ndarray, offsets: np.ndarray, velocities: np.ndarray, max_gap: float
 ) -> np.ndarray:
-    """Loop over every end image, velocity and frame; nearest map image by linear scan."""
+    """Loop over every end image, velocity and frame; nearest route coordinate by linear scan;
+    the current frame reads the end image, a past frame the best image at that coordinate."""
     n, num = z.shape
     scores = np.full(num, -np.inf)
     for j in range(num):
@@ -30,9 +31,15 @@ def direct_vote(
             total = 0.0
             for lag in range(n):
                 point = route[j] - v * offsets[lag]
-                k = min(range(num), key=lambda i: (abs(route[i] - point), i))
-                if abs(route[k] - point) <= max_gap and np.isfinite(z[lag, k]):
-                    total += z[lag, k]
+                k = min(range(num), key=lambda i: (abs(route[i] - point), route[i]))
+                there = [z[lag, i] for i in range(num) if route[i] == route[k]]
+                value = (
+                    z[lag, j]
+                    if lag == 0
+                    else max(there, key=lambda x: -np.inf if np.isnan(x) else x)
+                )
+                if abs(route[k] - point) <= max_gap and np.isfinite(value):
+                    total += value
             scores[j] = max(scores[j], total / n)
     return scores
 
@@ -56,11 +63,11 @@ def test_vote_equals_a_direct_loop_implementation() -> None:
         assert alone[j] == pytest.approx(scores[j])
 
 
-def test_nearest_on_route_picks_the_closest_map_image() -> None:
-    route = np.array([0.0, 1.0, 1.0, 4.0])
-    points = np.array([[-3.0, 0.4, 0.6, 2.4, 2.6, 9.0]])
-    assert nearest_on_route(route, points).tolist() == [[0, 0, 1, 1, 3, 3]]
-    assert nearest_on_route(np.array([5.0]), points).tolist() == [[0] * 6]
+def test_nearest_on_route_picks_the_closest_place() -> None:
+    places = np.array([0.0, 1.0, 4.0])
+    points = np.array([[-3.0, 0.4, 0.6, 2.4, 2.5, 2.6, 9.0]])
+    assert nearest_on_route(places, points).tolist() == [[0, 0, 1, 1, 1, 2, 2]]
+    assert nearest_on_route(np.array([5.0]), points).tolist() == [[0] * 7]
 
 
 def test_route_coordinates_accumulate_distance_and_ignore_repeats_for_spacing() -> None:
@@ -160,6 +167,20 @@ def test_sequence_recovers_places_that_single_frames_miss(tmp_path: Path) -> Non
     assert evidence(unmapped, 'temporal_consistency').mean() < 0.3
     for rows in (clean, results[8:], unmapped):
         assert (evidence(rows, 'seq_margin') <= evidence(rows, 'seq_score')).all()
+
+
+def test_sequence_picks_the_view_seen_among_map_images_at_one_place(tmp_path: Path) -> None:
+    """Two map images per place (two headings, or keyframes of a turn on the spot): the
+    winner is the one the camera sees, not the first at that place."""
+    map_dir, desc = make_route_map(tmp_path, np.repeat(np.arange(40.0), 2))
+    seen = np.arange(1, 80, 2)  # the second view of every place
+    queries = noisy(desc[seen], 0.5, np.random.default_rng(2))
+    localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=8)))
+
+    results = run_matcher(localizer, queries, [None] * len(queries))
+
+    best = np.array([r.candidates[0].map_index for r in results])
+    assert (best[8:] == seen[8:]).all(), best
 
 
 def test_odometry_aligns_frames_when_the_camera_stops_and_speeds_up(tmp_path: Path) -> None:
@@ -288,6 +309,40 @@ def test_edge_overrun_counts_the_distance_driven_past_the_map_edge(tmp_path: Pat
     assert overrun[24:] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 1])  # consistency radius: 3
     assert on_track(driving[24].evidence) and not on_track(driving[27].evidence)
     assert [r.evidence['edge_overrun'] for r in standing[24:]] == [0.0] * 6
+
+
+def test_a_stretch_left_out_of_the_submap_is_a_map_edge_as_an_unmapped_one_is(
+    tmp_path: Path,
+) -> None:
+    """``calibrate --images --holdout-map-range`` leaves a stretch out of the search; evaluate
+    builds a map without it. The sequence evidence must not tell them apart."""
+    mapped = np.r_[0:25, 35:60]
+    full_dir, desc = make_route_map(tmp_path, np.arange(60.0))
+    full = read_map(full_dir).content
+    gapped_dir = write_map(
+        MapContent(
+            full.build_config,
+            full.codebook,
+            full.descriptors[mapped],
+            [full.image_names[i] for i in mapped],
+            [full.poses[i] for i in mapped],
+        ),
+        tmp_path / 'gapped',
+    )
+    config = LocalizerConfig(sequence=SequenceConfig(length=4, column_centring=0.0))
+    # the camera drives to x = 24 and on into the stretch, where every frame looks like x = 24
+    frames = noisy(
+        np.r_[desc[:25], np.repeat(desc[24:25], 5, axis=0)], 0.1, np.random.default_rng(7)
+    )
+
+    gapped = run_matcher(Localizer(read_map(gapped_dir), config), frames, [None] * 30)
+    held_out = run_matcher(Localizer(read_map(full_dir), config), frames, [None] * 30, mapped)
+
+    for a, b in zip(gapped, held_out):
+        assert mapped[a.candidates[0].map_index] == b.candidates[0].map_index
+        for key in ('room_ahead', 'edge_overrun', 'track_consistency', 'progress_error'):
+            assert a.evidence[key] == pytest.approx(b.evidence[key]), key
+    assert max(r.evidence['edge_overrun'] for r in held_out) == 1.0
 
 
 def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from vlm_vpr.core.bags import PosedImage, read_pose_track, read_posed_images
 from vlm_vpr.core.calibration import fraction, open_set_report
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
-from vlm_vpr.core.errors import BagError
+from vlm_vpr.core.errors import BagError, NoFeaturesError
 from vlm_vpr.core.evaluation import RECALL_KS, recall_at, within_tolerance
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
 from vlm_vpr.core.types import LocalizationResult, planar_motion, wrap_angle
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_bag(
@@ -90,13 +93,19 @@ def evaluate_bag(
         progress=progress,
     )
     per_query, previous = [], None  # previous: the robot's odometry pose at the last frame
+    featureless = 0  # frames skipped as the node skips them (skipped_no_features)
     try:
         for frame in itertools.islice(frames, max_frames):
+            try:
+                result = localizer.localize(frame.image_bgr)
+            except NoFeaturesError as exc:
+                log.warning('%s frame at %d ns skipped: %s', image_topic, frame.stamp_ns, exc)
+                featureless += 1
+                continue
             odom = odom_at(frame.stamp_ns) if odom_at is not None else None
             motion = None if previous is None or odom is None else planar_motion(previous, odom)
             step = math.hypot(motion.x, motion.y) if motion is not None else None
             previous = odom
-            result = localizer.localize(frame.image_bgr)
             if matcher is not None:
                 result = matcher.update(result, step)
             published = gate.update(
@@ -118,6 +127,7 @@ def evaluate_bag(
             'image_topic': image_topic,
             'truth_topic': truth_topic,
             'odom_topic': odom_topic,
+            'frames_without_features': featureless,
             'rerank_chain': list(config.rerank.chain),
             'sequence_length': config.sequence.length,
             'initial_pose_gate': {
@@ -142,7 +152,10 @@ def pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         rows,
         first['tolerance_m'],
         first['at_threshold']['confidence_threshold'],
-        {'bags': [report['bag'] for report in reports]},
+        {
+            'bags': [report['bag'] for report in reports],
+            'frames_without_features': sum(r['frames_without_features'] for r in reports),
+        },
     )
     # what the first report says of the run (map, topics, settings), beside the pooled numbers
     return {k: v for k, v in first.items() if k not in pooled and k != 'bag'} | pooled

@@ -15,6 +15,13 @@ class ImageError(VprError):
     """An image could not be decoded or has an unusable size or encoding."""
 
 
+class NoFeaturesError(ImageError):
+    """An image without a single usable local feature: blank, dark or textureless (a lens cap,
+    darkness, a wall filling the view). ``reason``: the node's /diagnostics counter."""
+
+    reason = 'no_features'
+
+
 class MapError(VprError):
     """A map folder is missing, corrupt, of an unknown version or inconsistent."""
 

@@ -75,6 +75,7 @@ def evaluate(
             )
         vpr_map = read_map(path)
         check_compatible(vpr_map, build_config.features.backbone)
+        _check_built_from(vpr_map, dataset.root / proto.map)
         held_out = parse_map_range(holdout, len(vpr_map)) if holdout else None
         if calibration is None:
             calibration = Calibration.from_map(vpr_map, localizer_config)  # what the node uses
@@ -90,6 +91,19 @@ def evaluate(
         if held_out is not None:
             report['holdout_map_ids'] = [int(held_out[0]), int(held_out[-1]) + 1]
         return report
+
+
+def _check_built_from(vpr_map: VprMap, traversal_dir: Path) -> None:
+    """DatasetError unless the map was built from ``traversal_dir``'s images (compared by the
+    last three parts of the stored source, so a data folder that moved still matches; image
+    names alone cannot tell Gardens Point's traversals apart)."""
+    source = vpr_map.content.source
+    expected = (Path(traversal_dir).resolve() / 'images').parts[-3:]
+    if source and Path(source).parts[-3:] != expected:
+        raise DatasetError(
+            f'map {vpr_map.path} was built from {source}, not from {"/".join(expected)}: '
+            'drop --map or point it to a new folder'
+        )
 
 
 def build_holdout_map(

@@ -11,6 +11,7 @@ import numpy as np
 
 from vlm_vpr.core.confidence import Calibration, collect_evidence
 from vlm_vpr.core.config import LocalizerConfig
+from vlm_vpr.core.errors import NoFeaturesError
 from vlm_vpr.core.images import as_bgr
 from vlm_vpr.core.map_format import VprMap, project_descriptor, read_map
 from vlm_vpr.core.pose_fusion import fuse_poses
@@ -70,7 +71,8 @@ class Localizer:
         """Localise one [H x W x 3] uint8 BGR image (grey and BGRA accepted).
 
         ``submap`` (map ids) restricts the search, e.g. to a radius around a prior position.
-        Raises ImageError for unusable images; re-ranker failures only add notes.
+        Raises ImageError for unusable images (NoFeaturesError for one without a usable local
+        feature); re-ranker failures only add notes.
         """
         return self.localize_batch([image_bgr], submap, time_budget_s)[0]
 
@@ -91,6 +93,11 @@ class Localizer:
         results = []
         for image, features in zip(images, local):
             timing = {'extract': extract_ms}
+            if len(features.flat) == 0:  # its descriptor would be 0: every map image ties
+                raise NoFeaturesError(
+                    f'image of {image.shape[1]}x{image.shape[0]} has no usable local feature '
+                    '(blank, dark or textureless: a lens cap, darkness, a wall filling the view)'
+                )
             descriptor = self._aggregate(features.flat, timing)
             results.append(
                 self._search_and_rerank(image, descriptor, timing, submap, time_budget_s, start)

@@ -387,8 +387,11 @@ def _write_poses(file: Path, names: list[str], poses: list[Pose]) -> None:
         writer = csv.writer(handle)
         writer.writerow(POSE_COLUMNS)
         for name, p in zip(names, poses):
-            quat = [repr(p.qx), repr(p.qy), repr(p.qz), repr(p.qw)] if p.yaw_known else [''] * 4
-            writer.writerow([name, repr(p.x), repr(p.y), repr(p.z), *quat])
+            quat = [p.qx, p.qy, p.qz, p.qw] if p.yaw_known else []
+            # repr of a float round-trips exactly; float() first: a numpy scalar's repr is
+            # 'np.float64(...)'
+            values = [repr(float(v)) for v in (p.x, p.y, p.z, *quat)]
+            writer.writerow([name, *values, *[''] * (4 - len(quat))])
 
 
 def _read_poses(file: Path) -> tuple[list[str], list[Pose]]:

@@ -53,31 +53,37 @@ def vote(
       NaN = map image not searchable for that frame.
     route: [N] float64 non-decreasing route coordinates; offsets: [n] float64 route distance
     travelled from frame l to now (offsets[0] = 0); velocities: [V] float64 scale factors.
+    The current frame reads the end image itself; a past frame reads the best of the map
+    images at the route coordinate nearest its point (several images can share one: views
+    of several headings, or keyframes taken while the robot turned on the spot).
     Returns (scores [N] float64 = best mean contribution over velocities,
     best [N] int64 = index into ``velocities`` of the best one).
     """
     n = len(z)
+    places, first = np.unique(route, return_index=True)  # [P] distinct route coordinates
+    best_at_place = np.fmax.reduceat(z, first, axis=1)  # [n x P], NaN only if all are NaN
     best_scores = np.full(len(route), -np.inf)
     best_v = np.zeros(len(route), np.int64)
     for v_index, velocity in enumerate(velocities):
         points = route[None, :] - velocity * offsets[:, None]  # [n x N]
-        nearest = nearest_on_route(route, points)
-        values = np.take_along_axis(z, nearest, axis=1)
-        mapped = (np.abs(route[nearest] - points) <= max_gap) & np.isfinite(values)
+        nearest = nearest_on_route(places, points)
+        values = np.take_along_axis(best_at_place, nearest, axis=1)
+        values[0] = z[0]  # the current frame: the end image's own score
+        mapped = (np.abs(places[nearest] - points) <= max_gap) & np.isfinite(values)
         scores = np.where(mapped, values, 0.0).sum(axis=0) / n
         better = scores > best_scores
         best_scores[better], best_v[better] = scores[better], v_index
     return best_scores, best_v
 
 
-def nearest_on_route(route: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Index (same shape as ``points``, int64) of the map image nearest each route point;
-    of several at the same route coordinate, the first."""
-    if len(route) == 1:
+def nearest_on_route(places: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index (same shape as ``points``, int64) of the route coordinate in ``places`` [P]
+    (strictly increasing) nearest each point; of two equally near, the lower."""
+    if len(places) == 1:
         return np.zeros(points.shape, np.int64)
-    right = np.clip(np.searchsorted(route, points), 1, len(route) - 1)
-    left = np.searchsorted(route, route[right - 1])  # first image at the left neighbour's place
-    return np.where(points - route[left] <= route[right] - points, left, right).astype(np.int64)
+    right = np.clip(np.searchsorted(places, points), 1, len(places) - 1)
+    left = right - 1
+    return np.where(points - places[left] <= places[right] - points, left, right).astype(np.int64)
 
 
 @dataclass
@@ -106,11 +112,8 @@ class SequenceMatcher:
         self.descriptors = localizer.descriptors_float32
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
-        # route coordinates where the mapped route ends, going forwards / backwards: the ends
-        # of the route and the edges of its gaps (held-out or never-mapped stretches)
-        gap = np.diff(self.route) > self.config.max_gap_spacings * self.spacing
-        self.ends_forward = self.route[np.flatnonzero(np.r_[gap, True])]
-        self.ends_backward = self.route[np.flatnonzero(np.r_[True, gap])]
+        self.whole_map_ends = self._route_ends(None)
+        self.ends_forward, self.ends_backward = self.whole_map_ends
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
         # moved since the frame before it)
@@ -121,6 +124,14 @@ class SequenceMatcher:
         self.count = 0  # frames seen since the last reset
         # distance moved since the sequence winner reached the map's edge (None: not there)
         self.overrun: float | None = None
+
+    def _route_ends(self, submap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Route coordinates where the searchable route ends, going forwards / backwards: the
+        ends of the route and the edges of its gaps (never-mapped stretches, and map images
+        left out of ``submap``, such as a held-out stretch)."""
+        route = self.route if submap is None else self.route[np.sort(submap)]
+        gap = np.diff(route) > self.config.max_gap_spacings * self.spacing
+        return route[np.flatnonzero(np.r_[gap, True])], route[np.flatnonzero(np.r_[True, gap])]
 
     def reset(self) -> None:
         """Forget the past frames (after a jump: kidnapping, a new session, a long gap)."""
@@ -141,7 +152,9 @@ class SequenceMatcher:
         result: the frame's single-frame result; its ``descriptor`` ([D] float32, L2-normalised
           global descriptor) is what votes.
         travelled: distance (map units) moved since the previous frame, from odometry; None
-          assumes one map spacing. submap: map ids searchable for this frame (None = all).
+          assumes one map spacing. submap: map ids searchable for this frame (None or empty =
+          all); map images left out of it count as a gap for ``room_ahead`` and
+          ``edge_overrun``.
         """
         if result.descriptor is None:
             raise ValueError('sequence matching needs the global descriptor of the frame')
@@ -152,8 +165,13 @@ class SequenceMatcher:
         )
         self.column_sum += scores
         self.count += 1
+        if submap is not None and len(submap) == 0:
+            submap = None  # the whole map, as the Localizer searched (its result says so)
         if submap is not None:
             centred = np.where(np.isin(np.arange(len(scores)), submap), centred, np.nan)
+        self.ends_forward, self.ends_backward = (
+            self.whole_map_ends if submap is None else self._route_ends(submap)
+        )
         z = (centred - np.nanmean(centred)) / max(float(np.nanstd(centred)), 1e-6)
         own = int(np.nanargmax(z))
         self.frames.appendleft(_Frame(z.astype(np.float32), own, travelled))

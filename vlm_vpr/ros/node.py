@@ -541,8 +541,8 @@ class VprNode(LifecycleNode):
         try:
             return list(zip(ready, self._localizer.localize_batch([p.image for p in ready])))
         except VprError as exc:
-            if len(ready) == 1:
-                self._skip('localize_error', ready[0].frame, str(exc))
+            if len(ready) == 1:  # NoFeaturesError carries its own reason
+                self._skip(getattr(exc, 'reason', 'localize_error'), ready[0].frame, str(exc))
                 return []
         pairs = []
         for prepared in ready:
