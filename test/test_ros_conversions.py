@@ -336,6 +336,21 @@ def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
     assert track.motion(1_000_000_000, 9_000_000_000) is None  # no odometry near 9 s
 
 
+def test_odometry_with_nan_values_is_not_stored_and_never_lets_the_gate_agree() -> None:
+    track = OdometryTrack()
+    assert track.add(1_000_000_000, Pose.from_yaw(0.0, 0.0, 0.0))
+    assert not track.add(2_000_000_000, Pose(math.nan, 0.0))  # a driver's NaN sample
+    assert track.motion(1_000_000_000, 2_000_000_000) is None  # unknown, not NaN
+    # a NaN motion reaching the gate (34 m apart) must not count as agreement
+    gate, nan_step = InitialPoseGate(), Pose(math.nan, math.nan)
+    far = [
+        Pose.from_yaw(0.0, 0.0, 0.0),
+        Pose.from_yaw(34.0, 0.0, 0.0),
+        Pose.from_yaw(0.0, 0.0, 0.0),
+    ]
+    assert [gate.update(p, 0.95, nan_step, GATE, 0.9) for p in far] == [False] * 3
+
+
 def test_tf_motion_is_the_odometry_motion_of_the_transforms_at_the_two_stamps() -> None:
     """TfMotion on a stand-in for tf2's lookup (tf2_ros cannot be installed here)."""
     half = math.sqrt(0.5)

@@ -517,6 +517,23 @@ def test_a_new_max_rate_hz_applies_to_the_waiting_frame(
         node.set_parameters([Parameter('max_rate_hz', value=MAX_RATE_HZ)])
 
 
+def test_relocalize_calls_at_once_take_turns_and_leave_the_node_running(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
+    """Each waiting call holds an executor thread; callers retrying faster than it answers
+    (a behaviour tree, two operators) held every one, so no frame came to answer them."""
+    pending = [harness.call_in_background(Trigger, 'relocalize') for _ in range(4)]
+    assert wait_until(lambda: bool(harness.node._waiters), 30.0)
+    stamp = T0_NS + 7000 * 1_000_000_000
+    for n in range(30):  # 4 calls x relocalize_frames (3) frames, and a margin
+        if all(call.done() for call in pending):
+            break
+        assert localise_good_frame(harness, good, stamp + n * 1_000_000_000) is not None
+    responses = [call.result(timeout=30.0) for call in pending]
+    assert all(r is not None and r.success for r in responses), responses
+    assert len({json.loads(r.message)['stamp_ns'] for r in responses}) == 4  # one after another
+
+
 def test_deactivating_fails_a_pending_relocalize_at_once(harness: NodeHarness) -> None:
     from rclpy.lifecycle import TransitionCallbackReturn
 

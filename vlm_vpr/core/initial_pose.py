@@ -86,7 +86,8 @@ def _agree(previous: Pose, pose: Pose, motion: Pose | None, config: InitialPoseC
         )
     elif motion is not None:  # heading unknown: only the distance travelled is known
         slack = math.hypot(motion.x, motion.y)
-    if math.hypot(pose.x - expected.x, pose.y - expected.y) > config.max_distance_m + slack:
+    # written so that a NaN anywhere (in a pose or the motion) means "do not agree"
+    if not math.hypot(pose.x - expected.x, pose.y - expected.y) <= config.max_distance_m + slack:
         return False
     if pose.yaw_known and expected.yaw_known:
         turn = abs(wrap_angle(pose.yaw_rad - expected.yaw_rad))

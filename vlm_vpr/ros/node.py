@@ -32,7 +32,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
@@ -149,6 +149,10 @@ class VprNode(LifecycleNode):
         self._cfg, self._query_cfg = params.split_values(params.current_values(self))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._services_group = ReentrantCallbackGroup()
+        # relocalize waits for frames, holding an executor thread: calls take turns, so that
+        # callers retrying faster than it answers cannot hold every thread and stop the frames
+        # they wait for
+        self._relocalize_group = MutuallyExclusiveCallbackGroup()
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diagnostics_timer = self.create_timer(
             self._cfg.diagnostics_period_s, self.publish_diagnostics
@@ -318,7 +322,7 @@ class VprNode(LifecycleNode):
         }
         self._services = [
             self.create_service(
-                Trigger, 'relocalize', self._on_relocalize, callback_group=self._services_group
+                Trigger, 'relocalize', self._on_relocalize, callback_group=self._relocalize_group
             ),
             self.create_service(
                 Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=self._services_group
@@ -408,9 +412,13 @@ class VprNode(LifecycleNode):
 
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
-        self._odometry.add(stamp_ns(msg.header), Pose(p.x, p.y, p.z, q.x, q.y, q.z, q.w))
+        stored = self._odometry.add(stamp_ns(msg.header), Pose(p.x, p.y, p.z, q.x, q.y, q.z, q.w))
         with self._lock:
-            self._counts['odometry'] += 1
+            self._counts['odometry' if stored else 'odometry_not_finite'] += 1
+        if not stored:
+            self._warn(
+                'odometry', f'{self._cfg.odom_topic}: odometry with NaN or infinite values ignored'
+            )
 
     def _on_rearm(self, request: Any, response: Any) -> Any:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import deque
 
@@ -21,13 +22,19 @@ class OdometryTrack:
         self._stamps: deque[int] = deque(maxlen=MAX_ODOM_SAMPLES)
         self._poses: deque[Pose] = deque(maxlen=MAX_ODOM_SAMPLES)
 
-    def add(self, stamp_ns: int, pose: Pose) -> None:
+    def add(self, stamp_ns: int, pose: Pose) -> bool:
+        """Store one sample; False (not stored) for one with NaN or infinite values, so that
+        the motion across it is unknown, as for a TF transform with them."""
+        values = (pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw)
+        if not all(math.isfinite(v) for v in values):
+            return False
         with self._lock:
             if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop)
                 self._stamps.clear()
                 self._poses.clear()
             self._stamps.append(stamp_ns)
             self._poses.append(pose)
+        return True
 
     def motion(self, from_ns: int, to_ns: int) -> Pose | None:
         """Planar motion of the robot from ``from_ns`` to ``to_ns``, in the robot's frame at
