@@ -49,6 +49,23 @@ def test_invalid_values_raise_config_error(key: str, value: object, message: str
         from_flat_dict(MapBuildConfig, {key: value})
 
 
+@pytest.mark.parametrize(
+    ('key', 'value', 'message'),
+    [
+        ('fusion.unknown_yaw_std_rad', float('nan'), 'must be a finite number, got nan'),
+        ('fusion.min_std_xy_m', float('inf'), 'must be a finite number, got inf'),
+        ('sequence.max_gap_spacings', float('inf'), 'must be a finite number'),
+        ('fusion.unknown_yaw_std_rad', -1.0, 'unknown_yaw_std_rad must be > 0'),
+    ],
+)
+def test_query_settings_that_would_make_every_pose_nan_are_refused(
+    key: str, value: object, message: str
+) -> None:
+    """Accepted before, they made every frame's covariance NaN (skipped as invalid_output)."""
+    with pytest.raises(ConfigError, match=message):
+        from_flat_dict(LocalizerConfig, {key: value})
+
+
 def test_section_given_a_scalar_is_rejected() -> None:
     with pytest.raises(ConfigError, match='is a section'):
         from_flat_dict(LocalizerConfig, {'fusion': 3})

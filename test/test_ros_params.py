@@ -130,6 +130,11 @@ def test_parameters_carry_descriptions_and_ranges(context: Any) -> None:
         ('mode', 'sometimes', 'mode must be one of'),
         ('rerank.chain', 'no-such-reranker,geometric', None),  # valid for the config: a list
         ('image_topics', [''], 'image_topics must name at least one topic'),
+        ('image_topics', ['front camera/image'], "'front camera/image' is not a valid ROS topic"),
+        ('image_topics', ['/front/image_raw/'], 'is not a valid ROS topic name'),
+        ('image_topics', ['image', '/image'], 'names a topic twice'),
+        ('odom_topic', 'odom topic', "odom_topic: 'odom topic' is not a valid ROS topic name"),
+        ('fusion.unknown_yaw_std_rad', float('nan'), 'must be a finite number, got nan'),
         ('confidence.initial_pose_threshold', 0.0, 'initial_pose_threshold must be in'),
     ],
 )
@@ -146,6 +151,16 @@ def test_setting_a_parameter_validates_it(
         assert not result.successful
         assert reason in result.reason
         assert node.get_parameter(name).value == before
+    node.destroy_node()
+
+
+def test_diagnostics_say_the_node_is_shut_down(context: Any) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node = make_node(context)
+    assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+    level, text = node.status
+    assert level == b'\x01' and text.startswith('shut down')  # WARN, not OK 'localising'
     node.destroy_node()
 
 

@@ -170,8 +170,9 @@ class FusionConfig:
         _check(self.top_n >= 1, 'fusion.top_n must be >= 1')
         _check(self.cluster_radius_m > 0, 'fusion.cluster_radius_m must be > 0')
         _check(
-            self.min_std_xy_m > 0 and self.min_std_yaw_rad > 0,
-            'fusion.min_std_xy_m and fusion.min_std_yaw_rad must be > 0',
+            self.min_std_xy_m > 0 and self.min_std_yaw_rad > 0 and self.unknown_yaw_std_rad > 0,
+            'fusion.min_std_xy_m, fusion.min_std_yaw_rad and fusion.unknown_yaw_std_rad must '
+            'be > 0',
         )
 
 
@@ -406,6 +407,8 @@ def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> 
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'{key} must be a number, got {value!r}')
+        if not math.isfinite(value):  # no setting means anything by NaN or infinity
+            raise ConfigError(f'{key} must be a finite number, got {value!r}')
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f'{key} must be a string, got {value!r}')

@@ -267,6 +267,7 @@ class VprNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_processing('shut down')
         self._release()
+        self._status = (DiagnosticStatus.WARN, 'shut down (finalized): restart the node')
         return super().on_shutdown(state)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -77,6 +77,21 @@ class NodeConfig:
             len(self.image_topics) >= 1 and all(self.image_topics),
             'image_topics must name at least one topic',
         )
+        for name, topic in [
+            *(('image_topics', t) for t in self.image_topics),
+            ('odom_topic', self.odom_topic),
+        ]:
+            _check(
+                not topic or _TOPIC_NAME.fullmatch(topic) is not None,
+                f'{name}: {topic!r} is not a valid ROS topic name (letters, digits and _ in '
+                "tokens that do not start with a digit, joined by '/'; no trailing '/')",
+            )
+        stripped = [t.lstrip('/') for t in self.image_topics]
+        _check(
+            len(set(stripped)) == len(stripped),
+            f'image_topics names a topic twice ({list(self.image_topics)}): each frame would '
+            'count twice, also for the /initialpose gate',
+        )
         _check(
             bool(self.map_frame) and bool(self.base_frame),
             'map_frame and base_frame must not be empty',
@@ -96,6 +111,11 @@ class NodeConfig:
         _check(self.relocalize_timeout_s > 0, 'relocalize_timeout_s must be > 0')
         _check(0.1 <= self.diagnostics_period_s <= 60, 'diagnostics_period_s must be in [0.1, 60]')
 
+
+# A ROS 2 topic name (rcl's rules): tokens of letters, digits and '_' (not starting with a
+# digit; {substitutions} allowed) joined by '/', optionally starting with '/' or '~/'.
+_TOKEN = r'[A-Za-z_{][A-Za-z0-9_{}]*'
+_TOPIC_NAME = re.compile(rf'~|(~/|/)?{_TOKEN}(/{_TOKEN})*')
 
 # Ranges shown to ROS tools and enforced by rclpy (the dataclasses check them too).
 RANGES: dict[str, tuple[float, float]] = {
