@@ -34,12 +34,11 @@ def measure(
     sizes: list[int],
     draws: int,
     seed: int = 0,
-    config: LocalizerConfig | None = None,
 ) -> list[dict[str, Any]]:
     """One row per calibration size (in blocks; a size of all the blocks is one draw): how the
     fits on ``draws`` random block subsets of ``fit`` do on ``test`` at the /initialpose
     threshold. Fits that fail (a subset without both outcomes) are counted, not measured."""
-    config = config or LocalizerConfig()
+    config = LocalizerConfig()  # what `vlm-vpr calibrate` fits with
     threshold = config.confidence.initial_pose_threshold
     blocks = [fit[i : i + SPLIT_BLOCK] for i in range(0, len(fit), SPLIT_BLOCK)]
     out_of_map = np.array([q['truth_xy'] is None for q in test])

@@ -67,8 +67,13 @@ def test_resize_keeps_frames_within_the_aspect_limit(
     assert resize_shorter_side(np.zeros((*shape, 3), np.uint8), 240).shape[:2] == resized
 
 
-def test_resize_rejects_a_result_over_the_pixel_limit() -> None:
-    # checked before resizing: no 44 MP array is made
+def test_resize_rejects_a_result_over_the_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    def no_resize(*args: object, **kwargs: object) -> None:  # checked first: no 44 MP array
+        pytest.fail('resized before the pixel limit was checked')
+
+    monkeypatch.setattr(cv2, 'resize', no_resize)
     with pytest.raises(ImageError, match='640x480 .* would be 7680x5760, over the 40000000 pixel'):
         resize_shorter_side(np.zeros((480, 640), np.uint8), 5760)
 

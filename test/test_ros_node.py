@@ -18,6 +18,7 @@ from std_srvs.srv import Trigger
 
 from vlm_vpr.core.datasets import Traversal, read_traversal
 from vlm_vpr.core.images import read_image
+from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.conversions import image_from_msg, pose_msg, stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, odometry_msg, wait_until
 
@@ -270,6 +271,19 @@ def test_relocalize_without_frames_fails_after_its_timeout(harness: NodeHarness)
     assert not response.success
     assert 'no frame localised within 1.0 s' in response.message
     assert 0.9 <= time.monotonic() - start < 10.0
+
+
+def test_odometry_with_nan_is_counted_and_not_stored(harness: NodeHarness) -> None:
+    before = harness.node.counts()
+    harness.pubs['odom'].publish(odometry_msg(Pose(math.nan, 0.0), T0_NS + 5000 * PERIOD_NS))
+    assert wait_until(
+        lambda: (
+            harness.node.counts().get('odometry_not_finite', 0)
+            == before.get('odometry_not_finite', 0) + 1
+        ),
+        10.0,
+    )
+    assert harness.node.counts().get('odometry', 0) == before.get('odometry', 0)
 
 
 def test_diagnostics_report_counts_latency_and_map_size(harness: NodeHarness) -> None:

@@ -381,7 +381,7 @@ def _odometry(args: argparse.Namespace) -> dict[str, Any]:
 
 def _refuse_unused(args: argparse.Namespace, source: str, names: list[str]) -> None:
     """ConfigError naming the given options (not None) that ``source`` does not use."""
-    given = ['--' + name.replace('_', '-') for name in names if getattr(args, name) is not None]
+    given = ['--' + name.replace('_', '-') for name in _given(args, names)]
     if given:
         raise ConfigError(f'{", ".join(given)} not used with {source}: drop it')
 
@@ -682,7 +682,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             calibration=unfitted,
         )
     elif args.bag is not None:
-        from vlm_vpr.core.bag_eval import evaluate_bag, pool_bag_reports
+        from vlm_vpr.core.bag_eval import evaluate_bags
 
         _refuse_unused(
             args,
@@ -693,22 +693,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise ConfigError('--bag needs --image-topic and --truth-topic')
         if len({bag.resolve() for bag in args.bag}) < len(args.bag):
             raise ConfigError('--bag names one bag twice: its frames would count twice')
-        report = pool_bag_reports(
-            [
-                evaluate_bag(
-                    args.map,
-                    bag,
-                    args.image_topic,
-                    args.truth_topic,
-                    query_config,
-                    progress=progress,
-                    calibration=unfitted,
-                    **_given(args, ['base_frame']),
-                    **_odometry(args),
-                    **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
-                )
-                for bag in args.bag
-            ]
+        report = evaluate_bags(
+            args.map,
+            args.bag,
+            args.image_topic,
+            args.truth_topic,
+            query_config,
+            progress=progress,
+            calibration=unfitted,
+            **_given(args, ['base_frame']),
+            **_odometry(args),
+            **({} if args.tolerance is None else {'tolerance_m': args.tolerance}),
         )
     else:
         _refuse_unused(args, '--images', ['protocol', *bag_only])

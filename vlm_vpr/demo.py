@@ -92,9 +92,9 @@ def confidence_step(
     shutil.rmtree(calibrated_map, ignore_errors=True)  # a fresh copy of this run's map:
     shutil.copytree(map_dir, calibrated_map)  # the same build, with a calibration of its own
     config = LocalizerConfig(sequence=SequenceConfig(length=CONFIDENCE_SEQUENCE))
-    reports = []
-    for split in ('fit', 'test'):
-        report = evaluate(
+
+    def run(split: str, calibration: Calibration | None) -> dict[str, Any]:
+        return evaluate(
             dataset,
             CONFIDENCE_PROTOCOL,
             MapBuildConfig(),
@@ -103,17 +103,18 @@ def confidence_step(
             progress=False,
             holdout=CONFIDENCE_HOLDOUT,
             split=split,
-            calibration=Calibration() if split == 'fit' else None,  # fit: refitted below
+            calibration=calibration,
         )
-        if split == 'fit':
-            report = calibrate(report, calibrated_map, config)
+
+    fit = calibrate(run('fit', Calibration()), calibrated_map, config)  # refits the defaults
+    test = run('test', None)  # the map's calibration, just stored
+    for split, report in (('fit', fit), ('test', test)):
         write_report(
             report,
             out / f'{CONFIDENCE_PROTOCOL}_{split}_open_set.json',
             reliability_plot_path=out / f'{CONFIDENCE_PROTOCOL}_{split}_reliability.png',
         )
-        reports.append(report)
-    return reports
+    return [fit, test]
 
 
 def format_confidence_table(reports: list[dict[str, Any]]) -> str:

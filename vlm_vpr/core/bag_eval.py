@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_bag(
+    map_dir: str | Path, bag_path: str | Path, *args: Any, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`evaluate_bags` on one bag."""
+    return evaluate_bags(map_dir, [bag_path], *args, **kwargs)
+
+
+def evaluate_bags(
     map_dir: str | Path,
-    bag_path: str | Path,
+    bag_paths: list[str | Path],
     image_topic: str,
     truth_topic: str,
     config: LocalizerConfig | None = None,
@@ -60,6 +67,10 @@ def evaluate_bag(
     each publication) runs on the frames at that threshold.
     ``calibration``: the confidence model; None: the map's, as the node uses (``vlm-vpr
     calibrate`` passes the defaults: it refits the confidence on the rows).
+    Several bags (``vlm-vpr calibrate --bag A --bag B``) share one Localizer (the map, the
+    extractor and the re-rankers are loaded once); each runs on its own (the sequence and the
+    gate start afresh in each, as after a node restart) and the report pools their frames:
+    ``bags`` lists them and each row names its ``bag``.
     Returns the report (see README): ``num_frames``, ``num_in_map``, ``recall``,
     ``position_error_m``, ``yaw_error_deg``, ``success_rate``, ``at_threshold``, ``open_set``,
     ``initial_pose`` and ``initial_pose_gate``, ``timing_ms`` and ``per_query`` (one row per
@@ -69,6 +80,8 @@ def evaluate_bag(
         raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
     if max_frames is not None and max_frames < 1:
         raise BagError(f'--max-frames must be >= 1, got {max_frames}')
+    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+        raise BagError(f'--confidence-threshold must be in [0, 1], got {confidence_threshold}')
     localizer = Localizer(read_map(map_dir), config, calibration)
     config = localizer.config
     threshold = (
@@ -76,11 +89,62 @@ def evaluate_bag(
         if confidence_threshold is None
         else confidence_threshold
     )
-    if not 0 <= threshold <= 1:
-        raise BagError(f'--confidence-threshold must be in [0, 1], got {threshold}')
+    initial_pose = initial_pose or InitialPoseConfig()
+    reports = []
+    for bag_path in bag_paths:
+        per_query, featureless = _run_bag(
+            localizer,
+            bag_path,
+            image_topic,
+            truth_topic,
+            tolerance_m=tolerance_m,
+            threshold=threshold,
+            base_frame=base_frame,
+            max_frames=max_frames,
+            initial_pose=initial_pose,
+            odom_topic=odom_topic,
+            odom_frame=odom_frame,
+            progress=progress,
+        )
+        source = {
+            'map': str(map_dir),
+            'bag': str(bag_path),
+            'image_topic': image_topic,
+            'truth_topic': truth_topic,
+            'odom_topic': odom_topic,
+            'frames_without_features': featureless,
+            'rerank_chain': list(config.rerank.chain),
+            'sequence_length': config.sequence.length,
+            'initial_pose_gate': {
+                'consecutive_frames': initial_pose.consecutive_frames,
+                'max_distance_m': initial_pose.max_distance_m,
+                'max_yaw_deg': initial_pose.max_yaw_deg,
+            },
+        }
+        reports.append(summarize_bag(per_query, tolerance_m, threshold, source))
+    return _pool_bag_reports(reports)
+
+
+def _run_bag(
+    localizer: Localizer,
+    bag_path: str | Path,
+    image_topic: str,
+    truth_topic: str,
+    *,
+    tolerance_m: float,
+    threshold: float,
+    base_frame: str,
+    max_frames: int | None,
+    initial_pose: InitialPoseConfig,
+    odom_topic: str | None,
+    odom_frame: str,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], int]:
+    """(the rows of one bag's frames, the number of frames skipped without features)."""
+    config = localizer.config
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
     map_xy = localizer.map.positions_xyz[:, :2]
-    gate, initial_pose = InitialPoseGate(), initial_pose or InitialPoseConfig()
+    gate = InitialPoseGate()
     odom_at = read_pose_track(bag_path, odom_topic, odom_frame, base_frame) if odom_topic else None
     frames = read_posed_images(
         bag_path,
@@ -117,33 +181,12 @@ def evaluate_bag(
             per_query.append(dict(row, odometry_step_m=step))
     finally:
         frames.close()  # stop reading the bag (max_frames reached, or an error)
-    return summarize_bag(
-        per_query,
-        tolerance_m,
-        threshold,
-        {
-            'map': str(map_dir),
-            'bag': str(bag_path),
-            'image_topic': image_topic,
-            'truth_topic': truth_topic,
-            'odom_topic': odom_topic,
-            'frames_without_features': featureless,
-            'rerank_chain': list(config.rerank.chain),
-            'sequence_length': config.sequence.length,
-            'initial_pose_gate': {
-                'consecutive_frames': initial_pose.consecutive_frames,
-                'max_distance_m': initial_pose.max_distance_m,
-                'max_yaw_deg': initial_pose.max_yaw_deg,
-            },
-        },
-    )
+    return per_query, featureless
 
 
-def pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report over the frames of several :func:`evaluate_bag` runs on the same map and
-    settings, each bag run on its own (the sequence starts afresh in each): ``vlm-vpr calibrate
-    --bag A --bag B`` fits on them together. ``bags`` lists the bags; each row names its ``bag``.
-    """
+def _pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report over the frames of the per-bag reports of :func:`evaluate_bags` (the same
+    map and settings): ``bags`` lists the bags; each row names its ``bag``."""
     if len(reports) == 1:
         return reports[0]
     first = reports[0]

@@ -39,6 +39,7 @@ IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
 ODOMETRY = 'nav_msgs/msg/Odometry'
 POSE_STAMPED = 'geometry_msgs/msg/PoseStamped'
+MAX_POSE_GAP_S = 1.0  # poses further apart than this are a gap: no pose between them
 POSE_WITH_COVARIANCE_STAMPED = 'geometry_msgs/msg/PoseWithCovarianceStamped'
 TF_MESSAGE = 'tf2_msgs/msg/TFMessage'
 IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
@@ -107,7 +108,7 @@ def read_posed_images(
     base_frame: str = 'base_link',
     min_distance_m: float = 1.0,
     min_rotation_rad: float = math.radians(15),
-    max_pose_gap_s: float = 1.0,
+    max_pose_gap_s: float = MAX_POSE_GAP_S,
     progress: bool = True,
 ) -> Iterator[PosedImage]:
     """Keyframe images of ``image_topic`` with their poses from ``pose_topic``.
@@ -132,6 +133,8 @@ def read_posed_images(
     with _open_bag(bag_path) as reader:
         _topic_type(reader, image_topic, IMAGE_TYPES)
         chain = _read_chain(reader, pose_topic, map_frame, base_frame)
+        if not sum(c.msgcount for c in reader.connections if c.topic == image_topic):
+            raise BagError(f'topic {image_topic} has no messages in the bag; choose another topic')
     max_gap_ns = int(max_pose_gap_s * 1e9)
     return _iter_keyframes(
         bag_path,
@@ -157,7 +160,7 @@ def read_pose_track(
     such poses."""
     with _open_bag(bag_path) as reader:
         chain = _read_chain(reader, pose_topic, parent_frame, base_frame)
-    max_gap_ns = 1_000_000_000
+    max_gap_ns = int(MAX_POSE_GAP_S * 1e9)
 
     def pose_at(stamp_ns: int) -> Pose | None:
         try:
@@ -507,8 +510,6 @@ def _iter_keyframes(
     log.info(
         '%s: kept %d of %d images; skipped: %s', image_topic, kept, total, dict(skipped) or 'none'
     )
-    if total == 0:
-        raise BagError(f'topic {image_topic} has no messages in the bag; choose another topic')
     if kept == 0:
         undecodable = bool(skipped) and skipped.most_common(1)[0][0] == 'undecodable'
         advice = (

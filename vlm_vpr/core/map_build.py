@@ -62,7 +62,6 @@ def build_map_from_bag(
     base_frame: str = 'base_link',
     min_distance_m: float = 1.0,
     min_rotation_deg: float = 15.0,
-    max_pose_gap_s: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -88,7 +87,6 @@ def build_map_from_bag(
         base_frame=base_frame,
         min_distance_m=min_distance_m,
         min_rotation_rad=math.radians(min_rotation_deg),
-        max_pose_gap_s=max_pose_gap_s,
         progress=progress,
     )
     with tempfile.TemporaryDirectory(prefix='vlm_vpr_bag_') as tmp:

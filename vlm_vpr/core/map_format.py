@@ -97,7 +97,9 @@ class VprMap:
         return image
 
     def extra_path(self, name: str) -> Path | None:
-        """Path of a stored extra (``extras/<name>.json`` or ``.npy``), None if absent."""
+        """Path of a stored extra, the file the manifest names (``extras/<name>.<digest>.json``
+        or ``.npy``; maps from before the digest layout: ``extras/<name>.json``), None if
+        absent."""
         rel = self.manifest.get('extras', {}).get(name)
         return self.path / rel if rel else None
 
@@ -181,43 +183,9 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
 def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     """Read and check a map folder; every failure raises MapError naming the fix."""
     path = Path(map_dir)
-    manifest_path = path / 'manifest.json'
-    if not path.is_dir():
-        raise MapError(f'map folder {path} does not exist; build one with `vlm-vpr map build`')
-    if not manifest_path.is_file():
-        raise MapError(
-            f'{path} has no manifest.json: not a vlm_vpr map (or an interrupted '
-            'build); rebuild it with `vlm-vpr map build`'
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MapError(f'{manifest_path} is not valid JSON ({exc}); rebuild the map') from exc
-    if not isinstance(manifest, dict) or manifest.get('format') != MAP_FORMAT:
-        raise MapError(f'{manifest_path} is not a {MAP_FORMAT} manifest; rebuild the map')
-    version = manifest.get('format_version')
-    if version != MAP_FORMAT_VERSION:
-        raise MapError(
-            f'map format version {version!r} is not supported (this vlm_vpr reads '
-            f'version {MAP_FORMAT_VERSION}); rebuild the map with this version'
-        )
-    try:  # every field read below (and by VprMap) is checked here: a bad one is a MapError
-        if not isinstance(manifest['build_config'], dict):
-            raise TypeError(f'build_config is {type(manifest["build_config"]).__name__}')
-        build_config = from_flat_dict(MapBuildConfig, manifest['build_config'])
-        n, dim = _int_field(manifest, 'num_images'), _int_field(manifest, 'descriptor_dim')
-        codebook_shape = (_int_field(manifest, 'num_clusters'), _int_field(manifest, 'local_dim'))
-        if 'frame_id' not in manifest:  # VprMap.frame_id reads it
-            raise KeyError('frame_id')
-        extras = manifest.get('extras', {})
-        if not isinstance(extras, dict) or not all(isinstance(v, str) for v in extras.values()):
-            raise TypeError(f'extras is {extras!r}, not a mapping of names to files')
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise MapError(
-            f'{manifest_path} is incomplete or invalid ({type(exc).__name__}: {exc}); '
-            'rebuild the map'
-        ) from exc
-
+    manifest, build_config = _read_manifest(path)
+    n, dim = _int_field(manifest, 'num_images'), _int_field(manifest, 'descriptor_dim')
+    codebook_shape = (_int_field(manifest, 'num_clusters'), _int_field(manifest, 'local_dim'))
     codebook = _load_array(path, 'codebook.npy', codebook_shape)
     descriptors = _load_array(path, 'descriptors.npy', (n, dim))
     pca_mean = pca_components = None
@@ -250,6 +218,48 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     if load_index:
         vpr_map.index = _load_index(vpr_map)
     return vpr_map
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], MapBuildConfig]:
+    """The checked manifest of the map folder ``path`` and its build config (MapError naming
+    the fix); every field read from it later (by read_map and VprMap) is checked here."""
+    manifest_path = path / 'manifest.json'
+    if not path.is_dir():
+        raise MapError(f'map folder {path} does not exist; build one with `vlm-vpr map build`')
+    if not manifest_path.is_file():
+        raise MapError(
+            f'{path} has no manifest.json: not a vlm_vpr map (or an interrupted '
+            'build); rebuild it with `vlm-vpr map build`'
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MapError(f'{manifest_path} is not valid JSON ({exc}); rebuild the map') from exc
+    if not isinstance(manifest, dict) or manifest.get('format') != MAP_FORMAT:
+        raise MapError(f'{manifest_path} is not a {MAP_FORMAT} manifest; rebuild the map')
+    version = manifest.get('format_version')
+    if version != MAP_FORMAT_VERSION:
+        raise MapError(
+            f'map format version {version!r} is not supported (this vlm_vpr reads '
+            f'version {MAP_FORMAT_VERSION}); rebuild the map with this version'
+        )
+    try:  # every field read later (by read_map and VprMap) is checked here: a MapError
+        if not isinstance(manifest['build_config'], dict):
+            raise TypeError(f'build_config is {type(manifest["build_config"]).__name__}')
+        build_config = from_flat_dict(MapBuildConfig, manifest['build_config'])
+        for key in ('num_images', 'descriptor_dim', 'num_clusters', 'local_dim'):
+            _int_field(manifest, key)
+        if 'frame_id' not in manifest:  # VprMap.frame_id reads it
+            raise KeyError('frame_id')
+        extras = manifest.get('extras', {})
+        if not isinstance(extras, dict) or not all(isinstance(v, str) for v in extras.values()):
+            raise TypeError(f'extras is {extras!r}, not a mapping of names to files')
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise MapError(
+            f'{manifest_path} is incomplete or invalid ({type(exc).__name__}: {exc}); '
+            'rebuild the map'
+        ) from exc
+    return manifest, build_config
 
 
 def _int_field(manifest: dict[str, Any], key: str) -> int:
@@ -293,7 +303,7 @@ def write_extras(map_dir: str | Path, values: dict[str, Any]) -> dict[str, Path]
     is untouched.
     """
     path = Path(map_dir)
-    manifest = read_map(path, load_index=False).manifest
+    manifest = _read_manifest(path)[0]  # not the arrays: map describe saves every 20 images
     extras = manifest.setdefault('extras', {})
     (path / 'extras').mkdir(exist_ok=True)
     written = {}

@@ -5,8 +5,9 @@ has a route coordinate: the distance travelled along the map poses up to it. A h
 "the current frame is at map image j, moving v map spacings per frame" puts frame t-l at route
 coordinate route[j] - v * offset[l], where offset[l] is the distance travelled since frame t-l
 (from odometry when known, else one map spacing per frame). Its score is the mean over the
-frames of their z-scored similarity to the map image nearest that point; a point with no map
-image within ``max_gap_spacings`` (a gap, or a held-out stretch) contributes 0. Before
+frames of their z-scored similarity to the best map image at the route coordinate nearest that
+point (the current frame: map image j itself; several images can share a coordinate); a point
+with no map image within ``max_gap_spacings`` (a gap, or a held-out stretch) contributes 0. Before
 z-scoring, each frame's similarities lose ``column_centring`` times the running mean similarity
 of each map image to the past frames (shrunk towards 0 over the first frames): map images that
 resemble every query under the current conditions (night, say) stop winning. Each map image
@@ -113,7 +114,6 @@ class SequenceMatcher:
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
         self.whole_map_ends = self._route_ends(None)
-        self.ends_forward, self.ends_backward = self.whole_map_ends
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
         # moved since the frame before it)
@@ -169,9 +169,6 @@ class SequenceMatcher:
             submap = None  # the whole map, as the Localizer searched (its result says so)
         if submap is not None:
             centred = np.where(np.isin(np.arange(len(scores)), submap), centred, np.nan)
-        self.ends_forward, self.ends_backward = (
-            self.whole_map_ends if submap is None else self._route_ends(submap)
-        )
         z = (centred - np.nanmean(centred)) / max(float(np.nanstd(centred)), 1e-6)
         own = int(np.nanargmax(z))
         self.frames.appendleft(_Frame(z.astype(np.float32), own, travelled))
@@ -210,7 +207,8 @@ class SequenceMatcher:
         evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
         step = steps[0] if steps else self.spacing  # moved since the frame before
         evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
-        room = self._room(int(order[0]), velocity)
+        ends = self.whole_map_ends if submap is None else self._route_ends(submap)
+        room = self._room(int(order[0]), velocity, ends)
         evidence['room_ahead'] = float(min(room, self.radius) / self.radius)
         evidence['edge_overrun'] = self._edge_overrun(room, step)
         self.winners.appendleft((float(self.route[order[0]]), step))
@@ -228,16 +226,15 @@ class SequenceMatcher:
             evidence=evidence,
         )
 
-    def _room(self, best: int, velocity: float) -> float:
+    def _room(self, best: int, velocity: float, ends: tuple[np.ndarray, np.ndarray]) -> float:
         """Mapped route left ahead of the winner in the direction of travel, to the route's
         end or the next gap (route units). ``room_ahead`` is it over the consistency radius,
         capped at 1: near 0 the camera may already have driven past the map's edge while the
-        winner stays at it."""
-        here = self.route[best]
+        winner stays at it. ``ends``: where the searchable route ends (:meth:`_route_ends`)."""
+        here, (forward, backward) = self.route[best], ends
         if velocity > 0:
-            return float(self.ends_forward[np.searchsorted(self.ends_forward, here)] - here)
-        behind = np.searchsorted(self.ends_backward, here, side='right') - 1
-        return float(here - self.ends_backward[behind])
+            return float(forward[np.searchsorted(forward, here)] - here)
+        return float(here - backward[np.searchsorted(backward, here, side='right') - 1])
 
     def _edge_overrun(self, room: float, step: float) -> float:
         """How far the camera has moved since the sequence winner reached the map's edge (the

@@ -40,6 +40,13 @@ class Pose:
     yaw_known: bool = True
 
     @property
+    def is_finite(self) -> bool:
+        """No NaN or infinite value (a broken driver or TF publisher can send them)."""
+        return all(
+            math.isfinite(v) for v in (self.x, self.y, self.z, self.qx, self.qy, self.qz, self.qw)
+        )
+
+    @property
     def yaw_rad(self) -> float:
         return math.atan2(
             2.0 * (self.qw * self.qz + self.qx * self.qy),

@@ -191,11 +191,10 @@ def base_pose_from_camera(
 def check_output(pose: Pose, covariance: np.ndarray) -> None:
     """FrameSkipped('invalid_output') unless the pose is finite and the covariance [6 x 6] is
     finite, symmetric and positive on the diagonal (what AMCL and robot_localization need)."""
-    values = [pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw]
-    norm = math.sqrt(sum(q * q for q in values[3:]))
+    norm = math.sqrt(pose.qx**2 + pose.qy**2 + pose.qz**2 + pose.qw**2)
     cov = np.asarray(covariance, dtype=np.float64)
     ok = (
-        all(math.isfinite(v) for v in values)
+        pose.is_finite
         and abs(norm - 1.0) < 1e-3
         and cov.shape == (6, 6)
         and bool(np.isfinite(cov).all())
@@ -206,7 +205,7 @@ def check_output(pose: Pose, covariance: np.ndarray) -> None:
         diagonal = np.diag(cov).tolist() if cov.ndim == 2 else cov
         raise FrameSkipped(
             'invalid_output',
-            f'refusing to publish pose {values} with covariance diagonal {diagonal}',
+            f'refusing to publish pose {pose} with covariance diagonal {diagonal}',
         )
 
 

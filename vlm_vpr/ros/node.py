@@ -3,7 +3,7 @@
 Inputs: ``image_topics`` (Image, or CompressedImage for names ending in ``/compressed``) with
 sensor-data QoS; with ``use_camera_info`` each camera's sibling ``camera_info`` (CameraInfo,
 sensor-data QoS: frames are rectified with the latest one); optionally ``odom_topic``
-(nav_msgs/Odometry). Outputs (relative names):
+(nav_msgs/Odometry), or the motion from TF ``odom_frame -> base_frame``. Outputs (relative names):
 ``pose`` (PoseWithCovarianceStamped, stamped with the image's stamp), ``confidence``
 (Float32), ``candidates`` (PoseArray), ``candidate_markers`` (MarkerArray), ``debug_image``
 (when enabled), ``/initialpose`` (when enabled, gated) and ``/diagnostics``. Services:
@@ -11,7 +11,8 @@ sensor-data QoS: frames are rectified with the latest one); optionally ``odom_to
 
 Threads: subscription callbacks only store the newest frame per camera (a replaced frame is
 counted as dropped); one worker thread localises at most ``max_rate_hz`` frames per second and
-publishes. ``relocalize`` blocks its own (reentrant) callback group until the worker answers,
+publishes. ``relocalize`` waits until the worker answers, in a mutually exclusive callback
+group of its own (calls take turns, so callers retrying cannot hold every executor thread),
 so the node is spun by a MultiThreadedExecutor (``main`` does).
 """
 
@@ -527,8 +528,8 @@ class VprNode(LifecycleNode):
                 result.pose, result.covariance, prepared.base_in_camera
             )
             check_output(pose, covariance)
-        except VprError as exc:  # FrameSkipped carries its own reason
-            self._skip(getattr(exc, 'reason', 'localize_error'), prepared.frame, str(exc))
+        except VprError as exc:
+            self._skip_error(exc, prepared.frame)
             return
         self._previous_stamp_ns = self._camera_stamp_ns[topic] = t_ns
         self._publish(
@@ -550,8 +551,8 @@ class VprNode(LifecycleNode):
         try:
             return list(zip(ready, self._localizer.localize_batch([p.image for p in ready])))
         except VprError as exc:
-            if len(ready) == 1:  # NoFeaturesError carries its own reason
-                self._skip(getattr(exc, 'reason', 'localize_error'), ready[0].frame, str(exc))
+            if len(ready) == 1:
+                self._skip_error(exc, ready[0].frame)
                 return []
         pairs = []
         for prepared in ready:
@@ -569,11 +570,8 @@ class VprNode(LifecycleNode):
             if frame.topic in self._info_topics:
                 image = self._rectify(image, frame)
             base_in_camera = self._offsets.base_in_camera(cfg.camera_frame or header.frame_id)
-        except FrameSkipped as exc:
-            self._skip(exc.reason, frame, str(exc))
-            return None
-        except TransformUnavailable as exc:
-            self._skip('no_transform', frame, str(exc))
+        except (FrameSkipped, TransformUnavailable) as exc:
+            self._skip_error(exc, frame)
             return None
         return _Prepared(frame, header, image, base_in_camera)
 
@@ -714,6 +712,11 @@ class VprNode(LifecycleNode):
                 'until rearm_initial_pose or relocalize is called'
             )
         self._status = (DiagnosticStatus.OK, 'localising')
+
+    def _skip_error(self, exc: VprError, frame: _Frame) -> None:
+        """Skip ``frame`` for ``exc``, counted under the error's ``reason`` (FrameSkipped,
+        TransformUnavailable, NoFeaturesError carry one), else as ``localize_error``."""
+        self._skip(getattr(exc, 'reason', 'localize_error'), frame, str(exc))
 
     def _skip(self, reason: str, frame: _Frame, message: str) -> None:
         with self._lock:

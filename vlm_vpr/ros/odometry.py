@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import math
 import threading
 from collections import deque
 
@@ -25,8 +24,7 @@ class OdometryTrack:
     def add(self, stamp_ns: int, pose: Pose) -> bool:
         """Store one sample; False (not stored) for one with NaN or infinite values, so that
         the motion across it is unknown, as for a TF transform with them."""
-        values = (pose.x, pose.y, pose.z, pose.qx, pose.qy, pose.qz, pose.qw)
-        if not all(math.isfinite(v) for v in values):
+        if not pose.is_finite:
             return False
         with self._lock:
             if self._stamps and stamp_ns < self._stamps[-1]:  # time went back (bag loop)

@@ -30,7 +30,10 @@ Lookup = Callable[[str, str, int | None], Transform]
 
 
 class TransformUnavailable(VprError):
-    """TF has no transform between the two frames (yet, or at that time)."""
+    """TF has no transform between the two frames (yet, or at that time). ``reason``: the
+    node's /diagnostics counter."""
+
+    reason = 'no_transform'
 
 
 class OffsetSource(Protocol):
@@ -86,7 +89,7 @@ def finite_lookup(lookup: Lookup, target: str, source: str, stamp_ns: int | None
     """``lookup(target, source, stamp_ns)``; a transform with NaN or infinite values is
     TransformUnavailable too (a broken publisher), so it never reaches a pose."""
     transform = lookup(target, source, stamp_ns)
-    if not all(math.isfinite(v) for v in transform):
+    if not Pose(*transform).is_finite:
         raise TransformUnavailable(f'TF from {target!r} to {source!r} is not finite: {transform}')
     return transform
 

@@ -3,10 +3,12 @@ restricted to them, and candidates are ordered by region.
 
 Regions are k-means clusters of the map positions with a short label each, stored in the map by
 `vlm-vpr map regions` (labels from the map descriptions or given by the user). Before the
-search, :meth:`RegionReranker.select_submap` asks the VLM (only when the whole-map top-1/top-2
-margin is small, unless ``rerank.vlm_always``) and returns the map ids of the picked regions;
-an unsure answer or a failure means the whole map. ``rerank`` then puts candidates of the first
-pick first, then the next pick's, then the others by distance to the nearest picked region.
+search, :meth:`RegionReranker.select_submap` asks the VLM (only when the top-1/top-2 margin
+within the searchable map ids is small, unless ``rerank.vlm_always``) and returns the picked
+regions' map ids among them; an unsure answer, a failure or picks wholly outside them leave the
+search as it was (the caller's submap, else the whole map). ``rerank`` then puts candidates of
+the first pick first, then the next pick's, then the others by distance to the nearest picked
+region.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class RegionReranker(VlmReranker):
                 if picks is None:
                     self.stats['unsure'] += 1
                     query.notes.append(
-                        'region: the VLM is not sure of the region; the whole map is used'
+                        'region: the VLM is not sure of the region; the search is not narrowed'
                     )
         else:
             self.stats['skipped'] += 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_vpr.backends import model_location
 from vlm_vpr.backends.vlm import (
     VlmTimeoutError,
     VlmUnavailableError,
@@ -42,7 +43,7 @@ class TransformersVlm:
         self.model_name = config.model
         kwargs: dict[str, Any] = {'dtype': getattr(torch, config.dtype)}
         kwargs.update(_quantization_kwargs(config))
-        source = str(Path(config.model).expanduser())  # a hub id passes unchanged
+        source = model_location(config.model)
         try:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)

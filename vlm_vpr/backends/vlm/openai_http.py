@@ -326,7 +326,7 @@ def _without_key(data: bytes, api_key: str) -> bytes:
     return data.replace(api_key.encode(), b'<api key>') if api_key else data
 
 
-def _http_hint(code: int, json_mode: bool, location: str | None = None) -> str:
+def _http_hint(code: int, json_mode: bool, location: str | None) -> str:
     if 300 <= code < 400:
         return (
             f'; the server redirects to {location or "another address"}: set vlm.base_url '
