@@ -631,3 +631,21 @@ def test_odometry_of_another_frame_than_base_frame_is_used_with_a_warning(
             assert [f.pose.x for f in frames] == pytest.approx([0.0, 1.0])
         message = "are of frame 'base_link', not base_frame 'camera': used as they are"
         assert (message in caplog.text) == warned, base_frame
+
+
+@pytest.mark.parametrize('msgtype', [bags.POSE_STAMPED, bags.POSE_WITH_COVARIANCE_STAMPED])
+def test_a_base_frame_given_for_poses_that_name_no_child_frame_is_warned_of(
+    tmp_path, images, caplog, msgtype
+):
+    write_pose_bag(
+        tmp_path / 'bag', images[:2], [0.0, 1.0], [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0)], msgtype
+    )
+    for base_frame, warned in ((bags.BASE_FRAME, False), ('camera', True)):
+        caplog.clear()
+        with caplog.at_level('WARNING', logger='vlm_vpr.core.bags'):
+            frames = read_posed_images(
+                tmp_path / 'bag', IMAGE_TOPIC, '/pose', base_frame=base_frame, min_distance_m=0
+            )
+        assert [f.pose.x for f in frames] == pytest.approx([0.0, 1.0])
+        message = "name no child frame: base_frame 'camera' has no effect"
+        assert (message in caplog.text) == warned, base_frame

@@ -124,6 +124,33 @@ def test_a_bad_frame_is_logged_counted_and_skipped_and_the_next_good_frame_local
     assert diagnostics is not None
 
 
+def test_a_camera_whose_frames_are_skipped_warns_while_another_camera_localises(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
+    """The status names the failing camera even though the other one's frames came later."""
+    bad = T0_NS + 8000 * 1_000_000_000
+    harness.pubs['compressed'].publish(truncated_jpeg(good))
+    assert wait_until(lambda: harness.node.status[0] == b'\x01', 30.0)
+    assert localise_good_frame(harness, good, bad) is not None  # on the other camera
+    level, message = harness.node.status
+    assert level == b'\x01'  # WARN, not OK 'localising'
+    assert message == f'{COMPRESSED_TOPIC}: last frame skipped (corrupt)'
+    harness.node.publish_diagnostics()
+    key = f'camera {COMPRESSED_TOPIC}'
+    msg = harness.wait_for(
+        '/diagnostics',
+        lambda m: any(kv.key == key and 'corrupt' in kv.value for kv in m.status[0].values),
+        5.0,
+    )
+    assert msg is not None
+    values = {kv.key: kv.value for kv in msg.status[0].values}
+    assert values['camera image'] == 'localising'
+    time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['compressed'].publish(camera_msg(good, bad + 1, compressed=True))
+    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == bad + 1, 30.0)
+    assert harness.node.status == (b'\x00', 'localising')
+
+
 def test_a_100_hz_flood_drops_stale_frames_keeps_the_rate_and_localises_the_newest(
     harness: NodeHarness, good: np.ndarray
 ) -> None:
@@ -417,6 +444,89 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
     assert math.hypot(*(queries.xy[30] - queries.xy[14])) > 40.0  # the frames really differ
     asked = {(target, source) for target, source, _ in tf.calls}
     assert asked == ({('odom', 'base_link')} if motion == 'odom_frame' else set())
+
+
+def test_a_frame_skipped_after_its_sequence_vote_still_ends_the_step_it_moved(
+    campus_map: Path, queries: Traversal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames at places 10, 11, 12; the second is voted, then refused (invalid_output). The
+    third's vote gets the motion since the second (which the sequence holds), not since the
+    first."""
+    from vlm_vpr.ros import node as node_module
+
+    stamps = [T0_NS + n * 1_000_000_000 for n in range(3)]
+    places = [10, 11, 12]
+    tf = TfLookupDouble()
+    tf.transforms[('odom', 'base_link')] = {
+        stamp: (p.x, p.y, p.z, p.qx, p.qy, p.qz, p.qw)
+        for stamp, p in ((s, queries.pose(i)) for s, i in zip(stamps, places))
+    }
+    check = node_module.check_output
+
+    def refuse_second(pose: Any, covariance: Any) -> None:
+        check(pose, covariance)
+        if len(steps) == 2:
+            check(pose, covariance * math.nan)  # raises FrameSkipped('invalid_output')
+
+    monkeypatch.setattr(node_module, 'check_output', refuse_second)
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'odom_frame': 'odom',
+        'max_rate_hz': 50.0,
+        'sequence.length': 3,
+    }
+    with NodeHarness(parameters, tf_lookup=tf, namespace='skipped_vote_test') as harness:
+        pub = harness.publisher(Image, 'image')
+        matcher, steps = harness.node._matchers['image'], []
+        vote = matcher.update
+        matcher.update = lambda result, travelled, *a: (
+            steps.append(travelled) or vote(result, travelled, *a)
+        )
+        for stamp, place in zip(stamps, places):
+            skipped = harness.node.counts().get('skipped_invalid_output', 0)
+            pub.publish(camera_msg(read_image(queries.image_paths[place]), stamp))
+            assert wait_until(
+                lambda s=stamp, k=skipped: (
+                    any(stamp_ns(m.header) == s for m in harness.messages('pose'))
+                    or harness.node.counts().get('skipped_invalid_output', 0) > k
+                ),
+                30.0,
+            )
+        assert harness.node.counts().get('skipped_invalid_output', 0) == 1
+    assert steps[0] is None and steps[1:] == pytest.approx(
+        [math.hypot(*(queries.xy[b] - queries.xy[a])) for a, b in zip(places, places[1:])]
+    )
+
+
+def test_an_exception_in_a_transition_is_logged_and_named_in_the_status(
+    harness: NodeHarness, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """rclpy turns an exception in a transition callback into ERROR without a log line."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node = harness.node
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError('no more subscriptions')
+
+    monkeypatch.setattr(node, 'create_subscription', broken)
+    try:
+        assert node.trigger_activate() != TransitionCallbackReturn.SUCCESS
+        err = capfd.readouterr().err
+        assert 'on_activate failed' in err and 'RuntimeError: no more subscriptions' in err
+        level, message = node.status
+        assert level == b'\x02'  # ERROR
+        assert message == (
+            'recovered from on_activate raised RuntimeError: no more subscriptions: unconfigured'
+        )
+    finally:
+        monkeypatch.undo()
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert wait_until(lambda: harness.pubs['image'].get_subscription_count() > 0, 10.0)
+    assert node.status[0] == b'\x00'
 
 
 def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_again(

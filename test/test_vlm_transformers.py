@@ -8,16 +8,18 @@ import shutil
 import time
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 from vlm_doubles import colour_image, make_candidates, make_map, make_query
 
 from vlm_vpr.backends.rerank import create_rerankers
+from vlm_vpr.backends.rerank.pairwise import PairwiseReranker
 from vlm_vpr.backends.vlm import VlmTimeoutError, VlmUnavailableError, create_vlm_client
 from vlm_vpr.backends.vlm.hf_transformers import TransformersVlm
 from vlm_vpr.backends.vlm.tasks import describe_image, describe_prompt
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig, VlmConfig
-from vlm_vpr.core.errors import ConfigError, VlmOutputError
+from vlm_vpr.core.errors import ConfigError, VlmError, VlmOutputError
 
 torch = pytest.importorskip('torch')
 
@@ -247,6 +249,35 @@ def test_transformers_client_does_not_generate_when_preprocessing_spent_the_budg
     monkeypatch.setattr(client.model, 'generate', generate)
     with pytest.raises(VlmTimeoutError, match='preparing the images took the whole 0.2 s'):
         client.ask_json('describe', [colour_image(0)], 0.2)
+
+
+@pytest.mark.parametrize(
+    'error',
+    [
+        jinja2.TemplateError('unknown tag "vision_start"'),  # a chat template the processor
+        IndexError('image token count does not match the images'),  # a processor's own error
+    ],
+)
+def test_transformers_client_turns_any_failure_of_the_model_code_into_a_vlm_error(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: Exception
+) -> None:
+    client = create_vlm_client(config_for(tiny_llava))
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise error
+
+    monkeypatch.setattr(client.processor, 'apply_chat_template', broken)
+    with pytest.raises(VlmError, match=f'failed to run \\({type(error).__name__}: '):
+        client.ask_json('describe', [colour_image(0)], 30.0)
+    vpr_map = make_map(tmp_path, [(0, 0), (5, 0), (10, 0)])
+    config = LocalizerConfig(rerank=RerankConfig(chain=('pairwise',)), vlm=client.config)
+    reranker = PairwiseReranker(config, vpr_map, client)
+    query = make_query(9)
+    ranked = reranker.rerank(
+        query, make_candidates(vpr_map, [2, 0, 1], [0.5, 0.49, 0.48]), vpr_map
+    )
+    assert [c.map_index for c in ranked] == [2, 0, 1]  # the coarse order, with a note
+    assert query.notes[0].startswith(f'pairwise: VlmError: VLM {str(tiny_llava)!r} failed')
 
 
 def test_transformers_client_names_max_new_tokens_when_the_answer_is_cut(

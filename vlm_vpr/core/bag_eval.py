@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_vpr.core.bags import PosedImage, read_pose_track, read_posed_images
+from vlm_vpr.core.bags import BASE_FRAME, PosedImage, read_pose_track, read_posed_images
 from vlm_vpr.core.calibration import fraction, open_set_report
 from vlm_vpr.core.confidence import Calibration
 from vlm_vpr.core.config import LocalizerConfig
@@ -43,7 +43,7 @@ def evaluate_bags(
     *,
     tolerance_m: float = 5.0,
     confidence_threshold: float | None = None,
-    base_frame: str = 'base_link',
+    base_frame: str = BASE_FRAME,
     max_frames: int | None = None,
     initial_pose: InitialPoseConfig | None = None,
     calibration: Calibration | None = None,

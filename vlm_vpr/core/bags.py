@@ -40,6 +40,7 @@ COMPRESSED_IMAGE = 'sensor_msgs/msg/CompressedImage'
 ODOMETRY = 'nav_msgs/msg/Odometry'
 POSE_STAMPED = 'geometry_msgs/msg/PoseStamped'
 MAX_POSE_GAP_S = 1.0  # poses further apart than this are a gap: no pose between them
+BASE_FRAME = 'base_link'  # the robot frame whose pose /tf and Odometry poses are read for
 POSE_WITH_COVARIANCE_STAMPED = 'geometry_msgs/msg/PoseWithCovarianceStamped'
 TF_MESSAGE = 'tf2_msgs/msg/TFMessage'
 IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
@@ -105,7 +106,7 @@ def read_posed_images(
     pose_topic: str,
     *,
     map_frame: str = 'map',
-    base_frame: str = 'base_link',
+    base_frame: str = BASE_FRAME,
     min_distance_m: float = 1.0,
     min_rotation_rad: float = math.radians(15),
     max_pose_gap_s: float = MAX_POSE_GAP_S,
@@ -150,7 +151,7 @@ def read_pose_track(
     bag_path: str | Path,
     pose_topic: str,
     parent_frame: str,
-    base_frame: str = 'base_link',
+    base_frame: str = BASE_FRAME,
 ) -> Callable[[int], Pose | None]:
     """The pose of ``base_frame`` in ``parent_frame`` at any stamp (ns), read from
     ``pose_topic`` and interpolated as in :func:`read_posed_images` (the same sources: Odometry,
@@ -278,6 +279,14 @@ def _read_pose_track(reader: Any, topic: str, map_frame: str, base_frame: str) -
             topic,
             frame,
             map_frame,
+        )
+    if not children and base_frame != BASE_FRAME:
+        log.warning(
+            'poses on %s (%s) name no child frame: base_frame %r has no effect (only /tf '
+            'and Odometry say whose pose they give)',
+            topic,
+            connections[0].msgtype.rsplit('/', 1)[-1],
+            base_frame,
         )
     child = children.most_common(1)[0][0] if children else base_frame
     if child != base_frame:
@@ -629,7 +638,7 @@ class BagWriter:
         *,
         msgtype: str = POSE_STAMPED,
         frame_id: str = 'map',
-        child_frame_id: str = 'base_link',
+        child_frame_id: str = BASE_FRAME,
     ) -> None:
         """Write ``pose`` (in ``frame_id``) as a PoseStamped, PoseWithCovarianceStamped or
         Odometry (zero twist); covariances say ``TRUTH_STD_M`` on every axis."""
@@ -712,7 +721,7 @@ def write_traversal_bag(
     odom_topic: str | None = None,
     frame_id: str = 'map',
     camera_frame: str = 'camera',
-    base_frame: str = 'base_link',
+    base_frame: str = BASE_FRAME,
     rate_hz: float = 2.0,
     start_ns: int = 1_700_000_000_000_000_000,
     storage: str = 'mcap',

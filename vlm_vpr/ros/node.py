@@ -18,12 +18,14 @@ so the node is spun by a MultiThreadedExecutor (``main`` does).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,9 @@ from vlm_vpr.ros.tf_adapter import (
 NODE_NAME = 'vpr_node'
 STATS_WINDOW = 200  # frames over which latencies are summarised
 WARN_PERIOD_S = 5.0  # a skip reason (or frame warning) is logged at most this often; all count
+# a camera's state in /diagnostics while active: its last frame's outcome
+NO_FRAME_YET = 'no frame yet'
+LOCALISING = 'localising'
 
 
 @dataclass
@@ -108,6 +113,24 @@ class _Waiter:
     cancelled: str = ''  # why processing stopped before the answer ('deactivated', ...)
 
 
+def _logs_errors(
+    callback: Callable[[VprNode, LifecycleState], TransitionCallbackReturn],
+) -> Callable[[VprNode, LifecycleState], TransitionCallbackReturn]:
+    """A lifecycle transition that logs an exception it raises (rclpy turns it into ERROR
+    without a word) and keeps it for on_error's status."""
+
+    @functools.wraps(callback)
+    def transition(node: VprNode, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return callback(node, state)
+        except Exception as exc:  # noqa: BLE001 - rclpy would swallow it: log it, then ERROR
+            node._transition_error = f'{callback.__name__} raised {type(exc).__name__}: {exc}'
+            node.get_logger().error(f'{callback.__name__} failed:\n{traceback.format_exc()}')
+            return TransitionCallbackReturn.ERROR
+
+    return transition
+
+
 class VprNode(LifecycleNode):
     """The localisation node; ``tf_lookup`` replaces tf2 (``TfTree.lookup``) for the camera
     mount (``use_tf``) and the motion (``odom_frame``), e.g. with a stand-in where tf2 cannot
@@ -127,7 +150,9 @@ class VprNode(LifecycleNode):
         self._latency_ms: deque[float] = deque(maxlen=STATS_WINDOW)
         self._stage_ms: dict[str, deque[float]] = {}
         self._last: dict[str, Any] = {}
-        self._status = (DiagnosticStatus.WARN, 'unconfigured')
+        self._status = (DiagnosticStatus.WARN, 'unconfigured')  # the lifecycle's; see status
+        self._cameras: dict[str, str] = {}  # image topic -> its last frame's outcome (active)
+        self._transition_error = ''  # the exception a lifecycle transition raised, for on_error
         self._warned_s: dict[str, float] = {}
         self._info_topics: dict[str, str] = {}  # image topic -> its camera_info topic
         self._camera_infos: dict[str, CameraInfo] = {}  # latest per camera_info topic
@@ -164,6 +189,7 @@ class VprNode(LifecycleNode):
     # -----------------------------------------------------------------------------------------
     # Lifecycle
 
+    @_logs_errors
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         from vlm_vpr.core.localizer import Localizer
         from vlm_vpr.core.map_format import read_map
@@ -214,6 +240,7 @@ class VprNode(LifecycleNode):
         )
         return super().on_configure(state)
 
+    @_logs_errors
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         for topic in cfg.image_topics:
@@ -245,26 +272,31 @@ class VprNode(LifecycleNode):
                 )
             )
         self._forget_past_frames()
+        with self._lock:
+            self._cameras = dict.fromkeys(cfg.image_topics, NO_FRAME_YET)
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
-        self._status = (DiagnosticStatus.OK, 'active, waiting for images')
+        self._status = (DiagnosticStatus.OK, 'active')  # the cameras' state says more
         self.get_logger().info(
             f'active: localising {list(cfg.image_topics)} at most '
             f'{cfg.max_rate_hz} Hz ({cfg.mode})'
         )
         return super().on_activate(state)
 
+    @_logs_errors
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_processing('deactivated')
         self._status = (DiagnosticStatus.OK, 'inactive')
         return super().on_deactivate(state)
 
+    @_logs_errors
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
         self._status = (DiagnosticStatus.WARN, 'unconfigured')
         return super().on_cleanup(state)
 
+    @_logs_errors
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_processing('shut down')
         self._release()
@@ -274,7 +306,8 @@ class VprNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_processing('reset after an error')
         self._release()
-        self._status = (DiagnosticStatus.ERROR, 'recovered from an error: unconfigured')
+        why, self._transition_error = self._transition_error or 'an error', ''
+        self._status = (DiagnosticStatus.ERROR, f'recovered from {why}: unconfigured')
         return TransitionCallbackReturn.SUCCESS
 
     def destroy_node(self) -> None:
@@ -336,6 +369,7 @@ class VprNode(LifecycleNode):
             self._stopping = True
             self._slots.clear()
             self._camera_infos.clear()
+            self._cameras = {}
             for waiter in self._waiters:
                 waiter.cancelled = why
                 waiter.done.set()
@@ -522,8 +556,9 @@ class VprNode(LifecycleNode):
         """Sequence vote, camera-to-base offset, output checks and publishing of one frame."""
         t_ns, topic = stamp_ns(prepared.header), prepared.frame.topic
         motion, travel = self._motions(t_ns, topic, cfg)
+        result = self._sequence_vote(result, topic, travel)
+        self._camera_stamp_ns[topic] = t_ns  # the sequence has this frame, published or not
         try:
-            result = self._sequence_vote(result, topic, travel)
             pose, covariance = base_pose_from_camera(
                 result.pose, result.covariance, prepared.base_in_camera
             )
@@ -531,7 +566,7 @@ class VprNode(LifecycleNode):
         except VprError as exc:
             self._skip_error(exc, prepared.frame)
             return
-        self._previous_stamp_ns = self._camera_stamp_ns[topic] = t_ns
+        self._previous_stamp_ns = t_ns  # the gate's last frame
         self._publish(
             prepared.frame,
             prepared.header,
@@ -692,7 +727,9 @@ class VprNode(LifecycleNode):
             )
             self._counts['localized'] += 1
             self._counts['published'] += int(published)
-            self._counts['vlm_notes'] += len(result.notes)
+            self._counts['result_notes'] += len(result.notes)
+            if frame.topic in self._cameras:  # not stopped meanwhile
+                self._cameras[frame.topic] = LOCALISING
             self._latency_ms.append(latency_ms)
             for stage, ms in result.timing_ms.items():
                 self._stage_ms.setdefault(stage, deque(maxlen=STATS_WINDOW)).append(ms)
@@ -711,7 +748,6 @@ class VprNode(LifecycleNode):
                 f'(confidence {result.confidence:.2f}); the gate is shut '
                 'until rearm_initial_pose or relocalize is called'
             )
-        self._status = (DiagnosticStatus.OK, 'localising')
 
     def _skip_error(self, exc: VprError, frame: _Frame) -> None:
         """Skip ``frame`` for ``exc``, counted under the error's ``reason`` (FrameSkipped,
@@ -721,7 +757,8 @@ class VprNode(LifecycleNode):
     def _skip(self, reason: str, frame: _Frame, message: str) -> None:
         with self._lock:
             self._counts[f'skipped_{reason}'] += 1
-        self._status = (DiagnosticStatus.WARN, f'skipped a frame from {frame.topic}: {reason}')
+            if frame.topic in self._cameras:
+                self._cameras[frame.topic] = f'last frame skipped ({reason})'
         self._warn(reason, f'{frame.topic}: frame skipped ({reason}): {message}')
 
     def _warn(self, key: str, message: str) -> None:
@@ -742,8 +779,21 @@ class VprNode(LifecycleNode):
 
     @property
     def status(self) -> tuple[bytes, str]:
-        """(DiagnosticStatus level, message) as published on /diagnostics."""
-        return self._status
+        """(DiagnosticStatus level, message) as published on /diagnostics (which also warns of
+        missing camera_info). While active, from each camera's last frame: OK when every
+        camera's was localised (or none has sent one yet), WARN naming each camera whose last
+        frame was skipped or that has sent none while others have."""
+        with self._lock:
+            cameras = dict(self._cameras)
+        if not cameras:
+            return self._status
+        if set(cameras.values()) == {NO_FRAME_YET}:
+            return DiagnosticStatus.OK, 'active, waiting for images'
+        if set(cameras.values()) == {LOCALISING}:
+            return DiagnosticStatus.OK, 'localising'
+        return DiagnosticStatus.WARN, '; '.join(
+            f'{topic}: {state}' for topic, state in cameras.items() if state != LOCALISING
+        )
 
     def latency_stats(self) -> dict[str, float]:
         """Image receipt to pose publish over the last frames: count, median_ms, p95_ms."""
@@ -763,8 +813,9 @@ class VprNode(LifecycleNode):
             return dict(self._counts)
 
     def publish_diagnostics(self) -> None:
-        level, message = self._status
+        level, message = self.status
         with self._lock:
+            cameras = dict(self._cameras)
             values = {k: str(v) for k, v in sorted(self._counts.items())}
             stages = {k: float(np.median(v)) for k, v in self._stage_ms.items() if v}
             notes = self._last.get('notes', [])
@@ -787,6 +838,7 @@ class VprNode(LifecycleNode):
         values['map_path'] = self._cfg.map_path
         values['last_notes'] = '; '.join(notes)
         values['initial_pose_armed'] = str(self._gate.armed)
+        values.update({f'camera {topic}': state for topic, state in cameras.items()})
         if self._info_topics:
             values['camera_info_missing_on'] = ', '.join(no_info)
             if no_info and level == DiagnosticStatus.OK:

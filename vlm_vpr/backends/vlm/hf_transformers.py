@@ -5,7 +5,10 @@ LLaVA ...), from a hub id or a local folder.
 Quantization: 'bnb-4bit' (bitsandbytes NF4, CUDA / Jetson) or 'torchao-int8' (int8 weight-only,
 CPU). Both need their package installed; a missing one raises ConfigError naming it.
 Generation is greedy and stopped at what is left of the caller's time budget after image
-preprocessing (``generate(max_time=...)``).
+preprocessing (``generate(max_time=...)``, checked between tokens: the first forward pass, which
+encodes the images and the prompt, cannot be cut short; a budget it overruns is reported as a
+timeout once it ends). Any exception of the model's code (a chat-template error, a processor's
+IndexError, CUDA out of memory) is a VlmError, so a re-ranker keeps the coarse order.
 """
 
 from __future__ import annotations
@@ -111,10 +114,14 @@ class TransformersVlm:
                     do_sample=False,
                     max_time=remaining_s,
                 )
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise VlmError(f'VLM {self.model_name!r} failed to run ({exc})') from exc
-        new_tokens = output[:, inputs['input_ids'].shape[1] :]
-        text = self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+            new_tokens = output[:, inputs['input_ids'].shape[1] :]
+            text = self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+        except VlmError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model's code, whatever it raises
+            raise VlmError(
+                f'VLM {self.model_name!r} failed to run ({type(exc).__name__}: {exc})'
+            ) from exc
         elapsed_s = time.monotonic() - start
         log.debug('VLM answered %d tokens in %.2f s', new_tokens.shape[1], elapsed_s)
         if elapsed_s >= timeout_s:
