@@ -16,7 +16,7 @@ from std_msgs.msg import Header
 from vlm_vpr.core.bags import _quat_mul
 from vlm_vpr.core.images import read_image
 from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
-from vlm_vpr.core.types import Pose
+from vlm_vpr.core.types import Pose, planar_motion
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
     base_pose_from_camera,
@@ -31,7 +31,7 @@ from vlm_vpr.ros.odometry import OdometryTrack
 from vlm_vpr.ros.params import CameraOffsetConfig
 from vlm_vpr.ros.tf_adapter import (
     FixedOffset,
-    TfMotion,
+    TfOdometry,
     TfOffset,
     TransformUnavailable,
     base_in_camera_from_offset,
@@ -327,20 +327,22 @@ def test_gate_without_odometry_compares_consecutive_poses_directly() -> None:
     assert [gate.update(p, 0.95, None, GATE, 0.9) for p in on] == [False, True]
 
 
-def test_odometry_track_gives_motion_in_the_robot_frame() -> None:
+def test_odometry_track_gives_the_sample_nearest_a_stamp_within_half_a_second() -> None:
     track = OdometryTrack()
-    track.add(1_000_000_000, Pose.from_yaw(10.0, 0.0, math.pi / 2))  # facing +y
-    track.add(2_000_000_000, Pose.from_yaw(10.0, 3.0, math.pi))
-    motion = track.motion(1_000_000_000, 2_000_000_000)
-    assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
-    assert track.motion(1_000_000_000, 9_000_000_000) is None  # no odometry near 9 s
+    first, second = Pose.from_yaw(10.0, 0.0, math.pi / 2), Pose.from_yaw(10.0, 3.0, math.pi)
+    track.add(1_000_000_000, first)
+    track.add(2_000_000_000, second)
+    assert track.pose_at(1_400_000_000) == first and track.pose_at(1_600_000_000) == second
+    assert track.pose_at(2_500_000_000) == second
+    assert track.pose_at(2_600_000_000) is None  # no odometry within 0.5 s
+    assert track.pose_at(0) is None
 
 
 def test_odometry_with_nan_values_is_not_stored_and_never_lets_the_gate_agree() -> None:
     track = OdometryTrack()
     assert track.add(1_000_000_000, Pose.from_yaw(0.0, 0.0, 0.0))
     assert not track.add(2_000_000_000, Pose(math.nan, 0.0))  # a driver's NaN sample
-    assert track.motion(1_000_000_000, 2_000_000_000) is None  # unknown, not NaN
+    assert track.pose_at(2_000_000_000) is None  # unknown, not NaN
     # a NaN motion reaching the gate (34 m apart) must not count as agreement
     gate, nan_step = InitialPoseGate(), Pose(math.nan, math.nan)
     far = [
@@ -351,22 +353,22 @@ def test_odometry_with_nan_values_is_not_stored_and_never_lets_the_gate_agree() 
     assert [gate.update(p, 0.95, nan_step, GATE, 0.9) for p in far] == [False] * 3
 
 
-def test_tf_motion_is_the_odometry_motion_of_the_transforms_at_the_two_stamps() -> None:
-    """TfMotion on a stand-in for tf2's lookup (tf2_ros cannot be installed here)."""
+def test_tf_odometry_is_the_transform_at_the_stamp_and_its_motion_is_in_the_robot_frame() -> None:
+    """TfOdometry on a stand-in for tf2's lookup (tf2_ros cannot be installed here)."""
     half = math.sqrt(0.5)
     lookup = TfLookupDouble()
     lookup.transforms[('odom', 'base_link')] = {  # x, y, z, qx, qy, qz, qw (yaw pi/2, then pi)
         1_000_000_000: (10.0, 0.0, 0.0, 0.0, 0.0, half, half),
         2_000_000_000: (10.0, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0),
     }
-    tf = TfMotion(lookup, 'odom', 'base_link')
-    motion = tf.motion(1_000_000_000, 2_000_000_000)
+    tf = TfOdometry(lookup, 'odom', 'base_link')
+    motion = planar_motion(tf.pose_at(1_000_000_000), tf.pose_at(2_000_000_000))
     assert (motion.x, motion.y, motion.yaw_rad) == pytest.approx((3.0, 0.0, math.pi / 2))
     assert lookup.calls == [
         ('odom', 'base_link', 1_000_000_000),
         ('odom', 'base_link', 2_000_000_000),
     ]
-    assert tf.motion(1_000_000_000, 9_000_000_000) is None  # TF cannot tell: frame order
+    assert tf.pose_at(9_000_000_000) is None  # TF cannot tell: frame order
 
 
 def test_a_non_finite_transform_is_unavailable_not_a_pose() -> None:
@@ -376,4 +378,4 @@ def test_a_non_finite_transform_is_unavailable_not_a_pose() -> None:
     lookup.transforms[('odom', 'base_link')] = {None: broken}
     with pytest.raises(TransformUnavailable, match="'camera' is not finite.*camera mount"):
         TfOffset(lookup, 'base_link').base_in_camera('camera')
-    assert TfMotion(lookup, 'odom', 'base_link').motion(1, 2) is None  # frame order
+    assert TfOdometry(lookup, 'odom', 'base_link').pose_at(1) is None  # frame order

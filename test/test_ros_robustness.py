@@ -379,7 +379,7 @@ def test_odom_frame_without_tf2_votes_in_frame_order(
             stamp = T0_NS + n * 1_000_000_000
             pub.publish(camera_msg(good, stamp))
             assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
-        assert harness.node._motion is None
+        assert harness.node._odometry_source is None
     assert 'odom_frame is set but tf2_ros is not installed: frames vote in frame order' in (
         capfd.readouterr().err
     )
@@ -749,3 +749,34 @@ def test_configure_time_parameters_apply_at_the_next_configure_only(
         msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS + 1, 30.0)
         assert msg is not None and msg.header.frame_id == 'elsewhere'
         assert tf.calls[-1][1] == 'camera_x'
+
+
+def test_two_cameras_look_each_stamp_up_once_for_the_gate_and_the_vote(
+    campus_map: Path, good: np.ndarray
+) -> None:
+    """The gate's motion (since the other camera's frame) and the vote's (since this camera's
+    last frame) share the lookup at this frame's stamp: three TF lookups, not four."""
+    stamps = [T0_NS + n * 1_000_000_000 for n in range(3)]
+    tf = TfLookupDouble()
+    tf.transforms[('odom', 'base_link')] = {
+        s: (float(n), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0) for n, s in enumerate(stamps)
+    }
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'image_topics': ['image', 'camera2/image'],
+        'odom_frame': 'odom',
+        'initial_pose.enabled': True,
+        'max_rate_hz': 50.0,
+        'sequence.length': 2,
+    }
+    with NodeHarness(parameters, tf_lookup=tf, namespace='lookups_test') as harness:
+        pubs = {t: harness.publisher(Image, t) for t in parameters['image_topics']}
+        for stamp, topic in zip(stamps, ['image', 'camera2/image', 'image']):
+            pubs[topic].publish(camera_msg(good, stamp))
+            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+        assert harness.node.counts().get('motion_unknown', 0) == 0
+    looked_up = [stamp for target, _, stamp in tf.calls if target == 'odom']
+    # frame 1: nothing to move from; frame 2: the gate (since 1); frame 3: gate (since 2), vote
+    # (since 1)
+    assert sorted(looked_up) == sorted([stamps[0], stamps[1], *stamps])

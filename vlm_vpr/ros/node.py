@@ -47,7 +47,7 @@ from visualization_msgs.msg import MarkerArray
 from vlm_vpr.core.config import LocalizerConfig
 from vlm_vpr.core.errors import ConfigError, VprError
 from vlm_vpr.core.initial_pose import InitialPoseGate
-from vlm_vpr.core.types import LocalizationResult, Pose
+from vlm_vpr.core.types import LocalizationResult, Pose, planar_motion
 from vlm_vpr.ros import params
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
@@ -69,7 +69,7 @@ from vlm_vpr.ros.tf_adapter import (
     FixedOffset,
     Lookup,
     OffsetSource,
-    TfMotion,
+    TfOdometry,
     TfOffset,
     TfTree,
     TransformUnavailable,
@@ -142,7 +142,7 @@ class VprNode(LifecycleNode):
         # destroy_node
         self._tf_lookup = tf_lookup
         self._tf_tree: TfTree | None = None  # the tf2 listener, when the node made one
-        self._motion: TfMotion | OdometryTrack | None = None  # odom_frame's or odom_topic's
+        self._odometry_source: TfOdometry | OdometryTrack | None = None  # odom_frame / _topic
         self._lock = threading.Condition()
         self._slots: dict[str, _Frame] = {}
         self._waiters: list[_Waiter] = []
@@ -220,8 +220,8 @@ class VprNode(LifecycleNode):
             )
         self._configured, self._cfg, self._query_cfg = values, cfg, query_cfg
         self._localizer, self._matchers = localizer, matchers
-        self._offsets, tf_motion = self._create_tf_users(cfg)
-        self._motion = tf_motion or (self._odometry if cfg.odom_topic else None)
+        self._offsets, tf_odometry = self._create_tf_users(cfg)
+        self._odometry_source = tf_odometry or (self._odometry if cfg.odom_topic else None)
         self._create_outputs()
         self.destroy_timer(self._diagnostics_timer)
         self._diagnostics_timer = self.create_timer(
@@ -315,7 +315,7 @@ class VprNode(LifecycleNode):
         self._release()  # the TF listener too, when destroyed while configured
         super().destroy_node()
 
-    def _create_tf_users(self, cfg: NodeConfig) -> tuple[OffsetSource, TfMotion | None]:
+    def _create_tf_users(self, cfg: NodeConfig) -> tuple[OffsetSource, TfOdometry | None]:
         """The camera mount (TF with ``use_tf``, else ``camera_offset.*``) and the motion
         from TF (with ``odom_frame``; None: ``odom_topic`` or frame order). Without tf2 the
         TF ones fall back, with a warning."""
@@ -339,7 +339,7 @@ class VprNode(LifecycleNode):
             else FixedOffset(cfg.camera_offset)
         )
         motion = (
-            TfMotion(lookup, cfg.odom_frame, cfg.base_frame)
+            TfOdometry(lookup, cfg.odom_frame, cfg.base_frame)
             if cfg.odom_frame and lookup is not None
             else None
         )
@@ -390,7 +390,7 @@ class VprNode(LifecycleNode):
         self._pubs, self._services = {}, []
         if self._tf_tree is not None:
             self._tf_tree.close()  # the listener's /tf subscriptions go with it
-        self._localizer = self._offsets = self._motion = self._tf_tree = None
+        self._localizer = self._offsets = self._odometry_source = self._tf_tree = None
         self._matchers = {}
 
     def _forget_past_frames(self) -> None:
@@ -646,19 +646,26 @@ class VprNode(LifecycleNode):
         /initialpose gate, when enabled) and since ``topic``'s last frame (for its sequence
         vote, when it has one), from TF (``odom_frame``) or the ``odom_topic`` messages. None
         without a source, a use or a previous frame; a frame whose motion the source cannot
-        give (no pose near a stamp) counts once as ``motion_unknown``."""
-        source = self._motion
-        if source is None:
-            return None, None
+        give (no pose near a stamp) counts once as ``motion_unknown``. Each stamp is looked up
+        once (two cameras: three TF lookups, not four)."""
+        source = self._odometry_source
         wanted = (
             self._previous_stamp_ns if cfg.initial_pose.enabled else None,
             self._camera_stamp_ns.get(topic) if topic in self._matchers else None,
         )
-        found = {since: source.motion(since, t_ns) for since in set(wanted) - {None}}
-        if None in found.values():
+        if source is None or wanted == (None, None):
+            return None, None
+        poses = {stamp: source.pose_at(stamp) for stamp in {*wanted, t_ns} - {None}}
+        if None in poses.values():
             with self._lock:
                 self._counts['motion_unknown'] += 1
-        gate, vote = (None if s is None else found[s] for s in wanted)
+        now = poses[t_ns]
+        gate, vote = (
+            None
+            if since is None or now is None or poses[since] is None
+            else planar_motion(poses[since], now)
+            for since in wanted
+        )
         return gate, vote
 
     def _sequence_vote(

@@ -6,7 +6,7 @@ import bisect
 import threading
 from collections import deque
 
-from vlm_vpr.core.types import Pose, planar_motion
+from vlm_vpr.core.types import Pose
 
 MAX_ODOM_SAMPLES = 5000
 MAX_ODOM_GAP_NS = 500_000_000  # an odometry sample further than this from a stamp is unusable
@@ -34,16 +34,12 @@ class OdometryTrack:
             self._poses.append(pose)
         return True
 
-    def motion(self, from_ns: int, to_ns: int) -> Pose | None:
-        """Planar motion of the robot from ``from_ns`` to ``to_ns``, in the robot's frame at
-        ``from_ns``; None without odometry near both stamps."""
+    def pose_at(self, stamp_ns: int) -> Pose | None:
+        """The sample nearest ``stamp_ns``; None without one within MAX_ODOM_GAP_NS."""
         with self._lock:
-            a, b = self._at(from_ns), self._at(to_ns)
-        if a is None or b is None:
-            return None
-        return planar_motion(a, b)
+            return self._nearest(stamp_ns)
 
-    def _at(self, stamp_ns: int) -> Pose | None:
+    def _nearest(self, stamp_ns: int) -> Pose | None:
         i = bisect.bisect_left(self._stamps, stamp_ns)
         near = [j for j in (i - 1, i) if 0 <= j < len(self._stamps)]
         if not near:

@@ -8,9 +8,9 @@ robot, a stand-in function in the tests), so it runs and is tested here.
 - Camera mount: the pose of ``base_frame`` in the camera frame (planar part: x, y, z and yaw),
   used to turn the localised camera pose into the robot's pose: :class:`TfOffset` (TF
   ``base_frame -> camera_frame``) or :class:`FixedOffset` (``camera_offset.*``).
-- Motion: :class:`TfMotion`, the robot's planar motion between two image stamps from TF
-  ``odom_frame -> base_frame``, for sequence evidence and the ``/initialpose`` gate (as
-  ``odom_topic`` gives it from nav_msgs/Odometry).
+- Motion: :class:`TfOdometry`, the robot's pose at an image stamp from TF
+  ``odom_frame -> base_frame``, whose planar motion between frames feeds sequence evidence and
+  the ``/initialpose`` gate (as ``odom_topic`` gives it from nav_msgs/Odometry).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from vlm_vpr.core.errors import VprError
-from vlm_vpr.core.types import Pose, planar_motion
+from vlm_vpr.core.types import Pose
 from vlm_vpr.ros.params import CameraOffsetConfig
 
 Transform = tuple[float, float, float, float, float, float, float]  # x, y, z, qx, qy, qz, qw
@@ -42,6 +42,9 @@ class OffsetSource(Protocol):
 
 
 TF_CACHE_S = 60.0  # TF history kept: the motion between frames further apart is unknown
+# a stamped lookup waits this long for TF to reach the stamp (odometry TF published after the
+# image): a few periods of a 20-50 Hz odometry; a missing transform costs a frame this much
+TF_WAIT_S = 0.1
 
 
 class TfTree:
@@ -61,11 +64,15 @@ class TfTree:
         )
 
     def lookup(self, target: str, source: str, stamp_ns: int | None) -> Transform:
+        """Called from the node's worker thread, never an executor's: while a stamped lookup
+        waits (``TF_WAIT_S``), the executor's threads keep filling the buffer."""
+        from rclpy.duration import Duration
         from rclpy.time import Time
 
         when = Time() if stamp_ns is None else Time(nanoseconds=stamp_ns)
+        wait = Duration(seconds=0.0 if stamp_ns is None else TF_WAIT_S)
         try:
-            t = self._buffer.lookup_transform(target, source, when).transform
+            t = self._buffer.lookup_transform(target, source, when, timeout=wait).transform
         except self._errors as exc:
             raise TransformUnavailable(f'no TF from {target!r} to {source!r} ({exc})') from exc
         p, q = t.translation, t.rotation
@@ -145,22 +152,17 @@ def mount_from_transform(
     return CameraOffsetConfig(x_m=x, y_m=y, z_m=z, yaw_deg=math.degrees(yaw))
 
 
-class TfMotion:
-    """The robot's planar motion between two stamps from TF ``odom_frame -> base_frame``."""
+class TfOdometry:
+    """The robot's pose in ``odom_frame`` at a stamp, from TF ``odom_frame -> base_frame``."""
 
     def __init__(self, lookup: Lookup, odom_frame: str, base_frame: str) -> None:
         self.lookup = lookup
         self.odom_frame = odom_frame
         self.base_frame = base_frame
 
-    def motion(self, from_ns: int, to_ns: int) -> Pose | None:
-        """Motion from ``from_ns`` to ``to_ns`` in the robot's frame at ``from_ns``; None when
-        TF cannot give the robot's pose at either stamp (the frames then vote by order)."""
+    def pose_at(self, stamp_ns: int) -> Pose | None:
+        """None when TF cannot tell (the frames then vote by order)."""
         try:
-            a, b = (
-                finite_lookup(self.lookup, self.odom_frame, self.base_frame, t)
-                for t in (from_ns, to_ns)
-            )
+            return Pose(*finite_lookup(self.lookup, self.odom_frame, self.base_frame, stamp_ns))
         except TransformUnavailable:
             return None
-        return planar_motion(Pose(*a), Pose(*b))
