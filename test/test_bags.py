@@ -614,32 +614,21 @@ def test_writer_refuses_existing_paths_and_unknown_choices(tmp_path, query, imag
         read_posed_images(tmp_path / 'x', IMAGE_TOPIC, '/pose', min_distance_m=-1.0)
 
 
-def test_odometry_of_another_frame_than_base_frame_is_used_with_a_warning(
-    tmp_path, images, caplog
+@pytest.mark.parametrize(
+    ('msgtype', 'message'),
+    [
+        (bags.ODOMETRY, "are of frame 'base_link', not base_frame 'camera': used as they are"),
+        (bags.POSE_STAMPED, "name no child frame: base_frame 'camera' has no effect"),
+        (bags.POSE_WITH_COVARIANCE_STAMPED, "name no child frame: base_frame 'camera' has no"),
+    ],
+)
+def test_poses_are_used_as_they_are_with_a_warning_when_they_are_not_of_base_frame(
+    tmp_path, images, caplog, msgtype, message
 ):
-    with BagWriter(tmp_path / 'bag') as writer:
-        for t in range(2):
-            writer.write_image(IMAGE_TOPIC, ns(t), images[t])
-            pose = Pose(float(t), 0.0)
-            writer.write_pose('/odom', ns(t), pose, msgtype=bags.ODOMETRY, frame_id='map')
-    for base_frame, warned in (('base_link', False), ('camera', True)):
-        caplog.clear()
-        with caplog.at_level('WARNING', logger='vlm_vpr.core.bags'):
-            frames = read_posed_images(
-                tmp_path / 'bag', IMAGE_TOPIC, '/odom', base_frame=base_frame, min_distance_m=0
-            )
-            assert [f.pose.x for f in frames] == pytest.approx([0.0, 1.0])
-        message = "are of frame 'base_link', not base_frame 'camera': used as they are"
-        assert (message in caplog.text) == warned, base_frame
-
-
-@pytest.mark.parametrize('msgtype', [bags.POSE_STAMPED, bags.POSE_WITH_COVARIANCE_STAMPED])
-def test_a_base_frame_given_for_poses_that_name_no_child_frame_is_warned_of(
-    tmp_path, images, caplog, msgtype
-):
-    write_pose_bag(
-        tmp_path / 'bag', images[:2], [0.0, 1.0], [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0)], msgtype
-    )
+    """Odometry of base_link read for base_frame 'camera'; PoseStamped (no child frame) read
+    with a base_frame given: only /tf gives the pose of another frame."""
+    poses = [(0.0, 0, 0, 0, 0), (1.0, 1, 0, 0, 0)]
+    write_pose_bag(tmp_path / 'bag', images[:2], [0.0, 1.0], poses, msgtype)
     for base_frame, warned in ((bags.BASE_FRAME, False), ('camera', True)):
         caplog.clear()
         with caplog.at_level('WARNING', logger='vlm_vpr.core.bags'):
@@ -647,5 +636,4 @@ def test_a_base_frame_given_for_poses_that_name_no_child_frame_is_warned_of(
                 tmp_path / 'bag', IMAGE_TOPIC, '/pose', base_frame=base_frame, min_distance_m=0
             )
         assert [f.pose.x for f in frames] == pytest.approx([0.0, 1.0])
-        message = "name no child frame: base_frame 'camera' has no effect"
         assert (message in caplog.text) == warned, base_frame
