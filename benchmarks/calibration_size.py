@@ -59,21 +59,23 @@ def measure(
             false_accepts.append(int((accepted & out_of_map).sum()))
             accepted_in_map.append(float(accepted[~out_of_map].mean()))
             ece.append(expected_calibration_error(confidence, correct))
-        fa, ece_arr = np.array(false_accepts), np.array(ece)
-        rows.append(
-            {
-                'blocks': size,
-                'queries': sum(len(blocks[b]) for b in range(size)),
-                'fits': len(fa),
-                'failed_fits': failed,
-                'with_false_accept': float(np.mean(fa > 0)) if len(fa) else None,
-                'false_accepts_max': int(fa.max()) if len(fa) else None,
-                'accepted_in_map_median': float(np.median(accepted_in_map)) if len(fa) else None,
-                'ece_median': float(np.median(ece_arr)) if len(fa) else None,
-                'ece_p90': float(np.percentile(ece_arr, 90)) if len(fa) else None,
-                'ece_over_bar': float(np.mean(ece_arr > ECE_BAR)) if len(fa) else None,
+        row = {
+            'blocks': size,
+            'queries': sum(len(blocks[b]) for b in range(size)),
+            'fits': len(false_accepts),
+            'failed_fits': failed,
+        }
+        if false_accepts:  # the measures of the fits (none when every draw failed to fit)
+            fa, ece_arr = np.array(false_accepts), np.array(ece)
+            row |= {
+                'with_false_accept': float(np.mean(fa > 0)),
+                'false_accepts_max': int(fa.max()),
+                'accepted_in_map_median': float(np.median(accepted_in_map)),
+                'ece_median': float(np.median(ece_arr)),
+                'ece_p90': float(np.percentile(ece_arr, 90)),
+                'ece_over_bar': float(np.mean(ece_arr > ECE_BAR)),
             }
-        )
+        rows.append(row)
     return rows
 
 

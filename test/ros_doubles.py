@@ -9,20 +9,17 @@ IDENTITY: Transform = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
 class TfLookupDouble:
     """Test double for tf2's buffer (tf2_ros has no wheel), called as ``TfTree.lookup``:
-    records the (target, source, stamp) asked for; raises TransformUnavailable while
-    ``missing``. ``transforms[(target, source)]`` maps stamps to transforms (key None: the
-    latest, for any stamp); a pair not listed is the identity, a stamp not listed is
-    TransformUnavailable (extrapolation)."""
+    records the (target, source, stamp) asked for. ``transforms[(target, source)]`` maps
+    stamps to transforms (key None: the latest, for any stamp); a pair not listed is the
+    identity, a stamp not listed is TransformUnavailable (extrapolation; an empty table: a
+    transform never published)."""
 
-    def __init__(self, missing: bool = False) -> None:
-        self.missing = missing
+    def __init__(self) -> None:
         self.calls: list[tuple[str, str, int | None]] = []
         self.transforms: dict[tuple[str, str], dict[int | None, Transform]] = {}
 
     def __call__(self, target: str, source: str, stamp_ns: int | None) -> Transform:
         self.calls.append((target, source, stamp_ns))
-        if self.missing:
-            raise TransformUnavailable(f'no TF from {target!r} to {source!r} (test double)')
         table = self.transforms.get((target, source))
         if table is None:
             return IDENTITY

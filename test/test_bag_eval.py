@@ -248,7 +248,7 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
 ) -> None:
     with pytest.raises(BagError, match='topic /nope is not in the bag'):
         evaluate_bag(campus_map, bag, '/nope', TRUTH_TOPIC, progress=False)
-    with pytest.raises(BagError, match='--tolerance-m must be > 0'):
+    with pytest.raises(BagError, match='the tolerance must be > 0 m'):
         evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, tolerance_m=0.0)
     with pytest.raises(BagError, match='--max-frames must be >= 1, got -1'):
         evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, max_frames=-1)

@@ -153,6 +153,8 @@ def test_calibration_size_refits_on_block_subsets_and_measures_each_fit_on_the_t
     assert [(r['blocks'], r['queries']) for r in rows] == [(1, 10), (5, 50), (20, 200)]
     assert [r['fits'] + r['failed_fits'] for r in rows] == [40, 40, 1]
     assert rows[0]['failed_fits'] > 0  # a block out of the map has no correct query: no fit
+    # each size draws with its own seed: its row does not depend on the other sizes asked for
+    assert calibration_size.measure(fit, test, sizes=[5], draws=40, seed=0)[0] == rows[1]
 
     # all the blocks: one fit, the calibration `vlm-vpr calibrate` would store, measured on the
     # test rows as `vlm-vpr eval` measures it (open_set_report)

@@ -58,10 +58,11 @@ def test_invalid_values_raise_config_error(key: str, value: object, message: str
         ('fusion.unknown_yaw_std_rad', -1.0, 'unknown_yaw_std_rad must be > 0'),
     ],
 )
-def test_query_settings_that_would_make_every_pose_nan_are_refused(
+def test_non_finite_or_negative_query_settings_are_refused(
     key: str, value: object, message: str
 ) -> None:
-    """Accepted before, they made every frame's covariance NaN (skipped as invalid_output)."""
+    """Accepted before; fusion.unknown_yaw_std_rad=nan made every frame's covariance NaN
+    (skipped as invalid_output)."""
     with pytest.raises(ConfigError, match=message):
         from_flat_dict(LocalizerConfig, {key: value})
 

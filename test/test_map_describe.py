@@ -209,7 +209,7 @@ def test_load_map_descriptions_rejects_embeddings_of_other_texts_and_describe_re
     vpr_map = described_map(tmp_path, embedder)
     stored = load_map_descriptions(read_map(vpr_map.path))
     others = embedder.embed([f'something else {i}' for i in range(len(stored.embeddings))])
-    write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, others)  # a crash before the JSON
+    write_extra(vpr_map.path, DESCRIPTION_EMBEDDINGS_EXTRA, others)  # as a hand edit leaves it
     with pytest.raises(MapError, match='not written together.*map describe'):
         load_map_descriptions(read_map(vpr_map.path))
     vlm = describing(TEXTS)

@@ -318,7 +318,8 @@ def test_debug_image_shows_the_query_beside_its_best_match(
 def test_a_missing_transform_skips_the_frame_until_tf_arrives(
     campus_map: Path, good: np.ndarray, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    tf = TfLookupDouble(missing=True)
+    tf = TfLookupDouble()
+    tf.transforms[('base_link', 'camera')] = {}  # the camera mount is not published (yet)
     parameters = {'map_path': str(campus_map), 'autostart': True, 'use_tf': True}
     with NodeHarness(parameters, tf_lookup=tf, namespace='tf_test') as harness:
         pub = harness.publisher(Image, 'image')
@@ -328,7 +329,6 @@ def test_a_missing_transform_skips_the_frame_until_tf_arrives(
         err = capfd.readouterr().err
         assert "frame skipped (no_transform): no TF from 'base_link' to 'camera'" in err
         assert 'publish the camera mount (robot_state_publisher)' in err
-        tf.missing = False
         tf.transforms[('base_link', 'camera')] = {None: (2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)}
         pub.publish(camera_msg(good, T0_NS + 1_000_000_000))
         moved = harness.wait_for('pose', lambda m: True, timeout_s=30.0)
@@ -385,6 +385,26 @@ def test_odom_frame_without_tf2_votes_in_frame_order(
     )
 
 
+def odom_tf(queries: Traversal, stamps: list[int], places: list[int]) -> TfLookupDouble:
+    """TF odom -> base_link with the robot at query ``places[i]``'s pose at ``stamps[i]``."""
+    tf = TfLookupDouble()
+    poses = [queries.pose(place) for place in places]
+    tf.transforms[('odom', 'base_link')] = {
+        stamp: (p.x, p.y, p.z, p.qx, p.qy, p.qz, p.qw) for stamp, p in zip(stamps, poses)
+    }
+    return tf
+
+
+def record_travel(node: Any) -> list[float | None]:
+    """The distance travelled that each vote of the 'image' camera's sequence is given."""
+    matcher, steps = node._matchers['image'], []
+    vote = matcher.update
+    matcher.update = lambda result, travelled, *a: (
+        steps.append(travelled) or vote(result, travelled, *a)
+    )
+    return steps
+
+
 @pytest.mark.parametrize('motion', ['odom_topic', 'odom_frame'])
 def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
     motion: str, campus_map: Path, queries: Traversal
@@ -396,11 +416,7 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
     stood in for by TfLookupDouble)."""
     route = [(10, 10), (11, 11), (11, 11), (12, 12), (13, 13), (30, 14)]  # (shown, true place)
     stamps = [T0_NS + n * 1_000_000_000 for n in range(len(route))]
-    tf = TfLookupDouble()
-    robot_in_odom = {stamp: queries.pose(place) for stamp, (_, place) in zip(stamps, route)}
-    tf.transforms[('odom', 'base_link')] = {
-        stamp: (p.x, p.y, p.z, p.qx, p.qy, p.qz, p.qw) for stamp, p in robot_in_odom.items()
-    }
+    tf = odom_tf(queries, stamps, [place for _, place in route])
     parameters = {
         'map_path': str(campus_map),
         'autostart': True,
@@ -410,11 +426,7 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
     }
     with NodeHarness(parameters, tf_lookup=tf, namespace='sequence_test') as harness:
         pubs = (harness.publisher(Image, 'image'), harness.publisher(Odometry, 'odom'))
-        matcher, steps = harness.node._matchers['image'], []
-        vote = matcher.update
-        matcher.update = lambda result, travelled, *a: (
-            steps.append(travelled) or vote(result, travelled, *a)
-        )
+        steps = record_travel(harness.node)
         for stamp, (shown, place) in zip(stamps, route):
             if motion == 'odom_topic':
                 odometry = harness.node.counts().get('odometry', 0)
@@ -456,11 +468,7 @@ def test_a_frame_skipped_after_its_sequence_vote_still_ends_the_step_it_moved(
 
     stamps = [T0_NS + n * 1_000_000_000 for n in range(3)]
     places = [10, 11, 12]
-    tf = TfLookupDouble()
-    tf.transforms[('odom', 'base_link')] = {
-        stamp: (p.x, p.y, p.z, p.qx, p.qy, p.qz, p.qw)
-        for stamp, p in ((s, queries.pose(i)) for s, i in zip(stamps, places))
-    }
+    tf = odom_tf(queries, stamps, places)
     check = node_module.check_output
 
     def refuse_second(pose: Any, covariance: Any) -> None:
@@ -478,11 +486,7 @@ def test_a_frame_skipped_after_its_sequence_vote_still_ends_the_step_it_moved(
     }
     with NodeHarness(parameters, tf_lookup=tf, namespace='skipped_vote_test') as harness:
         pub = harness.publisher(Image, 'image')
-        matcher, steps = harness.node._matchers['image'], []
-        vote = matcher.update
-        matcher.update = lambda result, travelled, *a: (
-            steps.append(travelled) or vote(result, travelled, *a)
-        )
+        steps = record_travel(harness.node)
         for stamp, place in zip(stamps, places):
             skipped = harness.node.counts().get('skipped_invalid_output', 0)
             pub.publish(camera_msg(read_image(queries.image_paths[place]), stamp))

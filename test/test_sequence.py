@@ -345,6 +345,17 @@ def test_a_stretch_left_out_of_the_submap_is_a_map_edge_as_an_unmapped_one_is(
     assert max(r.evidence['edge_overrun'] for r in held_out) == 1.0
 
 
+def test_an_empty_submap_votes_over_the_whole_map(tmp_path: Path) -> None:
+    """As the Localizer searches the whole map for an empty submap, so does the vote."""
+    map_dir, desc = make_route_map(tmp_path, np.arange(30.0))
+    localizer = Localizer(read_map(map_dir), LocalizerConfig(sequence=SequenceConfig(length=4)))
+    frames = noisy(desc[5:12], 0.5, np.random.default_rng(3))
+    whole = run_matcher(localizer, frames, [None] * 7)
+    empty = run_matcher(localizer, frames, [None] * 7, np.array([], dtype=np.int64))
+    assert [r.candidates[0].map_index for r in empty] == [r.candidates[0].map_index for r in whole]
+    assert [r.evidence for r in empty] == [r.evidence for r in whole]
+
+
 def test_hubness_is_high_when_a_map_stretch_resembling_every_frame_wins(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     xs = np.arange(40, dtype=float)

@@ -104,10 +104,14 @@ class FakeOpenAIServer:
         self.replies = list(replies)
         self.trickle_s = trickle_s
         self.headers = headers or {}
-        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.requests: list[tuple[dict[str, str], dict[str, Any] | None]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - recorded (a redirected POST comes as a GET)
+                server.requests.append(({k.lower(): v for k, v in self.headers.items()}, None))
+                self.send_error(405)
+
             def do_POST(self) -> None:  # noqa: N802 (http.server naming)
                 length = int(self.headers.get('Content-Length', 0))
                 body = json.loads(self.rfile.read(length))

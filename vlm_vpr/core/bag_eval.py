@@ -77,7 +77,7 @@ def evaluate_bags(
     frame, with its ``evidence``: ``vlm-vpr calibrate --bag`` fits on them).
     """
     if not tolerance_m > 0:
-        raise BagError(f'--tolerance-m must be > 0, got {tolerance_m}')
+        raise BagError(f'the tolerance must be > 0 m, got {tolerance_m}')
     if max_frames is not None and max_frames < 1:
         raise BagError(f'--max-frames must be >= 1, got {max_frames}')
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
@@ -90,9 +90,8 @@ def evaluate_bags(
         else confidence_threshold
     )
     initial_pose = initial_pose or InitialPoseConfig()
-    reports = []
-    for bag_path in bag_paths:
-        per_query, featureless = _run_bag(
+    runs = [
+        _run_bag(
             localizer,
             bag_path,
             image_topic,
@@ -106,23 +105,29 @@ def evaluate_bags(
             odom_frame=odom_frame,
             progress=progress,
         )
-        source = {
-            'map': str(map_dir),
-            'bag': str(bag_path),
-            'image_topic': image_topic,
-            'truth_topic': truth_topic,
-            'odom_topic': odom_topic,
-            'frames_without_features': featureless,
-            'rerank_chain': list(config.rerank.chain),
-            'sequence_length': config.sequence.length,
-            'initial_pose_gate': {
-                'consecutive_frames': initial_pose.consecutive_frames,
-                'max_distance_m': initial_pose.max_distance_m,
-                'max_yaw_deg': initial_pose.max_yaw_deg,
-            },
-        }
-        reports.append(summarize_bag(per_query, tolerance_m, threshold, source))
-    return _pool_bag_reports(reports)
+        for bag_path in bag_paths
+    ]
+    if len(bag_paths) == 1:
+        bags, per_query = {'bag': str(bag_paths[0])}, runs[0][0]
+    else:  # pooled: each row names its bag
+        bags = {'bags': [str(b) for b in bag_paths]}
+        per_query = [dict(r, bag=str(b)) for b, (rows, _) in zip(bag_paths, runs) for r in rows]
+    source = {
+        'map': str(map_dir),
+        **bags,
+        'image_topic': image_topic,
+        'truth_topic': truth_topic,
+        'odom_topic': odom_topic,
+        'frames_without_features': sum(featureless for _, featureless in runs),
+        'rerank_chain': list(config.rerank.chain),
+        'sequence_length': config.sequence.length,
+        'initial_pose_gate': {
+            'consecutive_frames': initial_pose.consecutive_frames,
+            'max_distance_m': initial_pose.max_distance_m,
+            'max_yaw_deg': initial_pose.max_yaw_deg,
+        },
+    }
+    return summarize_bag(per_query, tolerance_m, threshold, source)
 
 
 def _run_bag(
@@ -182,26 +187,6 @@ def _run_bag(
     finally:
         frames.close()  # stop reading the bag (max_frames reached, or an error)
     return per_query, featureless
-
-
-def _pool_bag_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report over the frames of the per-bag reports of :func:`evaluate_bags` (the same
-    map and settings): ``bags`` lists the bags; each row names its ``bag``."""
-    if len(reports) == 1:
-        return reports[0]
-    first = reports[0]
-    rows = [dict(row, bag=report['bag']) for report in reports for row in report['per_query']]
-    pooled = summarize_bag(
-        rows,
-        first['tolerance_m'],
-        first['at_threshold']['confidence_threshold'],
-        {
-            'bags': [report['bag'] for report in reports],
-            'frames_without_features': sum(r['frames_without_features'] for r in reports),
-        },
-    )
-    # what the first report says of the run (map, topics, settings), beside the pooled numbers
-    return {k: v for k, v in first.items() if k not in pooled and k != 'bag'} | pooled
 
 
 def _frame_row(

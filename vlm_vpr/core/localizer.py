@@ -90,14 +90,15 @@ class Localizer:
         images = [as_bgr(image) for image in images_bgr]
         local = self.extractor.extract(images)
         extract_ms = _ms(start)
-        results = []
         for image, features in zip(images, local):
-            timing = {'extract': extract_ms}
             if len(features.flat) == 0:  # its descriptor would be 0: every map image ties
                 raise NoFeaturesError(
                     f'image of {image.shape[1]}x{image.shape[0]} has no usable local feature '
                     '(blank, dark or textureless: a lens cap, darkness, a wall filling the view)'
                 )
+        results = []
+        for image, features in zip(images, local):
+            timing = {'extract': extract_ms}
             descriptor = self._aggregate(features.flat, timing)
             results.append(
                 self._search_and_rerank(image, descriptor, timing, submap, time_budget_s, start)

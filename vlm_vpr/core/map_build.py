@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlm_vpr.core.bags import BASE_FRAME, read_posed_images
 from vlm_vpr.core.config import MapBuildConfig
 from vlm_vpr.core.datasets import read_poses_csv
 from vlm_vpr.core.errors import BagError, DatasetError, ImageError, MapError
@@ -59,7 +60,7 @@ def build_map_from_bag(
     out_dir: str | Path,
     config: MapBuildConfig | None = None,
     *,
-    base_frame: str = 'base_link',
+    base_frame: str = BASE_FRAME,
     min_distance_m: float = 1.0,
     min_rotation_deg: float = 15.0,
     overwrite: bool = False,
@@ -70,8 +71,6 @@ def build_map_from_bag(
     Keyframes are staged as PNG files in a temporary folder, so memory stays bounded.
     """
     import cv2
-
-    from vlm_vpr.core.bags import read_posed_images
 
     if min_distance_m < 0 or min_rotation_deg < 0:
         raise BagError(

@@ -113,7 +113,6 @@ class SequenceMatcher:
         self.descriptors = localizer.descriptors_float32
         self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
-        self.whole_map_ends = self._route_ends(None)
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
         # moved since the frame before it)
@@ -207,8 +206,7 @@ class SequenceMatcher:
         evidence.update(self._evidence(seq, int(order[0]), velocity, offsets, frames))
         step = steps[0] if steps else self.spacing  # moved since the frame before
         evidence['progress_error'] = self._progress_error(int(order[0]), velocity, step)
-        ends = self.whole_map_ends if submap is None else self._route_ends(submap)
-        room = self._room(int(order[0]), velocity, ends)
+        room = self._room(int(order[0]), velocity, self._route_ends(submap))
         evidence['room_ahead'] = float(min(room, self.radius) / self.radius)
         evidence['edge_overrun'] = self._edge_overrun(room, step)
         self.winners.appendleft((float(self.route[order[0]]), step))

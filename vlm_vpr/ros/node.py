@@ -277,7 +277,6 @@ class VprNode(LifecycleNode):
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
-        self._status = (DiagnosticStatus.OK, 'active')  # the cameras' state says more
         self.get_logger().info(
             f'active: localising {list(cfg.image_topics)} at most '
             f'{cfg.max_rate_hz} Hz ({cfg.mode})'

@@ -1,4 +1,4 @@
-"""Odometry between frames for the node (no ROS imports, so it is tested directly)."""
+"""The robot's odometry pose at a stamp for the node (no ROS imports, so it is tested directly)."""
 
 from __future__ import annotations
 

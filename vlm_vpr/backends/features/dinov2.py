@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlm_vpr.backends import model_location
+from vlm_vpr.backends import is_model_folder, model_location
 from vlm_vpr.core.config import FeatureConfig, RuntimeConfig
 from vlm_vpr.core.errors import ConfigError
 from vlm_vpr.core.images import as_bgr, resize_shorter_side
@@ -178,8 +178,8 @@ def _load_model(name: str, layer: int) -> nn.Module:
         'model.safetensors, or to a hub id (facebook/dinov2-small|base|large|giant) that is '
         'in the Hugging Face cache or can be downloaded (network on, HF_HUB_OFFLINE unset)'
     )
-    name = model_location(name)
-    if name.startswith(('/', '.')) and not Path(name).is_dir():  # a folder, not a hub id
+    folder, name = is_model_folder(name), model_location(name)
+    if folder and not Path(name).is_dir():
         raise ConfigError(f'DINOv2 model folder {name!r} does not exist: {fix}')
     try:
         config = AutoConfig.from_pretrained(name)

@@ -51,7 +51,7 @@ def description_scores(
     ends = np.searchsorted(map_owners, candidate_ids, side='right')
     scores = np.zeros(len(candidate_ids), np.float32)
     for c, (start, end) in enumerate(zip(starts, ends)):
-        if end > start and len(query_weights):  # the candidate's rows only, not the map's
+        if end > start:  # the candidate's rows only, not the map's
             cosines = query_embeddings @ map_embeddings[start:end].T  # [Q x rows]
             scores[c] = query_weights @ cosines.max(axis=1)
     return scores, ends > starts
