@@ -177,6 +177,22 @@ def test_eval_rejects_a_map_built_from_another_traversal_than_the_protocols(
         evaluate(dataset, 'interleaved', map_dir=campus_map, progress=False)
 
 
+def test_eval_accepts_the_map_it_builds_from_an_images_folder_that_is_a_link(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """The map stores its images folder resolved; the check resolved only the traversal, so
+    a linked images folder failed the map eval had just built."""
+    dataset = tmp_path / 'linked'
+    dataset.mkdir()
+    shutil.copy(data_root / 'campus_loop' / 'dataset.yaml', dataset)
+    for name in ('map', 'query'):
+        (dataset / name).mkdir()
+        shutil.copy(data_root / 'campus_loop' / name / 'poses.csv', dataset / name)
+        (dataset / name / 'images').symlink_to(data_root / 'campus_loop' / name / 'images')
+    report = evaluate(dataset, 'interleaved', max_queries=3, progress=False)
+    assert report['num_queries'] == 3
+
+
 def test_holdout_map_rejects_a_map_of_another_traversal(campus_map: Path, data_root: Path) -> None:
     queries = read_dataset(data_root / 'campus_loop').traversal('query')
     with pytest.raises(DatasetError, match='was not built from query'):

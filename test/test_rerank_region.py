@@ -189,3 +189,21 @@ def test_region_picks_never_bring_back_map_images_the_caller_left_out(
     assert sorted(c.map_index for c in result.candidates) == expected
     ignored = ['region: the picked regions hold no searchable map image; they are not used']
     assert result.notes == (ignored if picks == [2] else [])
+
+
+def test_an_empty_submap_is_the_whole_map_for_the_region_pick_too(region_map) -> None:
+    """`localize --near X Y` with no map image in the radius: the VLM still picks among the
+    whole map's regions (the pick was skipped as 'clear' on an empty search, and the whole-map
+    fallback came unordered)."""
+    vlm = picking([2])
+    localizer = Localizer(region_map, LocalizerConfig())  # no chain: built without a VLM
+    localizer.config = config()
+    localizer.rerankers = [RegionReranker(localizer.config, region_map, vlm)]
+    query = query_between(region_map, 6, 7)
+    empty = np.array([], dtype=np.int64)
+    result = localizer._search_and_rerank(
+        query.image_bgr, query.global_descriptor, {}, empty, None, time.perf_counter()
+    )
+    assert len(vlm.calls) == 1
+    assert sorted(c.map_index for c in result.candidates) == [6, 7]
+    assert result.notes == ['the requested submap holds no map image; searched the whole map']

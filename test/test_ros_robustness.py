@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from nav_msgs.msg import Odometry
 from rclpy.parameter import Parameter
-from ros_doubles import TfLookupDouble
+from ros_doubles import IDENTITY, TfLookupDouble
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
@@ -784,3 +784,28 @@ def test_two_cameras_look_each_stamp_up_once_for_the_gate_and_the_vote(
     # frame 1: nothing to move from; frame 2: the gate (since 1); frame 3: gate (since 2), vote
     # (since 1)
     assert sorted(looked_up) == sorted([stamps[0], stamps[1], *stamps])
+
+
+def test_a_shut_initial_pose_gate_looks_no_motion_up(campus_map: Path, good: np.ndarray) -> None:
+    """Once /initialpose is published the gate is shut until re-armed: the frames after it
+    need no motion, and with tf2 each lookup may wait TF_WAIT_S."""
+    stamps = [T0_NS + n * 1_000_000_000 for n in range(4)]
+    tf = TfLookupDouble()
+    tf.transforms[('odom', 'base_link')] = dict.fromkeys(stamps, IDENTITY)  # standing still
+    parameters = {
+        'map_path': str(campus_map),
+        'autostart': True,
+        'odom_frame': 'odom',
+        'initial_pose.enabled': True,
+        'initial_pose.consecutive_frames': 2,
+        'confidence.initial_pose_threshold': 0.01,
+        'max_rate_hz': 50.0,
+    }
+    with NodeHarness(parameters, tf_lookup=tf, namespace='shut_gate_test') as harness:
+        pub = harness.publisher(Image, 'image')
+        for stamp in stamps:
+            pub.publish(camera_msg(good, stamp))
+            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+        assert [stamp_ns(m.header) for m in harness.messages('/initialpose')] == [stamps[1]]
+    looked_up = [stamp for target, _, stamp in tf.calls if target == 'odom']
+    assert sorted(looked_up) == stamps[:2]  # the second frame's gate motion, then none

@@ -294,3 +294,32 @@ def test_openai_client_bounds_a_slow_name_lookup_by_the_timeout(
     with pytest.raises(VlmTimeoutError, match='did not answer within 0.5 s'):
         client.ask_json('describe', [colour_image(0)], 0.5)
     assert time.monotonic() - start < 2.0  # 0.5 s, not the lookup's 3 s
+
+
+def test_a_socket_the_late_name_lookup_opens_is_shut_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup finishes on its helper thread after the call gave up; the connection it then
+    opens must not stay open (the deadline's timer is cancelled when the call returns)."""
+    from vlm_vpr.backends.vlm import openai_http
+
+    resolve, shut = socket.getaddrinfo, []
+
+    def slow_resolver(host: str, *args: object, **kwargs: object) -> object:
+        if host == 'gpu-box.lan':
+            time.sleep(1.0)
+            host = '127.0.0.1'
+        return resolve(host, *args, **kwargs)
+
+    shut_down = openai_http._shut_down
+    monkeypatch.setattr(socket, 'getaddrinfo', slow_resolver)
+    monkeypatch.setattr(
+        openai_http, '_shut_down', lambda sock: shut.append(sock) or shut_down(sock)
+    )
+    with FakeOpenAIServer([]) as server:
+        url = server.base_url.replace('127.0.0.1', 'gpu-box.lan')
+        client = OpenAiVlm(VlmConfig(backend='openai', model='m', base_url=url, retries=0))
+        with pytest.raises(VlmTimeoutError, match='did not answer within 0.3 s'):
+            client.ask_json('describe', [colour_image(0)], 0.3)
+        deadline = time.monotonic() + 5.0
+        while not shut and time.monotonic() < deadline:  # the lookup ends 1 s after the call
+            time.sleep(0.05)
+        assert len(shut) == 1

@@ -98,7 +98,7 @@ def _check_built_from(vpr_map: VprMap, traversal_dir: Path) -> None:
     last three parts of the stored source, so a data folder that moved still matches; image
     names alone cannot tell Gardens Point's traversals apart)."""
     source = vpr_map.content.source
-    expected = (Path(traversal_dir).resolve() / 'images').parts[-3:]
+    expected = (Path(traversal_dir) / 'images').resolve().parts[-3:]  # as map build stores it
     if source and Path(source).parts[-3:] != expected:
         raise DatasetError(
             f'map {vpr_map.path} was built from {source}, not from {"/".join(expected)}: '

@@ -120,6 +120,9 @@ class Localizer:
         query = Query(image, descriptor, time.monotonic() + budget, time_budget_s=budget)
 
         t = time.perf_counter()
+        if submap is not None and len(submap) == 0:  # before the selectors: they search it too
+            query.notes.append('the requested submap holds no map image; searched the whole map')
+            submap = None
         for reranker in self.rerankers:
             select = getattr(reranker, 'select_submap', None)
             chosen = select(query, self.map, submap) if select is not None else None
@@ -129,9 +132,6 @@ class Localizer:
         scores, ids = search(
             self.map.index, self.map.content.descriptors, descriptor, depth, submap
         )
-        if len(ids) == 0:  # an empty submap: fall back to the whole map, and say so
-            query.notes.append('the requested submap holds no map image; searched the whole map')
-            scores, ids = search(self.map.index, self.map.content.descriptors, descriptor, depth)
         candidates = [self._candidate(int(i), float(s)) for s, i in zip(scores, ids)]
         timing['search'] = _ms(t)
 

@@ -642,14 +642,16 @@ class VprNode(LifecycleNode):
 
     def _motions(self, t_ns: int, topic: str, cfg: NodeConfig) -> tuple[Pose | None, Pose | None]:
         """The robot's motion up to ``t_ns`` since the last localised frame (for the
-        /initialpose gate, when enabled) and since ``topic``'s last frame (for its sequence
-        vote, when it has one), from TF (``odom_frame``) or the ``odom_topic`` messages. None
+        /initialpose gate, when enabled and armed) and since ``topic``'s last frame (for its
+        sequence vote, when it has one), from TF (``odom_frame``) or the ``odom_topic``. None
         without a source, a use or a previous frame; a frame whose motion the source cannot
         give (no pose near a stamp) counts once as ``motion_unknown``. Each stamp is looked up
         once (two cameras: three TF lookups, not four)."""
         source = self._odometry_source
+        with self._lock:  # a shut gate takes no motion until it is re-armed
+            gate_open = cfg.initial_pose.enabled and self._gate.armed
         wanted = (
-            self._previous_stamp_ns if cfg.initial_pose.enabled else None,
+            self._previous_stamp_ns if gate_open else None,
             self._camera_stamp_ns.get(topic) if topic in self._matchers else None,
         )
         if source is None or wanted == (None, None):

@@ -232,6 +232,7 @@ class _Deadline:
 
         threading.Thread(target=run, daemon=True, name='vlm-connect').start()
         if not finished.wait(max(0.0, self._end - time.monotonic())):
+            self._expire()  # now: the timer may not have fired yet, and leaving cancels it
             raise TimeoutError(f'connecting to {conn.host} took the whole time')
         if errors:
             raise errors[0]
