@@ -26,6 +26,7 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vlm_vpr test benchmarks launch
 	$(VENV)/bin/ruff format --check vlm_vpr test benchmarks launch
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)
 	$(PY) -m vlm_vpr.demo --data $(VLM_VPR_DATA) --out $(OUT)/demo

@@ -322,8 +322,7 @@ def write_replicated_map(
         descriptors,
         [f'{i:07d}_{content.image_names[i % n]}' for i in range(count)],
         [content.poses[i % n] for i in range(count)],
-        pca[0] if pca else None,
-        pca[1] if pca else None,
+        pca,
         [jpegs[i % n] for i in range(count)] if jpegs else None,
         f'{count} noisy copies of {real_dir}',
     )
@@ -717,8 +716,7 @@ def memory_rows(ws: Workspace) -> list[Row]:
         )
     ]
     size = ws.args.memory_map_size
-    content = read_map(big, load_index=False).content
-    pca = (content.pca_mean, content.pca_components) if content.pca_mean is not None else None
+    pca = read_map(big, load_index=False).content.pca
     map_dir = write_replicated_map(
         ws.real_map('rootsift')[0], ws.root / 'memory_map', size, thumbnails=False, pca=pca
     )

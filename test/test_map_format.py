@@ -135,15 +135,15 @@ def test_read_map_rejects_unknown_index_type(map_dir: Path) -> None:
 def test_pca_is_stored_as_float16_and_read_back_as_the_same_values(tmp_path: Path) -> None:
     content = make_content(dim=16)
     rng = np.random.default_rng(4)
-    content.pca_mean = rng.normal(size=32).astype(np.float32)
+    mean = rng.normal(size=32).astype(np.float32)
     components = rng.normal(size=(16, 32)).astype(np.float16).astype(np.float32)
-    content.pca_components = components
+    content.pca = (mean, components)
     path = write_map(content, tmp_path / 'm')
     assert np.load(path / 'pca_components.npy').dtype == np.float16
-    loaded = read_map(path).content
-    assert loaded.pca_components.dtype == np.float32
-    np.testing.assert_array_equal(loaded.pca_components, components)
-    np.testing.assert_array_equal(loaded.pca_mean, content.pca_mean)
+    loaded_mean, loaded_components = read_map(path).content.pca
+    assert loaded_components.dtype == np.float32
+    np.testing.assert_array_equal(loaded_components, components)
+    np.testing.assert_array_equal(loaded_mean, mean)
 
 
 def test_exact_map_stores_no_index_file_and_rebuilds_it_on_read(map_dir: Path) -> None:

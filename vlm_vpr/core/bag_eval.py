@@ -107,6 +107,7 @@ def evaluate_bags(
         )
         for bag_path in bag_paths
     ]
+    bags: dict[str, str | list[str]]
     if len(bag_paths) == 1:
         bags, per_query = {'bag': str(bag_paths[0])}, runs[0][0]
     else:  # pooled: each row names its bag
@@ -294,13 +295,21 @@ def plot_trajectory(report: dict[str, Any], path: str | Path) -> None:
     pose = np.array([f['pose'][:2] for f in report['per_query']]).reshape(-1, 2)
     confidence = np.array([f['confidence'] for f in report['per_query']])
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(*map_xy.T, s=8, c='0.75', label='map images')
+    ax.scatter(map_xy[:, 0], map_xy[:, 1], s=8, c='0.75', label='map images')
     ax.plot(*truth.T, '-', c='k', lw=1, label='truth')
     for t, p, f in zip(truth, pose, report['per_query']):
         if f['error_m'] > report['tolerance_m']:
             ax.plot([t[0], p[0]], [t[1], p[1]], '-', c='tab:red', lw=0.8)
     points = ax.scatter(
-        *pose.T, s=16, c=confidence, cmap='viridis', vmin=0, vmax=1, label='estimates', zorder=3
+        pose[:, 0],
+        pose[:, 1],
+        s=16,
+        c=confidence,
+        cmap='viridis',
+        vmin=0,
+        vmax=1,
+        label='estimates',
+        zorder=3,
     )
     fig.colorbar(points, ax=ax, label='confidence', shrink=0.8)
     ax.set_aspect('equal')

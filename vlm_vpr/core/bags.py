@@ -16,12 +16,12 @@ import logging
 import math
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,9 +29,6 @@ from vlm_vpr.core.datasets import Traversal
 from vlm_vpr.core.errors import BagError, ImageError
 from vlm_vpr.core.images import as_bgr, read_image
 from vlm_vpr.core.types import Pose
-
-if TYPE_CHECKING:
-    from typing import Self  # Python >= 3.11 at type-check time only
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,7 @@ def read_posed_images(
     min_rotation_rad: float = math.radians(15),
     max_pose_gap_s: float = MAX_POSE_GAP_S,
     progress: bool = True,
-) -> Iterator[PosedImage]:
+) -> Generator[PosedImage, None, None]:
     """Keyframe images of ``image_topic`` with their poses from ``pose_topic``.
 
     The pose source is a ``nav_msgs/msg/Odometry``, ``geometry_msgs/msg/PoseStamped`` or
@@ -126,8 +123,8 @@ def read_posed_images(
     ``min_rotation_rad`` from it (set both to 0 to keep every image).
 
     The bag, topics and poses are checked before this returns (BagError); images are then
-    decoded lazily, one keyframe at a time. Undecodable images are skipped with a warning.
-    ``progress`` shows a tqdm bar on a terminal.
+    decoded lazily, one keyframe at a time (``close()`` the generator to stop reading early).
+    Undecodable images are skipped with a warning. ``progress`` shows a tqdm bar on a terminal.
     """
     if min_distance_m < 0 or min_rotation_rad < 0 or max_pose_gap_s <= 0:
         raise BagError('min_distance_m and min_rotation_rad must be >= 0 and max_pose_gap_s > 0')
@@ -168,7 +165,7 @@ def read_pose_track(
             xyz, quat = _chain_at(chain, stamp_ns, max_gap_ns)
         except _PoseUnavailable:
             return None
-        return Pose(*(float(v) for v in xyz), *(float(v) for v in quat))
+        return _pose(xyz, quat)
 
     return pose_at
 
@@ -418,6 +415,12 @@ def _chain_at(
     return xyz, quat
 
 
+def _pose(xyz: np.ndarray, quat: np.ndarray) -> Pose:
+    x, y, z = (float(v) for v in xyz)
+    qx, qy, qz, qw = (float(v) for v in quat)
+    return Pose(x, y, z, qx, qy, qz, qw)
+
+
 def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product of (x, y, z, w) quaternions."""
     ax, ay, az, aw = a
@@ -468,7 +471,7 @@ def _iter_keyframes(
     min_distance_m: float,
     min_rotation_rad: float,
     progress: bool,
-) -> Iterator[PosedImage]:
+) -> Generator[PosedImage, None, None]:
     from rosbags.image import ImageError as RosImageError
     from tqdm import tqdm
 
@@ -514,7 +517,7 @@ def _iter_keyframes(
                 continue
             last = (xyz, quat)
             kept += 1
-            pose = Pose(*(float(v) for v in xyz), *(float(v) for v in quat))
+            pose = _pose(xyz, quat)
             yield PosedImage(f'{index:06d}_{stamp_ns}', stamp_ns, image, pose)
     log.info(
         '%s: kept %d of %d images; skipped: %s', image_topic, kept, total, dict(skipped) or 'none'
@@ -543,9 +546,7 @@ def image_message_to_cvimage(msg: Any, encoding: str | None = None) -> np.ndarra
         return compressed_image_to_cvimage(msg, encoding)
     fields = {'width': msg.width, 'encoding': msg.encoding, 'is_bigendian': msg.is_bigendian}
     try:
-        row = image_to_cvimage(
-            SimpleNamespace(height=1, data=bytes(msg.data[: msg.step]), **fields)
-        )
+        row = image_to_cvimage(_duck_image(height=1, data=bytes(msg.data[: msg.step]), **fields))
     except (TypeError, ValueError) as exc:  # numpy: the buffer is too small for one row
         raise ImageError(
             f'step {msg.step} is shorter than a row of {msg.width} {msg.encoding} pixels'
@@ -553,7 +554,12 @@ def image_message_to_cvimage(msg: Any, encoding: str | None = None) -> np.ndarra
     data = np.frombuffer(msg.data, np.uint8)[: msg.step * msg.height]
     if msg.step > row.nbytes:  # padded rows: a packed copy (unpadded ones are read in place)
         data = data.reshape(msg.height, msg.step)[:, : row.nbytes].reshape(-1)
-    return image_to_cvimage(SimpleNamespace(height=msg.height, data=data, **fields), encoding)
+    return image_to_cvimage(_duck_image(height=msg.height, data=data, **fields), encoding)
+
+
+def _duck_image(**fields: Any) -> Any:
+    """An object with the Image fields rosbags-image reads (it needs no header or step)."""
+    return SimpleNamespace(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +589,7 @@ class BagWriter:
         self._typestore = _typestore()
         self._connections: dict[str, Any] = {}
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> BagWriter:
         self._writer.open()
         return self
 

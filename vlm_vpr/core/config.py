@@ -379,23 +379,27 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f'{prefix}{name} is a section: give {prefix}{name}.<field>')
             kwargs[name] = _build(type(default), value, f'{prefix}{name}.')
+        elif isinstance(default, tuple):  # tuple[X, ...]: its elements as X
+            element = typing.get_args(typing.get_type_hints(cls)[name])[0]
+            kwargs[name] = _coerce_list(value, element, prefix + name)
         else:
-            element = None  # a tuple setting's element type: X of tuple[X, ...]
-            if isinstance(default, tuple):
-                element = typing.get_args(typing.get_type_hints(cls)[name])[0]
-            kwargs[name] = _coerce(value, default, prefix + name, element)
+            kwargs[name] = _coerce(value, default, prefix + name)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, default: Any, key: str, element: type | None = None) -> Any:
-    """``value`` as the type of ``default`` (a tuple setting's elements as ``element``: int,
-    float or str). Raises ConfigError naming ``key``."""
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.replace(',', ' ').split() if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f'{key} must be a list, got {value!r}')
-        return tuple(_coerce_element(v, element, key, value) for v in value)
+def _coerce_list(value: Any, element: type, key: str) -> tuple:
+    """``value`` (a list, tuple, or a string of items split by commas or spaces) as a tuple
+    of ``element``: int, float or str. Raises ConfigError naming ``key``."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(',', ' ').split() if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f'{key} must be a list, got {value!r}')
+    return tuple(_coerce_element(v, element, key, value) for v in value)
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """``value`` as the type of ``default`` (bool, int, float or str). Raises ConfigError
+    naming ``key``."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f'{key} must be true or false, got {value!r}')

@@ -181,12 +181,14 @@ def run_queries(
     if split not in (None, 'fit', 'test'):
         raise ConfigError(f"split must be 'fit' or 'test', got {split!r}")
     count = len(queries) if max_queries is None else min(max(max_queries, 0), len(queries))
-    ids = np.unique(np.linspace(0, len(queries) - 1, count).astype(int)) if count else []
-    wanted = {int(i) for i in ids if split is None or (i // SPLIT_BLOCK) % 2 == (split == 'test')}
+    spread = np.unique(np.linspace(0, len(queries) - 1, count).astype(int))
+    wanted = {
+        int(i) for i in spread if split is None or (i // SPLIT_BLOCK) % 2 == (split == 'test')
+    }
     if not wanted:
         raise DatasetError(_no_query_selected(len(queries), max_queries, split))
-    if sequence is None:
-        ids = sorted(wanted)
+    # a sequence votes over every query in order; it reports the wanted ones
+    ids = sorted(wanted) if sequence is None else [int(i) for i in spread]
     per_query = []
     iterator = ids
     if progress:

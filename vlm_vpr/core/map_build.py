@@ -149,7 +149,7 @@ def build_map(
             thumbnails.update((i, encode_thumbnail(im, size_px)) for i, im in images.items())
         return images
 
-    sample_features = {}
+    sample_features: dict[int, np.ndarray] = {}  # image id -> its local features [M x D]
     chunks = [sample_ids[i : i + batch] for i in range(0, len(sample_ids), batch)]
     for chunk in _progress(chunks, progress, 'codebook features'):
         images = read(chunk)
@@ -176,8 +176,7 @@ def build_map(
         descriptors,
         list(names),
         list(poses),
-        pca[0] if pca else None,
-        pca[1] if pca else None,
+        pca,
         [thumbnails[i] for i in range(n)] if size_px else None,
         source,
     )

@@ -112,7 +112,7 @@ def describe_map(
 
     def save() -> None:
         if any(per_image):
-            meta = {
+            meta: dict[str, object] = {
                 'model': client.model_name,
                 'prompt': prompt,
                 'text_embedder': embedder.model_name,
@@ -171,7 +171,7 @@ def _earlier_descriptions(
         meta = vpr_map.read_extra_json(DESCRIPTIONS_EXTRA)
         if meta is None:
             return [[] for _ in range(len(vpr_map))], set()
-        per_image = [
+        per_image: list[list[dict[str, float | str]]] = [
             [{'text': str(d['text']), 'weight': float(d['weight'])} for d in descriptions]
             for descriptions in meta['images']
         ]

@@ -61,8 +61,8 @@ class MapContent:
     descriptors: np.ndarray  # [N x D] float16, L2-normalised rows
     image_names: list[str]
     poses: list[Pose]
-    pca_mean: np.ndarray | None = None  # [D_vlad] float32
-    pca_components: np.ndarray | None = None  # [D x D_vlad] float32 (float16 on disk)
+    # (mean [D_vlad] float32, components [D x D_vlad] float32, float16 on disk); None: no PCA
+    pca: tuple[np.ndarray, np.ndarray] | None = None
     thumbnails: list[bytes] | None = None  # JPEG-encoded down-scaled map images, one per image
     source: str = ''  # where the images came from, for `map info`
 
@@ -140,9 +140,9 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
     try:
         np.save(tmp / 'codebook.npy', content.codebook.astype(np.float32))
         np.save(tmp / 'descriptors.npy', np.asarray(content.descriptors, dtype=np.float16))
-        if content.pca_components is not None:
-            np.save(tmp / 'pca_mean.npy', content.pca_mean.astype(np.float32))
-            np.save(tmp / 'pca_components.npy', content.pca_components.astype(np.float16))
+        if content.pca is not None:
+            np.save(tmp / 'pca_mean.npy', content.pca[0].astype(np.float32))
+            np.save(tmp / 'pca_components.npy', content.pca[1].astype(np.float16))
         _write_poses(tmp / 'poses.csv', content.image_names, content.poses)
         if content.thumbnails is not None:
             _write_thumbnails(tmp / 'thumbnails', content.thumbnails)
@@ -166,7 +166,7 @@ def write_map(content: MapContent, out_dir: str | Path, overwrite: bool = False)
             'descriptor_dim': int(content.descriptors.shape[1]),
             'local_dim': int(content.codebook.shape[1]),
             'num_clusters': int(content.codebook.shape[0]),
-            'pca': content.pca_components is not None,
+            'pca': content.pca is not None,
             'index_type': kind,
             'thumbnails': content.thumbnails is not None,
             'extras': {},
@@ -188,10 +188,10 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
     codebook_shape = (_int_field(manifest, 'num_clusters'), _int_field(manifest, 'local_dim'))
     codebook = _load_array(path, 'codebook.npy', codebook_shape)
     descriptors = _load_array(path, 'descriptors.npy', (n, dim))
-    pca_mean = pca_components = None
+    pca = None
     if manifest.get('pca'):
         pca_components = _load_array(path, 'pca_components.npy', (dim, None)).astype(np.float32)
-        pca_mean = _load_array(path, 'pca_mean.npy', (pca_components.shape[1],))
+        pca = (_load_array(path, 'pca_mean.npy', (pca_components.shape[1],)), pca_components)
     image_names, poses = _read_poses(path / 'poses.csv')
     if len(image_names) != n:
         raise MapError(
@@ -204,8 +204,7 @@ def read_map(map_dir: str | Path, load_index: bool = True) -> VprMap:
         descriptors,
         image_names,
         poses,
-        pca_mean,
-        pca_components,
+        pca,
         None,
         str(manifest.get('source', '')),
     )
@@ -330,10 +329,10 @@ def project_descriptor(vlad: np.ndarray, vpr_map: VprMap) -> np.ndarray:
     """Apply the map's PCA (if any) to VLAD vectors [Q x D_vlad] -> [Q x D], L2-normalised."""
     from vlm_vpr.core.vlad import apply_pca
 
-    content = vpr_map.content
-    if content.pca_components is None:
+    pca = vpr_map.content.pca
+    if pca is None:
         return vlad.astype(np.float32)
-    return apply_pca(vlad, content.pca_mean, content.pca_components)
+    return apply_pca(vlad, *pca)
 
 
 def _load_index(vpr_map: VprMap) -> Any:

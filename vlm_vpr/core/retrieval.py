@@ -31,10 +31,12 @@ def build_index(descriptors: np.ndarray, config: IndexConfig, force_flat: bool =
     n, dim = descriptors.shape
     kind = 'flat' if force_flat else index_type(config, n)
     fp16 = faiss.ScalarQuantizer.QT_fp16
+    index: Any
     if kind == 'flat':
         index = faiss.IndexScalarQuantizer(dim, fp16, faiss.METRIC_INNER_PRODUCT)
-    elif kind == 'hnsw':
-        index = faiss.IndexHNSWSQ(dim, fp16, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    elif kind == 'hnsw':  # faiss's stubs miss this SWIG overload
+        hnsw_sq: Any = faiss.IndexHNSWSQ
+        index = hnsw_sq(dim, fp16, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.hnsw_ef_construction
     else:
         train_rows = min(n, config.train_max_rows)

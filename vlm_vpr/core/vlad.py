@@ -89,7 +89,7 @@ def fit_codebook(local_sets: list[np.ndarray], config: VladConfig) -> np.ndarray
     )
     kmeans.train(np.ascontiguousarray(sample))
     log.info('codebook: %d centres from %d local descriptors', k, len(sample))
-    return l2_normalize(kmeans.centroids.astype(np.float32), axis=1)
+    return l2_normalize(np.asarray(kmeans.centroids, np.float32), axis=1)
 
 
 def fit_pca(vlads: np.ndarray, config: VladConfig) -> tuple[np.ndarray, np.ndarray] | None:
