@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from vlm_vpr.core.types import Pose
 from vlm_vpr.core.vlad import aggregate_vlad, apply_pca, fit_codebook, fit_pca
 
 log = logging.getLogger(__name__)
+
+T = TypeVar('T')
 
 
 def build_map_from_folder(
@@ -142,7 +145,7 @@ def build_map(
     size_px = config.thumbnail_size_px  # 0: no thumbnails
     thumbnails: dict[int, bytes] = {}
 
-    def read(ids: Sequence[int]) -> dict[int, np.ndarray]:
+    def read(ids: Iterable[int]) -> dict[int, np.ndarray]:
         """Images by id; their thumbnails are encoded now, so each image is read once."""
         images = {int(i): load_image(int(i)) for i in ids}
         if size_px:
@@ -211,7 +214,9 @@ def encode_thumbnail(image_bgr: np.ndarray, size_px: int) -> bytes:
     return jpeg.tobytes()
 
 
-def _progress(items, enabled: bool, desc: str, total: int | None = None):
+def _progress(
+    items: Iterable[T], enabled: bool, desc: str, total: int | None = None
+) -> Iterable[T]:
     if not enabled:
         return items
     from tqdm import tqdm
