@@ -152,6 +152,10 @@ def test_a_frame_whose_size_disagrees_with_its_camera_info_is_a_diagnosed_skip(
         'calibration of 426x240' in capfd.readouterr().err
     )
     assert diagnostic_values(harness, 'skipped_bad_camera_info', str(before + 1)) is not None
+    (status,) = harness.messages('/diagnostics')[-1].status  # the skip and the missing info
+    assert status.level == b'\x01'
+    assert status.message.startswith(f'{IMAGE_TOPIC}: last frame skipped (bad_camera_info); ')
+    assert status.message.endswith("; no camera_info on ['camera2/camera_info']")
     # the node goes on: the next frame of the calibrated size is localised
     assert localise(harness, 'image', camera_msg(distorted, stamp + 1_000_000_000)) is not None
     assert not any(stamp_ns(m.header) == stamp for m in harness.messages('pose'))
@@ -168,6 +172,6 @@ def test_a_camera_without_camera_info_is_localised_unrectified_and_reported(
     values = diagnostic_values(harness, 'camera_info_missing', str(before + 1))
     assert values is not None and values['camera_info_missing_on'] == 'camera2/camera_info'
     level, message = harness.node.status
-    assert level == b'\x00'  # not blocked: the last frame localised (OK) ...
+    assert level == b'\x00', message  # not blocked: the last frame localised (OK) ...
     (status,) = harness.messages('/diagnostics')[-1].status
     assert status.level == b'\x01' and 'no camera_info on' in status.message  # ... but warned

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from vlm_vpr.core.errors import ImageError
 from vlm_vpr.core.images import read_image
 from vlm_vpr.ros.conversions import stamp_ns
 from vlm_vpr.ros.harness import NodeHarness, camera_msg, header_at, odometry_msg, wait_until
+from vlm_vpr.ros.node import RECEIPTS_KEPT, STALE_MIN_S, camera_silence, record_receipt
 from vlm_vpr.ros.tf_adapter import tf_available
 
 T0_NS = 1_700_000_000_000_000_000
@@ -146,9 +149,84 @@ def test_a_camera_whose_frames_are_skipped_warns_while_another_camera_localises(
     values = {kv.key: kv.value for kv in msg.status[0].values}
     assert values['camera image'] == 'localising'
     time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['image'].publish(camera_msg(good, bad + 1))  # neither camera is silent
     harness.pubs['compressed'].publish(camera_msg(good, bad + 1, compressed=True))
     assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == bad + 1, 30.0)
     assert harness.node.status == (b'\x00', 'localising')
+
+
+def test_a_camera_is_stale_after_no_frame_for_three_seconds_or_five_of_its_usual_gaps() -> None:
+    s = 1_000_000_000
+    fast = [0, s // 10, 2 * s // 10, 3 * s // 10, 5 * s]  # every 0.1 s (median), one pause
+    assert camera_silence(fast, 5 * s + 3 * s) is None  # 5 gaps = 0.5 s: the 3 s minimum holds
+    assert camera_silence(fast, 5 * s + 3 * s + 1) == pytest.approx((3.0, 0.1))
+    slow = [0, s, 2 * s]  # every 1 s: stale after 5 s
+    assert camera_silence(slow, 2 * s + 5 * s) is None
+    assert camera_silence(slow, 2 * s + 5 * s + 1) == pytest.approx((5.0, 1.0))
+    assert camera_silence([0], 100 * s) is None  # one frame: no gap to judge by
+    assert camera_silence([], 100 * s) is None
+    assert camera_silence(slow, 0) is None  # the clock went back before the last frame
+    receipts: deque[int] = deque(maxlen=RECEIPTS_KEPT)
+    for n in range(3 * RECEIPTS_KEPT):
+        record_receipt(receipts, 100 * s + n * s // 10)
+    assert len(receipts) == RECEIPTS_KEPT
+    record_receipt(receipts, 3 * s)  # a looped bag: the record restarts
+    assert list(receipts) == [3 * s]
+    assert camera_silence(receipts, 100 * s) is None
+
+
+def test_a_camera_that_stops_sending_warns_as_stale_until_its_frames_come_again(
+    harness: NodeHarness, good: np.ndarray
+) -> None:
+    stamp = T0_NS + 9000 * 1_000_000_000
+    frames = {
+        'image': camera_msg(good, stamp),
+        'compressed': camera_msg(good, stamp, compressed=True),
+    }
+
+    def send(names: list[str], until: Any, timeout_s: float) -> bool:
+        """Publish on each of ``names`` at about 20 Hz until ``until()`` or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name in names:
+                harness.pubs[name].publish(frames[name])
+            if until():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def warned() -> dict[str, str]:  # camera -> state, for each camera the status names
+        level, message = harness.node.status
+        return dict(p.split(': ', 1) for p in message.split('; ')) if level == b'\x01' else {}
+
+    received = harness.node.counts().get('received', 0)
+    # a full record of both cameras at 20 Hz, each localised at least once (max_rate_hz 2)
+    assert send(
+        ['image', 'compressed'],
+        lambda: (
+            harness.node.counts().get('received', 0) >= received + 2 * (RECEIPTS_KEPT + 2)
+            and harness.node.status == (b'\x00', 'localising')
+        ),
+        5.0,
+    )
+    began = time.monotonic()
+    assert send(['image'], lambda: 'no frame for' in warned().get(COMPRESSED_TOPIC, ''), 6.0)
+    assert time.monotonic() - began >= STALE_MIN_S - 0.1  # not before 3 s without a frame
+    states = warned()
+    assert list(states) == [COMPRESSED_TOPIC]  # the other camera is not named
+    assert re.fullmatch(
+        r'no frame for \d+\.\d s \(usually every 0\.\d\d s\)', states[COMPRESSED_TOPIC]
+    )
+    harness.node.publish_diagnostics()
+    key = f'camera {COMPRESSED_TOPIC}'
+    assert harness.wait_for(
+        '/diagnostics',
+        lambda m: any(kv.key == key and 'no frame for' in kv.value for kv in m.status[0].values),
+        2.0,
+    )
+    assert send(
+        ['image', 'compressed'], lambda: harness.node.status == (b'\x00', 'localising'), 2.0
+    )
 
 
 def test_a_100_hz_flood_drops_stale_frames_keeps_the_rate_and_localises_the_newest(

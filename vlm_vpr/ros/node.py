@@ -21,11 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import statistics
 import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,35 @@ WARN_PERIOD_S = 5.0  # a skip reason (or frame warning) is logged at most this o
 # a camera's state in /diagnostics while active: its last frame's outcome
 NO_FRAME_YET = 'no frame yet'
 LOCALISING = 'localising'
+# ... unless it is stale (see camera_silence): no frame for max(STALE_MIN_S, STALE_PERIODS x
+# the median gap between its last RECEIPTS_KEPT frames)
+STALE_MIN_S = 3.0  # what a diagnostic_aggregator allows before it calls a status stale: 5 s
+STALE_PERIODS = 5.0
+RECEIPTS_KEPT = 20
+
+
+def record_receipt(receipts_ns: deque[int], now_ns: int) -> None:
+    """Add a frame's receipt time (ROS clock, ns) to its camera's ``receipts_ns``; a clock
+    that went backwards (a looped bag with use_sim_time) restarts the record."""
+    if receipts_ns and now_ns < receipts_ns[-1]:
+        receipts_ns.clear()
+    receipts_ns.append(now_ns)
+
+
+def camera_silence(receipts_ns: Sequence[int], now_ns: int) -> tuple[float, float] | None:
+    """(seconds since the camera's last frame, its usual gap between frames in seconds) while
+    the camera is stale, else None. ``receipts_ns``: its recent frame receipt times (ROS clock,
+    ns, oldest first); the usual gap is the median gap between them. Stale: the last frame is
+    more than max(STALE_MIN_S, STALE_PERIODS x the usual gap) old. Two frames (one gap) are
+    needed to judge; a clock now before the last frame (gone backwards) is not stale."""
+    if len(receipts_ns) < 2:
+        return None
+    times = list(receipts_ns)
+    usual_s = statistics.median(b - a for a, b in zip(times, times[1:])) / 1e9
+    silent_s = (now_ns - times[-1]) / 1e9
+    if silent_s <= max(STALE_MIN_S, STALE_PERIODS * usual_s):
+        return None
+    return silent_s, usual_s
 
 
 @dataclass
@@ -152,6 +182,7 @@ class VprNode(LifecycleNode):
         self._last: dict[str, Any] = {}
         self._status = (DiagnosticStatus.WARN, 'unconfigured')  # the lifecycle's; see status
         self._cameras: dict[str, str] = {}  # image topic -> its last frame's outcome (active)
+        self._receipts_ns: dict[str, deque[int]] = {}  # image topic -> its last receipt times
         self._transition_error = ''  # the exception a lifecycle transition raised, for on_error
         self._warned_s: dict[str, float] = {}
         self._info_topics: dict[str, str] = {}  # image topic -> its camera_info topic
@@ -274,6 +305,7 @@ class VprNode(LifecycleNode):
         self._forget_past_frames()
         with self._lock:
             self._cameras = dict.fromkeys(cfg.image_topics, NO_FRAME_YET)
+            self._receipts_ns = {t: deque(maxlen=RECEIPTS_KEPT) for t in cfg.image_topics}
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
@@ -369,6 +401,7 @@ class VprNode(LifecycleNode):
             self._slots.clear()
             self._camera_infos.clear()
             self._cameras = {}
+            self._receipts_ns = {}
             for waiter in self._waiters:
                 waiter.cancelled = why
                 waiter.done.set()
@@ -438,6 +471,8 @@ class VprNode(LifecycleNode):
             if topic in self._slots:
                 self._counts['dropped'] += 1
             self._slots[topic] = _Frame(msg, topic, time.monotonic())
+            if topic in self._receipts_ns:  # every frame, dropped or not: is the camera alive
+                record_receipt(self._receipts_ns[topic], self.get_clock().now().nanoseconds)
             self._lock.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo, topic: str) -> None:
@@ -790,9 +825,26 @@ class VprNode(LifecycleNode):
         """(DiagnosticStatus level, message) as published on /diagnostics (which also warns of
         missing camera_info). While active, from each camera's last frame: OK when every
         camera's was localised (or none has sent one yet), WARN naming each camera whose last
-        frame was skipped or that has sent none while others have."""
+        frame was skipped, that has sent none while others have, or that is stale (no frame for
+        longer than max(STALE_MIN_S, STALE_PERIODS x its usual gap): see camera_silence)."""
+        return self._status_of(self._camera_states())
+
+    def _camera_states(self) -> dict[str, str]:
+        """Each camera's state (active): ``no frame for ...`` while it is stale, else its last
+        frame's outcome."""
+        now_ns = self.get_clock().now().nanoseconds
         with self._lock:
-            cameras = dict(self._cameras)
+            states = dict(self._cameras)
+            for topic, receipts_ns in self._receipts_ns.items():
+                silence = camera_silence(receipts_ns, now_ns)
+                if silence is not None and topic in states:
+                    states[topic] = (
+                        f'no frame for {silence[0]:.1f} s (usually every {silence[1]:.2f} s)'
+                    )
+        return states
+
+    def _status_of(self, cameras: dict[str, str]) -> tuple[bytes, str]:
+        """The status for the cameras' states (``_camera_states``); the lifecycle's without."""
         if not cameras:
             return self._status
         if set(cameras.values()) == {NO_FRAME_YET}:
@@ -821,9 +873,9 @@ class VprNode(LifecycleNode):
             return dict(self._counts)
 
     def publish_diagnostics(self) -> None:
-        level, message = self.status
+        cameras = self._camera_states()
+        level, message = self._status_of(cameras)
         with self._lock:
-            cameras = dict(self._cameras)
             values = {k: str(v) for k, v in sorted(self._counts.items())}
             stages = {k: float(np.median(v)) for k, v in self._stage_ms.items() if v}
             notes = self._last.get('notes', [])
@@ -849,8 +901,9 @@ class VprNode(LifecycleNode):
         values.update({f'camera {topic}': state for topic, state in cameras.items()})
         if self._info_topics:
             values['camera_info_missing_on'] = ', '.join(no_info)
-            if no_info and level == DiagnosticStatus.OK:
-                level, message = DiagnosticStatus.WARN, f'{message}; no camera_info on {no_info}'
+            if no_info:  # also beside another warning
+                level = max(level, DiagnosticStatus.WARN)
+                message = f'{message}; no camera_info on {no_info}'
         status = DiagnosticStatus(
             level=level,
             name=f'{self.get_name()}: localization',
