@@ -88,7 +88,7 @@ def send_camera_info(harness: NodeHarness, width: int, height: int, stamp: int) 
 def localise(harness: NodeHarness, topic: str, msg: Any) -> Any:
     harness.pubs[topic].publish(msg)
     stamp = stamp_ns(msg.header)
-    return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
+    return harness.wait_for_pose(stamp)
 
 
 def diagnostic_values(harness: NodeHarness, key: str, value: str) -> dict[str, str] | None:

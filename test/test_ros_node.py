@@ -76,7 +76,7 @@ def send(harness: NodeHarness, queries: Traversal, i: int, stamp: int) -> Any:
     harness.pubs['compressed' if compressed else 'image'].publish(
         camera_msg(read_image(queries.image_paths[i]), stamp, compressed)
     )
-    return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
+    return harness.wait_for_pose(stamp)
 
 
 @pytest.fixture(scope='module')

@@ -65,7 +65,7 @@ def harness(campus_map: Path) -> NodeHarness:
 def localise_good_frame(harness: NodeHarness, image: np.ndarray, stamp: int) -> Any:
     time.sleep(1.0 / MAX_RATE_HZ)  # let the rate limit pass so the bad frame is not replaced
     harness.pubs['image'].publish(camera_msg(image, stamp))
-    return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
+    return harness.wait_for_pose(stamp)
 
 
 def wrong_encoding(image: np.ndarray) -> Image:
@@ -151,7 +151,7 @@ def test_a_camera_whose_frames_are_skipped_warns_while_another_camera_localises(
     time.sleep(1.0 / MAX_RATE_HZ)
     harness.pubs['image'].publish(camera_msg(good, bad + 1))  # neither camera is silent
     harness.pubs['compressed'].publish(camera_msg(good, bad + 1, compressed=True))
-    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == bad + 1, 30.0)
+    assert harness.wait_for_pose(bad + 1)
     assert harness.node.status == (b'\x00', 'localising')
 
 
@@ -240,7 +240,7 @@ def test_a_100_hz_flood_drops_stale_frames_keeps_the_rate_and_localises_the_newe
         harness.pubs['image'].publish(msg)
         time.sleep(0.01)
     last = stamp_ns(frames[-1].header)
-    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == last, 30.0) is not None
+    assert harness.wait_for_pose(last) is not None
     elapsed = time.monotonic() - began
     after = harness.node.counts()
     # counts() holds only the counters raised so far: none before this test's first frame
@@ -290,10 +290,7 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
     other = read_image(queries.image_paths[20])
     harness.pubs['image'].publish(camera_msg(good, primer + 1))
     harness.pubs['compressed'].publish(camera_msg(other, primer + 2, compressed=True))
-    poses = {
-        stamp: harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
-        for stamp in (primer, primer + 1, primer + 2)
-    }
+    poses = {stamp: harness.wait_for_pose(stamp) for stamp in (primer, primer + 1, primer + 2)}
 
     assert batch_sizes == [1, 2]
     assert all(p is not None for p in poses.values())
@@ -327,9 +324,9 @@ def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
     assert hold.entered.wait(30.0)  # the worker is busy with the primer: both frames wait
     harness.pubs['image'].publish(camera_msg(good, primer + 1))
     harness.pubs['compressed'].publish(camera_msg(small, primer + 2, compressed=True))
-    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer, 30.0) is not None
+    assert harness.wait_for_pose(primer) is not None
 
-    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == primer + 1, 30.0) is not None
+    assert harness.wait_for_pose(primer + 1) is not None
     assert wait_until(
         lambda: harness.node.counts().get('skipped_localize_error', 0) == before + 1, 10.0
     )
@@ -414,7 +411,7 @@ def test_a_missing_transform_skips_the_frame_until_tf_arrives(
         tf.transforms.clear()  # the camera on the base origin: the pose moves by the lever arm
         pub.publish(camera_msg(good, T0_NS + 2_000_000_000))
         last = T0_NS + 2_000_000_000
-        plain = harness.wait_for('pose', lambda m: stamp_ns(m.header) == last, 30.0)
+        plain = harness.wait_for_pose(last)
     a, b = plain.pose.pose.position, moved.pose.pose.position
     assert math.hypot(a.x - b.x, a.y - b.y) == pytest.approx(2.0, abs=1e-6)
 
@@ -433,7 +430,7 @@ def test_use_tf_without_tf2_falls_back_to_the_camera_offset_parameters(
     }
     with NodeHarness(parameters, namespace='no_tf2_test') as fallback:
         fallback.publisher(Image, 'image').publish(camera_msg(good, stamp))
-        moved = fallback.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
+        moved = fallback.wait_for_pose(stamp)
     assert 'use_tf is set but tf2_ros is not installed' in capfd.readouterr().err
     assert plain is not None and moved is not None
     a, b = plain.pose.pose.position, moved.pose.pose.position
@@ -456,7 +453,7 @@ def test_odom_frame_without_tf2_votes_in_frame_order(
         for n in range(2):
             stamp = T0_NS + n * 1_000_000_000
             pub.publish(camera_msg(good, stamp))
-            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+            assert harness.wait_for_pose(stamp)
         assert harness.node._odometry_source is None
     assert 'odom_frame is set but tf2_ros is not installed: frames vote in frame order' in (
         capfd.readouterr().err
@@ -513,13 +510,13 @@ def test_one_ambiguous_frame_cannot_flip_the_sequence_vote(
                     lambda o=odometry: harness.node.counts().get('odometry', 0) > o, 10.0
                 )
             pubs[0].publish(camera_msg(read_image(queries.image_paths[shown]), stamp))
-            msg = harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+            msg = harness.wait_for_pose(stamp)
             assert msg is not None
         p = msg.pose.pose.position
         assert harness.node.counts().get('motion_unknown', 0) == 0
         stamp = stamps[-1] + 1_000_000_000  # no odometry message, no TF at this stamp
         pubs[0].publish(camera_msg(read_image(queries.image_paths[15]), stamp))
-        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, 30.0)
+        assert harness.wait_for_pose(stamp)
         assert harness.node.counts().get('motion_unknown', 0) == 1  # once a frame
     places = [place for _, place in route]
     assert steps[0] is None and steps[-1] is None  # the first frame; the one without motion
@@ -621,7 +618,7 @@ def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_a
     assert wait_until(lambda: pub.get_subscription_count() == 0, 10.0)
     inactive = T0_NS + 4000 * 1_000_000_000
     harness.pubs['image'].publish(camera_msg(good, inactive))
-    assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == inactive, 2.0) is None
+    assert harness.wait_for_pose(inactive, 2.0) is None
     closed = []
 
     class TreeDouble:  # tf2's listener (tf2_ros cannot be installed here)
@@ -682,7 +679,7 @@ def test_relocalize_answers_with_frames_taken_after_the_call_only(
         pending = harness.call_in_background(Trigger, 'relocalize')
         assert wait_until(lambda: bool(node._waiters), 30.0)
         release.set()
-        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == taken, 30.0) is not None
+        assert harness.wait_for_pose(taken) is not None
         later = taken + 1_000_000_000
         assert localise_good_frame(harness, good, later) is not None
         assert json.loads(pending.result(timeout=30.0).message)['stamp_ns'] == later
@@ -702,9 +699,9 @@ def test_a_new_max_rate_hz_applies_to_the_waiting_frame(
     node.set_parameters([Parameter('max_rate_hz', value=0.01)])  # one batch per 100 s
     try:
         harness.pubs['image'].publish(camera_msg(good, stamp + 1))
-        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp + 1, 2.0) is None
+        assert harness.wait_for_pose(stamp + 1, 2.0) is None
         node.set_parameters([Parameter('max_rate_hz', value=MAX_RATE_HZ)])
-        assert harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp + 1, 10.0)
+        assert harness.wait_for_pose(stamp + 1, 10.0)
     finally:
         node.set_parameters([Parameter('max_rate_hz', value=MAX_RATE_HZ)])
 
@@ -761,7 +758,7 @@ def cameras(campus_map: Path) -> NodeHarness:
 
 def localise_on(harness: NodeHarness, topic: str, image: np.ndarray, stamp: int) -> Any:
     harness.pubs[topic].publish(camera_msg(image, stamp))
-    return harness.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s=30.0)
+    return harness.wait_for_pose(stamp)
 
 
 def test_each_camera_votes_in_a_sequence_of_its_own(
@@ -821,14 +818,14 @@ def test_configure_time_parameters_apply_at_the_next_configure_only(
         assert node.trigger_deactivate() == ok and node.trigger_activate() == ok
         assert subscribed() == {'image'}
         harness.publisher(Image, 'image').publish(camera_msg(good, T0_NS))
-        msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS, 30.0)
+        msg = harness.wait_for_pose(T0_NS)
         assert msg is not None and msg.header.frame_id == 'map' and tf.calls[-1][1] == 'camera'
 
         assert node.trigger_deactivate() == ok and node.trigger_cleanup() == ok
         assert node.trigger_configure() == ok and node.trigger_activate() == ok
         assert subscribed() == {'other', 'camera_info', 'odom'}
         harness.publisher(Image, 'other').publish(camera_msg(good, T0_NS + 1))
-        msg = harness.wait_for('pose', lambda m: stamp_ns(m.header) == T0_NS + 1, 30.0)
+        msg = harness.wait_for_pose(T0_NS + 1)
         assert msg is not None and msg.header.frame_id == 'elsewhere'
         assert tf.calls[-1][1] == 'camera_x'
 
@@ -856,7 +853,7 @@ def test_two_cameras_look_each_stamp_up_once_for_the_gate_and_the_vote(
         pubs = {t: harness.publisher(Image, t) for t in parameters['image_topics']}
         for stamp, topic in zip(stamps, ['image', 'camera2/image', 'image']):
             pubs[topic].publish(camera_msg(good, stamp))
-            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+            assert harness.wait_for_pose(stamp)
         assert harness.node.counts().get('motion_unknown', 0) == 0
     looked_up = [stamp for target, _, stamp in tf.calls if target == 'odom']
     # frame 1: nothing to move from; frame 2: the gate (since 1); frame 3: gate (since 2), vote
@@ -883,7 +880,7 @@ def test_a_shut_initial_pose_gate_looks_no_motion_up(campus_map: Path, good: np.
         pub = harness.publisher(Image, 'image')
         for stamp in stamps:
             pub.publish(camera_msg(good, stamp))
-            assert harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, 30.0)
+            assert harness.wait_for_pose(stamp)
         assert [stamp_ns(m.header) for m in harness.messages('/initialpose')] == [stamps[1]]
     looked_up = [stamp for target, _, stamp in tf.calls if target == 'odom']
     assert sorted(looked_up) == stamps[:2]  # the second frame's gate motion, then none

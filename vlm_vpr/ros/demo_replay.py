@@ -98,7 +98,7 @@ def run_node_demo(
             f'{confidence:10.3f}'
         )
     published = [frame_and_error(msg) for msg in initial_poses]
-    summary = {
+    summary: dict[str, Any] = {
         'frames_sent': int(sent.get(IMAGE_TOPIC, 0)),
         'poses_published': len(poses),
         'within_5m': round(float(np.mean(np.array(errors) <= TOLERANCE_M)), 4) if errors else 0.0,
@@ -141,5 +141,5 @@ def measure_node_latency(
         for n, i in enumerate(ids):
             stamp = (n + 1) * 1_000_000_000
             pub.publish(camera_msg(read_image(queries.image_paths[i]), stamp))
-            harness.wait_for('pose', lambda m, s=stamp: stamp_ns(m.header) == s, timeout_s=30.0)
+            harness.wait_for_pose(stamp)
         return harness.node.latency_stats()

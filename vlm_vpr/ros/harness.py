@@ -24,7 +24,7 @@ from std_msgs.msg import Float32, Header
 from visualization_msgs.msg import MarkerArray
 
 from vlm_vpr.core.types import Pose
-from vlm_vpr.ros.conversions import image_msg, pose_msg
+from vlm_vpr.ros.conversions import image_msg, pose_msg, stamp_ns
 from vlm_vpr.ros.node import VprNode
 from vlm_vpr.ros.tf_adapter import Lookup
 
@@ -121,9 +121,13 @@ class NodeHarness:
         wait_until(check, timeout_s)
         return found[0] if found else None
 
+    def wait_for_pose(self, stamp: int, timeout_s: float = 30.0) -> Any | None:
+        """The ``pose`` message of the frame stamped ``stamp`` (ns), or None after the timeout."""
+        return self.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s)
+
     def call(self, srv_type: Any, name: str, timeout_s: float = 30.0) -> Any | None:
         """Call a service of the node; the response, or None after the timeout."""
-        client = self.listener.create_client(srv_type, name)
+        client: Any = self.listener.create_client(srv_type, name)
         try:
             if not client.wait_for_service(timeout_sec=timeout_s):
                 return None

@@ -631,6 +631,7 @@ class VprNode(LifecycleNode):
     def _prepare(self, frame: _Frame, cfg: NodeConfig) -> _Prepared | None:
         """The frame decoded (and rectified) with its header and camera mount; None
         (counted, logged) if it cannot be used."""
+        assert self._offsets is not None  # from configure until cleanup, which stops the worker
         header = frame.msg.header
         if stamp_ns(header) == 0:  # a driver without stamps: the receipt time is the best guess
             header = Header(stamp=self.get_clock().now().to_msg(), frame_id=header.frame_id)
@@ -691,17 +692,16 @@ class VprNode(LifecycleNode):
         )
         if source is None or wanted == (None, None):
             return None, None
-        poses = {stamp: source.pose_at(stamp) for stamp in {*wanted, t_ns} - {None}}
+        poses = {s: source.pose_at(s) for s in {t_ns, *wanted} if s is not None}
         if None in poses.values():
             with self._lock:
                 self._counts['motion_unknown'] += 1
         now = poses[t_ns]
-        gate, vote = (
-            None
-            if since is None or now is None or poses[since] is None
-            else planar_motion(poses[since], now)
-            for since in wanted
-        )
+        motions = []
+        for since in wanted:
+            before = None if since is None else poses[since]
+            motions.append(None if before is None or now is None else planar_motion(before, now))
+        gate, vote = motions
         return gate, vote
 
     def _sequence_vote(
