@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from vlm_vpr.cli import main
-from vlm_vpr.core.bag_eval import evaluate_bag
-from vlm_vpr.core.bags import BagWriter, write_traversal_bag
+from vlm_vpr.core import bag_eval
+from vlm_vpr.core.bag_eval import evaluate_bags
+from vlm_vpr.core.bags import ODOMETRY, BagWriter, write_traversal_bag
 from vlm_vpr.core.confidence import Calibration, stored_calibrations
 from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
 from vlm_vpr.core.datasets import Traversal, read_traversal
@@ -74,9 +75,9 @@ def test_eval_bag_scores_every_frame_against_the_interpolated_truth(
 
 
 def check_bag_report(campus_map: Path, source: Path, six: Traversal) -> None:
-    report = evaluate_bag(
+    report = evaluate_bags(
         campus_map,
-        source,
+        [source],
         IMAGE_TOPIC,
         TRUTH_TOPIC,
         tolerance_m=5.0,
@@ -120,19 +121,26 @@ def test_eval_bag_skips_a_frame_without_features_as_the_node_does(
             image = read_image(image_path)
             writer.write_image(IMAGE_TOPIC, start + i * second, image if i else image * 0)
             writer.write_pose(TRUTH_TOPIC, start + i * second, six.pose(i))
-    report = evaluate_bag(campus_map, writer.path, IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
+            writer.write_pose(
+                '/odom', start + i * second, six.pose(i), msgtype=ODOMETRY, frame_id='odom'
+            )
+    report = evaluate_bags(
+        campus_map, [writer.path], IMAGE_TOPIC, TRUTH_TOPIC, odom_topic='/odom', progress=False
+    )
     assert (report['num_frames'], report['frames_without_features']) == (5, 1)
     stamps = [f['stamp_ns'] for f in report['per_query']]
     assert stamps == [start + i * second for i in range(1, 6)]
+    # nor does it start the odometry: the first frame localised has no step, as in the node
+    assert report['per_query'][0]['odometry_step_m'] is None
 
 
 def test_eval_bag_runs_the_nodes_initial_pose_gate_on_the_frames(
     campus_map: Path, bag: Path
 ) -> None:
     def run(frames: int, distance_m: float, tolerance_m: float = 5.0) -> dict:
-        return evaluate_bag(
+        return evaluate_bags(
             campus_map,
-            bag,
+            [bag],
             IMAGE_TOPIC,
             TRUTH_TOPIC,
             tolerance_m=tolerance_m,
@@ -180,9 +188,9 @@ def test_eval_bag_with_odometry_votes_and_gates_as_a_direct_loop_with_the_odomet
     gate_config = InitialPoseConfig(consecutive_frames=2, max_distance_m=3.0, max_yaw_deg=180.0)
 
     def run(**odometry: str) -> list[dict]:
-        return evaluate_bag(
+        return evaluate_bags(
             campus_map,
-            bag,
+            [bag],
             IMAGE_TOPIC,
             TRUTH_TOPIC,
             config,
@@ -247,13 +255,13 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
     campus_map: Path, bag: Path, capsys
 ) -> None:
     with pytest.raises(BagError, match='topic /nope is not in the bag'):
-        evaluate_bag(campus_map, bag, '/nope', TRUTH_TOPIC, progress=False)
+        evaluate_bags(campus_map, [bag], '/nope', TRUTH_TOPIC, progress=False)
     with pytest.raises(BagError, match='the tolerance must be > 0 m'):
-        evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, tolerance_m=0.0)
+        evaluate_bags(campus_map, [bag], IMAGE_TOPIC, TRUTH_TOPIC, tolerance_m=0.0)
     with pytest.raises(BagError, match='--max-frames must be >= 1, got -1'):
-        evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, max_frames=-1)
+        evaluate_bags(campus_map, [bag], IMAGE_TOPIC, TRUTH_TOPIC, max_frames=-1)
     with pytest.raises(BagError, match=r'--confidence-threshold must be in \[0, 1\], got 1.5'):
-        evaluate_bag(campus_map, bag, IMAGE_TOPIC, TRUTH_TOPIC, confidence_threshold=1.5)
+        evaluate_bags(campus_map, [bag], IMAGE_TOPIC, TRUTH_TOPIC, confidence_threshold=1.5)
     assert (
         main(
             [
@@ -275,6 +283,25 @@ def test_eval_bag_rejects_a_missing_topic_and_a_bad_tolerance(
         main(['eval-bag', str(bag), '--map', str(campus_map), *topics, '--odom-topic', '/o']) == 1
     )
     assert 'topic /o is not in the bag' in capsys.readouterr().err
+
+
+def test_every_bag_is_checked_before_the_models_load(
+    campus_map: Path, bag: Path, six: Traversal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong topic in the last bag fails at once, not after the models (minutes for a VLM)
+    loaded and the first bags ran; a bag given twice too."""
+    with BagWriter(tmp_path / 'other_truth') as writer:
+        writer.write_image(IMAGE_TOPIC, 1, read_image(six.image_paths[0]))
+        writer.write_pose('/gt', 1, six.pose(0))
+
+    def no_models(*args: object, **kwargs: object) -> None:
+        raise AssertionError('the models were loaded before the bags were checked')
+
+    monkeypatch.setattr(bag_eval, 'Localizer', no_models)
+    with pytest.raises(BagError, match=f'topic {TRUTH_TOPIC} is not in the bag'):
+        evaluate_bags(campus_map, [bag, writer.path], IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
+    with pytest.raises(BagError, match='--bag names one bag twice'):
+        evaluate_bags(campus_map, [bag, bag], IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
 
 
 @pytest.fixture(scope='module')
@@ -327,16 +354,16 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     )
     assert stored == expected
 
-    report = evaluate_bag(holdout_map, drive, IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
+    report = evaluate_bags(holdout_map, [drive], IMAGE_TOPIC, TRUTH_TOPIC, progress=False)
     for row in report['per_query']:
         assert row['confidence'] == pytest.approx(expected.confidence(row['evidence']))
     open_set = report['open_set']
     assert open_set['num_out_of_map'] == len(out_of_map)
     assert open_set['false_accept_rate'] == 0.0 and open_set['accepted_in_map'] > 0.3
     assert report['initial_pose']['out_of_map'] == 0  # no /initialpose off the map
-    every_frame = evaluate_bag(  # a gate that publishes every frame: the off-map ones counted
+    every_frame = evaluate_bags(  # a gate that publishes every frame: the off-map ones counted
         holdout_map,
-        drive,
+        [drive],
         IMAGE_TOPIC,
         TRUTH_TOPIC,
         confidence_threshold=0.0,
@@ -382,9 +409,9 @@ def test_calibrate_on_several_bags_fits_on_all_their_frames_each_bag_run_afresh(
     fit = json.loads(fit_json.read_text())
     config = LocalizerConfig(sequence=SequenceConfig(length=3))
     alone = [  # each drive on its own, with the default confidence the fit starts from
-        evaluate_bag(
+        evaluate_bags(
             calibrated,
-            drive,
+            [drive],
             IMAGE_TOPIC,
             TRUTH_TOPIC,
             config,

@@ -189,6 +189,8 @@ def test_region_picks_never_bring_back_map_images_the_caller_left_out(
     assert sorted(c.map_index for c in result.candidates) == expected
     ignored = ['region: the picked regions hold no searchable map image; they are not used']
     assert result.notes == (ignored if picks == [2] else [])
+    if picks == [2]:  # nor re-ranked towards the ignored region
+        assert not any('region' in c.evidence for c in result.candidates)
 
 
 def test_an_empty_submap_is_the_whole_map_for_the_region_pick_too(region_map) -> None:

@@ -373,7 +373,7 @@ def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def _odometry(args: argparse.Namespace) -> dict[str, Any]:
-    """evaluate_bag's odometry keywords from --odom-topic / --odom-frame."""
+    """evaluate_bags' odometry keywords from --odom-topic / --odom-frame."""
     if args.odom_frame is not None and args.odom_topic is None:
         raise ConfigError('--odom-frame needs --odom-topic (the /tf or odometry topic)')
     return _given(args, ['odom_topic', 'odom_frame'])
@@ -691,8 +691,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
         if not args.image_topic or not args.truth_topic:
             raise ConfigError('--bag needs --image-topic and --truth-topic')
-        if len({bag.resolve() for bag in args.bag}) < len(args.bag):
-            raise ConfigError('--bag names one bag twice: its frames would count twice')
         report = evaluate_bags(
             args.map,
             args.bag,
@@ -742,14 +740,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_bag(args: argparse.Namespace) -> int:
-    from vlm_vpr.core.bag_eval import evaluate_bag, write_bag_report
+    from vlm_vpr.core.bag_eval import evaluate_bags, write_bag_report
 
     values = load_overrides(args, keep_initial_pose=True)
     gate = {k: v for k, v in values.items() if k.startswith(INITIAL_POSE_PREFIX)}
     _, query_config = split_config({k: v for k, v in values.items() if k not in gate})
-    report = evaluate_bag(
+    report = evaluate_bags(
         args.map,
-        args.bag,
+        [args.bag],
         args.image_topic,
         args.truth_topic,
         query_config,

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,9 @@ from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.localizer import Localizer
 from vlm_vpr.core.map_format import read_map
 from vlm_vpr.core.sequence import SequenceMatcher
-from vlm_vpr.core.types import LocalizationResult, planar_motion, wrap_angle
+from vlm_vpr.core.types import LocalizationResult, Pose, planar_motion, wrap_angle
 
 log = logging.getLogger(__name__)
-
-
-def evaluate_bag(
-    map_dir: str | Path, bag_path: str | Path, *args: Any, **kwargs: Any
-) -> dict[str, Any]:
-    """:func:`evaluate_bags` on one bag."""
-    return evaluate_bags(map_dir, [bag_path], *args, **kwargs)
 
 
 def evaluate_bags(
@@ -82,7 +76,26 @@ def evaluate_bags(
         raise BagError(f'--max-frames must be >= 1, got {max_frames}')
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
         raise BagError(f'--confidence-threshold must be in [0, 1], got {confidence_threshold}')
-    localizer = Localizer(read_map(map_dir), config, calibration)
+    if len({Path(b).resolve() for b in bag_paths}) < len(bag_paths):
+        raise BagError('--bag names one bag twice: its frames would count twice')
+    vpr_map = read_map(map_dir)
+    sources = [  # every bag's topics and poses are checked before the models load
+        (
+            read_posed_images(
+                bag_path,
+                image_topic,
+                truth_topic,
+                map_frame=vpr_map.frame_id,
+                base_frame=base_frame,
+                min_distance_m=0.0,
+                min_rotation_rad=0.0,
+                progress=progress,
+            ),
+            read_pose_track(bag_path, odom_topic, odom_frame, base_frame) if odom_topic else None,
+        )
+        for bag_path in bag_paths
+    ]
+    localizer = Localizer(vpr_map, config, calibration)
     config = localizer.config
     threshold = (
         config.confidence.initial_pose_threshold
@@ -93,19 +106,15 @@ def evaluate_bags(
     runs = [
         _run_bag(
             localizer,
-            bag_path,
+            frames,
+            odom_at,
             image_topic,
-            truth_topic,
             tolerance_m=tolerance_m,
             threshold=threshold,
-            base_frame=base_frame,
             max_frames=max_frames,
             initial_pose=initial_pose,
-            odom_topic=odom_topic,
-            odom_frame=odom_frame,
-            progress=progress,
         )
-        for bag_path in bag_paths
+        for frames, odom_at in sources
     ]
     bags: dict[str, str | list[str]]
     if len(bag_paths) == 1:
@@ -133,35 +142,21 @@ def evaluate_bags(
 
 def _run_bag(
     localizer: Localizer,
-    bag_path: str | Path,
+    frames: Generator[PosedImage, None, None],
+    odom_at: Callable[[int], Pose | None] | None,
     image_topic: str,
-    truth_topic: str,
     *,
     tolerance_m: float,
     threshold: float,
-    base_frame: str,
     max_frames: int | None,
     initial_pose: InitialPoseConfig,
-    odom_topic: str | None,
-    odom_frame: str,
-    progress: bool,
 ) -> tuple[list[dict[str, Any]], int]:
-    """(the rows of one bag's frames, the number of frames skipped without features)."""
+    """(the rows of one bag's ``frames``, the number of frames skipped without features);
+    ``odom_at``: the robot's odometry pose at a stamp, when the sequence or gate use it."""
     config = localizer.config
     matcher = SequenceMatcher(localizer) if config.sequence.length > 1 else None
     map_xy = localizer.map.positions_xyz[:, :2]
     gate = InitialPoseGate()
-    odom_at = read_pose_track(bag_path, odom_topic, odom_frame, base_frame) if odom_topic else None
-    frames = read_posed_images(
-        bag_path,
-        image_topic,
-        truth_topic,
-        map_frame=localizer.map.frame_id,
-        base_frame=base_frame,
-        min_distance_m=0.0,
-        min_rotation_rad=0.0,
-        progress=progress,
-    )
     per_query, previous = [], None  # previous: the robot's odometry pose at the last frame
     featureless = 0  # frames skipped as the node skips them (skipped_no_features)
     try:
@@ -197,7 +192,7 @@ def _frame_row(
     tolerance_m: float,
     published: bool,
 ) -> dict[str, Any]:
-    """The report row of one bag frame (see :func:`evaluate_bag`)."""
+    """The report row of one bag frame (see :func:`evaluate_bags`)."""
     truth, pose = frame.pose, result.pose
     truth_xy = np.array([truth.x, truth.y])
     candidates_xy = np.array([[c.pose.x, c.pose.y] for c in result.candidates]).reshape(-1, 2)
@@ -227,7 +222,7 @@ def _frame_row(
 def summarize_bag(
     per_query: list[dict[str, Any]], tolerance_m: float, threshold: float, source: dict[str, Any]
 ) -> dict[str, Any]:
-    """The report of :func:`evaluate_bag` from its per-frame rows."""
+    """The report of :func:`evaluate_bags` from its per-frame rows."""
     n = len(per_query)
     ranks = [f['first_correct_rank'] for f in per_query if f['truth_xy'] is not None]
     errors = np.array([f['error_m'] for f in per_query], dtype=np.float64)

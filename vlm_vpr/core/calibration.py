@@ -32,7 +32,7 @@ def calibrate(
     """Fit evidence -> P(top-1 correct) on the report's queries and store it in the map.
 
     ``report`` comes from :func:`vlm_vpr.core.evaluation.run_queries` (or ``evaluate``) on
-    the calibration split, or from :func:`vlm_vpr.core.bag_eval.evaluate_bag`, run with
+    the calibration split, or from :func:`vlm_vpr.core.bag_eval.evaluate_bags`, run with
     ``config``. The calibration goes into the map extra
     ``calibration``, replacing one fitted with the same query settings (``fitted_with``) and
     keeping those for other settings (unreadable ones are replaced, with a warning); the
@@ -203,7 +203,7 @@ def open_set_report(per_query: list[dict[str, Any]], threshold: float) -> dict[s
 
     ``per_query`` rows need ``confidence``, ``truth_xy`` (None = out of map) and
     ``first_correct_rank``, as written by :func:`vlm_vpr.core.evaluation.run_queries` and
-    :func:`vlm_vpr.core.bag_eval.evaluate_bag`.
+    :func:`vlm_vpr.core.bag_eval.evaluate_bags`.
     """
     confidence = np.array([q['confidence'] for q in per_query], dtype=np.float64)
     in_map = np.array([q['truth_xy'] is not None for q in per_query], dtype=bool)

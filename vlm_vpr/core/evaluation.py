@@ -187,8 +187,9 @@ def run_queries(
     }
     if not wanted:
         raise DatasetError(_no_query_selected(len(queries), max_queries, split))
-    # a sequence votes over every query in order; it reports the wanted ones
-    ids = sorted(wanted) if sequence is None else [int(i) for i in spread]
+    # a sequence votes over every query in order (max_queries is refused with one); it reports
+    # the wanted ones
+    ids = sorted(wanted) if sequence is None else list(range(len(queries)))
     per_query = []
     iterator = ids
     if progress:

@@ -77,8 +77,6 @@ def search(
     query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     if subset is not None:
         subset = np.asarray(subset, dtype=np.int64)
-        if len(subset) == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
         scores = descriptors[subset].astype(np.float32) @ query[0]
         order = np.argsort(-scores, kind='stable')[:k]
         return scores[order].astype(np.float32), subset[order]

@@ -85,7 +85,7 @@ NO_FRAME_YET = 'no frame yet'
 LOCALISING = 'localising'
 # ... unless it is stale (see camera_silence): no frame for max(STALE_MIN_S, STALE_PERIODS x
 # the median gap between its last RECEIPTS_KEPT frames)
-STALE_MIN_S = 3.0  # what a diagnostic_aggregator allows before it calls a status stale: 5 s
+STALE_MIN_S = 3.0  # below the 5 s after which a diagnostic_aggregator calls a status stale
 STALE_PERIODS = 5.0
 RECEIPTS_KEPT = 20
 
@@ -112,6 +112,14 @@ def camera_silence(receipts_ns: Sequence[int], now_ns: int) -> tuple[float, floa
     if silent_s <= max(STALE_MIN_S, STALE_PERIODS * usual_s):
         return None
     return silent_s, usual_s
+
+
+@dataclass
+class _Camera:
+    """A camera's state while active, for /diagnostics."""
+
+    outcome: str = NO_FRAME_YET  # its last frame's: NO_FRAME_YET, LOCALISING or a skip
+    receipts_ns: deque[int] = field(default_factory=lambda: deque(maxlen=RECEIPTS_KEPT))
 
 
 @dataclass
@@ -181,8 +189,7 @@ class VprNode(LifecycleNode):
         self._stage_ms: dict[str, deque[float]] = {}
         self._last: dict[str, Any] = {}
         self._status = (DiagnosticStatus.WARN, 'unconfigured')  # the lifecycle's; see status
-        self._cameras: dict[str, str] = {}  # image topic -> its last frame's outcome (active)
-        self._receipts_ns: dict[str, deque[int]] = {}  # image topic -> its last receipt times
+        self._cameras: dict[str, _Camera] = {}  # image topic -> its state (while active)
         self._transition_error = ''  # the exception a lifecycle transition raised, for on_error
         self._warned_s: dict[str, float] = {}
         self._info_topics: dict[str, str] = {}  # image topic -> its camera_info topic
@@ -275,7 +282,7 @@ class VprNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self._cfg
         for topic in cfg.image_topics:
-            msg_type = CompressedImage if topic.rstrip('/').endswith('/compressed') else Image
+            msg_type = CompressedImage if topic.endswith('/compressed') else Image
             self._subs.append(
                 self.create_subscription(
                     msg_type,
@@ -304,8 +311,7 @@ class VprNode(LifecycleNode):
             )
         self._forget_past_frames()
         with self._lock:
-            self._cameras = dict.fromkeys(cfg.image_topics, NO_FRAME_YET)
-            self._receipts_ns = {t: deque(maxlen=RECEIPTS_KEPT) for t in cfg.image_topics}
+            self._cameras = {topic: _Camera() for topic in cfg.image_topics}
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name='vpr_worker', daemon=True)
         self._worker.start()
@@ -401,7 +407,6 @@ class VprNode(LifecycleNode):
             self._slots.clear()
             self._camera_infos.clear()
             self._cameras = {}
-            self._receipts_ns = {}
             for waiter in self._waiters:
                 waiter.cancelled = why
                 waiter.done.set()
@@ -471,8 +476,10 @@ class VprNode(LifecycleNode):
             if topic in self._slots:
                 self._counts['dropped'] += 1
             self._slots[topic] = _Frame(msg, topic, time.monotonic())
-            if topic in self._receipts_ns:  # every frame, dropped or not: is the camera alive
-                record_receipt(self._receipts_ns[topic], self.get_clock().now().nanoseconds)
+            if topic in self._cameras:  # every frame, dropped or not: is the camera alive
+                record_receipt(
+                    self._cameras[topic].receipts_ns, self.get_clock().now().nanoseconds
+                )
             self._lock.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo, topic: str) -> None:
@@ -682,7 +689,8 @@ class VprNode(LifecycleNode):
         sequence vote, when it has one), from TF (``odom_frame``) or the ``odom_topic``. None
         without a source, a use or a previous frame; a frame whose motion the source cannot
         give (no pose near a stamp) counts once as ``motion_unknown``. Each stamp is looked up
-        once (two cameras: three TF lookups, not four)."""
+        once (two cameras: three TF lookups, not four), and none but this frame's when it has
+        no pose."""
         source = self._odometry_source
         with self._lock:  # a shut gate takes no motion until it is re-armed
             gate_open = cfg.initial_pose.enabled and self._gate.armed
@@ -692,14 +700,16 @@ class VprNode(LifecycleNode):
         )
         if source is None or wanted == (None, None):
             return None, None
-        poses = {s: source.pose_at(s) for s in {t_ns, *wanted} if s is not None}
+        now = source.pose_at(t_ns)  # first: without it the earlier stamps need no lookup
+        poses = {t_ns: now}
+        if now is not None:
+            poses.update((s, source.pose_at(s)) for s in set(wanted) if s not in (None, t_ns))
         if None in poses.values():
             with self._lock:
                 self._counts['motion_unknown'] += 1
-        now = poses[t_ns]
         motions = []
         for since in wanted:
-            before = None if since is None else poses[since]
+            before = None if since is None else poses.get(since)
             motions.append(None if before is None or now is None else planar_motion(before, now))
         gate, vote = motions
         return gate, vote
@@ -772,7 +782,7 @@ class VprNode(LifecycleNode):
             self._counts['published'] += int(published)
             self._counts['result_notes'] += len(result.notes)
             if frame.topic in self._cameras:  # not stopped meanwhile
-                self._cameras[frame.topic] = LOCALISING
+                self._cameras[frame.topic].outcome = LOCALISING
             self._latency_ms.append(latency_ms)
             for stage, ms in result.timing_ms.items():
                 self._stage_ms.setdefault(stage, deque(maxlen=STATS_WINDOW)).append(ms)
@@ -801,7 +811,7 @@ class VprNode(LifecycleNode):
         with self._lock:
             self._counts[f'skipped_{reason}'] += 1
             if frame.topic in self._cameras:
-                self._cameras[frame.topic] = f'last frame skipped ({reason})'
+                self._cameras[frame.topic].outcome = f'last frame skipped ({reason})'
         self._warn(reason, f'{frame.topic}: frame skipped ({reason}): {message}')
 
     def _warn(self, key: str, message: str) -> None:
@@ -833,14 +843,15 @@ class VprNode(LifecycleNode):
         """Each camera's state (active): ``no frame for ...`` while it is stale, else its last
         frame's outcome."""
         now_ns = self.get_clock().now().nanoseconds
+        states = {}
         with self._lock:
-            states = dict(self._cameras)
-            for topic, receipts_ns in self._receipts_ns.items():
-                silence = camera_silence(receipts_ns, now_ns)
-                if silence is not None and topic in states:
-                    states[topic] = (
-                        f'no frame for {silence[0]:.1f} s (usually every {silence[1]:.2f} s)'
-                    )
+            for topic, camera in self._cameras.items():
+                silence = camera_silence(camera.receipts_ns, now_ns)
+                states[topic] = (
+                    camera.outcome
+                    if silence is None
+                    else f'no frame for {silence[0]:.1f} s (usually every {silence[1]:.2f} s)'
+                )
         return states
 
     def _status_of(self, cameras: dict[str, str]) -> tuple[bytes, str]:
