@@ -17,7 +17,7 @@ from vlm_vpr.backends.rerank.descriptions import (
     description_scores,
     order_by_description_scores,
 )
-from vlm_vpr.backends.text_embedding import BUNDLED_MODEL, TextEmbedder
+from vlm_vpr.backends.text_embedding import BUNDLED_MODEL, TextEmbedder, _bundled_path
 from vlm_vpr.backends.vlm import VlmTimeoutError
 from vlm_vpr.core.config import LocalizerConfig, RerankConfig
 from vlm_vpr.core.errors import ConfigError
@@ -250,6 +250,16 @@ def test_reranker_rejects_map_descriptions_from_another_text_embedder(
     write_extra(described_map.path, DESCRIPTIONS_EXTRA, {**meta, 'text_embedder': 'other-sbert'})
     with pytest.raises(ConfigError, match="embedded with 'other-sbert'.*map describe"):
         DescriptionsReranker(config(), read_map(described_map.path), answer_from({}), embedder)
+
+
+def test_text_embedder_loads_a_model_folder_given_with_a_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / 'minilm').symlink_to(_bundled_path())
+    monkeypatch.setenv('HOME', str(tmp_path))
+    embedder = TextEmbedder('~/minilm')
+    assert embedder.model_name == '~/minilm'  # as configured: maps store and compare it
+    assert embedder.embed(['a red door']).shape == (1, embedder.dim)
 
 
 def test_text_embedder_reports_a_model_it_cannot_load(tmp_path: Path) -> None:

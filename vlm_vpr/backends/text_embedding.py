@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from vlm_vpr.backends import model_location
 from vlm_vpr.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class TextEmbedder:
         from sentence_transformers import SentenceTransformer
 
         self.model_name = model
-        location = _bundled_path() if model == BUNDLED_MODEL else model
+        location = _bundled_path() if model == BUNDLED_MODEL else model_location(model)
         try:
             self._model = SentenceTransformer(location, device=device)
         except (OSError, ValueError) as exc:
