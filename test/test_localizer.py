@@ -91,8 +91,11 @@ def test_an_image_without_a_usable_feature_raises_instead_of_answering_at_random
     blank = np.full((240, 320, 3), grey, np.uint8)
     with pytest.raises(NoFeaturesError, match='no usable local feature.*blank, dark'):
         localizer.localize(blank)
-    with pytest.raises(NoFeaturesError):  # in a batch too; the node then tries each alone
-        localizer.localize_batch([good, blank])
+    batch = localizer.localize_batch([good, blank])  # in a batch: in its place, others go on
+    assert isinstance(batch[1], NoFeaturesError)
+    assert not isinstance(batch[0], NoFeaturesError)
+    alone = localizer.localize(good)
+    assert [c.map_index for c in batch[0].candidates] == [c.map_index for c in alone.candidates]
 
 
 def test_grey_and_bgra_images_are_accepted(localizer: Localizer, data_root: Path) -> None:

@@ -300,6 +300,36 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
         assert math.hypot(p.x - truth[0], p.y - truth[1]) <= 5.0
 
 
+def test_a_blank_camera_in_a_batch_is_skipped_and_the_others_are_extracted_once(
+    harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lens cap on one camera of several costs no second extraction of the others."""
+    extractor = harness.node._localizer.extractor
+    batch_sizes: list[int] = []
+    hold = HoldFirstCall(harness, frames=3)
+
+    def counting_extract(images: list[np.ndarray]) -> Any:
+        batch_sizes.append(len(images))
+        hold()
+        return type(extractor).extract(extractor, images)
+
+    monkeypatch.setattr(extractor, 'extract', counting_extract)
+    before = harness.node.counts().get('skipped_no_features', 0)
+    primer = T0_NS + 1600 * 1_000_000_000
+    time.sleep(1.0 / MAX_RATE_HZ)
+    harness.pubs['image'].publish(camera_msg(good, primer))
+    assert hold.entered.wait(30.0)  # the worker is busy with the primer: both frames wait
+    harness.pubs['image'].publish(camera_msg(good, primer + 1))
+    blank = np.zeros_like(good)
+    harness.pubs['compressed'].publish(camera_msg(blank, primer + 2, compressed=True))
+    assert harness.wait_for_pose(primer + 1) is not None
+    assert wait_until(
+        lambda: harness.node.counts().get('skipped_no_features', 0) == before + 1, 10.0
+    )
+    assert batch_sizes == [1, 2]  # the primer, then the batch: nothing extracted again
+    assert not [m for m in harness.messages('pose') if stamp_ns(m.header) == primer + 2]
+
+
 def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
     harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:

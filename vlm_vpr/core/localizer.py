@@ -74,30 +74,38 @@ class Localizer:
         Raises ImageError for unusable images (NoFeaturesError for one without a usable local
         feature); re-ranker failures only add notes.
         """
-        return self.localize_batch([image_bgr], submap, time_budget_s)[0]
+        result = self.localize_batch([image_bgr], submap, time_budget_s)[0]
+        if isinstance(result, NoFeaturesError):
+            raise result
+        return result
 
     def localize_batch(
         self,
         images_bgr: list[np.ndarray],
         submap: np.ndarray | None = None,
         time_budget_s: float | None = None,
-    ) -> list[LocalizationResult]:
+    ) -> list[LocalizationResult | NoFeaturesError]:
         """Localise several images (one per camera, say) with one batched feature extraction
         (up to ``runtime.batch_size`` images of one size per forward pass); the rest runs per
         image, as in :meth:`localize`. Each result's ``extract`` time is the whole batch's,
-        the time its image waited for it."""
+        the time its image waited for it. An image without a usable local feature gets its
+        NoFeaturesError in its place, so the others' extraction is not lost (a lens cap on
+        one camera of several); other ImageErrors (an image that is not one) raise."""
         start = time.perf_counter()
         images = [as_bgr(image) for image in images_bgr]
         local = self.extractor.extract(images)
         extract_ms = _ms(start)
+        results: list[LocalizationResult | NoFeaturesError] = []
         for image, features in zip(images, local):
             if len(features.flat) == 0:  # its descriptor would be 0: every map image ties
-                raise NoFeaturesError(
-                    f'image of {image.shape[1]}x{image.shape[0]} has no usable local feature '
-                    '(blank, dark or textureless: a lens cap, darkness, a wall filling the view)'
+                results.append(
+                    NoFeaturesError(
+                        f'image of {image.shape[1]}x{image.shape[0]} has no usable local '
+                        'feature (blank, dark or textureless: a lens cap, darkness, a wall '
+                        'filling the view)'
+                    )
                 )
-        results = []
-        for image, features in zip(images, local):
+                continue
             timing = {'extract': extract_ms}
             descriptor = self._aggregate(features.flat, timing)
             results.append(

@@ -621,18 +621,25 @@ class VprNode(LifecycleNode):
             query_cfg,
         )
 
-    def _localize_batch(self, ready: list[_Prepared]) -> list[tuple[_Prepared, Any]]:
-        """(frame, Localizer result) pairs; if the batch fails, each frame is tried alone, so
-        only the frame at fault is skipped (counted, logged)."""
+    def _localize_batch(
+        self, ready: list[_Prepared]
+    ) -> list[tuple[_Prepared, LocalizationResult]]:
+        """(frame, Localizer result) pairs of the frames localised; a frame without a usable
+        feature is skipped (counted, logged) and the others go on. If the whole batch fails,
+        each frame is tried alone, so only the frame at fault is skipped."""
         try:
-            return list(zip(ready, self._localizer.localize_batch([p.image for p in ready])))
+            results = self._localizer.localize_batch([p.image for p in ready])
         except VprError as exc:
             if len(ready) == 1:
                 self._skip_error(exc, ready[0].frame)
                 return []
-        pairs = []
-        for prepared in ready:
-            pairs += self._localize_batch([prepared])
+            return [pair for prepared in ready for pair in self._localize_batch([prepared])]
+        pairs: list[tuple[_Prepared, LocalizationResult]] = []
+        for prepared, result in zip(ready, results):
+            if isinstance(result, VprError):
+                self._skip_error(result, prepared.frame)
+            else:
+                pairs.append((prepared, result))
         return pairs
 
     def _prepare(self, frame: _Frame, cfg: NodeConfig) -> _Prepared | None:
