@@ -4,6 +4,7 @@ empty descriptions, the ambiguity gate, the time budget and falling back on VLM 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,18 @@ def test_text_embedder_loads_a_model_folder_given_with_a_tilde(
 def test_text_embedder_reports_a_model_it_cannot_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f'cannot load text embedder.*{BUNDLED_MODEL}'):
         TextEmbedder(str(tmp_path / 'no_such_model'))
+
+
+def test_text_embedder_refuses_a_folder_that_loads_but_cannot_embed(tmp_path: Path) -> None:
+    """The bundled model without its pooling module: it loads, but gives no sentence vector."""
+    bundled = Path(_bundled_path())
+    for item in bundled.iterdir():
+        if item.name != 'modules.json':
+            (tmp_path / item.name).symlink_to(item)
+    modules = json.loads((bundled / 'modules.json').read_text())
+    (tmp_path / 'modules.json').write_text(json.dumps(modules[:1]))  # the Transformer only
+    with pytest.raises(ConfigError, match='loads but cannot embed a sentence.*pooling'):
+        TextEmbedder(str(tmp_path))
 
 
 @pytest.mark.parametrize(

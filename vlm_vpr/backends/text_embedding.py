@@ -34,7 +34,15 @@ class TextEmbedder:
                 f'rerank.text_embedder to {BUNDLED_MODEL!r} or a local '
                 'sentence-transformers folder'
             ) from exc
-        self.dim = int(self._model.get_embedding_dimension())
+        try:  # one sentence now: a folder that loads but cannot embed fails here, not per query
+            probe = self._model.encode(['a door'], convert_to_numpy=True, show_progress_bar=False)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, the folder is the fault
+            raise ConfigError(
+                f'text embedder {model!r} loads but cannot embed a sentence ({exc!r}); set '
+                f'rerank.text_embedder to {BUNDLED_MODEL!r} or a sentence-transformers folder '
+                'with a pooling module (modules.json)'
+            ) from exc
+        self.dim = int(probe.shape[1])
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """[len(texts) x dim] float32, rows L2-normalised ([0 x dim] for no texts)."""

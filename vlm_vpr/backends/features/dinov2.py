@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ class Dinov2Extractor:
         self._device = torch.device(runtime.device)
         net = _truncate(model, features.dinov2_layer, features.dinov2_facet).eval()
         _cache_position_embeddings(model.embeddings)
+        self._net: OpenVinoNetwork | Callable[[torch.Tensor], torch.Tensor]
         if runtime.engine == 'openvino':
             self._net = OpenVinoNetwork(
                 net, dtype, runtime.num_threads, int(model.config.hidden_size)
@@ -140,7 +142,8 @@ def normalized_pixels(batch_bgr: np.ndarray) -> np.ndarray:
     """DINOv2's input [B x 3 x H x W] float32 (RGB, ImageNet mean and std) of images
     [B x H x W x 3] uint8 BGR."""
     rgb = batch_bgr[..., ::-1].astype(np.float32) / np.float32(255.0)
-    pixels = (rgb - np.float32(IMAGENET_MEAN_RGB)) / np.float32(IMAGENET_STD_RGB)
+    mean, std = np.asarray(IMAGENET_MEAN_RGB, np.float32), np.asarray(IMAGENET_STD_RGB, np.float32)
+    pixels = (rgb - mean) / std
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
@@ -169,8 +172,10 @@ def native_bfloat16(device: str) -> bool:
     return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
-def _load_model(name: str, layer: int) -> nn.Module:
-    """DINOv2 model ``name`` (hub id or folder) in float32, once ``layer`` is checked."""
+def _load_model(name: str, layer: int) -> Any:
+    """DINOv2 model ``name`` (hub id or folder) in float32, once ``layer`` is checked: a
+    transformers Dinov2Model or Dinov2WithRegistersModel (typed Any: its parts are reached by
+    attribute)."""
     from transformers import AutoConfig, AutoModel
 
     fix = (
@@ -204,7 +209,7 @@ def _load_model(name: str, layer: int) -> nn.Module:
         ) from exc
 
 
-def _truncate(model: nn.Module, layer: int, facet: str) -> nn.Sequential:
+def _truncate(model: Any, layer: int, facet: str) -> nn.Sequential:
     """Embeddings and blocks up to ``layer`` (1-based); tokens [B x T x D] out of pixels in.
 
     For a 'key' / 'query' / 'value' facet the last block contributes only its first LayerNorm
@@ -218,7 +223,7 @@ def _truncate(model: nn.Module, layer: int, facet: str) -> nn.Sequential:
     return nn.Sequential(model.embeddings, *blocks, last.norm1, projection)
 
 
-def _cache_position_embeddings(embeddings: nn.Module, max_sizes: int = 32) -> None:
+def _cache_position_embeddings(embeddings: Any, max_sizes: int = 32) -> None:
     """Memoise the bicubic resampling of the position embeddings per input size.
 
     transformers resamples them at every forward pass (about 3% of a ViT-S/14 pass at 224 px);
@@ -276,6 +281,10 @@ class Int8Linear(nn.Module):
     with one scale per token (row), from that row's largest magnitude at every call.
     """
 
+    weight_t: torch.Tensor  # buffers, declared for the type checker
+    weight_scale: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         quantized, scale = _int8_rows(weight)
@@ -294,7 +303,8 @@ class Int8Linear(nn.Module):
 class Int8Attention(nn.Module):
     """transformers' DINOv2 self-attention with q, k, v fused into one :class:`Int8Linear`."""
 
-    def __init__(self, attention: nn.Module) -> None:
+    def __init__(self, attention: Any) -> None:
+        """attention: a transformers Dinov2SelfAttention."""
         super().__init__()
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         biases = [
@@ -303,14 +313,15 @@ class Int8Attention(nn.Module):
         self.qkv = Int8Linear(torch.cat([p.weight for p in projections]), torch.cat(biases))
         self.o_proj = Int8Linear(attention.o_proj.weight, attention.o_proj.bias)
         self.heads = attention.num_attention_heads
-        self.scaling = attention.scaling
+        self.scaling = float(attention.scaling)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: None = None, **kwargs: object
     ) -> tuple[torch.Tensor, None]:
         b, n, _ = hidden.shape
         qkv = self.qkv(hidden).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(*qkv.unbind(0), scale=self.scaling)
+        q, k, v = qkv.unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
 
@@ -327,7 +338,7 @@ class OpenVinoNetwork:
     """
 
     def __init__(
-        self, net: nn.Module, dtype: str, num_threads: int, hidden: int, max_shapes: int = 8
+        self, net: nn.Sequential, dtype: str, num_threads: int, hidden: int, max_shapes: int = 8
     ) -> None:
         """net: :func:`_truncate`'s network (its first module is the embeddings), with
         :func:`_cache_position_embeddings` applied."""
@@ -353,7 +364,7 @@ class OpenVinoNetwork:
         self._core = openvino.Core()
         self._net = net
         self._max_shapes = max_shapes
-        self._compiled: dict[tuple[int, ...], object] = {}
+        self._compiled: dict[tuple[int, ...], Any] = {}  # shape -> openvino InferRequest
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Tokens [B x T x D] float32 of normalised pixels [B x 3 x H x W] float32."""
@@ -365,7 +376,7 @@ class OpenVinoNetwork:
             self._compiled[pixels.shape] = request
         return request.infer([pixels])[0].copy()  # the request reuses its output buffer
 
-    def _compile(self, shape: tuple[int, ...]) -> object:
+    def _compile(self, shape: tuple[int, ...]) -> Any:
         start = time.perf_counter()
         example = torch.zeros(shape)
         with torch.no_grad(), warnings.catch_warnings():
@@ -393,6 +404,10 @@ def _dequantize_int8_in_graph(module: nn.Module) -> None:
 class DequantizedInt8Linear(nn.Module):
     """A Linear layer whose weights are int8 (one scale per output channel) and turned back into
     float in the forward pass: OpenVINO converts this to an int8 compressed-weight product."""
+
+    weight: torch.Tensor  # buffers, declared for the type checker
+    scale: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()

@@ -92,24 +92,9 @@ def create_rerankers(
         vlm_client = create_vlm_client(config.vlm)
     rerankers: list[Reranker] = []
     for name in chain:
-        if name == 'descriptions':
-            from vlm_vpr.backends.rerank.descriptions import DescriptionsReranker
-            from vlm_vpr.backends.text_embedding import TextEmbedder
-
-            text_embedder = text_embedder or TextEmbedder(config.rerank.text_embedder)
-            rerankers.append(DescriptionsReranker(config, vpr_map, vlm_client, text_embedder))
-        elif name == 'pairwise':
-            from vlm_vpr.backends.rerank.pairwise import PairwiseReranker
-
-            rerankers.append(PairwiseReranker(config, vpr_map, vlm_client))
-        elif name == 'pointwise':
-            from vlm_vpr.backends.rerank.pointwise import PointwiseReranker
-
-            rerankers.append(PointwiseReranker(config, vpr_map, vlm_client))
-        elif name == 'region':
-            from vlm_vpr.backends.rerank.region import RegionReranker
-
-            rerankers.append(RegionReranker(config, vpr_map, vlm_client))
+        if name in VLM_RERANKERS:
+            assert vlm_client is not None  # made above for every chain with one
+            rerankers.append(_vlm_reranker(name, config, vpr_map, vlm_client, text_embedder))
         elif name == 'geometric':
             from vlm_vpr.backends.rerank.geometric import GeometricReranker
 
@@ -119,3 +104,29 @@ def create_rerankers(
 
             rerankers.append(ConsensusReranker(config))
     return rerankers
+
+
+def _vlm_reranker(
+    name: str,
+    config: LocalizerConfig,
+    vpr_map: VprMap,
+    vlm_client: VlmClient,
+    text_embedder: TextEmbedder | None,
+) -> Reranker:
+    if name == 'descriptions':
+        from vlm_vpr.backends.rerank.descriptions import DescriptionsReranker
+        from vlm_vpr.backends.text_embedding import TextEmbedder
+
+        embedder = text_embedder or TextEmbedder(config.rerank.text_embedder)
+        return DescriptionsReranker(config, vpr_map, vlm_client, embedder)
+    if name == 'pairwise':
+        from vlm_vpr.backends.rerank.pairwise import PairwiseReranker
+
+        return PairwiseReranker(config, vpr_map, vlm_client)
+    if name == 'pointwise':
+        from vlm_vpr.backends.rerank.pointwise import PointwiseReranker
+
+        return PointwiseReranker(config, vpr_map, vlm_client)
+    from vlm_vpr.backends.rerank.region import RegionReranker
+
+    return RegionReranker(config, vpr_map, vlm_client)

@@ -40,13 +40,14 @@ def extract_rootsift(
     from vlm_vpr.core.images import resize_shorter_side
 
     grey = cv2.cvtColor(resize_shorter_side(image_bgr, size_px), cv2.COLOR_BGR2GRAY)
-    keypoints, desc = cv2.SIFT_create(
+    keypoints, desc = cv2.SIFT.create(
         nfeatures=max_keypoints, contrastThreshold=contrast_threshold
     ).detectAndCompute(grey, None)
     if desc is None:
         return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
     desc = desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-12)
-    return cv2.KeyPoint_convert(keypoints).reshape(-1, 2), np.sqrt(desc).astype(np.float32)
+    xy = np.asarray(cv2.KeyPoint.convert(keypoints), np.float32).reshape(-1, 2)
+    return xy, np.sqrt(desc).astype(np.float32)
 
 
 def match_mutual_ratio(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float) -> np.ndarray:
