@@ -341,7 +341,7 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
     fit = json.loads((tmp_path / 'fit.json').read_text())
     rows = fit['per_query']
     # scored before the fit: left out of the calibrate report (eval-bag measures them)
-    assert 'at_threshold' not in fit and 'initial_pose' not in fit
+    assert not {'at_threshold', 'initial_pose', 'initial_pose_gate'} & set(fit)
     assert not any('initial_pose' in r for r in rows)
     out_of_map = [r for r in rows if r['truth_xy'] is None]
     assert len(rows) == 36 and 5 <= len(out_of_map) <= 20  # the held-out stretch
@@ -429,7 +429,7 @@ def test_calibrate_on_several_bags_fits_on_all_their_frames_each_bag_run_afresh(
         assert pooled['evidence'] == pytest.approx(single['evidence'])
     assert fit['num_frames'] == 54
     assert fit['num_in_map'] == alone[0]['num_in_map'] + alone[1]['num_in_map']
-    single_keys = set(alone[0]) - {'bag', 'at_threshold', 'initial_pose'}
+    single_keys = set(alone[0]) - {'bag', 'at_threshold', 'initial_pose', 'initial_pose_gate'}
     assert set(fit) == single_keys | {'bags', 'calibration'}
     stored = Calibration.from_map(read_map(calibrated), config)
     expected = Calibration.fit(

@@ -22,7 +22,8 @@ from vlm_vpr.core.map_format import read_map, write_extra
 log = logging.getLogger(__name__)
 
 RELIABILITY_BINS = 10
-BEFORE_THE_FIT = ('at_threshold', 'initial_pose')  # bag report fields scored with the old fit
+# bag report fields scored with the old fit, and the settings of those gate runs
+BEFORE_THE_FIT = ('at_threshold', 'initial_pose', 'initial_pose_gate')
 SPLIT_BLOCK = 10  # consecutive queries per block: the fit / test split and the cross-fit folds
 
 
@@ -38,8 +39,9 @@ def calibrate(
     keeping those for other settings (unreadable ones are replaced, with a warning); the
     returned report holds it (``calibration``) and is re-scored with it, so its ``open_set``
     numbers (ECE included) are in-sample: measure on another split. A bag report's accepted
-    rates and /initialpose gate runs (``at_threshold``, ``initial_pose``) were scored before
-    the fit and are left out: ``eval-bag`` measures them.
+    rates and /initialpose gate runs (``at_threshold``, ``initial_pose``, with the gate's
+    settings ``initial_pose_gate``) were scored before the fit and are left out: ``eval-bag``
+    measures them.
     Raises DatasetError when the split lacks correct or wrong queries.
     """
     per_query = report['per_query']
