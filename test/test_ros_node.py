@@ -301,3 +301,38 @@ def test_diagnostics_report_counts_latency_and_map_size(harness: NodeHarness) ->
     assert float(values['latency_extract_ms']) > 0
     latency = harness.node.latency_stats()
     assert latency['count'] >= 36 and latency['p95_ms'] >= latency['median_ms'] > 0
+
+
+def test_lifecycle_and_parameter_services_answer_over_the_graph(campus_map: Path) -> None:
+    """What `ros2 lifecycle set` and `ros2 param set` do: another node calls the services."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rcl_interfaces.msg import Parameter as ParameterMsg
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+    from rcl_interfaces.srv import GetParameters, SetParameters
+
+    def state(harness: NodeHarness) -> str:
+        return harness.call(GetState, 'vpr_node/get_state', 10.0).current_state.label
+
+    def change(harness: NodeHarness, transition: int) -> bool:
+        request = ChangeState.Request(transition=Transition(id=transition))
+        return harness.call(ChangeState, 'vpr_node/change_state', 30.0, request).success
+
+    def set_mode(harness: NodeHarness, mode: str) -> Any:
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=mode)
+        request = SetParameters.Request(parameters=[ParameterMsg(name='mode', value=value)])
+        return harness.call(SetParameters, 'vpr_node/set_parameters', 10.0, request).results[0]
+
+    with NodeHarness({'map_path': str(campus_map)}, namespace='graph_test') as harness:
+        assert state(harness) == 'unconfigured'  # no autostart: a lifecycle manager drives it
+        assert change(harness, Transition.TRANSITION_CONFIGURE)
+        assert state(harness) == 'inactive'
+        assert change(harness, Transition.TRANSITION_ACTIVATE)
+        assert state(harness) == 'active'
+        refused = set_mode(harness, 'foo')
+        assert not refused.successful and 'mode must be one of' in refused.reason
+        assert set_mode(harness, 'on_demand').successful
+        request = GetParameters.Request(names=['mode'])
+        got = harness.call(GetParameters, 'vpr_node/get_parameters', 10.0, request)
+        assert got.values[0].string_value == 'on_demand'
+        assert harness.node.settings[0].mode == 'on_demand'

@@ -125,13 +125,16 @@ class NodeHarness:
         """The ``pose`` message of the frame stamped ``stamp`` (ns), or None after the timeout."""
         return self.wait_for('pose', lambda m: stamp_ns(m.header) == stamp, timeout_s)
 
-    def call(self, srv_type: Any, name: str, timeout_s: float = 30.0) -> Any | None:
-        """Call a service of the node; the response, or None after the timeout."""
+    def call(
+        self, srv_type: Any, name: str, timeout_s: float = 30.0, request: Any = None
+    ) -> Any | None:
+        """Call a service of the node over the graph (``request``: an empty one if None); the
+        response, or None after the timeout."""
         client: Any = self.listener.create_client(srv_type, name)
         try:
             if not client.wait_for_service(timeout_sec=timeout_s):
                 return None
-            future = client.call_async(srv_type.Request())
+            future = client.call_async(srv_type.Request() if request is None else request)
             wait_until(future.done, timeout_s)
             return future.result() if future.done() else None
         finally:

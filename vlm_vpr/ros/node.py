@@ -204,7 +204,8 @@ class VprNode(LifecycleNode):
         self._matchers: dict[str, Any] = {}  # image topic -> its SequenceMatcher
         self._offsets: OffsetSource | None = None
         self._pubs: dict[str, Any] = {}
-        self._services: list[Any] = []
+        # not _services: rclpy's Node keeps its own (lifecycle, parameter) services under it
+        self._trigger_services: list[Any] = []
         self._subs: list[Any] = []
         self._previous_stamp_ns: int | None = None  # the last localised frame: gate motion
         self._camera_stamp_ns: dict[str, int] = {}  # each camera's last one: sequence travel
@@ -392,7 +393,7 @@ class VprNode(LifecycleNode):
             'debug_image': pub(Image, 'debug_image', 2),
             'initialpose': pub(PoseWithCovarianceStamped, '/initialpose', 10),
         }
-        self._services = [
+        self._trigger_services = [
             self.create_service(
                 Trigger, 'relocalize', self._on_relocalize, callback_group=self._relocalize_group
             ),
@@ -422,9 +423,9 @@ class VprNode(LifecycleNode):
     def _release(self) -> None:
         for publisher in self._pubs.values():
             self.destroy_lifecycle_publisher(publisher)
-        for service in self._services:
+        for service in self._trigger_services:
             self.destroy_service(service)
-        self._pubs, self._services = {}, []
+        self._pubs, self._trigger_services = {}, []
         if self._tf_tree is not None:
             self._tf_tree.close()  # the listener's /tf subscriptions go with it
         self._localizer = self._offsets = self._odometry_source = self._tf_tree = None
