@@ -20,7 +20,7 @@ setup(
     maintainer_email='vlm-vpr@example.org',
     description='Visual place recognition with VLM re-ranking: a pose prior for a lost robot.',
     license='Apache-2.0',
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     entry_points={
         'console_scripts': [
             'vlm-vpr = vlm_vpr.cli:main',

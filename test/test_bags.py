@@ -119,15 +119,16 @@ def test_traversal_bag_round_trips_images_and_ground_truth(
         storage=storage,
     )
     assert len(list(bag.glob(f'*{suffix}'))) == 1
+    image_topic = f'{IMAGE_TOPIC}/compressed' if compressed else IMAGE_TOPIC  # image_transport's
     assert bags.list_topics(bag) == {
-        IMAGE_TOPIC: bags.COMPRESSED_IMAGE if compressed else bags.IMAGE,
+        image_topic: bags.COMPRESSED_IMAGE if compressed else bags.IMAGE,
         '/ground_truth/pose': bags.POSE_STAMPED,
         '/odom': bags.ODOMETRY,
     }
     for pose_topic in ('/ground_truth/pose', '/odom'):
         frames = list(
             read_posed_images(
-                bag, IMAGE_TOPIC, pose_topic, min_distance_m=0.0, min_rotation_rad=0.0
+                bag, image_topic, pose_topic, min_distance_m=0.0, min_rotation_rad=0.0
             )
         )
         assert [f.stamp_ns for f in frames] == [T0_NS + i * 250_000_000 for i in range(4)]
@@ -437,7 +438,9 @@ def test_raw_messages_deserialize_with_rclpy(tmp_path, query):
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage
 
-    bag = write_traversal_bag(query, tmp_path / 'bag', compressed=True, odom_topic='/odom')
+    bag = write_traversal_bag(
+        query, tmp_path / 'bag', image_topic=IMAGE_TOPIC, compressed=True, odom_topic='/odom'
+    )
     classes = {bags.COMPRESSED_IMAGE: CompressedImage, bags.POSE_STAMPED: PoseStamped}
     messages = list(bags.iter_bag_messages(bag, ['/ground_truth/pose', IMAGE_TOPIC]))
     assert [m[0] for m in messages] == [IMAGE_TOPIC, '/ground_truth/pose'] * 4

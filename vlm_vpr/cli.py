@@ -215,10 +215,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_bag_topic_args(eval_bag, '--truth-topic', 'ground truth', required=True)
     _add_odometry_args(eval_bag, '')
     eval_bag.add_argument(
-        '--tolerance-m',
+        '--tolerance',
         type=float,
         default=5.0,
-        help='a pose or candidate this close to the truth is correct',
+        help="a pose or candidate this close to the truth is correct (in the bag's pose units: "
+        'm; default 5)',
     )
     eval_bag.add_argument(
         '--confidence-threshold',
@@ -751,7 +752,7 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         args.image_topic,
         args.truth_topic,
         query_config,
-        tolerance_m=args.tolerance_m,
+        tolerance_m=args.tolerance,
         confidence_threshold=args.confidence_threshold,
         **_given(args, ['base_frame']),
         **_odometry(args),

@@ -721,7 +721,7 @@ def write_traversal_bag(
     traversal: Traversal,
     out_path: str | Path,
     *,
-    image_topic: str = '/camera/image_raw',
+    image_topic: str | None = None,
     compressed: bool = False,
     pose_topic: str = '/ground_truth/pose',
     odom_topic: str | None = None,
@@ -734,7 +734,9 @@ def write_traversal_bag(
 ) -> Path:
     """Write a traversal as a bag: image ``i`` (Image 'bgr8', or CompressedImage 'jpeg' when
     ``compressed``) and its ground-truth PoseStamped on ``pose_topic`` (and an Odometry on
-    ``odom_topic`` when given), both stamped ``start_ns + i / rate_hz``.
+    ``odom_topic`` when given), both stamped ``start_ns + i / rate_hz``. ``image_topic``
+    defaults to image_transport's names, which the node goes by: ``/camera/image_raw``, or
+    ``/camera/image_raw/compressed`` when ``compressed``.
 
     Rows without a true position (NaN x, y) are left out: an image with no pose beside it
     would get one interpolated from its neighbours. A pose message cannot say "yaw unknown",
@@ -743,6 +745,8 @@ def write_traversal_bag(
     if not rate_hz > 0:
         raise BagError(f'rate_hz must be > 0, got {rate_hz}')
     period_ns = round(1e9 / rate_hz)
+    if image_topic is None:
+        image_topic = '/camera/image_raw/compressed' if compressed else '/camera/image_raw'
     no_pose = 0
     with BagWriter(out_path, storage=storage) as writer:
         for i, image_path in enumerate(traversal.image_paths):
