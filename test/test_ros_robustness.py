@@ -271,9 +271,16 @@ class HoldFirstCall:
             )
 
 
-def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
-    harness: NodeHarness, good: np.ndarray, queries: Traversal, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def send_as_one_batch(
+    harness: NodeHarness,
+    monkeypatch: pytest.MonkeyPatch,
+    primer: int,
+    good: np.ndarray,
+    other: np.ndarray,
+) -> list[int]:
+    """Publish a primer frame and, while the worker holds it, ``good`` on the first camera and
+    ``other`` on the second (stamps primer + 1, + 2), so that those two wait as one batch.
+    Returns the list the extractor appends each batch's size to."""
     extractor = harness.node._localizer.extractor
     batch_sizes: list[int] = []
     hold = HoldFirstCall(harness, frames=3)
@@ -284,13 +291,20 @@ def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
         return type(extractor).extract(extractor, images)
 
     monkeypatch.setattr(extractor, 'extract', counting_extract)
-    primer = T0_NS + 1500 * 1_000_000_000
     time.sleep(1.0 / MAX_RATE_HZ)
     harness.pubs['image'].publish(camera_msg(good, primer))
     assert hold.entered.wait(30.0)  # the worker is busy with the primer: both frames wait
-    other = read_image(queries.image_paths[20])
     harness.pubs['image'].publish(camera_msg(good, primer + 1))
     harness.pubs['compressed'].publish(camera_msg(other, primer + 2, compressed=True))
+    return batch_sizes
+
+
+def test_frames_of_two_cameras_waiting_together_are_extracted_as_one_batch(
+    harness: NodeHarness, good: np.ndarray, queries: Traversal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primer = T0_NS + 1500 * 1_000_000_000
+    other = read_image(queries.image_paths[20])
+    batch_sizes = send_as_one_batch(harness, monkeypatch, primer, good, other)
     poses = {stamp: harness.wait_for_pose(stamp) for stamp in (primer, primer + 1, primer + 2)}
 
     assert batch_sizes == [1, 2]
@@ -304,24 +318,9 @@ def test_a_blank_camera_in_a_batch_is_skipped_and_the_others_are_extracted_once(
     harness: NodeHarness, good: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lens cap on one camera of several costs no second extraction of the others."""
-    extractor = harness.node._localizer.extractor
-    batch_sizes: list[int] = []
-    hold = HoldFirstCall(harness, frames=3)
-
-    def counting_extract(images: list[np.ndarray]) -> Any:
-        batch_sizes.append(len(images))
-        hold()
-        return type(extractor).extract(extractor, images)
-
-    monkeypatch.setattr(extractor, 'extract', counting_extract)
     before = harness.node.counts().get('skipped_no_features', 0)
     primer = T0_NS + 1600 * 1_000_000_000
-    time.sleep(1.0 / MAX_RATE_HZ)
-    harness.pubs['image'].publish(camera_msg(good, primer))
-    assert hold.entered.wait(30.0)  # the worker is busy with the primer: both frames wait
-    harness.pubs['image'].publish(camera_msg(good, primer + 1))
-    blank = np.zeros_like(good)
-    harness.pubs['compressed'].publish(camera_msg(blank, primer + 2, compressed=True))
+    batch_sizes = send_as_one_batch(harness, monkeypatch, primer, good, np.zeros_like(good))
     assert harness.wait_for_pose(primer + 1) is not None
     assert wait_until(
         lambda: harness.node.counts().get('skipped_no_features', 0) == before + 1, 10.0
