@@ -90,7 +90,7 @@ def stream(harness: NodeHarness, queries: Traversal) -> Stream:
         poses,
         [m.data for m in harness.messages('confidence')],
         harness.messages('candidates'),
-        harness.messages('/initialpose'),
+        harness.messages('initialpose'),
     )
 
 
@@ -212,15 +212,15 @@ def test_rearm_service_lets_the_gate_publish_once_more(
     harness: NodeHarness, stream: Stream, queries: Traversal
 ) -> None:
     k = first_gate_frame(stream, queries)
-    before = len(harness.messages('/initialpose'))
+    before = len(harness.messages('initialpose'))
     response = harness.call(Trigger, 'rearm_initial_pose')
     assert response is not None and response.success
     t0 = T0_NS + 100 * PERIOD_NS
     stamps = [t0 + n * PERIOD_NS for n in range(GATE_FRAMES)]
     for n, i in enumerate(range(k - GATE_FRAMES + 1, k + 1)):  # the frames that passed before
         assert send(harness, queries, i, stamps[n]) is not None
-    wait_until(lambda: len(harness.messages('/initialpose')) > before, 10.0)
-    after = harness.messages('/initialpose')[before:]
+    wait_until(lambda: len(harness.messages('initialpose')) > before, 10.0)
+    after = harness.messages('initialpose')[before:]
     assert [stamp_ns(m.header) for m in after] == [stamps[-1]]
 
 
@@ -318,10 +318,13 @@ def test_lifecycle_and_parameter_services_answer_over_the_graph(campus_map: Path
         request = ChangeState.Request(transition=Transition(id=transition))
         return harness.call(ChangeState, 'vpr_node/change_state', 30.0, request).success
 
+    def set_parameter(harness: NodeHarness, name: str, value: ParameterValue) -> Any:
+        request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)])
+        return harness.call(SetParameters, 'vpr_node/set_parameters', 10.0, request).results[0]
+
     def set_mode(harness: NodeHarness, mode: str) -> Any:
         value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=mode)
-        request = SetParameters.Request(parameters=[ParameterMsg(name='mode', value=value)])
-        return harness.call(SetParameters, 'vpr_node/set_parameters', 10.0, request).results[0]
+        return set_parameter(harness, 'mode', value)
 
     with NodeHarness({'map_path': str(campus_map)}, namespace='graph_test') as harness:
         assert state(harness) == 'unconfigured'  # no autostart: a lifecycle manager drives it
@@ -336,3 +339,5 @@ def test_lifecycle_and_parameter_services_answer_over_the_graph(campus_map: Path
         got = harness.call(GetParameters, 'vpr_node/get_parameters', 10.0, request)
         assert got.values[0].string_value == 'on_demand'
         assert harness.node.settings[0].mode == 'on_demand'
+        autostart = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=True)
+        assert not set_parameter(harness, 'autostart', autostart).successful  # read at start-up

@@ -717,7 +717,7 @@ def test_relocalize_answers_with_frames_taken_after_the_call_only(
     try:
         shut = T0_NS + 6000 * 1_000_000_000  # passes the gate, which shuts
         assert localise_good_frame(harness, good, shut) is not None
-        assert harness.wait_for('/initialpose', lambda m: stamp_ns(m.header) == shut, 10.0)
+        assert harness.wait_for('initialpose', lambda m: stamp_ns(m.header) == shut, 10.0)
         monkeypatch.setattr(localizer, 'localize_batch', held)
         taken = shut + 1_000_000_000
         time.sleep(1.0 / MAX_RATE_HZ)
@@ -730,7 +730,7 @@ def test_relocalize_answers_with_frames_taken_after_the_call_only(
         later = taken + 1_000_000_000
         assert localise_good_frame(harness, good, later) is not None
         assert json.loads(pending.result(timeout=30.0).message)['stamp_ns'] == later
-        gated = [stamp_ns(m.header) for m in harness.messages('/initialpose')]
+        gated = [stamp_ns(m.header) for m in harness.messages('initialpose')]
         assert gated[gated.index(shut) + 1 :] == [later]
     finally:
         release.set()
@@ -786,6 +786,27 @@ def test_deactivating_fails_a_pending_relocalize_at_once(harness: NodeHarness) -
     finally:
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert wait_until(lambda: harness.pubs['image'].get_subscription_count() > 0, 10.0)
+
+
+def test_shutting_down_answers_a_pending_relocalize_and_the_services_stay(
+    campus_map: Path,
+) -> None:
+    """The services live from start to destruction: a shutdown answers the waiting call (it
+    used to destroy the service under it), and later calls get an answer, not silence."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    parameters = {'map_path': str(campus_map), 'autostart': True}
+    with NodeHarness(parameters, namespace='shutdown_test') as harness:
+        node = harness.node
+        pending = harness.call_in_background(Trigger, 'relocalize')
+        assert wait_until(lambda: bool(node._waiters), 30.0)
+        assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+        response = pending.result(timeout=10.0)
+        assert response is not None and not response.success
+        assert response.message == 'relocalize cancelled: vpr_node was shut down'
+        later = harness.call(Trigger, 'relocalize', 10.0)
+        assert later is not None and not later.success and 'not active' in later.message
+        assert harness.call(Trigger, 'rearm_initial_pose', 10.0).success
 
 
 @pytest.fixture(scope='module')
@@ -928,6 +949,6 @@ def test_a_shut_initial_pose_gate_looks_no_motion_up(campus_map: Path, good: np.
         for stamp in stamps:
             pub.publish(camera_msg(good, stamp))
             assert harness.wait_for_pose(stamp)
-        assert [stamp_ns(m.header) for m in harness.messages('/initialpose')] == [stamps[1]]
+        assert [stamp_ns(m.header) for m in harness.messages('initialpose')] == [stamps[1]]
     looked_up = [stamp for target, _, stamp in tf.calls if target == 'odom']
     assert sorted(looked_up) == stamps[:2]  # the second frame's gate motion, then none

@@ -69,7 +69,7 @@ def run_node_demo(
         time.sleep(0.5)
         poses = harness.messages('pose')
         confidences = [m.data for m in harness.messages('confidence')]
-        initial_poses = harness.messages('/initialpose')
+        initial_poses = harness.messages('initialpose')
         latency = harness.node.latency_stats()
         counts = harness.node.counts()
         node_cfg, query_cfg = harness.node.settings  # for the gate's description

@@ -33,7 +33,7 @@ OUTPUTS = {
     'confidence': Float32,
     'candidates': PoseArray,
     'candidate_markers': MarkerArray,
-    '/initialpose': PoseWithCovarianceStamped,
+    'initialpose': PoseWithCovarianceStamped,
     '/diagnostics': DiagnosticArray,
     'debug_image': Image,
 }

@@ -204,8 +204,6 @@ class VprNode(LifecycleNode):
         self._matchers: dict[str, Any] = {}  # image topic -> its SequenceMatcher
         self._offsets: OffsetSource | None = None
         self._pubs: dict[str, Any] = {}
-        # not _services: rclpy's Node keeps its own (lifecycle, parameter) services under it
-        self._trigger_services: list[Any] = []
         self._subs: list[Any] = []
         self._previous_stamp_ns: int | None = None  # the last localised frame: gate motion
         self._camera_stamp_ns: dict[str, int] = {}  # each camera's last one: sequence travel
@@ -218,6 +216,14 @@ class VprNode(LifecycleNode):
         # callers retrying faster than it answers cannot hold every thread and stop the frames
         # they wait for
         self._relocalize_group = MutuallyExclusiveCallbackGroup()
+        # from start to destruction, in every state (not active: they answer so), so that no
+        # call waiting in relocalize meets a destroyed service when the node stops
+        self.create_service(
+            Trigger, 'relocalize', self._on_relocalize, callback_group=self._relocalize_group
+        )
+        self.create_service(
+            Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=self._services_group
+        )
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diagnostics_timer = self.create_timer(
             self._cfg.diagnostics_period_s, self.publish_diagnostics
@@ -391,16 +397,9 @@ class VprNode(LifecycleNode):
             'candidates': pub(PoseArray, 'candidates', 10),
             'markers': pub(MarkerArray, 'candidate_markers', 10),
             'debug_image': pub(Image, 'debug_image', 2),
-            'initialpose': pub(PoseWithCovarianceStamped, '/initialpose', 10),
+            # relative like nav2 AMCL's subscription: /initialpose, or /<ns>/initialpose
+            'initialpose': pub(PoseWithCovarianceStamped, 'initialpose', 10),
         }
-        self._trigger_services = [
-            self.create_service(
-                Trigger, 'relocalize', self._on_relocalize, callback_group=self._relocalize_group
-            ),
-            self.create_service(
-                Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=self._services_group
-            ),
-        ]
 
     def _stop_processing(self, why: str) -> None:
         with self._lock:
@@ -423,9 +422,7 @@ class VprNode(LifecycleNode):
     def _release(self) -> None:
         for publisher in self._pubs.values():
             self.destroy_lifecycle_publisher(publisher)
-        for service in self._trigger_services:
-            self.destroy_service(service)
-        self._pubs, self._trigger_services = {}, []
+        self._pubs = {}
         if self._tf_tree is not None:
             self._tf_tree.close()  # the listener's /tf subscriptions go with it
         self._localizer = self._offsets = self._odometry_source = self._tf_tree = None

@@ -130,6 +130,8 @@ RANGES: dict[str, tuple[float, float]] = {
     'camera_offset.yaw_deg': (-180.0, 180.0),
 }
 
+# Read once, when the node starts: read-only afterwards (set them with --ros-args -p or a file).
+START_UP = frozenset({'autostart'})
 # Applied at once while the node runs; every other parameter takes effect at the next configure.
 LIVE = frozenset(
     {
@@ -220,7 +222,10 @@ def _descriptor(spec: ParamSpec) -> Any:
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
     descriptor = ParameterDescriptor(name=spec.name, description=spec.description)
-    if spec.name not in LIVE:
+    if spec.name in START_UP:
+        descriptor.read_only = True
+        descriptor.additional_constraints = 'read at start-up'
+    elif spec.name not in LIVE:
         descriptor.additional_constraints = 'read at configure: applies at the next configure'
     if spec.range is not None:
         low, high = spec.range
