@@ -234,6 +234,8 @@ def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
             TRUTH_TOPIC,
             '--max-frames',
             '2',
+            '--tolerance',
+            '2',
             '--set',
             'initial_pose.consecutive_frames=1',
             '--json',
@@ -245,6 +247,7 @@ def test_eval_bag_cli_writes_the_json_report_and_trajectory_plot(
     assert code == 0
     report = json.loads((tmp_path / 'r.json').read_text())
     assert report['num_frames'] == 2 and report['bag'] == str(bag)
+    assert report['tolerance_m'] == 2.0
     assert report['initial_pose_gate']['consecutive_frames'] == 1
     assert (tmp_path / 'r.png').read_bytes()[:4] == b'\x89PNG'
     out = capsys.readouterr().out
@@ -376,7 +379,9 @@ def test_calibrate_on_a_bag_fits_on_its_frames_and_the_map_then_rejects_out_of_m
         np.mean([r['first_correct_rank'] == 1 for r in in_map]), abs=1e-4
     )
 
-    assert main([*calibrate, '--sequence', '3']) == 0  # frames vote in bag order
+    sequence_fit = ['--sequence', '3', '--tolerance', '4', '--json', str(tmp_path / 'seq.json')]
+    assert main([*calibrate, *sequence_fit]) == 0  # frames vote in bag order
+    assert json.loads((tmp_path / 'seq.json').read_text())['tolerance_m'] == 4.0
     stored = stored_calibrations(read_map(holdout_map).read_extra_json('calibration'))
     assert [c.settings['sequence.length'] for c in stored] == [1, 3]
     assert stored[1].off_track is not None  # the sequence fit: on-track rule and constant

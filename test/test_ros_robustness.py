@@ -336,12 +336,9 @@ def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
     localize_batch, batch_sizes = localizer.localize_batch, []
     small = cv2.resize(good, (good.shape[1] // 2, good.shape[0] // 2))
 
-    hold = HoldFirstCall(harness, frames=3)
-
     def rejects_the_small_frame(images: list[np.ndarray], *args: Any) -> Any:
         """Test double: the Localizer fails on any batch holding the half-size frame."""
         batch_sizes.append(len(images))
-        hold()
         if any(image.shape == small.shape for image in images):
             raise ImageError('rejected by the test double')
         return localize_batch(images, *args)
@@ -349,11 +346,7 @@ def test_a_batch_the_localizer_rejects_is_retried_frame_by_frame(
     monkeypatch.setattr(localizer, 'localize_batch', rejects_the_small_frame)
     before = harness.node.counts().get('skipped_localize_error', 0)
     primer = T0_NS + 1700 * 1_000_000_000
-    time.sleep(1.0 / MAX_RATE_HZ)
-    harness.pubs['image'].publish(camera_msg(good, primer))
-    assert hold.entered.wait(30.0)  # the worker is busy with the primer: both frames wait
-    harness.pubs['image'].publish(camera_msg(good, primer + 1))
-    harness.pubs['compressed'].publish(camera_msg(small, primer + 2, compressed=True))
+    send_as_one_batch(harness, monkeypatch, primer, good, small)
     assert harness.wait_for_pose(primer) is not None
 
     assert harness.wait_for_pose(primer + 1) is not None

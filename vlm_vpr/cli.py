@@ -216,8 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_odometry_args(eval_bag, '')
     eval_bag.add_argument(
         '--tolerance',
+        dest='tolerance_m',
         type=float,
-        default=5.0,
         help="a pose or candidate this close to the truth is correct (in the bag's pose units: "
         'm; default 5)',
     )
@@ -752,9 +752,8 @@ def _cmd_eval_bag(args: argparse.Namespace) -> int:
         args.image_topic,
         args.truth_topic,
         query_config,
-        tolerance_m=args.tolerance,
         confidence_threshold=args.confidence_threshold,
-        **_given(args, ['base_frame']),
+        **_given(args, ['base_frame', 'tolerance_m']),
         **_odometry(args),
         max_frames=args.max_frames,
         initial_pose=from_flat_dict(

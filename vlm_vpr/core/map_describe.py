@@ -99,8 +99,8 @@ def describe_map(
             f'map {vpr_map.path} has no thumbnails to describe; rebuild it with '
             'thumbnail_size_px > 0'
         )
+    embedder = embedder or TextEmbedder(rerank.text_embedder)  # before the VLM, which loads longer
     client = client or create_vlm_client(vlm)
-    embedder = embedder or TextEmbedder(rerank.text_embedder)
     timeout_s = vlm.timeout_s * (vlm.retries + 1)
     prompt = describe_prompt(rerank.num_descriptions)
     per_image, stale = _earlier_descriptions(vpr_map, client.model_name, prompt)

@@ -6,7 +6,7 @@ sensor-data QoS: frames are rectified with the latest one); optionally ``odom_to
 (nav_msgs/Odometry), or the motion from TF ``odom_frame -> base_frame``. Outputs (relative names):
 ``pose`` (PoseWithCovarianceStamped, stamped with the image's stamp), ``confidence``
 (Float32), ``candidates`` (PoseArray), ``candidate_markers`` (MarkerArray), ``debug_image``
-(when enabled), ``/initialpose`` (when enabled, gated) and ``/diagnostics``. Services:
+(when enabled), ``initialpose`` (when enabled, gated) and ``/diagnostics`` (absolute). Services:
 ``relocalize`` and ``rearm_initial_pose`` (std_srvs/Trigger).
 
 Threads: subscription callbacks only store the newest frame per camera (a replaced frame is
@@ -211,18 +211,20 @@ class VprNode(LifecycleNode):
         params.declare(self)
         self._cfg, self._query_cfg = params.split_values(params.current_values(self))
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._services_group = ReentrantCallbackGroup()
-        # relocalize waits for frames, holding an executor thread: calls take turns, so that
-        # callers retrying faster than it answers cannot hold every thread and stop the frames
-        # they wait for
-        self._relocalize_group = MutuallyExclusiveCallbackGroup()
-        # from start to destruction, in every state (not active: they answer so), so that no
-        # call waiting in relocalize meets a destroyed service when the node stops
+        # The services live from start to destruction, in every lifecycle state (relocalize
+        # answers 'not active' when the node is not), so that no call waiting in relocalize
+        # meets a destroyed service when the node stops. relocalize waits for frames, holding
+        # an executor thread: calls take turns, so that callers retrying faster than it answers
+        # cannot hold every thread and stop the frames they wait for. rearm stays out of the
+        # default group, where change_state may be loading a map.
         self.create_service(
-            Trigger, 'relocalize', self._on_relocalize, callback_group=self._relocalize_group
+            Trigger,
+            'relocalize',
+            self._on_relocalize,
+            callback_group=MutuallyExclusiveCallbackGroup(),
         )
         self.create_service(
-            Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=self._services_group
+            Trigger, 'rearm_initial_pose', self._on_rearm, callback_group=ReentrantCallbackGroup()
         )
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diagnostics_timer = self.create_timer(
@@ -510,7 +512,7 @@ class VprNode(LifecycleNode):
         with self._lock:
             if self._stopping:
                 response.success = False
-                response.message = 'vpr_node is not active: configure and activate it first'
+                response.message = f'vpr_node is not active: {self._status[1]}'
                 return response
             waiter = _Waiter(cfg.relocalize_frames, after=self._batches)
             self._waiters.append(waiter)

@@ -49,8 +49,9 @@ from vlm_vpr.core.vlad import l2_normalize
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # DINOv2 was trained on inputs normalised with these
-IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+# DINOv2 was trained on inputs normalised with these
+IMAGENET_MEAN_RGB = np.array((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD_RGB = np.array((0.229, 0.224, 0.225), np.float32)
 MODEL_TYPES = ('dinov2', 'dinov2_with_registers')  # transformers config.model_type accepted
 CPUINFO = Path('/proc/cpuinfo')  # where native_bfloat16 reads the CPU's flags (Linux)
 
@@ -142,8 +143,7 @@ def normalized_pixels(batch_bgr: np.ndarray) -> np.ndarray:
     """DINOv2's input [B x 3 x H x W] float32 (RGB, ImageNet mean and std) of images
     [B x H x W x 3] uint8 BGR."""
     rgb = batch_bgr[..., ::-1].astype(np.float32) / np.float32(255.0)
-    mean, std = np.asarray(IMAGENET_MEAN_RGB, np.float32), np.asarray(IMAGENET_STD_RGB, np.float32)
-    pixels = (rgb - mean) / std
+    pixels = (rgb - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 

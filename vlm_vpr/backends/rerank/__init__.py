@@ -80,6 +80,10 @@ def create_rerankers(
         raise ConfigError(
             f'unknown re-ranker(s) {unknown} in rerank.chain; choose from {list(RERANKERS)}'
         )
+    if 'descriptions' in chain and text_embedder is None:  # before the VLM, which loads longer
+        from vlm_vpr.backends.text_embedding import TextEmbedder
+
+        text_embedder = TextEmbedder(config.rerank.text_embedder)
     needs_vlm = [name for name in chain if name in VLM_RERANKERS]
     if needs_vlm and vlm_client is None:
         if config.vlm.backend == 'none':
@@ -115,10 +119,9 @@ def _vlm_reranker(
 ) -> Reranker:
     if name == 'descriptions':
         from vlm_vpr.backends.rerank.descriptions import DescriptionsReranker
-        from vlm_vpr.backends.text_embedding import TextEmbedder
 
-        embedder = text_embedder or TextEmbedder(config.rerank.text_embedder)
-        return DescriptionsReranker(config, vpr_map, vlm_client, embedder)
+        assert text_embedder is not None  # made by create_rerankers
+        return DescriptionsReranker(config, vpr_map, vlm_client, text_embedder)
     if name == 'pairwise':
         from vlm_vpr.backends.rerank.pairwise import PairwiseReranker
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -49,8 +49,8 @@ class TransformersVlm:
         source = model_location(config.model)
         try:
             self.processor = AutoProcessor.from_pretrained(source)
-            # Any: transformers types the loaded model's .generate for another self type
-            self.model: Any = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            # Any: transformers' stubs type the loaded model's .to and .generate wrongly
+            self.model = cast(Any, AutoModelForImageTextToText.from_pretrained(source, **kwargs))
         except (OSError, ValueError) as exc:
             if Path(source).exists():
                 fix = (
@@ -65,7 +65,7 @@ class TransformersVlm:
                 )
             raise VlmUnavailableError(f'cannot load VLM {config.model!r} ({exc}); {fix}') from exc
         if 'device_map' not in kwargs:
-            self.model.to(config.device)  # type: ignore[arg-type]  # its .to is typed unbound
+            self.model.to(config.device)
         self.model.eval()
         if not getattr(self.processor, 'chat_template', None):
             raise ConfigError(
