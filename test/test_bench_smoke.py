@@ -186,3 +186,37 @@ def test_calibration_size_refits_on_block_subsets_and_measures_each_fit_on_the_t
     table = capsys.readouterr().out.splitlines()
     assert table[0] == 'test split: 240 in / 60 out of map'
     assert len(table) == 3 + 2 and table[-1].startswith('| 20 (200) | 1 (0) |')
+
+
+def test_kidnap_feeds_stretches_to_one_matcher_and_reports_each(
+    campus_map: Path, data_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import kidnap
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
+    from vlm_vpr.core.localizer import Localizer
+
+    localizer = Localizer.from_map_path(
+        campus_map, LocalizerConfig(sequence=SequenceConfig(length=3))
+    )
+    dataset = str(data_root / 'campus_loop')
+    rows = kidnap.measure(localizer, dataset, 'interleaved', [(0, 12), (24, 36)])
+
+    assert [(r['stretch'], r['frames']) for r in rows] == [('0:12', 12), ('24:36', 12)]
+    # campus_loop is easy (Recall@1 1.0): a cold start is on track within L frames; carried
+    # from query 11 to 24 unannounced, the track found there is trusted only once the last
+    # on-track winner is 3 L frames back
+    assert rows[0]['first_on_track'] is not None and rows[0]['first_on_track'] < 3
+    assert rows[1]['first_on_track'] is not None and rows[1]['first_on_track'] >= 3
+    for r in rows:
+        assert r['accepted_correct'] + r['accepted_wrong'] <= r['frames']
+
+    kidnap.main(
+        ['--dataset', dataset, '--protocol', 'interleaved', '--map', str(campus_map)]
+        + ['--stretch', '0:5', '--sequence', '3']
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[-1].startswith('| 0:5 | ')

@@ -264,6 +264,49 @@ def test_track_evidence_is_good_along_the_route_and_poor_for_unmapped_places(
     assert np.mean([r.evidence['progress_error'] for r in stuck[5:]]) > 0.5
 
 
+def test_anchor_error_flags_a_track_found_where_the_camera_cannot_have_driven(
+    tmp_path: Path,
+) -> None:
+    """The camera drives places 0-19, then 6 frames through unmapped space (the track is lost),
+    then on. Found again where it can be (place 26 on), the winner agrees with the last
+    on-track winner carried along by the frames since; found at a look-alike 14 places further
+    on (40 on), it cannot have driven there. Checked against the direct formula on every frame:
+    0 while the last on-track frame is under L frames back or over 3 L (forgotten: a kidnapped
+    robot is found again then, or at once after a reset)."""
+    map_dir, desc = make_route_map(tmp_path, np.arange(80, dtype=float))
+    length = 4
+    config = LocalizerConfig(
+        sequence=SequenceConfig(length=length, velocities=(1.0,), column_centring=0.0)
+    )
+    localizer = Localizer(read_map(map_dir), config)
+    unmapped = np.random.default_rng(9).normal(size=(6, desc.shape[1]))
+
+    def drive(then: np.ndarray) -> list[LocalizationResult]:
+        frames = noisy(np.r_[desc[:20], unmapped, then], 0.3, np.random.default_rng(2))
+        return run_matcher(localizer, frames, [None] * len(frames))
+
+    def direct(results: list[LocalizationResult], k: int) -> float:
+        on = [i for i in range(k) if on_track(results[i].evidence)]
+        if not on or not length <= k - on[-1] <= 3 * length:
+            return 0.0
+        moved = results[k].candidates[0].map_index - results[on[-1]].candidates[0].map_index
+        return min(1.0, abs(moved - (k - on[-1])) / max(k - on[-1], 3.0))  # radius 3 spacings
+
+    consistent, jumped = drive(desc[26:40]), drive(desc[40:70])
+
+    for results in (consistent, jumped):
+        errors = [r.evidence['anchor_error'] for r in results]
+        assert errors == pytest.approx([direct(results, k) for k in range(len(results))])
+    # once the new track is established (L frames after the stretch), in the window
+    assert [r.candidates[0].map_index for r in consistent[30:34]] == [30, 31, 32, 33]
+    assert [r.candidates[0].map_index for r in jumped[30:34]] == [44, 45, 46, 47]
+    for k in range(30, 34):
+        assert consistent[k].evidence['anchor_error'] <= 0.2 and on_track(consistent[k].evidence)
+        assert jumped[k].evidence['track_consistency'] >= 0.5
+        assert jumped[k].evidence['anchor_error'] > 0.5 and not on_track(jumped[k].evidence)
+    assert on_track(jumped[-1].evidence)  # the anchor is forgotten, the track taken
+
+
 def test_room_ahead_shrinks_towards_the_map_edge_in_the_direction_of_travel(
     tmp_path: Path,
 ) -> None:

@@ -12,11 +12,12 @@ Two rules keep a fit on a small calibration split from learning noise:
   lowers the confidence, a larger spread never raises it. A weight that comes out the wrong
   way drops its feature and the model is refitted.
 - With sequence evidence, only results *on track* (the winner continues the path of the past
-  frames' winners: ``track_consistency`` >= 0.5 and ``progress_error`` <= 0.5, and the camera
+  frames' winners: ``track_consistency`` >= 0.5 and ``progress_error`` <= 0.5; the camera
   has not moved a consistency radius past the map's edge with the winner held there:
-  ``edge_overrun`` < 1) get the logistic model. Every other result (the sequence still
-  filling, a jump, a winner stuck at the map's edge) gets one number: the smoothed accuracy of
-  such results in the calibration split.
+  ``edge_overrun`` < 1; and a track found again after it was lost lies where the camera can
+  have driven since: ``anchor_error`` <= 0.5) get the logistic model. Every other result (the
+  sequence still filling, a jump, a winner stuck at the map's edge) gets one number: the
+  smoothed accuracy of such results in the calibration split.
   A linear model would let one strong feature (a large sequence margin by aliasing, say)
   outvote all the evidence that the place is not on the map.
 """
@@ -64,10 +65,12 @@ EVIDENCE_SIGNS = {
     'progress_error': -1,
     'room_ahead': 1,
     'edge_overrun': -1,
+    'anchor_error': -1,
 }
 ON_TRACK_MIN_CONSISTENCY = 0.5  # track_consistency at or above this ...
 ON_TRACK_MAX_PROGRESS_ERROR = 0.5  # ... and progress_error at or below this ...
-ON_TRACK_MAX_EDGE_OVERRUN = 1.0  # ... and edge_overrun below this: on track
+ON_TRACK_MAX_EDGE_OVERRUN = 1.0  # ... and edge_overrun below this ...
+ON_TRACK_MAX_ANCHOR_ERROR = 0.5  # ... and anchor_error at or below this: on track
 
 
 def collect_evidence(
@@ -117,6 +120,7 @@ def on_track(evidence: dict[str, float]) -> bool:
         evidence.get('track_consistency', 0.0) >= ON_TRACK_MIN_CONSISTENCY
         and evidence.get('progress_error', 1.0) <= ON_TRACK_MAX_PROGRESS_ERROR
         and evidence.get('edge_overrun', 0.0) < ON_TRACK_MAX_EDGE_OVERRUN
+        and evidence.get('anchor_error', 0.0) <= ON_TRACK_MAX_ANCHOR_ERROR
     )
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlm_vpr.core.confidence import collect_evidence
+from vlm_vpr.core.confidence import collect_evidence, on_track
 from vlm_vpr.core.pose_fusion import fuse_poses
 from vlm_vpr.core.types import Candidate, LocalizationResult
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from vlm_vpr.core.localizer import Localizer
 
 _COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
-_PROGRESS_LOOKBACK = 3  # progress_error compares the winner with those of the last 3 L frames
+_PROGRESS_LOOKBACK = 3  # progress_error looks back 3 L frames; anchor_error forgets after 3 L
 _PROGRESS_QUANTILE = 0.25  # ... and takes the lower quartile of the errors
 
 
@@ -88,6 +88,13 @@ def nearest_on_route(places: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class _Anchor:
+    coordinate: float  # route coordinate of the last on-track sequence winner
+    travelled: float = 0.0  # distance moved since that frame (map units)
+    frames: int = 0  # frames since that frame
+
+
+@dataclass
 class _Frame:
     z: np.ndarray  # [N] float32 z-scored similarities, NaN where not searchable
     own_best: int  # the frame's own best map image
@@ -123,6 +130,7 @@ class SequenceMatcher:
         self.count = 0  # frames seen since the last reset
         # distance moved since the sequence winner reached the map's edge (None: not there)
         self.overrun: float | None = None
+        self.anchor: _Anchor | None = None  # the last on-track winner (None: none recent)
 
     def _route_ends(self, submap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Route coordinates where the searchable route ends, going forwards / backwards: the
@@ -139,6 +147,7 @@ class SequenceMatcher:
         self.column_sum[:] = 0.0
         self.count = 0
         self.overrun = None
+        self.anchor = None
 
     def update(
         self,
@@ -209,7 +218,10 @@ class SequenceMatcher:
         room = self._room(int(order[0]), velocity, self._route_ends(submap))
         evidence['room_ahead'] = float(min(room, self.radius) / self.radius)
         evidence['edge_overrun'] = self._edge_overrun(room, step)
+        evidence['anchor_error'] = self._anchor_error(int(order[0]), velocity, step)
         self.winners.appendleft((float(self.route[order[0]]), step))
+        if on_track(evidence):
+            self.anchor = _Anchor(float(self.route[order[0]]))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -265,6 +277,28 @@ class SequenceMatcher:
                 errors.append(min(1.0, abs(moved - expected) / abs(expected)))
             offset += winner_step
         return float(np.quantile(errors, _PROGRESS_QUANTILE)) if errors else 0.0
+
+    def _anchor_error(self, best: int, velocity: float, step: float) -> float:
+        """How far the sequence winner is from where the last on-track winner (the anchor),
+        carried along the route by the distance moved since, would be: |moved - expected| /
+        max(|expected|, consistency radius), capped at 1; 0 while the anchor is within the
+        last ``sequence.length`` frames (the path itself checks those) and once it is more than
+        ``_PROGRESS_LOOKBACK * sequence.length`` frames back (forgotten). A camera that lost
+        its track (an unmapped stretch, say) and finds one again where it cannot have driven to
+        in the meantime has found a look-alike. ``step``: distance moved since the frame before."""
+        anchor = self.anchor
+        if anchor is None:
+            return 0.0
+        anchor.travelled += step
+        anchor.frames += 1
+        if anchor.frames > _PROGRESS_LOOKBACK * self.config.length:
+            self.anchor = None
+            return 0.0
+        if anchor.frames < self.config.length:
+            return 0.0
+        expected = velocity * anchor.travelled
+        moved = self.route[best] - anchor.coordinate
+        return float(min(1.0, abs(moved - expected) / max(abs(expected), self.radius)))
 
     def _evidence(
         self,
