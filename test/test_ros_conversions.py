@@ -4,6 +4,7 @@ odometry track (real sensor_msgs messages; no running node)."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import cv2
@@ -125,6 +126,57 @@ def test_image_msg_round_trips_through_image_from_msg(image: np.ndarray) -> None
     msg = image_msg(image, Header(frame_id='camera'))
     assert (msg.encoding, msg.header.frame_id) == ('bgr8', 'camera')
     assert np.array_equal(image_from_msg(msg), image)
+
+
+# Stand-in for ROS 2's cv_bridge (no PyPI wheel; tests run without a ROS install): its layout,
+# a Python package whose __init__ swallows the ImportError of the compiled ``boost`` module, and
+# a CvBridge that imports that module when it converts. The stand-in's conversion inverts the
+# image, so a test can tell which library converted.
+CV_BRIDGE_STAND_IN = {
+    '__init__.py': (
+        'from .core import CvBridge, CvBridgeError\n'
+        'try:\n'
+        '    from cv_bridge.boost.cv_bridge_boost import getCvType\n'
+        'except ImportError:\n'
+        '    pass\n'
+    ),
+    'core.py': (
+        'import numpy as np\n'
+        'class CvBridgeError(TypeError):\n'
+        '    pass\n'
+        'class CvBridge:\n'
+        '    def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):\n'
+        '        from cv_bridge.boost.cv_bridge_boost import cvtColor2\n'
+        '        image = np.frombuffer(bytes(msg.data), np.uint8)\n'
+        '        return cvtColor2(image.reshape(msg.height, msg.width, 3), desired_encoding)\n'
+    ),
+    'boost/__init__.py': '',
+}
+BOOST_LOADS = (
+    'def cvtColor2(image, encoding):\n    return 255 - image\ndef getCvType(e):\n    return 0\n'
+)
+BOOST_BUILT_FOR_NUMPY_1 = "raise ImportError('numpy.core.multiarray failed to import')\n"
+
+
+@pytest.mark.parametrize(
+    'boost', [BOOST_LOADS, BOOST_BUILT_FOR_NUMPY_1], ids=['loads', 'built_for_numpy_1']
+)
+def test_cv_bridge_converts_where_it_loads_and_rosbags_image_where_its_compiled_part_fails(
+    image: np.ndarray, boost: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, text in {**CV_BRIDGE_STAND_IN, 'boost/cv_bridge_boost.py': boost}.items():
+        (tmp_path / 'cv_bridge' / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'cv_bridge' / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split('.')[0] == 'cv_bridge']:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        converted = image_from_msg(raw(image))
+    finally:
+        for name in [m for m in sys.modules if m.split('.')[0] == 'cv_bridge']:
+            del sys.modules[name]
+    expected = 255 - image if boost == BOOST_LOADS else image
+    assert np.array_equal(converted, expected)
 
 
 @pytest.mark.parametrize(

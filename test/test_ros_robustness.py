@@ -668,6 +668,19 @@ def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_a
     node._tf_tree = TreeDouble()  # cleanup drops the /tf listener the node made
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert closed == [True] and node._offsets is None and node._tf_tree is None
+    # unconfigured, /diagnostics shows the map the next configure reads, not the last one's
+    configured_map = node.get_parameter('map_path').value
+    node.set_parameters([Parameter('map_path', value='/maps/next')])
+    node.publish_diagnostics()
+    shown = harness.wait_for(
+        '/diagnostics',
+        lambda m: any(
+            kv.key == 'map_path' and kv.value == '/maps/next' for kv in m.status[0].values
+        ),
+        5.0,
+    )
+    assert shown is not None
+    node.set_parameters([Parameter('map_path', value=configured_map)])
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     assert wait_until(lambda: pub.get_subscription_count() > 0, 10.0)

@@ -86,6 +86,11 @@ def _convert(msg: Any, compressed: bool) -> np.ndarray:
 
     try:
         from cv_bridge import CvBridge, CvBridgeError
+
+        # its compiled part, which converts encodings: cv_bridge's __init__ swallows its
+        # ImportError (a cv_bridge built for numpy 1 under numpy 2), which would otherwise
+        # come at every frame's conversion
+        from cv_bridge.boost.cv_bridge_boost import cvtColor2  # noqa: F401
     except ImportError:
         from rosbags.image import ImageError as RosImageError
 

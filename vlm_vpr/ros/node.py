@@ -339,6 +339,7 @@ class VprNode(LifecycleNode):
     @_logs_errors
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
+        self._unconfigure_parameters()
         self._status = (DiagnosticStatus.WARN, 'unconfigured')
         return super().on_cleanup(state)
 
@@ -352,6 +353,7 @@ class VprNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_processing('reset after an error')
         self._release()
+        self._unconfigure_parameters()
         why, self._transition_error = self._transition_error or 'an error', ''
         self._status = (DiagnosticStatus.ERROR, f'recovered from {why}: unconfigured')
         return TransitionCallbackReturn.SUCCESS
@@ -429,6 +431,14 @@ class VprNode(LifecycleNode):
             self._tf_tree.close()  # the listener's /tf subscriptions go with it
         self._localizer = self._offsets = self._odometry_source = self._tf_tree = None
         self._matchers = {}
+
+    def _unconfigure_parameters(self) -> None:
+        """Unconfigured: the parameters as they are now are what the next configure reads
+        (and what /diagnostics shows), not those of the last configure."""
+        self._configured = None
+        cfg, query_cfg = params.split_values(params.current_values(self))
+        with self._lock:
+            self._cfg, self._query_cfg = cfg, query_cfg
 
     def _forget_past_frames(self) -> None:
         """Forget the frames localised so far: sequence votes, odometry anchors and the
