@@ -1,9 +1,10 @@
 """Kidnapped-robot recovery without a reset: a query traversal's frames go to one sequence
 matcher in stretches (``--stretch A:B``, repeated), the robot carried from the end of one
 stretch to the start of the next without the matcher being told (no ``relocalize``). Prints
-one row per stretch: frames until the first correct result on track and until the first
-correct result at the /initialpose threshold, and how many of the stretch's frames reached that
-threshold, correct and wrong (correct: the top candidate within the protocol's tolerance).
+one row per stretch: the index in it (from 0) of the first correct result on track and of
+the first correct result at the /initialpose threshold, and how many of the stretch's frames
+reached that threshold, correct and wrong (correct: the top candidate within the protocol's
+tolerance).
 
     .venv/bin/python benchmarks/kidnap.py --dataset ../shared/data/gardens_point \
         --protocol day_to_day_viewpoint --map out/gp_day_left \

@@ -207,8 +207,7 @@ def test_kidnap_feeds_stretches_to_one_matcher_and_reports_each(
 
     assert [(r['stretch'], r['frames']) for r in rows] == [('0:12', 12), ('24:36', 12)]
     # campus_loop is easy (Recall@1 1.0): a cold start is on track within L frames; carried
-    # from query 11 to 24 unannounced, the track found there is trusted only once the last
-    # on-track winner is 3 L frames back
+    # from query 11 to 24 unannounced, the old track runs on for a few frames first
     assert rows[0]['first_on_track'] is not None and rows[0]['first_on_track'] < 3
     assert rows[1]['first_on_track'] is not None and rows[1]['first_on_track'] >= 3
     for r in rows:

@@ -264,46 +264,55 @@ def test_track_evidence_is_good_along_the_route_and_poor_for_unmapped_places(
     assert np.mean([r.evidence['progress_error'] for r in stuck[5:]]) > 0.5
 
 
-def test_anchor_error_flags_a_track_found_where_the_camera_cannot_have_driven(
+def test_beyond_reach_flags_a_track_found_where_the_camera_cannot_have_driven(
     tmp_path: Path,
 ) -> None:
     """The camera drives places 0-19, then 6 frames through unmapped space (the track is lost),
-    then on. Found again where it can be (place 26 on), the winner agrees with the last
-    on-track winner carried along by the frames since; found at a look-alike 14 places further
-    on (40 on), it cannot have driven there. Checked against the direct formula on every frame:
-    0 while the last on-track frame is under L frames back or over 3 L (forgotten: a kidnapped
-    robot is found again then, or at once after a reset)."""
+    then on; odometry says 0.8 m a frame (map spacing 1 m, so the path's velocity is 1.25).
+    Found again where it can be (place 26 on), the winner is within reach of the last on-track
+    winner; found at a look-alike 10 places further on (36 on), it is not. Checked against the
+    direct formula on every frame: 0 while the last on-track frame is under L frames back or
+    over 3 L (forgotten), and after a reset (a cold start)."""
     map_dir, desc = make_route_map(tmp_path, np.arange(80, dtype=float))
-    length = 4
+    length, radius, fastest, metres_a_frame = 4, 3.0, 1.25, 0.8
     config = LocalizerConfig(
-        sequence=SequenceConfig(length=length, velocities=(1.0,), column_centring=0.0)
+        sequence=SequenceConfig(length=length, velocities=(1.0, fastest), column_centring=0.0)
     )
     localizer = Localizer(read_map(map_dir), config)
     unmapped = np.random.default_rng(9).normal(size=(6, desc.shape[1]))
 
-    def drive(then: np.ndarray) -> list[LocalizationResult]:
+    def drive(then: np.ndarray, reset_at: int = -1) -> list[LocalizationResult]:
         frames = noisy(np.r_[desc[:20], unmapped, then], 0.3, np.random.default_rng(2))
-        return run_matcher(localizer, frames, [None] * len(frames))
+        matcher, results = SequenceMatcher(localizer), []
+        for k, frame in enumerate(frames):
+            if k == reset_at:
+                matcher.reset()
+            results.append(matcher.update(single_frame_result(localizer, frame), metres_a_frame))
+        return results
 
-    def direct(results: list[LocalizationResult], k: int) -> float:
-        on = [i for i in range(k) if on_track(results[i].evidence)]
+    def direct(results: list[LocalizationResult], k: int, since: int = 0) -> float:
+        on = [i for i in range(since, k) if on_track(results[i].evidence)]
         if not on or not length <= k - on[-1] <= 3 * length:
             return 0.0
-        moved = results[k].candidates[0].map_index - results[on[-1]].candidates[0].map_index
-        return min(1.0, abs(moved - (k - on[-1])) / max(k - on[-1], 3.0))  # radius 3 spacings
+        reach = fastest * metres_a_frame * (k - on[-1])
+        distance = abs(results[k].candidates[0].pose.x - results[on[-1]].candidates[0].pose.x)
+        return min(1.0, max(0.0, distance - reach - radius) / max(reach, radius))
 
-    consistent, jumped = drive(desc[26:40]), drive(desc[40:70])
+    consistent, jumped = drive(desc[26:40]), drive(desc[36:66])
+    after_reset = drive(desc[36:66], reset_at=26)
 
-    for results in (consistent, jumped):
-        errors = [r.evidence['anchor_error'] for r in results]
-        assert errors == pytest.approx([direct(results, k) for k in range(len(results))])
+    for results, since in ((consistent, 0), (jumped, 0), (after_reset, 26)):
+        errors = [r.evidence['beyond_reach'] for r in results]
+        assert errors == pytest.approx([direct(results, k, since) for k in range(len(results))])
     # once the new track is established (L frames after the stretch), in the window
     assert [r.candidates[0].map_index for r in consistent[30:34]] == [30, 31, 32, 33]
-    assert [r.candidates[0].map_index for r in jumped[30:34]] == [44, 45, 46, 47]
+    assert [r.candidates[0].map_index for r in jumped[30:34]] == [40, 41, 42, 43]
     for k in range(30, 34):
-        assert consistent[k].evidence['anchor_error'] <= 0.2 and on_track(consistent[k].evidence)
+        assert consistent[k].evidence['beyond_reach'] == 0.0 and on_track(consistent[k].evidence)
         assert jumped[k].evidence['track_consistency'] >= 0.5
-        assert jumped[k].evidence['anchor_error'] > 0.5 and not on_track(jumped[k].evidence)
+        assert jumped[k].evidence['beyond_reach'] > 0.5 and not on_track(jumped[k].evidence)
+        assert on_track(after_reset[k].evidence)  # reset: no anchor, a cold start
+    assert all(0.5 < r.evidence['beyond_reach'] < 1.0 for r in jumped[30:34])  # fractions
     assert on_track(jumped[-1].evidence)  # the anchor is forgotten, the track taken
 
 

@@ -14,10 +14,10 @@ Two rules keep a fit on a small calibration split from learning noise:
 - With sequence evidence, only results *on track* (the winner continues the path of the past
   frames' winners: ``track_consistency`` >= 0.5 and ``progress_error`` <= 0.5; the camera
   has not moved a consistency radius past the map's edge with the winner held there:
-  ``edge_overrun`` < 1; and a track found again after it was lost lies where the camera can
-  have driven since: ``anchor_error`` <= 0.5) get the logistic model. Every other result (the
-  sequence still filling, a jump, a winner stuck at the map's edge) gets one number: the
-  smoothed accuracy of such results in the calibration split.
+  ``edge_overrun`` < 1; and a track found again after it was lost lies within reach of the
+  camera since the last on-track winner: ``beyond_reach`` <= 0.5) get the logistic model.
+  Every other result (the sequence still filling, a jump, a winner stuck at the map's edge)
+  gets one number: the smoothed accuracy of such results in the calibration split.
   A linear model would let one strong feature (a large sequence margin by aliasing, say)
   outvote all the evidence that the place is not on the map.
 """
@@ -65,12 +65,12 @@ EVIDENCE_SIGNS = {
     'progress_error': -1,
     'room_ahead': 1,
     'edge_overrun': -1,
-    'anchor_error': -1,
+    'beyond_reach': -1,
 }
 ON_TRACK_MIN_CONSISTENCY = 0.5  # track_consistency at or above this ...
 ON_TRACK_MAX_PROGRESS_ERROR = 0.5  # ... and progress_error at or below this ...
 ON_TRACK_MAX_EDGE_OVERRUN = 1.0  # ... and edge_overrun below this ...
-ON_TRACK_MAX_ANCHOR_ERROR = 0.5  # ... and anchor_error at or below this: on track
+ON_TRACK_MAX_BEYOND_REACH = 0.5  # ... and beyond_reach at or below this: on track
 
 
 def collect_evidence(
@@ -120,7 +120,7 @@ def on_track(evidence: dict[str, float]) -> bool:
         evidence.get('track_consistency', 0.0) >= ON_TRACK_MIN_CONSISTENCY
         and evidence.get('progress_error', 1.0) <= ON_TRACK_MAX_PROGRESS_ERROR
         and evidence.get('edge_overrun', 0.0) < ON_TRACK_MAX_EDGE_OVERRUN
-        and evidence.get('anchor_error', 0.0) <= ON_TRACK_MAX_ANCHOR_ERROR
+        and evidence.get('beyond_reach', 0.0) <= ON_TRACK_MAX_BEYOND_REACH
     )
 
 

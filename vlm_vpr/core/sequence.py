@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from vlm_vpr.core.localizer import Localizer
 
 _COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
-_PROGRESS_LOOKBACK = 3  # progress_error looks back 3 L frames; anchor_error forgets after 3 L
-_PROGRESS_QUANTILE = 0.25  # ... and takes the lower quartile of the errors
+_PROGRESS_LOOKBACK = 3  # progress_error looks back 3 L frames; beyond_reach forgets after 3 L
+_PROGRESS_QUANTILE = 0.25  # progress_error takes the lower quartile of its errors
 
 
 def route_coordinates(positions_xy: np.ndarray) -> tuple[np.ndarray, float]:
@@ -89,7 +89,7 @@ def nearest_on_route(places: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Anchor:
-    coordinate: float  # route coordinate of the last on-track sequence winner
+    position: np.ndarray  # [2] map x, y of the last on-track sequence winner
     travelled: float = 0.0  # distance moved since that frame (map units)
     frames: int = 0  # frames since that frame
 
@@ -118,7 +118,8 @@ class SequenceMatcher:
         self.localizer = localizer
         self.config = localizer.config.sequence
         self.descriptors = localizer.descriptors_float32
-        self.route, self.spacing = route_coordinates(localizer.map.positions_xyz[:, :2])
+        self.positions = localizer.map.positions_xyz[:, :2]  # [N x 2] float64
+        self.route, self.spacing = route_coordinates(self.positions)
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
@@ -218,10 +219,10 @@ class SequenceMatcher:
         room = self._room(int(order[0]), velocity, self._route_ends(submap))
         evidence['room_ahead'] = float(min(room, self.radius) / self.radius)
         evidence['edge_overrun'] = self._edge_overrun(room, step)
-        evidence['anchor_error'] = self._anchor_error(int(order[0]), velocity, step)
+        evidence['beyond_reach'] = self._beyond_reach(int(order[0]), step)
         self.winners.appendleft((float(self.route[order[0]]), step))
         if on_track(evidence):
-            self.anchor = _Anchor(float(self.route[order[0]]))
+            self.anchor = _Anchor(self.positions[order[0]])
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -278,14 +279,19 @@ class SequenceMatcher:
             offset += winner_step
         return float(np.quantile(errors, _PROGRESS_QUANTILE)) if errors else 0.0
 
-    def _anchor_error(self, best: int, velocity: float, step: float) -> float:
-        """How far the sequence winner is from where the last on-track winner (the anchor),
-        carried along the route by the distance moved since, would be: |moved - expected| /
-        max(|expected|, consistency radius), capped at 1; 0 while the anchor is within the
-        last ``sequence.length`` frames (the path itself checks those) and once it is more than
-        ``_PROGRESS_LOOKBACK * sequence.length`` frames back (forgotten). A camera that lost
-        its track (an unmapped stretch, say) and finds one again where it cannot have driven to
-        in the meantime has found a look-alike. ``step``: distance moved since the frame before."""
+    def _beyond_reach(self, best: int, step: float) -> float:
+        """How far the sequence winner lies beyond the reach of the camera since the last
+        on-track winner (the anchor): the straight-line distance between their map positions
+        less the farthest the camera can have driven since (the fastest of
+        ``sequence.velocities`` times the distance moved: odometry, or one map spacing a frame)
+        and less the consistency radius, over that farthest drive (at least the radius), in
+        [0, 1]. A camera that lost its track (an unmapped stretch, say) and finds one again
+        where it cannot have driven to has found a look-alike; one found nearer than that
+        (a loop closed, a detour, a stop) is not judged. 0 while the anchor is within the last
+        ``sequence.length`` frames (the path itself checks those) and once it is more than
+        ``_PROGRESS_LOOKBACK * sequence.length`` frames back (forgotten: a kidnapped robot is
+        trusted again then, or at once after :meth:`reset`). ``step``: distance moved since the
+        frame before."""
         anchor = self.anchor
         if anchor is None:
             return 0.0
@@ -296,9 +302,10 @@ class SequenceMatcher:
             return 0.0
         if anchor.frames < self.config.length:
             return 0.0
-        expected = velocity * anchor.travelled
-        moved = self.route[best] - anchor.coordinate
-        return float(min(1.0, abs(moved - expected) / max(abs(expected), self.radius)))
+        reach = max(abs(v) for v in self.config.velocities) * anchor.travelled
+        distance = float(np.hypot(*(self.positions[best] - anchor.position)))
+        excess = distance - reach - self.radius
+        return float(min(1.0, max(0.0, excess) / max(reach, self.radius)))
 
     def _evidence(
         self,
