@@ -7,53 +7,52 @@ reached that threshold, correct and wrong (correct: the top candidate within the
 tolerance).
 
     .venv/bin/python benchmarks/kidnap.py --dataset ../shared/data/gardens_point \
-        --protocol day_to_day_viewpoint --map out/gp_day_left \
+        --protocol day_to_day_viewpoint --map out/gp_day \
         --stretch 0:60 --stretch 140:200 --sequence 10
+
+``--map``: a map calibrated for the same sequence length (README, "Open-set evaluation and
+sequence evidence": ``out/gp_day``); without one the default weights decide "accepted".
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from typing import Any
 
-import numpy as np
-
 from vlm_vpr.core.confidence import on_track
 from vlm_vpr.core.config import LocalizerConfig, SequenceConfig
-from vlm_vpr.core.datasets import read_dataset
-from vlm_vpr.core.evaluation import within_tolerance
-from vlm_vpr.core.images import read_image
+from vlm_vpr.core.datasets import Traversal, read_dataset
+from vlm_vpr.core.evaluation import run_queries
 from vlm_vpr.core.localizer import Localizer
-from vlm_vpr.core.sequence import SequenceMatcher
 
 
 def measure(
     localizer: Localizer, dataset_dir: str, protocol: str, stretches: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
-    """One row per stretch, the stretches fed in the order given to one SequenceMatcher."""
+    """One row per stretch, the stretches fed in the order given to one SequenceMatcher
+    (``run_queries`` on the query traversal's frames in that order)."""
     dataset = read_dataset(dataset_dir)
-    proto = dataset.protocol(protocol)
-    queries = dataset.traversal(proto.query)
-    map_xy = localizer.map.positions_xyz[:, :2]
+    queries = dataset.traversal(dataset.protocol(protocol).query)
+    order = [i for start, stop in stretches for i in range(start, stop)]
+    fed = Traversal(
+        queries.name,
+        [queries.image_paths[i] for i in order],
+        queries.xy[order],
+        queries.yaw_rad[order],
+    )
+    report = run_queries(localizer, dataset, protocol, fed, progress=False)
     threshold = localizer.config.confidence.initial_pose_threshold
-    matcher = SequenceMatcher(localizer)
+    per_query = iter(report['per_query'])
     rows = []
     for start, stop in stretches:
-        on, accepted, correct = [], [], []
-        for i in range(start, stop):
-            result = localizer.localize(read_image(queries.image_paths[i]))
-            result = matcher.update(result)
-            truth = queries.xy[i]
-            best = map_xy[[result.candidates[0].map_index]]
-            correct.append(
-                bool(np.isfinite(truth).all())
-                and bool(within_tolerance(best, truth, proto.tolerance, dataset.units)[0])
-            )
-            on.append(on_track(result.evidence))
-            accepted.append(result.confidence >= threshold)
-        found = [k for k in range(len(correct)) if correct[k] and on[k]]
-        trusted = [k for k in range(len(correct)) if correct[k] and accepted[k]]
+        part = list(itertools.islice(per_query, stop - start))
+        correct = [q['first_correct_rank'] == 1 for q in part]
+        on = [on_track(q['evidence']) for q in part]
+        accepted = [q['confidence'] >= threshold for q in part]
+        found = [k for k in range(len(part)) if correct[k] and on[k]]
+        trusted = [k for k in range(len(part)) if correct[k] and accepted[k]]
         rows.append(
             {
                 'stretch': f'{start}:{stop}',
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument('--sequence', type=int, default=10, help='sequence length L')
     args = parser.parse_args(argv)
+    if args.sequence < 2:
+        parser.error('--sequence must be >= 2: a single frame is never on track')
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     config = LocalizerConfig(sequence=SequenceConfig(length=args.sequence))
     localizer = Localizer.from_map_path(args.map, config)

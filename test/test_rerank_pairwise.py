@@ -197,6 +197,30 @@ def test_create_rerankers_asks_for_a_vlm_backend_when_a_vlm_reranker_is_chained(
         create_rerankers(config(chain=('pairwise',)), vpr_map)
 
 
+def test_create_rerankers_wants_a_vlm_backend_before_it_loads_the_text_embedder(
+    vpr_map, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def loaded(*args: object) -> None:
+        pytest.fail('text embedder loaded before the VLM settings were checked')
+
+    monkeypatch.setattr('vlm_vpr.backends.text_embedding.TextEmbedder', loaded)
+    with pytest.raises(ConfigError, match='which need a VLM'):
+        create_rerankers(config(chain=('descriptions',)), vpr_map)
+
+
+def test_create_rerankers_loads_the_text_embedder_before_the_vlm(
+    vpr_map, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in rerank.text_embedder fails in seconds, not after a VLM's minutes-long load."""
+    monkeypatch.setattr(
+        'vlm_vpr.backends.vlm.create_vlm_client', lambda config: pytest.fail('VLM loaded first')
+    )
+    rerank = RerankConfig(chain=('descriptions',), text_embedder=str(tmp_path / 'no_such_model'))
+    localizer_config = LocalizerConfig(rerank=rerank, vlm=VlmConfig(backend='openai', model='m'))
+    with pytest.raises(ConfigError, match='cannot load text embedder'):
+        create_rerankers(localizer_config, vpr_map)
+
+
 def test_create_rerankers_creates_the_configured_vlm_client(vpr_map) -> None:
     cfg = dataclasses.replace(
         config(chain=('pointwise',)), vlm=VlmConfig(backend='openai', model='served-vlm')

@@ -20,6 +20,7 @@ from vlm_vpr.core.initial_pose import InitialPoseConfig, InitialPoseGate
 from vlm_vpr.core.types import Pose, planar_motion
 from vlm_vpr.ros.conversions import (
     FrameSkipped,
+    _cv_bridge,
     base_pose_from_camera,
     camera_info_topic,
     check_output,
@@ -170,9 +171,12 @@ def test_cv_bridge_converts_where_it_loads_and_rosbags_image_where_its_compiled_
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m.split('.')[0] == 'cv_bridge']:
         monkeypatch.delitem(sys.modules, name)
+    _cv_bridge.cache_clear()  # decided once per process: decide again with the stand-in
     try:
         converted = image_from_msg(raw(image))
+        assert np.array_equal(image_from_msg(raw(image)), converted)  # the decision is kept
     finally:
+        _cv_bridge.cache_clear()
         for name in [m for m in sys.modules if m.split('.')[0] == 'cv_bridge']:
             del sys.modules[name]
     expected = 255 - image if boost == BOOST_LOADS else image

@@ -151,8 +151,8 @@ def test_a_camera_whose_frames_are_skipped_warns_while_another_camera_localises(
     assert values['camera image'] == 'localising'
     time.sleep(1.0 / MAX_RATE_HZ)
     harness.pubs['image'].publish(camera_msg(good, bad + 1))  # neither camera is silent
-    harness.pubs['compressed'].publish(camera_msg(good, bad + 1, compressed=True))
-    assert harness.wait_for_pose(bad + 1)
+    harness.pubs['compressed'].publish(camera_msg(good, bad + 2, compressed=True))
+    assert harness.wait_for_pose(bad + 1) and harness.wait_for_pose(bad + 2)
     assert harness.node.status == (b'\x00', 'localising')
 
 
@@ -281,6 +281,7 @@ def send_as_one_batch(
     """Publish a primer frame and, while the worker holds it, ``good`` on the first camera and
     ``other`` on the second (stamps primer + 1, + 2), so that those two wait as one batch.
     Returns the list the extractor appends each batch's size to."""
+    assert wait_until(lambda: not harness.node._slots, 10.0)  # no earlier test's frame waits
     extractor = harness.node._localizer.extractor
     batch_sizes: list[int] = []
     hold = HoldFirstCall(harness, frames=3)
@@ -666,11 +667,12 @@ def test_node_goes_through_deactivate_cleanup_configure_activate_and_localises_a
             closed.append(True)
 
     node._tf_tree = TreeDouble()  # cleanup drops the /tf listener the node made
+    configured_map = node.get_parameter('map_path').value
+    node.set_parameters([Parameter('map_path', value='/maps/next')])  # for the next configure
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert closed == [True] and node._offsets is None and node._tf_tree is None
-    # unconfigured, /diagnostics shows the map the next configure reads, not the last one's
-    configured_map = node.get_parameter('map_path').value
-    node.set_parameters([Parameter('map_path', value='/maps/next')])
+    # unconfigured, /diagnostics shows the map the next configure reads (set while configured),
+    # not the last configure's
     node.publish_diagnostics()
     shown = harness.wait_for(
         '/diagnostics',

@@ -77,9 +77,10 @@ def test_route_coordinates_accumulate_distance_and_ignore_repeats_for_spacing() 
 
 
 def make_route_map(
-    tmp_path: Path, xs: np.ndarray, dim: int = 48, seed: int = 0
+    tmp_path: Path, xs: np.ndarray, dim: int = 48, seed: int = 0, ys: np.ndarray | None = None
 ) -> tuple[Path, np.ndarray]:
-    """A map (no images needed) of random unit descriptors placed at x = ``xs`` metres."""
+    """A map (no images needed) of random unit descriptors placed at x = ``xs``, y = ``ys``
+    (default 0) metres."""
     rng = np.random.default_rng(seed)
     desc = rng.normal(size=(len(xs), dim)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
@@ -89,7 +90,7 @@ def make_route_map(
         codebook / np.linalg.norm(codebook, axis=1, keepdims=True),
         desc.astype(np.float16),
         [f'{i:04d}.png' for i in range(len(xs))],
-        [Pose(float(x), 0.0) for x in xs],
+        [Pose(float(x), float(y)) for x, y in zip(xs, np.zeros(len(xs)) if ys is None else ys)],
     )
     return write_map(content, tmp_path / 'map'), desc
 
@@ -314,6 +315,27 @@ def test_beyond_reach_flags_a_track_found_where_the_camera_cannot_have_driven(
         assert on_track(after_reset[k].evidence)  # reset: no anchor, a cold start
     assert all(0.5 < r.evidence['beyond_reach'] < 1.0 for r in jumped[30:34])  # fractions
     assert on_track(jumped[-1].evidence)  # the anchor is forgotten, the track taken
+
+
+def test_driving_on_across_a_loop_closure_is_within_reach(tmp_path: Path) -> None:
+    """A map of one loop (40 places on a circle, about 1 m apart): driving on from the route's
+    end to its start is no jump. Along the route the start is 39 m from the end; in a straight
+    line 1 m, which is what ``beyond_reach`` measures. The track is taken again at once."""
+    angle = 2 * np.pi * np.arange(40) / 40
+    radius = 40 / (2 * np.pi)
+    map_dir, desc = make_route_map(tmp_path, radius * np.cos(angle), ys=radius * np.sin(angle))
+    length = 4
+    config = LocalizerConfig(sequence=SequenceConfig(length=length, column_centring=0.0))
+    localizer = Localizer(read_map(map_dir), config)
+
+    results = run_matcher(
+        localizer, noisy(np.r_[desc, desc[:20]], 0.3, np.random.default_rng(2)), [None] * 60
+    )
+
+    assert [r.candidates[0].map_index for r in results[45:]] == list(range(5, 20))
+    assert [r.evidence['beyond_reach'] for r in results] == [0.0] * 60
+    after = [on_track(r.evidence) for r in results[40:]]
+    assert after.index(True) < 2 * length and all(after[2 * length :])
 
 
 def test_room_ahead_shrinks_towards_the_map_edge_in_the_direction_of_travel(

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from vlm_vpr.core.localizer import Localizer
 
 _COLUMN_PRIOR_FRAMES = 2.0  # the past-frame mean is shrunk towards 0 as if by this many frames
-_PROGRESS_LOOKBACK = 3  # progress_error looks back 3 L frames; beyond_reach forgets after 3 L
+_MEMORY_LENGTHS = 3  # progress_error looks back, and beyond_reach remembers, 3 L frames
 _PROGRESS_QUANTILE = 0.25  # progress_error takes the lower quartile of its errors
 
 
@@ -89,7 +89,7 @@ def nearest_on_route(places: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Anchor:
-    position: np.ndarray  # [2] map x, y of the last on-track sequence winner
+    map_index: int  # the last on-track sequence winner
     travelled: float = 0.0  # distance moved since that frame (map units)
     frames: int = 0  # frames since that frame
 
@@ -121,11 +121,12 @@ class SequenceMatcher:
         self.positions = localizer.map.positions_xyz[:, :2]  # [N x 2] float64
         self.route, self.spacing = route_coordinates(self.positions)
         self.radius = self.config.consistency_radius_spacings * self.spacing  # route units
+        self.fastest = max(abs(v) for v in self.config.velocities)  # of the velocities' scales
         self.frames: deque[_Frame] = deque(maxlen=self.config.length)
         # past frames, newest first: (route coordinate of the frame's sequence winner, distance
         # moved since the frame before it)
         self.winners: deque[tuple[float, float]] = deque(
-            maxlen=_PROGRESS_LOOKBACK * self.config.length
+            maxlen=_MEMORY_LENGTHS * self.config.length
         )
         self.column_sum = np.zeros(len(self.descriptors))  # [N] sum of past frames' scores
         self.count = 0  # frames seen since the last reset
@@ -222,7 +223,7 @@ class SequenceMatcher:
         evidence['beyond_reach'] = self._beyond_reach(int(order[0]), step)
         self.winners.appendleft((float(self.route[order[0]]), step))
         if on_track(evidence):
-            self.anchor = _Anchor(self.positions[order[0]])
+            self.anchor = _Anchor(int(order[0]))
         pose, covariance = fuse_poses(candidates, self.localizer.config.fusion)
         timing = dict(result.timing_ms)
         timing['sequence'] = (time.perf_counter() - start) * 1000.0
@@ -262,7 +263,7 @@ class SequenceMatcher:
 
     def _progress_error(self, best: int, velocity: float, step: float) -> float:
         """How far the sequence winner moved along the route since each of the last
-        ``_PROGRESS_LOOKBACK * sequence.length`` frames, against how far the path's velocity
+        ``_MEMORY_LENGTHS * sequence.length`` frames, against how far the path's velocity
         says the camera moved: the lower quartile over those frames of
         |moved - expected| / |expected|, each capped at 1 (frames the camera moved less than the
         consistency radius from are left out; 0 without any). About 0 on a true track; near 1
@@ -289,7 +290,7 @@ class SequenceMatcher:
         where it cannot have driven to has found a look-alike; one found nearer than that
         (a loop closed, a detour, a stop) is not judged. 0 while the anchor is within the last
         ``sequence.length`` frames (the path itself checks those) and once it is more than
-        ``_PROGRESS_LOOKBACK * sequence.length`` frames back (forgotten: a kidnapped robot is
+        ``_MEMORY_LENGTHS * sequence.length`` frames back (forgotten: a kidnapped robot is
         trusted again then, or at once after :meth:`reset`). ``step``: distance moved since the
         frame before."""
         anchor = self.anchor
@@ -297,13 +298,13 @@ class SequenceMatcher:
             return 0.0
         anchor.travelled += step
         anchor.frames += 1
-        if anchor.frames > _PROGRESS_LOOKBACK * self.config.length:
+        if anchor.frames > _MEMORY_LENGTHS * self.config.length:
             self.anchor = None
             return 0.0
         if anchor.frames < self.config.length:
             return 0.0
-        reach = max(abs(v) for v in self.config.velocities) * anchor.travelled
-        distance = float(np.hypot(*(self.positions[best] - anchor.position)))
+        reach = self.fastest * anchor.travelled
+        distance = float(np.hypot(*(self.positions[best] - self.positions[anchor.map_index])))
         excess = distance - reach - self.radius
         return float(min(1.0, max(0.0, excess) / max(reach, self.radius)))
 

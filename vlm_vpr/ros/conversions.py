@@ -8,6 +8,7 @@ counts.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -84,19 +85,14 @@ def _convert(msg: Any, compressed: bool) -> np.ndarray:
     AssertionError / TypeError rosbags-image raises on undecodable or short data) -> skip."""
     import cv2
 
-    try:
-        from cv_bridge import CvBridge, CvBridgeError
-
-        # its compiled part, which converts encodings: cv_bridge's __init__ swallows its
-        # ImportError (a cv_bridge built for numpy 1 under numpy 2), which would otherwise
-        # come at every frame's conversion
-        from cv_bridge.boost.cv_bridge_boost import cvtColor2  # noqa: F401
-    except ImportError:
+    bridge = _cv_bridge()
+    if bridge is None:
         from rosbags.image import ImageError as RosImageError
 
         convert, library_error = _convert_rosbags, RosImageError
     else:
-        bridge = CvBridge()
+        from cv_bridge import CvBridgeError
+
         convert = bridge.compressed_imgmsg_to_cv2 if compressed else bridge.imgmsg_to_cv2
         library_error = CvBridgeError
     try:
@@ -108,6 +104,19 @@ def _convert(msg: Any, compressed: bool) -> np.ndarray:
     if image is None:
         raise FrameSkipped('corrupt', f'{_describe(msg)} is not a decodable image')
     return image
+
+
+@functools.cache
+def _cv_bridge() -> Any:
+    """A CvBridge where cv_bridge and its compiled part load, else None (rosbags-image), decided
+    once: cv_bridge's __init__ swallows its compiled part's ImportError (a cv_bridge built for
+    numpy 1 under numpy 2), and CvBridge would import that part again at every conversion."""
+    try:
+        from cv_bridge import CvBridge
+        from cv_bridge.boost.cv_bridge_boost import cvtColor2  # noqa: F401
+    except ImportError:
+        return None
+    return CvBridge()
 
 
 def _convert_rosbags(msg: Any, encoding: str) -> np.ndarray:
@@ -292,9 +301,8 @@ def debug_image(
 
 def image_msg(image_bgr: np.ndarray, header: Any) -> Image:
     """A 'bgr8' sensor_msgs/Image of [H x W x 3] uint8 BGR ``image_bgr`` (cv_bridge if any)."""
-    try:
-        from cv_bridge import CvBridge
-    except ImportError:
+    bridge = _cv_bridge()
+    if bridge is None:
         image = np.ascontiguousarray(image_bgr)
         return Image(
             header=header,
@@ -305,7 +313,7 @@ def image_msg(image_bgr: np.ndarray, header: Any) -> Image:
             step=image.strides[0],
             data=image.tobytes(),
         )
-    msg = CvBridge().cv2_to_imgmsg(image_bgr, 'bgr8')
+    msg = bridge.cv2_to_imgmsg(image_bgr, 'bgr8')
     msg.header = header
     return msg
 

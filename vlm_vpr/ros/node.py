@@ -209,7 +209,7 @@ class VprNode(LifecycleNode):
         self._camera_stamp_ns: dict[str, int] = {}  # each camera's last one: sequence travel
         self._configured: dict[str, Any] | None = None  # parameter values at the last configure
         params.declare(self)
-        self._cfg, self._query_cfg = params.split_values(params.current_values(self))
+        self._unconfigure_parameters()  # the settings in use: _cfg, _query_cfg
         self.add_on_set_parameters_callback(self._on_set_parameters)
         # The services live from start to destruction, in every lifecycle state (relocalize
         # answers 'not active' when the node is not), so that no call waiting in relocalize
@@ -844,7 +844,8 @@ class VprNode(LifecycleNode):
     @property
     def settings(self) -> tuple[NodeConfig, LocalizerConfig]:
         """The settings in use (validated): the current values of the live parameters
-        (params.LIVE), the others' as read at the last configure."""
+        (params.LIVE), the others' as read at the last configure (unconfigured: their current
+        values)."""
         return self._cfg, self._query_cfg
 
     @property

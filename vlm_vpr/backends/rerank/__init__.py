@@ -80,17 +80,17 @@ def create_rerankers(
         raise ConfigError(
             f'unknown re-ranker(s) {unknown} in rerank.chain; choose from {list(RERANKERS)}'
         )
+    needs_vlm = [name for name in chain if name in VLM_RERANKERS]
+    if needs_vlm and vlm_client is None and config.vlm.backend == 'none':
+        raise ConfigError(
+            f'rerank.chain names {needs_vlm}, which need a VLM: set '
+            "vlm.backend to 'transformers' or 'openai' and vlm.model"
+        )
     if 'descriptions' in chain and text_embedder is None:  # before the VLM, which loads longer
         from vlm_vpr.backends.text_embedding import TextEmbedder
 
         text_embedder = TextEmbedder(config.rerank.text_embedder)
-    needs_vlm = [name for name in chain if name in VLM_RERANKERS]
     if needs_vlm and vlm_client is None:
-        if config.vlm.backend == 'none':
-            raise ConfigError(
-                f'rerank.chain names {needs_vlm}, which need a VLM: set '
-                "vlm.backend to 'transformers' or 'openai' and vlm.model"
-            )
         from vlm_vpr.backends.vlm import create_vlm_client
 
         vlm_client = create_vlm_client(config.vlm)
